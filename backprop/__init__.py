@@ -1,0 +1,41 @@
+"""backprop: backpropagation for multilayer perceptrons, with fused kernels on CPU and GPU.
+
+>>> import backprop as bp
+>>> net = bp.MLP([2, 4, 1], activation="tanh", output="sigmoid", loss="bce", seed=0)
+"""
+
+from __future__ import annotations
+
+from .activations import ACTIVATIONS, Activation
+from .backend import Backend, available_backends, get_backend, set_backend, use_backend
+from .gradcheck import gradcheck, numerical_grads
+from .losses import HEADS, LOSSES, Loss
+from .network import MLP, Layer, NonFiniteLossError
+from .optimizers import SGD, Adam, Optimizer
+from .perceptron import Perceptron
+from .training import History
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ACTIVATIONS",
+    "HEADS",
+    "LOSSES",
+    "MLP",
+    "SGD",
+    "Activation",
+    "Adam",
+    "Backend",
+    "History",
+    "Layer",
+    "Loss",
+    "NonFiniteLossError",
+    "Optimizer",
+    "Perceptron",
+    "available_backends",
+    "get_backend",
+    "gradcheck",
+    "numerical_grads",
+    "set_backend",
+    "use_backend",
+]

@@ -1,0 +1,60 @@
+"""Activation functions by name, with their parameter; the table lives in ``backprop.kernels.spec``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .kernels.spec import ACTIVATIONS, ActivationSpec
+
+__all__ = ["ACTIVATIONS", "Activation", "ActivationLike", "as_activation"]
+
+
+@dataclass(frozen=True)
+class Activation:
+    """An activation ``f`` with its parameter ``alpha`` (leaky ReLU slope, ELU alpha).
+
+    >>> Activation("leaky_relu", alpha=0.2)
+    Activation(name='leaky_relu', alpha=0.2)
+    """
+
+    name: str
+    alpha: float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str):
+            raise TypeError(f"activation name must be a string, got {type(self.name).__name__}")
+        key = self.name.strip().lower()
+        if key == "logistic":
+            key = "sigmoid"
+        if key == "linear":
+            key = "identity"
+        if key not in ACTIVATIONS:
+            raise ValueError(
+                f"unknown activation {self.name!r}; known: {', '.join(sorted(ACTIVATIONS))}"
+            )
+        object.__setattr__(self, "name", key)
+        alpha = ACTIVATIONS[key].default_alpha if self.alpha is None else float(self.alpha)
+        if alpha != alpha or alpha in (float("inf"), float("-inf")):
+            raise ValueError(f"activation {key!r}: alpha must be finite, got {alpha}")
+        if key == "leaky_relu" and not 0 <= alpha < 1:
+            raise ValueError(f"leaky_relu slope alpha must lie in [0, 1), got {alpha}")
+        if key == "elu" and alpha <= 0:
+            raise ValueError(f"elu alpha must be positive, got {alpha}")
+        object.__setattr__(self, "alpha", alpha)
+
+    @property
+    def spec(self) -> ActivationSpec:
+        return ACTIVATIONS[self.name]
+
+    @property
+    def needs_u(self) -> bool:
+        """True when the slope needs the pre-activation ``u`` (GELU, SiLU)."""
+        return self.spec.needs_u
+
+
+ActivationLike = str | Activation
+
+
+def as_activation(a: ActivationLike) -> Activation:
+    """Accept a name or an :class:`Activation`."""
+    return a if isinstance(a, Activation) else Activation(a)

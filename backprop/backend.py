@@ -1,0 +1,130 @@
+"""The backend switch: which kernel module computes, chosen once, used everywhere.
+
+``set_backend(name)`` / ``get_backend()`` / ``with use_backend(name):``; the environment
+variable ``BACKPROP_BACKEND`` sets the initial choice (default ``"auto"``). Nothing else in
+the package looks at a backend's name: it calls the primitives of ``get_backend().kernels``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+from .kernels import BACKEND_MODULES, load_backend_module
+
+ENV_VAR = "BACKPROP_BACKEND"
+
+
+@dataclass(frozen=True)
+class Backend:
+    """An active backend: its ``name``, its array module ``xp`` and its ``kernels`` module."""
+
+    name: str
+    kernels: ModuleType = field(repr=False)
+
+    @property
+    def xp(self) -> Any:
+        """The array module of this backend's arrays (``numpy`` or ``cupy``)."""
+        return self.kernels.xp
+
+    @property
+    def is_gpu(self) -> bool:
+        return bool(getattr(self.kernels, "IS_GPU", False))
+
+    @property
+    def is_simulated(self) -> bool:
+        return bool(getattr(self.kernels, "is_simulated", lambda: False)())
+
+    def synchronize(self) -> None:
+        """Block until the device has finished all queued work (no-op on a CPU)."""
+        self.kernels.synchronize()
+
+
+_loaded: dict[str, Backend] = {}
+_reasons: dict[str, str] = {}
+_current: Backend | None = None
+
+
+def _probe(name: str) -> Backend | None:
+    """Load backend ``name`` if it works on this machine; remember why not otherwise."""
+    if name in _loaded:
+        return _loaded[name]
+    if name in _reasons:
+        return None
+    try:
+        module = load_backend_module(name)
+    except ImportError as exc:
+        _reasons[name] = f"cannot import its dependencies ({exc})"
+        return None
+    if not module.is_available():
+        _reasons[name] = module.unavailable_reason() or "not available on this machine"
+        return None
+    backend = Backend(name, module)
+    _loaded[name] = backend
+    return backend
+
+
+def available_backends() -> list[str]:
+    """Names of the backends that work on this machine, fastest first."""
+    return [name for name in BACKEND_MODULES if _probe(name) is not None]
+
+
+def _auto() -> Backend:
+    for name in BACKEND_MODULES:
+        backend = _probe(name)
+        if backend is not None and not backend.is_simulated:
+            return backend
+    raise RuntimeError("no backend works on this machine, not even numpy")  # pragma: no cover
+
+
+def resolve_backend(name: str) -> Backend:
+    """Return the backend called ``name`` (or the fastest for ``"auto"``); ``ValueError`` if none."""
+    if not isinstance(name, str):
+        raise TypeError(f"backend name must be a string, got {type(name).__name__}")
+    key = name.strip().lower()
+    if key == "auto":
+        return _auto()
+    if key not in BACKEND_MODULES:
+        raise ValueError(
+            f"unknown backend {name!r}; known: {', '.join(BACKEND_MODULES)} or 'auto'; "
+            f"available here: {', '.join(available_backends())}"
+        )
+    backend = _probe(key)
+    if backend is None:
+        raise ValueError(
+            f"backend {key!r} is not available on this machine: {_reasons[key]}; "
+            f"available here: {', '.join(available_backends())}"
+        )
+    return backend
+
+
+def set_backend(name: str) -> Backend:
+    """Make ``name`` the active backend and return it."""
+    global _current
+    _current = resolve_backend(name)
+    return _current
+
+
+def get_backend() -> Backend:
+    """The active backend (initially ``$BACKPROP_BACKEND``, else ``"auto"``)."""
+    global _current
+    if _current is None:
+        _current = resolve_backend(os.environ.get(ENV_VAR, "auto") or "auto")
+    return _current
+
+
+@contextmanager
+def use_backend(name: str) -> Iterator[Backend]:
+    """Activate ``name`` inside a ``with`` block; the previous backend comes back on exit."""
+    global _current
+    previous = _current
+    backend = resolve_backend(name)
+    _current = backend
+    try:
+        yield backend
+    finally:
+        _current = previous

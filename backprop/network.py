@@ -1,0 +1,332 @@
+"""The multilayer perceptron: forward pass, error at the output, backward pass, updates.
+
+    x^0 --W^1,b^1--> x^1 --W^2,b^2--> ... --W^L,b^L--> x^L
+
+Each step is one primitive of the active backend's kernels; this module never looks at which
+backend that is.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .activations import Activation, ActivationLike, as_activation
+from .backend import Backend, get_backend, resolve_backend
+from .losses import HEADS, Loss, LossLike, as_loss, check_output_loss
+from .optimizers import Optimizer
+from .validation import check_inputs, check_targets
+
+if TYPE_CHECKING:
+    from .training import History
+
+__all__ = ["MLP", "Layer", "NonFiniteLossError"]
+
+Array = Any
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; the parameters are those of the last finite step."""
+
+
+@dataclass
+class Layer:
+    """One layer of synapses and the neurons it feeds: ``x = f(W x_prev + b)``."""
+
+    W: Array
+    b: Array
+    activation: Activation
+
+    @property
+    def n_in(self) -> int:
+        return int(self.W.shape[1])
+
+    @property
+    def n_out(self) -> int:
+        return int(self.W.shape[0])
+
+
+def _init_weights(rng: np.random.Generator, n_out: int, n_in: int, scheme: str) -> np.ndarray:
+    """Glorot uniform (sigmoid, tanh, softmax, identity), He normal (ReLU family), LeCun normal (SELU)."""
+    if scheme == "glorot":
+        limit = np.sqrt(6.0 / (n_in + n_out))
+        return rng.uniform(-limit, limit, size=(n_out, n_in))
+    if scheme == "he":
+        return rng.normal(0.0, np.sqrt(2.0 / n_in), size=(n_out, n_in))
+    return rng.normal(0.0, np.sqrt(1.0 / n_in), size=(n_out, n_in))  # lecun_normal
+
+
+def _check_dtype(dtype: Any) -> np.dtype:
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
+    if dt not in (np.float32, np.float64):
+        raise TypeError(f"dtype must be float32 or float64, got {dt.name}")
+    return dt
+
+
+class MLP:
+    """A multilayer perceptron trained by backpropagation.
+
+    Parameters
+    ----------
+    sizes: ``[n0, n1, ..., nL]``, the widths of the ``L + 1`` layers of neurons.
+    activation: hidden activation, a name (or :class:`Activation`), or one per hidden layer.
+    output, loss: output activation and loss; an output/loss pair that makes no sense is refused.
+    head: shortcut for ``(output, loss)``: ``"regression"``, ``"binary"``, ``"multilabel"``, ``"multiclass"``.
+    dtype: ``"float32"`` (default) or ``"float64"``.
+    seed: seeds the initialization (and the shuffling in :meth:`fit`); same seed, same network.
+    backend: backend name; default the active one (see :func:`backprop.set_backend`).
+    """
+
+    def __init__(
+        self,
+        sizes: Sequence[int],
+        activation: ActivationLike | Sequence[ActivationLike] = "relu",
+        output: ActivationLike = "identity",
+        loss: LossLike = "mse",
+        *,
+        head: str | None = None,
+        dtype: Any = "float32",
+        seed: int | None = 0,
+        backend: str | None = None,
+    ) -> None:
+        sizes = self._check_sizes(sizes)
+        n_hidden = len(sizes) - 2
+        if isinstance(activation, (str, Activation)):
+            hidden = [as_activation(activation)] * n_hidden
+        else:
+            hidden = [as_activation(a) for a in activation]
+            if len(hidden) != n_hidden:
+                raise ValueError(f"{len(hidden)} activations given for {n_hidden} hidden layers")
+        for a in hidden:
+            if not a.spec.hidden:
+                raise ValueError(f"activation {a.name!r} is for the output layer only")
+        if head is not None:
+            if head not in HEADS:
+                raise ValueError(f"unknown head {head!r}; known: {', '.join(HEADS)}")
+            output, loss = HEADS[head]
+        out_act = as_activation(output)
+        self.loss_fn: Loss = as_loss(loss)
+        check_output_loss(out_act.name, self.loss_fn.name)
+        if out_act.name == "softmax" and sizes[-1] < 2:
+            raise ValueError("a softmax output needs at least 2 units")
+        self.dtype = _check_dtype(dtype)
+        self.backend: Backend = get_backend() if backend is None else resolve_backend(backend)
+        self.seed = seed
+        rng = np.random.default_rng(seed)
+        acts = hidden + [out_act]
+        k = self.backend.kernels
+        self.layers: list[Layer] = []
+        for n_in, n_out, act in zip(sizes[:-1], sizes[1:], acts):
+            W = _init_weights(rng, n_out, n_in, act.spec.init)
+            self.layers.append(Layer(k.to_device(W, self.dtype), k.zeros((n_out,), self.dtype), act))
+
+    # ------------------------------------------------------------------ description
+    @staticmethod
+    def _check_sizes(sizes: Sequence[int]) -> list[int]:
+        try:
+            sizes = list(sizes)
+        except TypeError:
+            raise TypeError(f"sizes must be a sequence of layer widths, got {type(sizes).__name__}") from None
+        if len(sizes) < 2:
+            raise ValueError(f"sizes needs at least an input and an output width, got {sizes}")
+        for s in sizes:
+            if isinstance(s, bool) or not isinstance(s, (int, np.integer)):
+                raise TypeError(f"layer widths must be integers, got {s!r}")
+            if s < 1:
+                raise ValueError(f"layer widths must be positive, got {sizes}")
+        return [int(s) for s in sizes]
+
+    @property
+    def sizes(self) -> list[int]:
+        return [self.layers[0].n_in] + [layer.n_out for layer in self.layers]
+
+    @property
+    def output(self) -> Activation:
+        return self.layers[-1].activation
+
+    @property
+    def n_params(self) -> int:
+        """Number of weights and biases, the notes' N."""
+        return sum(layer.n_out * (layer.n_in + 1) for layer in self.layers)
+
+    def __repr__(self) -> str:
+        acts = ", ".join(layer.activation.name for layer in self.layers)
+        return (f"MLP({self.sizes}, activations=[{acts}], loss={self.loss_fn.name!r}, "
+                f"dtype={self.dtype.name}, backend={self.backend.name!r})")
+
+    # ------------------------------------------------------------------ data
+    def _inputs(self, X: Any) -> Array:
+        return self.backend.kernels.to_device(check_inputs(X, self.sizes[0], self.dtype), self.dtype)
+
+    def _targets(self, T: Any, batch: int) -> Array:
+        t = check_targets(T, self.sizes[-1], self.loss_fn.name, batch, self.dtype)
+        return self.backend.kernels.to_device(t, self.dtype)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, X: Any) -> Array:
+        """Forward pass ``x^l = f(W^l x^{l-1} + b^l)`` for ``l = 1..L``; returns ``x^L`` (backend array)."""
+        return self._forward_device(self._inputs(X))
+
+    def _forward_device(self, x: Array) -> Array:
+        k = self.backend.kernels
+        for layer in self.layers:
+            x, _ = k.layer_forward(x, layer.W, layer.b, layer.activation.name, layer.activation.alpha, False)
+        return x
+
+    def predict(self, X: Any) -> np.ndarray:
+        """The output ``x^L`` as a NumPy array."""
+        return self.backend.kernels.to_host(self.forward(X))
+
+    def _forward_train(self, x: Array) -> list[tuple[Array, Array | None]]:
+        """Forward pass keeping what the backward pass needs: ``y`` per layer, ``u`` for GELU/SiLU
+        and for the output layer (whose logits the loss reads)."""
+        k = self.backend.kernels
+        cache = []
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            a = layer.activation
+            y, u = k.layer_forward(x, layer.W, layer.b, a.name, a.alpha, a.needs_u or i == last)
+            cache.append((y, u))
+            x = y
+        return cache
+
+    def _output_error(self, cache: list[tuple[Array, Array | None]], t: Array) -> tuple[Array, Array]:
+        y, u = cache[-1]
+        return self.backend.kernels.output_error(y, u, t, self.output.name, self.loss_fn.name,
+                                                 self.loss_fn.param, self.output.alpha)
+
+    # ------------------------------------------------------------------ loss and gradients
+    def loss(self, X: Any, T: Any) -> float:
+        """Mean loss ``E`` over the samples of ``(X, T)``."""
+        x = self._inputs(X)
+        t = self._targets(T, x.shape[0])
+        value, _ = self._output_error(self._forward_train(x), t)
+        return float(self.backend.kernels.to_host(value))
+
+    def loss_and_grads(self, X: Any, T: Any) -> tuple[float, list[tuple[Array, Array]]]:
+        """Mean loss and its gradients ``[(dE/dW^l, dE/db^l) for l = 1..L]`` by backpropagation."""
+        k = self.backend.kernels
+        x = self._inputs(X)
+        t = self._targets(T, x.shape[0])
+        cache = self._forward_train(x)
+        value, delta = self._output_error(cache, t)
+        grads: list[tuple[Array, Array]] = [None] * len(self.layers)  # type: ignore[list-item]
+        for i in range(len(self.layers) - 1, -1, -1):
+            x_prev = cache[i - 1][0] if i > 0 else x
+            grads[i] = k.weight_gradients(delta, x_prev)
+            if i > 0:
+                delta = self._delta_backward(i, delta, cache)
+        return float(k.to_host(value)), grads
+
+    def _delta_backward(self, i: int, delta: Array, cache: list[tuple[Array, Array | None]]) -> Array:
+        """``delta^{l-1} = f'(u^{l-1}) * (W^l)^T delta^l`` for layer index ``i`` (``l = i + 1``)."""
+        prev = self.layers[i - 1].activation
+        y_prev, u_prev = cache[i - 1]
+        return self.backend.kernels.delta_backward(delta, self.layers[i].W, y_prev, u_prev, prev.name, prev.alpha)
+
+    # ------------------------------------------------------------------ training
+    def train_step(self, X: Any, T: Any, optimizer: Optimizer) -> float:
+        """One forward pass, error, backward pass and update; returns the loss before the update.
+
+        Raises :class:`NonFiniteLossError`, leaving the parameters untouched, if the loss is not finite.
+        """
+        x = self._inputs(X)
+        return self._train_step_device(x, self._targets(T, x.shape[0]), optimizer)
+
+    def _train_step_device(self, x: Array, t: Array, optimizer: Optimizer) -> float:
+        k = self.backend.kernels
+        cache = self._forward_train(x)
+        value, delta = self._output_error(cache, t)
+        loss = float(k.to_host(value))
+        if not np.isfinite(loss):
+            raise NonFiniteLossError(f"loss is {loss}; parameters left as they were before this step")
+        optimizer.begin_step()
+        for i in range(len(self.layers) - 1, -1, -1):
+            layer = self.layers[i]
+            x_prev = cache[i - 1][0] if i > 0 else x
+            # delta^{l-1} reads the old W^l, so it is formed before W^l is updated
+            delta_prev = self._delta_backward(i, delta, cache) if i > 0 else None
+            optimizer.update_layer(k, layer, layer.W, layer.b, delta, x_prev)
+            delta = delta_prev
+        return loss
+
+    def fit(self, X: Any, T: Any, epochs: int = 10, batch_size: int = 32, optimizer: Optimizer | None = None,
+            shuffle: bool = True, validation_data: tuple[Any, Any] | None = None, progress: bool = False,
+            **kwargs: Any) -> History:
+        """Train by minibatch backpropagation; see :func:`backprop.training.fit`."""
+        from .training import fit
+
+        return fit(self, X, T, epochs=epochs, batch_size=batch_size, optimizer=optimizer, shuffle=shuffle,
+                   validation_data=validation_data, progress=progress, **kwargs)
+
+    # ------------------------------------------------------------------ parameters
+    def get_params(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Copies of ``[(W^l, b^l)]`` as NumPy arrays."""
+        k = self.backend.kernels
+        return [(np.array(k.to_host(L.W)), np.array(k.to_host(L.b))) for L in self.layers]
+
+    def set_params(self, params: Sequence[tuple[Any, Any]]) -> None:
+        """Replace ``[(W^l, b^l)]``; shapes must match and values be finite."""
+        if len(params) != len(self.layers):
+            raise ValueError(f"expected {len(self.layers)} (W, b) pairs, got {len(params)}")
+        checked = []
+        for i, ((W, b), layer) in enumerate(zip(params, self.layers)):
+            W, b = np.asarray(W), np.asarray(b)
+            if W.shape != (layer.n_out, layer.n_in) or b.shape != (layer.n_out,):
+                raise ValueError(f"layer {i + 1}: expected W {(layer.n_out, layer.n_in)} and b {(layer.n_out,)}, "
+                                 f"got {W.shape} and {b.shape}")
+            if not (np.isfinite(W).all() and np.isfinite(b).all()):
+                raise ValueError(f"layer {i + 1}: parameters hold non-finite values")
+            checked.append((W, b))
+        k = self.backend.kernels
+        for (W, b), layer in zip(checked, self.layers):
+            layer.W, layer.b = k.to_device(W, self.dtype), k.to_device(b, self.dtype)
+
+    def to_backend(self, name: str) -> MLP:
+        """A copy of this network whose arrays live on backend ``name``."""
+        clone = MLP.__new__(MLP)
+        clone.__dict__.update(self.__dict__)
+        clone.backend = resolve_backend(name)
+        clone.layers = [Layer(W, b, L.activation) for (W, b), L in zip(self.get_params(), self.layers)]
+        k = clone.backend.kernels
+        for layer in clone.layers:
+            layer.W, layer.b = k.to_device(layer.W, self.dtype), k.to_device(layer.b, self.dtype)
+        return clone
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Save to ``.npz`` (no pickles): sizes, activations, loss, dtype and every ``W``, ``b``."""
+        arrays: dict[str, np.ndarray] = {
+            "sizes": np.array(self.sizes, dtype=np.int64),
+            "activations": np.array([L.activation.name for L in self.layers]),
+            "alphas": np.array([L.activation.alpha for L in self.layers], dtype=np.float64),
+            "loss": np.array(self.loss_fn.name),
+            "loss_param": np.array(self.loss_fn.param, dtype=np.float64),
+            "dtype": np.array(self.dtype.name),
+        }
+        for i, (W, b) in enumerate(self.get_params()):
+            arrays[f"W{i}"], arrays[f"b{i}"] = W, b
+        with open(path, "wb") as fh:
+            np.savez(fh, **arrays)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], backend: str | None = None) -> MLP:
+        """Load a network written by :meth:`save` (exact round trip)."""
+        with np.load(path, allow_pickle=False) as data:
+            try:
+                sizes = [int(s) for s in data["sizes"]]
+                acts = [Activation(str(n), float(a)) for n, a in zip(data["activations"], data["alphas"])]
+                net = cls(sizes, acts[:-1], acts[-1], Loss(str(data["loss"]), float(data["loss_param"])),
+                          dtype=str(data["dtype"]), seed=None, backend=backend)
+                params = [(data[f"W{i}"], data[f"b{i}"]) for i in range(len(sizes) - 1)]
+            except KeyError as exc:
+                raise ValueError(f"{path} is not a saved backprop network: missing {exc}") from None
+        net.set_params(params)
+        return net

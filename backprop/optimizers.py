@@ -1,0 +1,109 @@
+"""Optimizers: how one layer's error ``delta`` and input ``x_prev`` become a parameter update.
+
+Plain SGD updates ``W`` straight from ``delta`` and ``x_prev`` with no gradient buffer
+(``W <- W - eta delta^T x_prev``); momentum and Adam form the gradient once and apply one
+fused in-place kernel per parameter array. Weight decay (L2) applies to weights, not biases.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from types import ModuleType
+from typing import Any
+
+from .validation import check_positive
+
+__all__ = ["SGD", "Adam", "Optimizer"]
+
+
+class Optimizer(ABC):
+    """Base class. ``lr`` may be changed between steps (learning-rate schedules do so)."""
+
+    lr: float
+    weight_decay: float
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self._state: dict[int, tuple[Any, dict[str, Any]]] = {}
+
+    def begin_step(self) -> None:
+        """Called once per training step, before the layers are updated."""
+        self.steps += 1
+
+    def reset(self) -> None:
+        """Forget all state (velocities, moments, the step count)."""
+        self.steps = 0
+        self._state.clear()
+
+    def _slots(self, owner: Any, kernels: ModuleType, W: Any, b: Any, names: tuple[str, ...]) -> dict[str, Any]:
+        key = id(owner)
+        entry = self._state.get(key)
+        if entry is None or entry[0] is not owner:
+            slots = {}
+            for n in names:
+                slots[n + "_W"] = kernels.zeros(W.shape, W.dtype)
+                slots[n + "_b"] = kernels.zeros(b.shape, b.dtype)
+            entry = (owner, slots)
+            self._state[key] = entry
+        return entry[1]
+
+    @abstractmethod
+    def update_layer(self, kernels: ModuleType, owner: Any, W: Any, b: Any, delta: Any, x_prev: Any) -> None:
+        """Update ``W`` and ``b`` in place from the layer's ``delta`` and input ``x_prev``."""
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent, ``W <- W - eta dE/dW``, with optional (Nesterov) momentum."""
+
+    def __init__(self, lr: float = 0.01, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0):
+        super().__init__()
+        self.lr = check_positive(lr, "lr")
+        self.momentum = check_positive(momentum, "momentum", allow_zero=True)
+        if self.momentum >= 1:
+            raise ValueError(f"momentum must lie in [0, 1), got {momentum}")
+        if nesterov and self.momentum == 0:
+            raise ValueError("nesterov momentum needs momentum > 0")
+        self.nesterov = bool(nesterov)
+        self.weight_decay = check_positive(weight_decay, "weight_decay", allow_zero=True)
+
+    def __repr__(self) -> str:
+        return (f"SGD(lr={self.lr}, momentum={self.momentum}, nesterov={self.nesterov}, "
+                f"weight_decay={self.weight_decay})")
+
+    def update_layer(self, kernels: ModuleType, owner: Any, W: Any, b: Any, delta: Any, x_prev: Any) -> None:
+        if self.momentum == 0:
+            kernels.sgd_update_from_delta(W, b, delta, x_prev, self.lr, self.weight_decay)
+            return
+        s = self._slots(owner, kernels, W, b, ("grad", "velocity"))
+        kernels.weight_gradients(delta, x_prev, s["grad_W"], s["grad_b"])
+        kernels.momentum_update(W, s["grad_W"], s["velocity_W"], self.lr, self.momentum, self.nesterov,
+                                self.weight_decay)
+        kernels.momentum_update(b, s["grad_b"], s["velocity_b"], self.lr, self.momentum, self.nesterov, 0.0)
+
+
+class Adam(Optimizer):
+    """Adam (Kingma and Ba), with bias-corrected first and second moments."""
+
+    def __init__(self, lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+                 weight_decay: float = 0.0):
+        super().__init__()
+        self.lr = check_positive(lr, "lr")
+        for name, beta in (("beta1", beta1), ("beta2", beta2)):
+            check_positive(beta, name, allow_zero=True)
+            if beta >= 1:
+                raise ValueError(f"{name} must lie in [0, 1), got {beta}")
+        self.beta1, self.beta2 = float(beta1), float(beta2)
+        self.eps = check_positive(eps, "eps")
+        self.weight_decay = check_positive(weight_decay, "weight_decay", allow_zero=True)
+
+    def __repr__(self) -> str:
+        return (f"Adam(lr={self.lr}, beta1={self.beta1}, beta2={self.beta2}, eps={self.eps}, "
+                f"weight_decay={self.weight_decay})")
+
+    def update_layer(self, kernels: ModuleType, owner: Any, W: Any, b: Any, delta: Any, x_prev: Any) -> None:
+        s = self._slots(owner, kernels, W, b, ("grad", "m", "v"))
+        kernels.weight_gradients(delta, x_prev, s["grad_W"], s["grad_b"])
+        t = max(self.steps, 1)
+        kernels.adam_update(W, s["grad_W"], s["m_W"], s["v_W"], self.lr, self.beta1, self.beta2, self.eps, t,
+                            self.weight_decay)
+        kernels.adam_update(b, s["grad_b"], s["m_b"], s["v_b"], self.lr, self.beta1, self.beta2, self.eps, t, 0.0)

@@ -1,0 +1,47 @@
+"""Shared fixtures: the backend suite runs every test on every backend that works here.
+
+GPU backends skip cleanly without a GPU; ``numba-cuda`` also runs under the CUDA simulator
+(``NUMBA_ENABLE_CUDASIM=1``), where the tests pick tiny shapes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from backprop.backend import Backend, resolve_backend
+from backprop.kernels import BACKEND_MODULES
+
+GPU_ONLY = {"cupy"}
+
+
+def _params() -> list:
+    return [pytest.param(n, marks=[pytest.mark.gpu] if n in GPU_ONLY else [], id=n) for n in BACKEND_MODULES]
+
+
+@pytest.fixture(params=_params())
+def backend(request: pytest.FixtureRequest) -> Backend:
+    """Each backend in turn; skipped where it does not work on this machine."""
+    try:
+        return resolve_backend(request.param)
+    except ValueError as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture
+def small(backend: Backend) -> bool:
+    """True where shapes must stay tiny (the CUDA simulator runs one Python thread per GPU thread)."""
+    return backend.is_simulated
+
+
+@pytest.fixture
+def rng(request: pytest.FixtureRequest) -> np.random.Generator:
+    """A fresh generator per test, seeded from the test's name so failures reproduce."""
+    import zlib
+
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+def tolerance(dtype: np.dtype) -> dict[str, float]:
+    """Agreement expected with the float64 reference."""
+    return {"rtol": 2e-4, "atol": 2e-5} if np.dtype(dtype) == np.float32 else {"rtol": 1e-10, "atol": 1e-12}
