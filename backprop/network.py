@@ -172,9 +172,10 @@ class MLP:
     # ------------------------------------------------------------------ forward
     def forward(self, X: Any) -> Array:
         """Forward pass ``x^l = f(W^l x^{l-1} + b^l)`` for ``l = 1..L``; returns ``x^L`` (backend array)."""
-        return self._forward_device(self._inputs(X))
+        return self.forward_device(self._inputs(X))
 
-    def _forward_device(self, x: Array) -> Array:
+    def forward_device(self, x: Array) -> Array:
+        """Inference pass on a batch already on the backend (unchecked); nothing is kept for backward."""
         k = self.backend.kernels
         for layer in self.layers:
             x, _ = k.layer_forward(x, layer.W, layer.b, layer.activation.name, layer.activation.alpha, False)
@@ -212,9 +213,13 @@ class MLP:
 
     def loss_and_grads(self, X: Any, T: Any) -> tuple[float, list[tuple[Array, Array]]]:
         """Mean loss and its gradients ``[(dE/dW^l, dE/db^l) for l = 1..L]`` by backpropagation."""
-        k = self.backend.kernels
         x = self._inputs(X)
-        t = self._targets(T, x.shape[0])
+        value, grads = self.loss_and_grads_device(x, self._targets(T, x.shape[0]))
+        return float(self.backend.kernels.to_host(value)), grads
+
+    def loss_and_grads_device(self, x: Array, t: Array) -> tuple[Array, list[tuple[Array, Array]]]:
+        """:meth:`loss_and_grads` on a batch already on the backend (unchecked); the loss stays a 0-d array."""
+        k = self.backend.kernels
         cache = self._forward_train(x)
         value, delta = self._output_error(cache, t)
         grads: list[tuple[Array, Array]] = [None] * len(self.layers)  # type: ignore[list-item]
@@ -223,7 +228,7 @@ class MLP:
             grads[i] = k.weight_gradients(delta, x_prev)
             if i > 0:
                 delta = self._delta_backward(i, delta, cache)
-        return float(k.to_host(value)), grads
+        return value, grads
 
     def _delta_backward(self, i: int, delta: Array, cache: list[tuple[Array, Array | None]]) -> Array:
         """``delta^{l-1} = f'(u^{l-1}) * (W^l)^T delta^l`` for layer index ``i`` (``l = i + 1``)."""
@@ -232,15 +237,22 @@ class MLP:
         return self.backend.kernels.delta_backward(delta, self.layers[i].W, y_prev, u_prev, prev.name, prev.alpha)
 
     # ------------------------------------------------------------------ training
-    def train_step(self, X: Any, T: Any, optimizer: Optimizer) -> float:
+    def train_step(self, X: Any, T: Any, optimizer: Optimizer, graph: bool = False) -> float:
         """One forward pass, error, backward pass and update; returns the loss before the update.
 
         Raises :class:`NonFiniteLossError`, leaving the parameters untouched, if the loss is not finite.
+        ``graph=True`` replays the step as a captured CUDA graph on backends that can capture one.
         """
         x = self._inputs(X)
-        return self._train_step_device(x, self._targets(T, x.shape[0]), optimizer)
+        t = self._targets(T, x.shape[0])
+        if graph:
+            from .graph import graphed_train_step
 
-    def _train_step_device(self, x: Array, t: Array, optimizer: Optimizer) -> float:
+            return graphed_train_step(self, x, t, optimizer)
+        return self.train_step_device(x, t, optimizer)
+
+    def train_step_device(self, x: Array, t: Array, optimizer: Optimizer) -> float:
+        """:meth:`train_step` on a batch already on the backend (unchecked)."""
         k = self.backend.kernels
         cache = self._forward_train(x)
         value, delta = self._output_error(cache, t)

@@ -145,7 +145,7 @@ def fit(net: MLP, X: Any, T: Any, *, epochs: int = 10, batch_size: int = 32, opt
                 xb = k.to_device(Xh[idx], net.dtype)
                 tb = k.to_device(Th[idx], net.dtype)
                 try:
-                    total += net._train_step_device(xb, tb, optimizer) * len(idx)
+                    total += net.train_step_device(xb, tb, optimizer) * len(idx)
                 except NonFiniteLossError:
                     raise NonFiniteLossError(
                         f"loss became non-finite at epoch {epoch}, step {step}; parameters are those of the "
