@@ -258,7 +258,12 @@ class MLP:
         value, delta = self._output_error(cache, t)
         loss = float(k.to_host(value))
         if not np.isfinite(loss):
-            raise NonFiniteLossError(f"loss is {loss}; parameters left as they were before this step")
+            finite = all(k.all_finite(L.W) and k.all_finite(L.b) for L in self.layers)
+            raise NonFiniteLossError(
+                f"loss is {loss}; this step was not applied"
+                + ("" if finite else ", but the parameters already hold non-finite values (the previous update "
+                   "overflowed)")
+            )
         optimizer.begin_step()
         for i in range(len(self.layers) - 1, -1, -1):
             layer = self.layers[i]
