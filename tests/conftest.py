@@ -6,11 +6,17 @@ GPU backends skip cleanly without a GPU; ``numba-cuda`` also runs under the CUDA
 
 from __future__ import annotations
 
-import numpy as np
+import os
+
+# Without a GPU, run the numba-cuda kernels under the CUDA simulator (set before numba.cuda is imported).
+if "NUMBA_ENABLE_CUDASIM" not in os.environ and not os.path.exists("/dev/nvidiactl"):
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+
+import numpy as np  # noqa: E402
 import pytest
 
-from backprop.backend import Backend, resolve_backend
-from backprop.kernels import BACKEND_MODULES
+from backprop.backend import Backend, resolve_backend  # noqa: E402
+from backprop.kernels import BACKEND_MODULES  # noqa: E402
 
 GPU_ONLY = {"cupy"}
 
