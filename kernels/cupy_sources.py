@@ -1,0 +1,369 @@
+"""CUDA sources of the CuPy backend, as plain strings: importable (and compilable by ``nvcc``) without CuPy.
+
+Every kernel is written against an element type ``T`` (``float`` or ``double``). CuPy's
+``ElementwiseKernel`` emits ``typedef float T;`` (or ``double``) ahead of the preamble from the
+arguments' dtype; the raw kernels get the same typedef from :func:`raw_module_source`. Literal
+constants are cast, ``(T)0.5``, so that float32 kernels stay in single precision (the source test
+checks the float PTX for double-precision instructions).
+
+The activation and loss formulas follow :mod:`backprop.kernels.numpy_ref` term by term:
+
+* ``ACT_FORWARD[name]``: ``f(v)`` as a C expression of ``v`` (the pre-activation, bias included)
+  and ``alpha``;
+* ``ACT_SLOPE[name]``: ``(variable, expression)``, the slope as ``phi(y)`` of the output ``y``, or,
+  for GELU and SiLU, ``f'(u)`` of the pre-activation ``u``;
+* ``LOSS_BODY[loss]``: per element, the loss term ``l`` (summed, then divided by the batch) and the
+  output delta ``d``, from ``y``, ``u``, ``t``, the Huber threshold ``k``, ``alpha`` and ``batch``.
+"""
+
+from __future__ import annotations
+
+import re
+
+from .spec import ACTIVATIONS, LOSSES, SELU_ALPHA, SELU_LAMBDA
+
+#: C type of each supported dtype name.
+CTYPES = {"float32": "float", "float64": "double"}
+
+#: Threads per block of the raw kernels (a multiple of 32; bp_block_sum needs at most 1024).
+BLOCK = 256
+#: Rows per block of the row kernels: one warp per row.
+ROWS_PER_BLOCK = BLOCK // 32
+#: Most blocks of the elementwise-loss kernel (its partial sums are added by bp_sum_scale).
+MAX_LOSS_BLOCKS = 1024
+
+# --------------------------------------------------------------------------- device helpers
+MATH_PREAMBLE = r"""
+#define BP_SELU_LAMBDA ((T)%(selu_lambda)r)
+#define BP_SELU_ALPHA ((T)%(selu_alpha)r)
+#define BP_SELU_LAMBDA_ALPHA ((T)%(selu_lambda_alpha)r)
+#define BP_SQRT1_2 ((T)0.70710678118654752440)
+#define BP_INV_SQRT_2PI ((T)0.39894228040143267794)
+
+/* max(v, 0) that lets NaN through, like numpy.maximum */
+__device__ __forceinline__ T bp_relu(T v) { return v < (T)0 ? (T)0 : v; }
+
+/* 1 / (1 + exp(-v)) without overflow in either branch */
+__device__ __forceinline__ T bp_sigmoid(T v) {
+    T e = exp(-fabs(v));
+    return v >= (T)0 ? (T)1 / ((T)1 + e) : e / ((T)1 + e);
+}
+
+/* log(1 + exp(v)) = max(v, 0) + log1p(exp(-|v|)) */
+__device__ __forceinline__ T bp_softplus(T v) { return bp_relu(v) + log1p(exp(-fabs(v))); }
+
+__device__ __forceinline__ T bp_elu(T v, T alpha) { return v > (T)0 ? v : alpha * expm1(v); }
+
+__device__ __forceinline__ T bp_selu(T v) {
+    return BP_SELU_LAMBDA * (v > (T)0 ? v : BP_SELU_ALPHA * expm1(v));
+}
+
+/* Phi(v) = (1 + erf(v / sqrt 2)) / 2, exact GELU (no tanh approximation) */
+__device__ __forceinline__ T bp_gelu_cdf(T v) { return (T)0.5 * ((T)1 + erf(v * BP_SQRT1_2)); }
+
+__device__ __forceinline__ T bp_gelu(T v) { return v * bp_gelu_cdf(v); }
+
+__device__ __forceinline__ T bp_gelu_slope(T u) {
+    return bp_gelu_cdf(u) + u * (exp((T)-0.5 * u * u) * BP_INV_SQRT_2PI);
+}
+
+__device__ __forceinline__ T bp_silu_slope(T u) {
+    T s = bp_sigmoid(u);
+    return s * ((T)1 + u * ((T)1 - s));
+}
+
+/* numpy.sign: -1, 0 or 1, NaN stays NaN */
+__device__ __forceinline__ T bp_sign(T r) { return r > (T)0 ? (T)1 : (r < (T)0 ? (T)-1 : r); }
+
+/* numpy.clip(r, -k, k), NaN stays NaN */
+__device__ __forceinline__ T bp_clip(T r, T k) { return r < -k ? -k : (r > k ? k : r); }
+""" % {
+    "selu_lambda": SELU_LAMBDA,
+    "selu_alpha": SELU_ALPHA,
+    "selu_lambda_alpha": SELU_LAMBDA * SELU_ALPHA,
+}
+
+REDUCE_PREAMBLE = r"""
+__device__ __forceinline__ T bp_neg_inf() { return (T)__int_as_float(0xff800000); }
+
+/* Butterfly reductions over the 32 lanes of a warp: every lane ends with the same bits. All 32
+   lanes must call them (the kernels keep whole warps together). */
+__device__ __forceinline__ T bp_warp_sum(T v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ T bp_warp_max(T v) {
+    for (int o = 16; o > 0; o >>= 1) {
+        T w = __shfl_xor_sync(0xffffffffu, v, o);
+        v = w > v ? w : v;
+    }
+    return v;
+}
+
+/* Sum over the block (blockDim.x a multiple of 32, at most 1024), in a fixed order; the result is
+   valid in thread 0. Called once per kernel. */
+__device__ __forceinline__ T bp_block_sum(T v) {
+    __shared__ T warp_sums[32];
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    v = bp_warp_sum(v);
+    if (lane == 0) warp_sums[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        v = lane < (int)(blockDim.x >> 5) ? warp_sums[lane] : (T)0;
+        v = bp_warp_sum(v);
+    }
+    return v;
+}
+"""
+
+# --------------------------------------------------------------------------- activation tables
+#: f(v): ``v`` is the pre-activation with the bias added.
+ACT_FORWARD: dict[str, str] = {
+    "identity": "v",
+    "step": "(v > (T)0 ? (T)1 : (T)0)",
+    "sigmoid": "bp_sigmoid(v)",
+    "tanh": "tanh(v)",
+    "relu": "bp_relu(v)",
+    "leaky_relu": "(v > (T)0 ? v : alpha * v)",
+    "elu": "bp_elu(v, alpha)",
+    "selu": "bp_selu(v)",
+    "softplus": "bp_softplus(v)",
+    "gelu": "bp_gelu(v)",
+    "silu": "(v * bp_sigmoid(v))",
+}
+
+#: The slope, from the output ``y`` (phi(y) = f'(f^-1(y))) or, for GELU and SiLU, from ``u``.
+ACT_SLOPE: dict[str, tuple[str, str]] = {
+    "identity": ("y", "(T)1"),
+    "step": ("y", "(T)0"),
+    "sigmoid": ("y", "(y * ((T)1 - y))"),
+    "tanh": ("y", "((T)1 - y * y)"),
+    "relu": ("y", "(y > (T)0 ? (T)1 : (T)0)"),
+    "leaky_relu": ("y", "(y > (T)0 ? (T)1 : alpha)"),
+    "elu": ("y", "(y > (T)0 ? (T)1 : y + alpha)"),
+    "selu": ("y", "(y > (T)0 ? BP_SELU_LAMBDA : y + BP_SELU_LAMBDA_ALPHA)"),
+    "softplus": ("y", "(-expm1(-y))"),
+    "gelu": ("u", "bp_gelu_slope(u)"),
+    "silu": ("u", "bp_silu_slope(u)"),
+}
+
+#: Per element of the output: ``l`` (loss term) and ``d`` (delta, already divided by ``batch``).
+#: ``SLOPE`` is replaced by the output activation's slope expression.
+LOSS_BODY: dict[str, str] = {
+    "mse": "T r = y - t; l = (T)0.5 * r * r; d = r * SLOPE / batch;",
+    "mae": "T r = y - t; l = fabs(r); d = bp_sign(r) * SLOPE / batch;",
+    "huber": (
+        "T r = y - t; T a = fabs(r); "
+        "l = a <= k ? (T)0.5 * r * r : k * (a - (T)0.5 * k); "
+        "d = bp_clip(r, k) * SLOPE / batch;"
+    ),
+    # sigmoid + binary cross-entropy from the logits: softplus(u) - t u, delta (y - t) / batch
+    "bce": "l = bp_softplus(u) - t * u; d = (y - t) / batch;",
+}
+
+# --------------------------------------------------------------------------- elementwise kernels
+#: Name -> (in_params, out_params, operation), in CuPy's ElementwiseKernel syntax.
+ElementwiseSpec = tuple[str, str, str]
+
+
+def _forward_keep_u(act: str) -> ElementwiseSpec:
+    """``u += b`` in place and ``y = f(u)``: one pass over u, both kept."""
+    return "T b, T alpha", "T u, T y", f"T v = u + b; u = v; y = {ACT_FORWARD[act]};"
+
+
+def _forward_in_place(act: str) -> ElementwiseSpec:
+    """``u <- f(u + b)`` in place: the pre-activation is not kept."""
+    return "T b, T alpha", "T u", f"T v = u + b; u = {ACT_FORWARD[act]};"
+
+
+def _slope(act: str) -> ElementwiseSpec:
+    """``g *= slope``, the slope read from ``y`` or from ``u`` (GELU, SiLU)."""
+    var, expr = ACT_SLOPE[act]
+    return f"T {var}, T alpha", "T g", f"g = g * {expr};"
+
+
+MOMENTUM: ElementwiseSpec = (
+    "T g, T lr, T mu, T wd, int32 nesterov",
+    "T p, T v",
+    "T gd = wd != (T)0 ? g + wd * p : g; "
+    "v = mu * v + gd; "
+    "p = nesterov ? p - lr * (gd + mu * v) : p - lr * v;",
+)
+
+ADAM: ElementwiseSpec = (
+    "T g, T lr_c1, T beta1, T beta2, T one_m_beta1, T one_m_beta2, T c2, T eps, T wd",
+    "T p, T m, T v",
+    "T gd = wd != (T)0 ? g + wd * p : g; "
+    "m = beta1 * m + one_m_beta1 * gd; "
+    "v = beta2 * v + one_m_beta2 * gd * gd; "
+    "p = p - lr_c1 * m / (sqrt(v / c2) + eps);",
+)
+
+#: Which in-params of each elementwise kernel are scalars (for the source test's wrapper).
+SCALAR_PARAMS = frozenset({"alpha", "lr", "mu", "wd", "nesterov", "lr_c1", "beta1", "beta2", "one_m_beta1",
+                           "one_m_beta2", "c2", "eps"})
+
+_ELEMENTWISE_ACTS = [n for n, s in ACTIVATIONS.items() if n in ACT_FORWARD]
+
+
+def elementwise_kernels() -> dict[str, ElementwiseSpec]:
+    """Every ElementwiseKernel of the backend, by kernel name (all share :data:`MATH_PREAMBLE`)."""
+    specs: dict[str, ElementwiseSpec] = {}
+    for act in _ELEMENTWISE_ACTS:
+        specs[f"bp_fwd_keep_{act}"] = _forward_keep_u(act)
+        specs[f"bp_fwd_{act}"] = _forward_in_place(act)
+        specs[f"bp_slope_{act}"] = _slope(act)
+    specs["bp_momentum"] = MOMENTUM
+    specs["bp_adam"] = ADAM
+    return specs
+
+
+# --------------------------------------------------------------------------- raw kernels
+SOFTMAX_FORWARD = r"""
+/* Row-wise softmax with the bias: one warp per row, three passes over the row.
+   u (rows x cols) gets u + b in place; y may be u itself (in place) or another buffer.
+   Each element is read and written by the same lane in every pass. */
+extern "C" __global__ void bp_softmax_forward(T* u, const T* b, T* y, long long rows, long long cols) {
+    const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (row >= rows) return;  /* the whole warp leaves together */
+    T* ur = u + row * cols;
+    T* yr = y + row * cols;
+    T m = bp_neg_inf();
+    for (long long j = lane; j < cols; j += 32) {
+        T v = ur[j] + b[j];
+        ur[j] = v;
+        m = v > m ? v : m;
+    }
+    m = bp_warp_max(m);
+    T s = (T)0;
+    for (long long j = lane; j < cols; j += 32) {
+        T e = exp(ur[j] - m);
+        yr[j] = e;
+        s += e;
+    }
+    s = bp_warp_sum(s);
+    for (long long j = lane; j < cols; j += 32) yr[j] = yr[j] / s;
+}
+"""
+
+SOFTMAX_XENT = r"""
+/* Softmax + cross-entropy from the logits: per row lse = m + log(sum exp(u - m)), the row's loss
+   sum_j t_j (lse - u_j) into rowloss[row], and delta = (y - t) / batch. One warp per row. */
+extern "C" __global__ void bp_softmax_xent(const T* py, const T* pu, const T* pt, T* delta, T* rowloss,
+                                           long long rows, long long cols, T batch) {
+    const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (row >= rows) return;  /* the whole warp leaves together */
+    const long long off = row * cols;
+    T m = bp_neg_inf();
+    for (long long j = lane; j < cols; j += 32) m = pu[off + j] > m ? pu[off + j] : m;
+    m = bp_warp_max(m);
+    T s = (T)0;
+    for (long long j = lane; j < cols; j += 32) s += exp(pu[off + j] - m);
+    s = bp_warp_sum(s);
+    const T lse = m + log(s);
+    T acc = (T)0;
+    for (long long j = lane; j < cols; j += 32) {
+        const T t = pt[off + j];
+        delta[off + j] = (py[off + j] - t) / batch;
+        acc += t * (lse - pu[off + j]);
+    }
+    acc = bp_warp_sum(acc);
+    if (lane == 0) rowloss[row] = acc;
+}
+"""
+
+SUM_SCALE = r"""
+/* out[0] = sum(x[0:n]) / batch, one block, fixed order (deterministic). */
+extern "C" __global__ void bp_sum_scale(const T* x, long long n, T batch, T* out) {
+    T acc = (T)0;
+    for (long long i = threadIdx.x; i < n; i += blockDim.x) acc += x[i];
+    acc = bp_block_sum(acc);
+    if (threadIdx.x == 0) out[0] = acc / batch;
+}
+"""
+
+_LOSS_KERNEL = r"""
+/* %(output)s + %(loss)s: delta = d per element and, per block, the sum of the loss terms l into
+   partial[blockIdx.x] (added by bp_sum_scale). Grid-stride loop over the n = rows * cols elements. */
+extern "C" __global__ void %(name)s(const T* py, const T* pu, const T* pt, T* delta, T* partial,
+                                    long long n, T batch, T k, T alpha) {
+    T acc = (T)0;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        %(loads)s
+        T d, l;
+        %(body)s
+        delta[i] = d;
+        acc += l;
+    }
+    acc = bp_block_sum(acc);
+    if (threadIdx.x == 0) partial[blockIdx.x] = acc;
+}
+"""
+
+
+def loss_kernel_name(output: str, loss: str) -> str:
+    return f"bp_loss_{output}_{loss}"
+
+
+def loss_pairs() -> list[tuple[str, str]]:
+    """The (output, loss) pairs the elementwise-loss kernel handles (all but softmax + cross-entropy)."""
+    return [(o, loss) for loss, s in LOSSES.items() if loss in LOSS_BODY for o in s.outputs]
+
+
+def _loss_kernel(output: str, loss: str) -> str:
+    body = LOSS_BODY[loss]
+    if "SLOPE" in body:
+        body = body.replace("SLOPE", ACT_SLOPE[output][1])
+    # load only what the body reads (u is read for bce and for GELU/SiLU outputs only)
+    loads = " ".join(f"const T {v} = p{v}[i];" for v in ("y", "u", "t") if re.search(rf"\b{v}\b", body))
+    return _LOSS_KERNEL % {"output": output, "loss": loss, "name": loss_kernel_name(output, loss), "body": body,
+                           "loads": loads}
+
+
+#: Names of the kernels of the raw module.
+RAW_KERNELS = ("bp_softmax_forward", "bp_softmax_xent", "bp_sum_scale")
+
+
+def raw_kernel_names() -> list[str]:
+    return list(RAW_KERNELS) + [loss_kernel_name(o, loss) for o, loss in loss_pairs()]
+
+
+def raw_module_body() -> str:
+    """Every raw kernel, without the typedef and preambles."""
+    return "\n".join([SOFTMAX_FORWARD, SOFTMAX_XENT, SUM_SCALE] + [_loss_kernel(o, loss) for o, loss in loss_pairs()])
+
+
+def raw_module_source(ctype: str) -> str:
+    """The complete source of the raw module for element type ``ctype`` (``"float"`` or ``"double"``),
+    as given to ``cupy.RawModule``: self-contained, no includes (NVRTC builtins only)."""
+    if ctype not in CTYPES.values():
+        raise ValueError(f"unsupported element type {ctype!r}")
+    return f"typedef {ctype} T;\n{MATH_PREAMBLE}\n{REDUCE_PREAMBLE}\n{raw_module_body()}"
+
+
+__all__ = [
+    "ACT_FORWARD",
+    "ACT_SLOPE",
+    "ADAM",
+    "BLOCK",
+    "CTYPES",
+    "LOSS_BODY",
+    "MATH_PREAMBLE",
+    "MAX_LOSS_BLOCKS",
+    "MOMENTUM",
+    "RAW_KERNELS",
+    "REDUCE_PREAMBLE",
+    "ROWS_PER_BLOCK",
+    "SCALAR_PARAMS",
+    "elementwise_kernels",
+    "loss_kernel_name",
+    "loss_pairs",
+    "raw_kernel_names",
+    "raw_module_body",
+    "raw_module_source",
+]

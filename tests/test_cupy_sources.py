@@ -1,0 +1,546 @@
+"""The CUDA sources of the CuPy backend, checked without a GPU.
+
+1. ``nvcc`` compiles every kernel, wrapped as CuPy wraps it, for float and double; the float
+   PTX holds no double-precision instruction (no literal promoted to double).
+2. Where CuPy and NVRTC import (no GPU needed), CuPy's own code generator wraps each
+   ElementwiseKernel and NVRTC compiles it with CuPy's headers and options, as at run time.
+3. A small host emulator (C++20 threads and barriers standing in for CUDA threads, warps and
+   ``__syncthreads``) runs every kernel on the CPU against the NumPy reference, so that the
+   formulas, the indexing, the warp and block reductions and the grid-stride loops are checked.
+
+Each part skips cleanly when its compiler is missing.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from backprop.kernels import cupy_sources as S
+from backprop.kernels import numpy_ref as ref
+from backprop.kernels.spec import ACTIVATIONS, LOSSES
+
+NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
+CXX = shutil.which("g++") or shutil.which("clang++")
+CTYPES = ["float", "double"]
+_F64 = re.compile(r"\.f64|%fd")
+
+
+def _f64_instructions(ptx: str) -> list[str]:
+    """Lines of ``ptx`` that compute in double precision (declarations of module constants, such
+    as DBL_MAX from CuPy's headers, do not count)."""
+    return [line.strip() for line in ptx.splitlines()
+            if _F64.search(line) and not line.lstrip().startswith((".global", ".const", ".extern", "//"))]
+_C_OF = {"T": "T", "int32": "int", "int64": "long long", "float32": "float", "float64": "double"}
+
+
+# --------------------------------------------------------------------------- wrappers
+def _split(params: str) -> list[tuple[str, str]]:
+    return [tuple(p.split()) for p in params.split(",") if p.strip()]  # type: ignore[misc]
+
+
+def elementwise_wrapper(name: str, spec: S.ElementwiseSpec) -> str:
+    """A ``__global__`` function running ``spec``'s operation the way CuPy's ElementwiseKernel does:
+    each array parameter bound by reference to its element (``b``, the bias, broadcast along rows),
+    scalars passed by value, a grid-stride loop over ``_n`` elements."""
+    in_params, out_params, operation = spec
+    args, binds = [], []
+    for typ, pname in _split(in_params):
+        ctype = _C_OF[typ]
+        if pname in S.SCALAR_PARAMS:
+            args.append(f"const {ctype} {pname}")
+        else:
+            args.append(f"const {ctype}* _raw_{pname}")
+            idx = "i % _ncols" if pname == "b" else "i"
+            binds.append(f"const {ctype} &{pname} = _raw_{pname}[{idx}];")
+    for typ, pname in _split(out_params):
+        ctype = _C_OF[typ]
+        args.append(f"{ctype}* _raw_{pname}")
+        binds.append(f"{ctype} &{pname} = _raw_{pname}[i];")
+    args += ["long long _n", "long long _ncols"]
+    body = "\n        ".join(binds + [operation])
+    return (f'extern "C" __global__ void ew_{name}({", ".join(args)}) {{\n'
+            f"    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < _n;\n"
+            f"         i += (long long)gridDim.x * blockDim.x) {{\n        {body}\n    }}\n}}\n")
+
+
+def elementwise_source(ctype: str) -> str:
+    wrappers = "\n".join(elementwise_wrapper(n, s) for n, s in S.elementwise_kernels().items())
+    return f"typedef {ctype} T;\n{S.MATH_PREAMBLE}\n{wrappers}"
+
+
+def _nvcc_ptx(source: str, tmp: Path, stem: str) -> str:
+    cu, ptx = tmp / f"{stem}.cu", tmp / f"{stem}.ptx"
+    cu.write_text(source)
+    proc = subprocess.run([NVCC, "--ptx", "-arch=compute_80", "-ftz=true", "-o", str(ptx), str(cu)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, f"nvcc failed on {stem}:\n{proc.stderr[-4000:]}"
+    return ptx.read_text()
+
+
+# --------------------------------------------------------------------------- 1. nvcc
+def test_every_activation_and_loss_has_a_kernel():
+    hidden = {n for n, s in ACTIVATIONS.items() if s.hidden}
+    assert hidden <= set(S.ACT_FORWARD) and hidden <= set(S.ACT_SLOPE)
+    pairs = {(o, loss) for loss, s in LOSSES.items() for o in s.outputs}
+    assert pairs == set(S.loss_pairs()) | {("softmax", "cross_entropy")}
+    names = S.elementwise_kernels()
+    for act in hidden:
+        assert {f"bp_fwd_keep_{act}", f"bp_fwd_{act}", f"bp_slope_{act}"} <= set(names)
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found")
+@pytest.mark.parametrize("ctype", CTYPES)
+def test_sources_compile_with_nvcc(ctype, tmp_path):
+    ew = _nvcc_ptx(elementwise_source(ctype), tmp_path, f"ew_{ctype}")
+    raw = _nvcc_ptx(S.raw_module_source(ctype), tmp_path, f"raw_{ctype}")
+    for name in S.elementwise_kernels():
+        assert f".entry ew_{name}(" in ew
+    for name in S.raw_kernel_names():
+        assert f".entry {name}(" in raw, f"{name} missing from the raw module"
+    if ctype == "float":
+        assert not _f64_instructions(ew), f"float32 elementwise kernels compute in double: {_f64_instructions(ew)[:5]}"
+        assert not _f64_instructions(raw), f"float32 raw kernels compute in double: {_f64_instructions(raw)[:5]}"
+
+
+# --------------------------------------------------------------------------- 2. CuPy + NVRTC
+def _cupy_nvrtc():
+    try:
+        import cupy
+        from cupy._core import _carray, _kernel, _scalar
+        from cupy._core import core
+        from cupy_backends.cuda.libs import nvrtc
+
+        nvrtc.getVersion()
+    except Exception as exc:  # not installed, or NVRTC not loadable
+        pytest.skip(f"CuPy with NVRTC not importable here: {exc}")
+    return cupy, _carray, _kernel, _scalar, core, nvrtc
+
+
+def test_cupy_generated_code_compiles_with_nvrtc():
+    """CuPy's own ElementwiseKernel code generator and CuPy's compiler options, through NVRTC."""
+    cupy, _carray, K, _scalar, core, nvrtc = _cupy_nvrtc()
+    try:
+        opts = tuple(core.assemble_cupy_compiler_options(()))
+        header = "".join(f"#include <{h}>\n" for h in core._cupy_header_list)
+        ndarray_kind, indexer_kind, scalar_kind = 1, 2, 3  # CuPy's _ArgKind enumeration
+        K._ArgInfo(ndarray_kind, cupy.ndarray, np.dtype("float32"), 2, True, True)
+    except Exception as exc:
+        pytest.skip(f"this CuPy's internals differ ({exc})")
+    major, minor = nvrtc.getVersion()
+    arch = "90" if (major, minor) >= (11, 8) else "80"
+    opts += (f"-arch=compute_{arch}", "--device-as-default-execution-space", "-ftz=true")
+
+    def compile_(source: str, name: str) -> str:
+        prog = nvrtc.createProgram(source, name + ".cu", (), ())
+        try:
+            nvrtc.compileProgram(prog, opts)
+        except nvrtc.NVRTCError:
+            pytest.fail(f"NVRTC failed on {name}:\n{nvrtc.getProgramLog(prog)}")
+        ptx = nvrtc.getPTX(prog)
+        return ptx.decode() if isinstance(ptx, bytes) else ptx
+
+    probe = nvrtc.createProgram(header + 'extern "C" __global__ void bp_probe() {}\n', "probe.cu", (), ())
+    try:
+        nvrtc.compileProgram(probe, opts)
+    except nvrtc.NVRTCError:  # CuPy's own kernels would not compile here either (CUDA headers not found)
+        pytest.skip(f"CuPy's headers do not compile here: {nvrtc.getProgramLog(probe)[-300:]}")
+
+    def generated(d: np.dtype) -> dict[str, str]:
+        """CuPy's own source for each ElementwiseKernel (2-D arrays, the bias broadcast)."""
+        codes = {}
+        for name, (inp, outp, op) in S.elementwise_kernels().items():
+            ins, outs = K._get_param_info(inp, True), K._get_param_info(outp, False)
+            params = ins + outs + K._get_param_info("CIndexer _ind", False)
+            infos = []
+            for p in ins:
+                if p.name in S.SCALAR_PARAMS:
+                    infos.append(K._ArgInfo(scalar_kind, _scalar.CScalar, p.dtype if p.dtype is not None else d,
+                                            0, True, True))
+                else:
+                    infos.append(K._ArgInfo(ndarray_kind, cupy.ndarray, d, 2, p.name != "b", True))
+            infos += [K._ArgInfo(ndarray_kind, cupy.ndarray, d, 2, True, True) for _ in outs]
+            infos.append(K._ArgInfo(indexer_kind, _carray.Indexer, None, 2, True, True))
+            codes[name] = K._get_elementwise_kernel_code(tuple(infos), K._TypeMap((("T", d),)), params, op, name,
+                                                         S.MATH_PREAMBLE)
+        return codes
+
+    for dt in ("float32", "float64"):
+        try:
+            codes = generated(np.dtype(dt))
+        except (TypeError, AttributeError, ValueError) as exc:
+            pytest.skip(f"this CuPy's code generator differs ({exc})")
+        for name, code in codes.items():
+            ptx = compile_(header + code, f"{name}_{dt}")
+            if dt == "float32":
+                assert not _f64_instructions(ptx), f"{name} computes in double for float32: {_f64_instructions(ptx)[:5]}"
+        ptx = compile_(S.raw_module_source(S.CTYPES[dt]), f"raw_{dt}")  # RawModule: no headers prepended
+        for name in S.raw_kernel_names():
+            assert f".entry {name}(" in ptx
+        if dt == "float32":
+            assert not _f64_instructions(ptx), _f64_instructions(ptx)[:5]
+
+
+# --------------------------------------------------------------------------- 3. host emulator
+EMULATOR = r"""
+#include <barrier>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+using std::erf; using std::exp; using std::expm1; using std::fabs; using std::log; using std::log1p;
+using std::sqrt; using std::tanh;
+
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __shared__ static
+
+struct bp_dim3 { unsigned x = 0, y = 0, z = 0; };
+static bp_dim3 blockIdx, blockDim, gridDim;
+static thread_local bp_dim3 threadIdx;
+static std::barrier<>* bp_block_barrier = nullptr;
+static std::vector<std::unique_ptr<std::barrier<>>> bp_warp_barriers;
+static unsigned long long bp_slots[1024];
+
+inline void __syncthreads() { bp_block_barrier->arrive_and_wait(); }
+
+template <class V> V __shfl_xor_sync(unsigned, V v, int o) {
+    const unsigned t = threadIdx.x, w = t / 32, lane = t % 32;
+    std::memcpy(&bp_slots[t], &v, sizeof(V));
+    bp_warp_barriers[w]->arrive_and_wait();
+    V r;
+    std::memcpy(&r, &bp_slots[w * 32 + (lane ^ (unsigned)o)], sizeof(V));
+    bp_warp_barriers[w]->arrive_and_wait();
+    return r;
+}
+
+inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
+
+/* Runs body() once per CUDA thread: blocks one after another, the threads of a block at once. */
+template <class F> void bp_launch(unsigned grid, unsigned block, F body) {
+    if (block % 32 || block > 1024) { std::fprintf(stderr, "bad block size\n"); std::exit(2); }
+    gridDim.x = grid; blockDim.x = block;
+    for (unsigned bi = 0; bi < grid; ++bi) {
+        blockIdx.x = bi;
+        std::barrier<> bb((std::ptrdiff_t)block);
+        bp_block_barrier = &bb;
+        bp_warp_barriers.clear();
+        for (unsigned w = 0; w < block / 32; ++w) bp_warp_barriers.emplace_back(new std::barrier<>(32));
+        std::vector<std::thread> threads;
+        for (unsigned ti = 0; ti < block; ++ti)
+            threads.emplace_back([&body, ti] { threadIdx.x = ti; body(); });
+        for (auto& t : threads) t.join();
+    }
+}
+
+static std::string bp_dir;
+static std::map<std::string, std::vector<T>> bp_buffers;
+static std::map<std::string, double> bp_scalars;
+
+static T* bp_array(const std::string& name) {
+    std::ifstream alias(bp_dir + "/" + name + ".alias");
+    if (alias) { std::string target; alias >> target; return bp_array(target); }
+    auto it = bp_buffers.find(name);
+    if (it != bp_buffers.end()) return it->second.data();
+    std::ifstream f(bp_dir + "/" + name + ".bin", std::ios::binary | std::ios::ate);
+    if (!f) { std::fprintf(stderr, "missing array %s\n", name.c_str()); std::exit(3); }
+    std::vector<T> v((size_t)f.tellg() / sizeof(T));
+    f.seekg(0);
+    f.read(reinterpret_cast<char*>(v.data()), (std::streamsize)(v.size() * sizeof(T)));
+    return (bp_buffers[name] = std::move(v)).data();
+}
+
+static double bp_scalar(const std::string& name) {
+    if (!bp_scalars.count(name)) { std::fprintf(stderr, "missing scalar %s\n", name.c_str()); std::exit(4); }
+    return bp_scalars[name];
+}
+
+static void bp_save(const std::string& name) {
+    std::ifstream alias(bp_dir + "/" + name + ".alias");
+    if (alias) return;
+    auto& v = bp_buffers.at(name);
+    std::ofstream f(bp_dir + "/" + name + ".out", std::ios::binary);
+    f.write(reinterpret_cast<const char*>(v.data()), (std::streamsize)(v.size() * sizeof(T)));
+}
+"""
+
+_SIG = re.compile(r'extern "C" __global__ void (\w+)\(([^)]*)\)')
+
+
+def _dispatch(source: str) -> str:
+    """``main``: run the kernel named on the command line with arrays and scalars from a directory."""
+    cases = []
+    for name, params in _SIG.findall(source):
+        decls = [" ".join(p.split()) for p in params.split(",")]
+        lets, args, saves = [], [], []
+        for i, decl in enumerate(decls):
+            pname = decl.replace("*", " ").split()[-1]
+            if "*" in decl:  # arrays are read before the threads start (bp_array is not thread-safe)
+                ctype = decl.replace("const", "").replace("*", "").split()[0]
+                assert ctype == "T", decl
+                lets.append(f'T* a{i} = bp_array("{pname}");')
+                if not decl.startswith("const"):
+                    saves.append(f'bp_save("{pname}");')
+            else:
+                ctype = decl.rsplit(" ", 1)[0].replace("const ", "")
+                lets.append(f'{ctype} a{i} = ({ctype})bp_scalar("{pname}");')
+            args.append(f"a{i}")
+        call = f"{name}({', '.join(args)})"
+        cases.append(
+            f'    if (k == "{name}") {{\n'
+            f"        {' '.join(lets)}\n"
+            f"        auto run = [&] {{ {call}; }};\n"
+            f"        bp_launch(grid, block, run);\n"
+            f"        {' '.join(saves)}\n        return 0;\n    }}")
+    return ("int main(int argc, char** argv) {\n"
+            "    if (argc < 5) return 1;\n"
+            "    std::string k = argv[1]; bp_dir = argv[2];\n"
+            "    unsigned grid = (unsigned)std::atoi(argv[3]), block = (unsigned)std::atoi(argv[4]);\n"
+            "    std::ifstream sf(bp_dir + \"/scalars.txt\"); std::string sn; double sv;\n"
+            "    while (sf >> sn >> sv) bp_scalars[sn] = sv;\n"
+            + "\n".join(cases) + "\n    std::fprintf(stderr, \"unknown kernel\\n\");\n    return 1;\n}\n")
+
+
+@functools.lru_cache(maxsize=None)
+def _emulator(ctype: str) -> str:
+    """Build the emulator binary for ``ctype`` once per session; returns its path."""
+    if CXX is None:
+        pytest.skip("no C++ compiler")
+    kernels = "\n".join(elementwise_wrapper(n, s) for n, s in S.elementwise_kernels().items())
+    kernels += S.raw_module_body()
+    source = (f"typedef {ctype} T;\n{EMULATOR}\n{S.MATH_PREAMBLE}\n{S.REDUCE_PREAMBLE}\n{kernels}\n"
+              + _dispatch(kernels))
+    out = Path(tempfile.mkdtemp(prefix=f"bp_emu_{ctype}_"))
+    (out / "emu.cpp").write_text(source)
+    exe = out / "emu"
+    proc = subprocess.run([CXX, "-std=c++20", "-O1", "-pthread", "-o", str(exe), str(out / "emu.cpp")],
+                          capture_output=True, text=True)
+    if proc.returncode != 0 and ("barrier" in proc.stderr or "c++20" in proc.stderr):
+        pytest.skip(f"{CXX} lacks C++20 <barrier>: {proc.stderr[-300:]}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return str(exe)
+
+
+class Emu:
+    """Runs one kernel in the emulator: arrays in, the written arrays out."""
+
+    def __init__(self, ctype: str):
+        self.exe = _emulator(ctype)
+        self.dtype = np.float32 if ctype == "float" else np.float64
+
+    def __call__(self, kernel: str, grid: int, block: int, arrays: dict, scalars: dict,
+                 aliases: dict | None = None, outputs: tuple[str, ...] = ()) -> dict:
+        with tempfile.TemporaryDirectory() as d:
+            for name, a in arrays.items():
+                np.ascontiguousarray(a, dtype=self.dtype).tofile(os.path.join(d, name + ".bin"))
+            for name, target in (aliases or {}).items():
+                Path(d, name + ".alias").write_text(target)
+            Path(d, "scalars.txt").write_text("".join(f"{k} {float(v)!r}\n" for k, v in scalars.items()))
+            proc = subprocess.run([self.exe, kernel, d, str(grid), str(block)], capture_output=True, text=True,
+                                  timeout=120)
+            assert proc.returncode == 0, f"{kernel}: {proc.stderr}"
+            return {name: np.fromfile(os.path.join(d, name + ".out"), dtype=self.dtype) for name in outputs}
+
+
+def _tol(ctype: str) -> dict:
+    return {"rtol": 2e-4, "atol": 2e-5} if ctype == "float" else {"rtol": 1e-10, "atol": 1e-12}
+
+
+HIDDEN = [n for n, s in ACTIVATIONS.items() if s.hidden]
+ALPHA = {"leaky_relu": 0.05, "elu": 0.7}
+
+
+def _alpha(act: str) -> float:
+    return ALPHA.get(act, ACTIVATIONS[act].default_alpha)
+
+
+@pytest.fixture(params=CTYPES)
+def emu(request) -> Emu:
+    return Emu(request.param)
+
+
+@pytest.fixture
+def rng(request) -> np.random.Generator:
+    import zlib
+
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.mark.parametrize("act", HIDDEN)
+def test_emulated_forward(emu, rng, act):
+    ct = "float" if emu.dtype == np.float32 else "double"
+    rows, cols = 7, 13
+    u0, b = rng.normal(size=(rows, cols)) * 2, rng.normal(size=cols)
+    a = _alpha(act)
+    u0 = u0.astype(emu.dtype).astype(np.float64)
+    b = b.astype(emu.dtype).astype(np.float64)
+    y_ref = ref.activate(u0 + b, act, a)
+    n = rows * cols
+    got = emu(f"ew_bp_fwd_keep_{act}", 2, 32, {"_raw_b": b, "_raw_u": u0, "_raw_y": np.full(n, np.nan)},
+              {"alpha": a, "_n": n, "_ncols": cols}, outputs=("_raw_u", "_raw_y"))
+    np.testing.assert_allclose(got["_raw_u"], (u0 + b).ravel(), **_tol(ct))
+    np.testing.assert_allclose(got["_raw_y"], y_ref.ravel(), **_tol(ct))
+    got = emu(f"ew_bp_fwd_{act}", 1, 64, {"_raw_b": b, "_raw_u": u0}, {"alpha": a, "_n": n, "_ncols": cols},
+              outputs=("_raw_u",))
+    np.testing.assert_allclose(got["_raw_u"], y_ref.ravel(), **_tol(ct))
+
+
+@pytest.mark.parametrize("act", HIDDEN)
+def test_emulated_slope(emu, rng, act):
+    ct = "float" if emu.dtype == np.float32 else "double"
+    rows, cols = 5, 11
+    a = _alpha(act)
+    u = (rng.normal(size=(rows, cols)) * 2).astype(emu.dtype).astype(np.float64)
+    y = ref.activate(u, act, a).astype(emu.dtype).astype(np.float64)
+    g = rng.normal(size=(rows, cols)).astype(emu.dtype).astype(np.float64)
+    var = S.ACT_SLOPE[act][0]
+    got = emu(f"ew_bp_slope_{act}", 1, 32, {f"_raw_{var}": u if var == "u" else y, "_raw_g": g},
+              {"alpha": a, "_n": rows * cols, "_ncols": cols}, outputs=("_raw_g",))
+    want = g * ref.activation_slope(y, u, act, a)
+    np.testing.assert_allclose(got["_raw_g"], want.ravel(), **_tol(ct))
+
+
+@pytest.mark.parametrize("nesterov", [0, 1])
+def test_emulated_momentum(emu, rng, nesterov):
+    ct = "float" if emu.dtype == np.float32 else "double"
+    p, g, v = (rng.normal(size=40).astype(emu.dtype).astype(np.float64) for _ in range(3))
+    got = emu("ew_bp_momentum", 1, 32, {"_raw_g": g, "_raw_p": p, "_raw_v": v},
+              {"lr": 0.1, "mu": 0.9, "wd": 0.01, "nesterov": nesterov, "_n": 40, "_ncols": 40},
+              outputs=("_raw_p", "_raw_v"))
+    ref.momentum_update(p, g, v, 0.1, 0.9, bool(nesterov), 0.01)
+    np.testing.assert_allclose(got["_raw_p"], p, **_tol(ct))
+    np.testing.assert_allclose(got["_raw_v"], v, **_tol(ct))
+
+
+@pytest.mark.parametrize("step", [1, 7])
+def test_emulated_adam(emu, rng, step):
+    ct = "float" if emu.dtype == np.float32 else "double"
+    p, g, m = (rng.normal(size=40).astype(emu.dtype).astype(np.float64) for _ in range(3))
+    v = rng.uniform(size=40).astype(emu.dtype).astype(np.float64)
+    lr, b1, b2, eps, wd = 1e-2, 0.9, 0.999, 1e-8, 0.01
+    c1, c2 = 1 - b1**step, 1 - b2**step
+    got = emu("ew_bp_adam", 1, 32, {"_raw_g": g, "_raw_p": p, "_raw_m": m, "_raw_v": v},
+              {"lr_c1": lr / c1, "beta1": b1, "beta2": b2, "one_m_beta1": 1 - b1, "one_m_beta2": 1 - b2, "c2": c2,
+               "eps": eps, "wd": wd, "_n": 40, "_ncols": 40}, outputs=("_raw_p", "_raw_m", "_raw_v"))
+    ref.adam_update(p, g, m, v, lr, b1, b2, eps, step, wd)
+    for name, want in (("_raw_p", p), ("_raw_m", m), ("_raw_v", v)):
+        np.testing.assert_allclose(got[name], want, **_tol(ct))
+
+
+@pytest.mark.parametrize("cols", [3, 45, 70])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_emulated_softmax_forward(emu, rng, cols, in_place):
+    ct = "float" if emu.dtype == np.float32 else "double"
+    rows = 11  # two blocks of 8 warps, the second partly idle
+    u0 = (rng.normal(size=(rows, cols)) * 3).astype(emu.dtype).astype(np.float64)
+    b = rng.normal(size=cols).astype(emu.dtype).astype(np.float64)
+    arrays = {"u": u0, "b": b}
+    aliases = {"y": "u"} if in_place else None
+    if not in_place:
+        arrays["y"] = np.full(rows * cols, np.nan)
+    grid = (rows + S.ROWS_PER_BLOCK - 1) // S.ROWS_PER_BLOCK
+    got = emu("bp_softmax_forward", grid, S.BLOCK, arrays, {"rows": rows, "cols": cols}, aliases,
+              outputs=("u",) if in_place else ("u", "y"))
+    y_ref = ref.activate(u0 + b, "softmax")
+    if in_place:
+        np.testing.assert_allclose(got["u"], y_ref.ravel(), **_tol(ct))
+    else:
+        np.testing.assert_allclose(got["u"], (u0 + b).ravel(), **_tol(ct))
+        np.testing.assert_allclose(got["y"], y_ref.ravel(), **_tol(ct))
+
+
+def _sum_scale(emu: Emu, x: np.ndarray, batch: int) -> float:
+    got = emu("bp_sum_scale", 1, S.BLOCK, {"x": x, "out": np.full(1, np.nan)}, {"n": x.size, "batch": batch},
+              outputs=("out",))
+    return float(got["out"][0])
+
+
+@pytest.mark.parametrize("cols", [2, 40])
+def test_emulated_softmax_cross_entropy(emu, rng, cols):
+    ct = "float" if emu.dtype == np.float32 else "double"
+    rows = 13
+    u = (rng.normal(size=(rows, cols)) * 2).astype(emu.dtype).astype(np.float64)
+    y = ref.activate(u, "softmax").astype(emu.dtype).astype(np.float64)
+    t = np.eye(cols)[rng.integers(0, cols, rows)]
+    grid = (rows + S.ROWS_PER_BLOCK - 1) // S.ROWS_PER_BLOCK
+    got = emu("bp_softmax_xent", grid, S.BLOCK,
+              {"py": y, "pu": u, "pt": t, "delta": np.full(rows * cols, np.nan), "rowloss": np.full(rows, np.nan)},
+              {"rows": rows, "cols": cols, "batch": rows}, outputs=("delta", "rowloss"))
+    value, delta = ref.output_error(y, u, t, "softmax", "cross_entropy")
+    np.testing.assert_allclose(got["delta"], delta.ravel(), **_tol(ct))
+    np.testing.assert_allclose(_sum_scale(emu, got["rowloss"], rows), float(value), **_tol(ct))
+
+
+def test_emulated_softmax_cross_entropy_huge_logits(emu):
+    u = np.array([[1e4, -1e4], [-1e4, 1e4], [0.0, 1e4]])
+    y = ref.activate(u, "softmax")
+    t = np.array([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
+    got = emu("bp_softmax_xent", 1, S.BLOCK,
+              {"py": y, "pu": u, "pt": t, "delta": np.full(6, np.nan), "rowloss": np.full(3, np.nan)},
+              {"rows": 3, "cols": 2, "batch": 3}, outputs=("delta", "rowloss"))
+    value, _ = ref.output_error(y, u, t, "softmax", "cross_entropy")
+    assert np.isfinite(got["delta"]).all() and np.isfinite(got["rowloss"]).all()
+    np.testing.assert_allclose(_sum_scale(emu, got["rowloss"], 3), float(value), rtol=1e-5)
+
+
+PAIRS = S.loss_pairs()
+
+
+@pytest.mark.parametrize("output,loss", PAIRS)
+def test_emulated_elementwise_loss(emu, rng, output, loss):
+    ct = "float" if emu.dtype == np.float32 else "double"
+    rows, cols = 13, 11  # 143 elements over 64 threads: up to three per thread
+    a = _alpha(output)
+    u = (rng.normal(size=(rows, cols)) * 2).astype(emu.dtype).astype(np.float64)
+    y = ref.activate(u, output, a).astype(emu.dtype).astype(np.float64)
+    t = rng.uniform(size=(rows, cols)) if loss == "bce" else rng.normal(size=(rows, cols))
+    t = t.astype(emu.dtype).astype(np.float64)
+    param = 0.5 if loss == "huber" else LOSSES[loss].default_param
+    n = rows * cols
+    # two blocks: each thread takes several elements (the grid-stride loop), block sums in two parts
+    got = emu(S.loss_kernel_name(output, loss), 2, S.BLOCK // 8,
+              {"py": y, "pu": u, "pt": t, "delta": np.full(n, np.nan), "partial": np.full(2, np.nan)},
+              {"n": n, "batch": rows, "k": param, "alpha": a}, outputs=("delta", "partial"))
+    value, delta = ref.output_error(y, u, t, output, loss, param, a)
+    np.testing.assert_allclose(got["delta"], delta.ravel(), **_tol(ct))
+    np.testing.assert_allclose(_sum_scale(emu, got["partial"], rows), float(value), **_tol(ct))
+
+
+def test_emulated_bce_huge_logits(emu):
+    u = np.array([[1e4, -1e4], [-1e4, 1e4], [0.0, 1e4]])
+    y = ref.activate(u, "sigmoid")
+    t = np.array([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
+    got = emu(S.loss_kernel_name("sigmoid", "bce"), 1, S.BLOCK,
+              {"py": y, "pu": u, "pt": t, "delta": np.full(6, np.nan), "partial": np.full(1, np.nan)},
+              {"n": 6, "batch": 3, "k": 0.0, "alpha": 0.0}, outputs=("delta", "partial"))
+    value, _ = ref.output_error(y, u, t, "sigmoid", "bce")
+    assert np.isfinite(got["delta"]).all()
+    np.testing.assert_allclose(_sum_scale(emu, got["partial"], 3), float(value), rtol=1e-5)
+
+
+def test_emulated_sum_scale_many_values(emu):
+    """More values than threads, in a fixed order: the loss reduction of a large batch."""
+    x = np.arange(1000, dtype=np.float64) / 7
+    np.testing.assert_allclose(_sum_scale(emu, x, 10), x.sum() / 10, rtol=1e-6)
+
+
+def test_launch_configuration_constants():
+    assert S.BLOCK % 32 == 0 and S.BLOCK <= 1024
+    assert S.ROWS_PER_BLOCK * 32 == S.BLOCK
+    assert 1 <= S.MAX_LOSS_BLOCKS
