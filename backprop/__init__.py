@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from . import callbacks, datasets, schedules
 from .activations import ACTIVATIONS, Activation
 from .backend import Backend, available_backends, get_backend, set_backend, use_backend
 from .gradcheck import gradcheck, numerical_grads
@@ -33,6 +34,9 @@ __all__ = [
     "Optimizer",
     "Perceptron",
     "available_backends",
+    "callbacks",
+    "datasets",
+    "schedules",
     "get_backend",
     "gradcheck",
     "numerical_grads",

@@ -1,7 +1,20 @@
-"""Minibatch training: epochs of shuffled batches, validation, history, progress bar."""
+"""Minibatch training: epochs of shuffled batches, validation, early stopping, schedules, history,
+progress bar.
+
+>>> import backprop as bp
+>>> net = bp.MLP([64, 128, 10], head="multiclass", seed=0)
+>>> history = net.fit(X, y, epochs=50, batch_size=32, optimizer=bp.Adam(1e-3, weight_decay=1e-4),
+...                   validation_split=0.1, early_stopping=True, patience=5,
+...                   schedule=bp.schedules.cosine_annealing(1e-3, epochs=50),
+...                   callbacks=[bp.callbacks.checkpoint("best.npz", best_only=True)],
+...                   progress=True)                                   # doctest: +SKIP
+>>> history.plot("curves.png")                                        # doctest: +SKIP
+"""
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -15,68 +28,145 @@ from .validation import check_inputs, check_positive, check_targets
 if TYPE_CHECKING:
     from .network import MLP
 
-__all__ = ["History", "fit"]
+__all__ = ["Callback", "History", "evaluate", "fit", "in_ci", "progress_enabled"]
 
 
+# --------------------------------------------------------------------------- history
 @dataclass
 class History:
-    """Per-epoch record of a training run."""
+    """Per-epoch record of a training run (what :func:`fit` returns).
+
+    ``loss``: mean training loss of each epoch (over its minibatches, before each update);
+    ``val_loss`` / ``val_accuracy``: on the validation data after each epoch (accuracy for
+    classification heads only); ``epoch_time``: seconds per epoch, validation included; ``lr``: the
+    learning rate used in each epoch. ``best_epoch`` / ``stopped_epoch`` (counting from 1) are set by early
+    stopping.
+    """
 
     loss: list[float] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)
     val_accuracy: list[float] = field(default_factory=list)
     epoch_time: list[float] = field(default_factory=list)
     lr: list[float] = field(default_factory=list)
+    best_epoch: int | None = None
+    stopped_epoch: int | None = None
 
     @property
     def epochs(self) -> int:
+        """Number of epochs run."""
         return len(self.loss)
 
-    def as_dict(self) -> dict[str, list[float]]:
-        return {k: list(v) for k, v in self.__dict__.items()}
+    @property
+    def total_time(self) -> float:
+        """Seconds spent in all epochs."""
+        return float(sum(self.epoch_time))
 
-    def plot(self, path: str | None = None) -> Any:
-        """Draw loss (and validation curves) per epoch with matplotlib; save to ``path`` or show."""
+    def as_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, list) else v) for k, v in self.__dict__.items()}
+
+    def plot(self, path: str | os.PathLike[str] | None = None) -> Any:
+        """Draw the loss curves (log scale where positive) and the validation accuracy per epoch.
+
+        With ``path`` the figure is written there (format from the extension) without touching pyplot's
+        global state, so it works headless; without it the figure comes from ``matplotlib.pyplot`` (shown
+        inline in notebooks). Returns the matplotlib ``Figure``.
+        """
         try:
-            import matplotlib
-
-            if path is not None:
-                matplotlib.use("Agg", force=False)
-            import matplotlib.pyplot as plt
+            import matplotlib  # noqa: F401
+            from matplotlib.figure import Figure
         except ImportError as exc:  # pragma: no cover - matplotlib is in the test extras
             raise ImportError("History.plot needs matplotlib: pip install 'backprop[plot]'") from exc
-        fig, ax = plt.subplots(figsize=(6, 4))
+        if not self.loss:
+            raise ValueError("nothing to plot: the history holds no epochs")
+        if path is None:
+            import matplotlib.pyplot as plt
+
+            fig = plt.figure(figsize=(6, 4))
+        else:
+            fig = Figure(figsize=(6, 4))
+        ax = fig.add_subplot(1, 1, 1)
         epochs = np.arange(1, self.epochs + 1)
-        ax.plot(epochs, self.loss, label="training loss")
+        lines = ax.plot(epochs, self.loss, label="training loss")
         if self.val_loss:
-            ax.plot(epochs, self.val_loss, label="validation loss")
+            lines += ax.plot(epochs[: len(self.val_loss)], self.val_loss, label="validation loss")
         ax.set_xlabel("epoch")
         ax.set_ylabel("loss")
-        ax.set_yscale("log" if min(self.loss, default=1) > 0 else "linear")
+        if min(self.loss + self.val_loss) > 0:
+            ax.set_yscale("log")
+        if self.best_epoch is not None:
+            lines.append(ax.axvline(self.best_epoch, color="grey", linestyle=":",
+                                    label=f"best epoch ({self.best_epoch})"))
         if self.val_accuracy:
             ax2 = ax.twinx()
-            ax2.plot(epochs, self.val_accuracy, color="tab:green", label="validation accuracy")
+            lines += ax2.plot(epochs[: len(self.val_accuracy)], self.val_accuracy, color="tab:green",
+                              label="validation accuracy")
             ax2.set_ylabel("accuracy")
-        ax.legend(loc="upper right")
+        ax.legend(lines, [ln.get_label() for ln in lines], loc="center right")
         fig.tight_layout()
         if path is not None:
-            fig.savefig(path, dpi=120)
-            plt.close(fig)
+            fig.savefig(os.fspath(path), dpi=120)
         return fig
 
 
-def _progress(total: int, enabled: bool) -> Any:
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, unit="epoch", leave=True)
+# --------------------------------------------------------------------------- progress
+def in_ci() -> bool:
+    """True when the environment variable ``CI`` is set to anything but ``""``, ``0``, ``false`` or ``no``."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
+def progress_enabled(progress: bool | None) -> bool:
+    """Whether to draw a progress bar: ``True``/``False`` as given; ``None`` ("auto") only on an
+    interactive terminal outside CI."""
+    if progress is None:
+        isatty = getattr(sys.stderr, "isatty", None)
+        return bool(isatty and isatty()) and not in_ci()
+    if not isinstance(progress, (bool, np.bool_)):
+        raise TypeError(f"progress must be True, False or None (auto), got {progress!r}")
+    return bool(progress)
+
+
+class _ProgressBar:
+    """A tqdm bar of epochs with the latest metrics; plain lines on stderr when tqdm is missing."""
+
+    def __init__(self, total: int, desc: str | None = None) -> None:
+        self.total = total
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:  # pragma: no cover - tqdm is in the test extras
+            self._bar = None
+        else:
+            self._bar = tqdm(total=total, unit="epoch", desc=desc, leave=True, dynamic_ncols=True)
+        self._epoch = 0
+
+    def update(self, metrics: dict[str, str]) -> None:
+        self._epoch += 1
+        if self._bar is not None:
+            self._bar.set_postfix(metrics, refresh=False)
+            self._bar.update(1)
+        else:  # pragma: no cover
+            text = "  ".join(f"{k} {v}" for k, v in metrics.items())
+            print(f"epoch {self._epoch}/{self.total}  {text}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _metrics(history: History, show_lr: bool) -> dict[str, str]:
+    post = {"loss": f"{history.loss[-1]:.4g}"}
+    if history.val_loss:
+        post["val_loss"] = f"{history.val_loss[-1]:.4g}"
+    if history.val_accuracy:
+        post["val_acc"] = f"{history.val_accuracy[-1]:.4f}"
+    if show_lr:
+        post["lr"] = f"{history.lr[-1]:.3g}"
+    return post
+
+
+# --------------------------------------------------------------------------- evaluation
 def evaluate(net: MLP, X: np.ndarray, T: np.ndarray, batch_size: int = 4096) -> tuple[float, float | None]:
-    """Mean loss on ``(X, T)`` (host arrays, already checked) and accuracy for classification heads."""
+    """Mean loss on ``(X, T)`` (host arrays, already checked) and accuracy for classification heads
+    (argmax for softmax, all outputs thresholded at 0.5 for sigmoid)."""
     k = net.backend.kernels
     total, correct = 0.0, 0
     classify = net.loss_fn.name in ("cross_entropy", "bce")
@@ -96,21 +186,45 @@ def evaluate(net: MLP, X: np.ndarray, T: np.ndarray, batch_size: int = 4096) -> 
     return total / n, (correct / n if classify else None)
 
 
+# --------------------------------------------------------------------------- fit
 Callback = Callable[["MLP", int, History], Any]
 
 
+def _check_fraction(value: Any, name: str) -> float:
+    value = check_positive(value, name, allow_zero=True)
+    if value >= 1:
+        raise ValueError(f"{name} must lie in [0, 1), got {value}")
+    return value
+
+
 def fit(net: MLP, X: Any, T: Any, *, epochs: int = 10, batch_size: int = 32, optimizer: Optimizer | None = None,
-        shuffle: bool = True, validation_data: tuple[Any, Any] | None = None, progress: bool = False,
+        shuffle: bool = True, validation_data: tuple[Any, Any] | None = None, progress: bool | None = False,
         callbacks: Iterable[Callback] = (), schedule: Callable[[int], float] | None = None,
-        seed: int | None = None) -> History:
+        seed: int | None = None, validation_split: float = 0.0, early_stopping: bool = False,
+        patience: int = 10, min_delta: float = 0.0, monitor: str = "auto", restore_best: bool = True) -> History:
     """Train ``net`` for ``epochs`` passes over ``(X, T)`` in minibatches of ``batch_size``.
 
-    ``optimizer`` defaults to ``SGD(lr=0.01)``. ``schedule(epoch) -> lr`` sets the learning rate at the
-    start of each epoch. A callback ``cb(net, epoch, history)`` runs after each epoch; returning ``True``
-    stops training. All data is checked before any parameter changes. If the loss becomes non-finite,
-    training stops with :class:`~backprop.network.NonFiniteLossError` naming the epoch and step, and the
-    parameters are those of the last finite step.
+    - ``optimizer`` defaults to ``SGD(lr=0.01)``; L2 weight decay is the optimizer's ``weight_decay``.
+    - ``shuffle``: a fresh permutation each epoch, drawn from ``seed`` (default: the network's seed), so the
+      same seed, data and backend give the same parameters (bit for bit on the CPU backends).
+    - ``validation_data=(X_val, T_val)``, or ``validation_split=f``: hold out a random fraction ``f`` of
+      ``(X, T)`` (drawn from ``seed``); validation loss (and accuracy for classification heads) is recorded
+      after each epoch.
+    - ``early_stopping=True``: stop once ``monitor`` (``"auto"``: ``val_loss``; or ``"val_accuracy"``,
+      ``"loss"``) has gone ``patience`` epochs without improving by more than ``min_delta``, then restore
+      the parameters of the best epoch if ``restore_best``. Needs validation data unless ``monitor="loss"``.
+    - ``schedule(epoch) -> lr`` sets the learning rate at the start of each epoch (``epoch`` from 0; see
+      :mod:`backprop.schedules`).
+    - ``callbacks``: each ``cb(net, epoch, history)`` runs after each epoch (``epoch`` from 1); any returning
+      ``True`` stops training; ``on_train_begin`` / ``on_train_end`` methods are called if present (see
+      :mod:`backprop.callbacks`).
+    - ``progress``: a tqdm bar with loss and validation metrics per epoch; ``None`` draws it only on an
+      interactive terminal and never when the environment variable ``CI`` is set.
+
+    All data is checked before any parameter changes. If the loss becomes non-finite, training stops with
+    :class:`~backprop.network.NonFiniteLossError` naming the epoch and step; the failing step is not applied.
     """
+    from .callbacks import EarlyStopping
     from .network import NonFiniteLossError
 
     epochs = check_positive(epochs, "epochs", integer=True)
@@ -118,58 +232,97 @@ def fit(net: MLP, X: Any, T: Any, *, epochs: int = 10, batch_size: int = 32, opt
     optimizer = SGD(lr=0.01) if optimizer is None else optimizer
     if not isinstance(optimizer, Optimizer):
         raise TypeError(f"optimizer must be a backprop optimizer (SGD, Adam), got {type(optimizer).__name__}")
+    if schedule is not None and not callable(schedule):
+        raise TypeError(f"schedule must be a callable epoch -> lr, got {type(schedule).__name__}")
+    validation_split = _check_fraction(validation_split, "validation_split")
+    show = progress_enabled(progress)
+    callbacks = list(callbacks)
+    for cb in callbacks:
+        if not callable(cb):
+            raise TypeError(f"callbacks must be callables cb(net, epoch, history), got {type(cb).__name__}")
+
     Xh = check_inputs(X, net.sizes[0], net.dtype)
     Th = check_targets(T, net.sizes[-1], net.loss_fn.name, Xh.shape[0], net.dtype)
+    rng = np.random.default_rng(net.seed if seed is None else seed)
     val = None
     if validation_data is not None:
+        if validation_split:
+            raise ValueError("pass validation_data or validation_split, not both")
         if not isinstance(validation_data, Sequence) or len(validation_data) != 2:
             raise TypeError("validation_data must be a pair (X_val, T_val)")
         Xv = check_inputs(validation_data[0], net.sizes[0], net.dtype, "X_val")
         val = (Xv, check_targets(validation_data[1], net.sizes[-1], net.loss_fn.name, Xv.shape[0], net.dtype,
                                  "T_val"))
-    callbacks = list(callbacks)
+    elif validation_split:
+        n_all = Xh.shape[0]
+        n_val = int(round(n_all * validation_split))
+        if n_val < 1 or n_val >= n_all:
+            raise ValueError(f"validation_split={validation_split} of {n_all} samples leaves "
+                             f"{n_val} for validation and {n_all - n_val} for training; both need at least one")
+        perm = rng.permutation(n_all)
+        val = (Xh[perm[:n_val]], Th[perm[:n_val]])
+        keep = np.sort(perm[n_val:])
+        Xh, Th = Xh[keep], Th[keep]
+    if early_stopping:
+        if val is None and monitor != "loss":
+            raise ValueError("early_stopping=True needs validation data: pass validation_split or validation_data "
+                             "(or monitor='loss' to watch the training loss)")
+        callbacks.append(EarlyStopping(patience=patience, min_delta=min_delta, monitor=monitor,
+                                       restore_best=restore_best))
+
     k = net.backend.kernels
-    rng = np.random.default_rng(net.seed if seed is None else seed)
     n = Xh.shape[0]
     history = History()
-    bar = _progress(epochs, progress)
+    for cb in callbacks:
+        hook = getattr(cb, "on_train_begin", None)
+        if hook is not None:
+            hook(net, history)
+    bar = _ProgressBar(epochs) if show else None
     try:
         for epoch in range(1, epochs + 1):
             if schedule is not None:
-                optimizer.lr = check_positive(schedule(epoch - 1), "scheduled learning rate")
+                optimizer.lr = check_positive(schedule(epoch - 1), "scheduled learning rate", allow_zero=True)
             start = time.perf_counter()
-            order = rng.permutation(n) if shuffle else np.arange(n)
+            order = rng.permutation(n) if shuffle else None
             total = 0.0
             for step, lo in enumerate(range(0, n, batch_size), start=1):
-                idx = order[lo:lo + batch_size]
-                xb = k.to_device(Xh[idx], net.dtype)
-                tb = k.to_device(Th[idx], net.dtype)
+                if order is None:
+                    xb, tb = Xh[lo:lo + batch_size], Th[lo:lo + batch_size]
+                else:
+                    idx = order[lo:lo + batch_size]
+                    xb, tb = Xh[idx], Th[idx]
                 try:
-                    total += net.train_step_device(xb, tb, optimizer) * len(idx)
-                except NonFiniteLossError:
+                    total += net.train_step_device(k.to_device(xb, net.dtype), k.to_device(tb, net.dtype),
+                                                   optimizer) * xb.shape[0]
+                except NonFiniteLossError as exc:
                     raise NonFiniteLossError(
-                        f"loss became non-finite at epoch {epoch}, step {step}; parameters are those of the "
-                        f"last finite step (try a smaller learning rate)"
+                        f"loss became non-finite at epoch {epoch}, step {step}: {exc} (try a smaller learning rate)"
                     ) from None
             history.loss.append(total / n)
-            history.lr.append(optimizer.lr)
+            history.lr.append(float(optimizer.lr))
             if val is not None:
-                vl, va = evaluate(net, *val)
+                # in minibatches of the training size: bounded memory, never costlier than the epoch itself,
+                # and the same GEMM shapes as training (a multithreaded BLAS switching its threading
+                # between shapes can stall on a busy machine)
+                vl, va = evaluate(net, *val, batch_size=batch_size)
                 history.val_loss.append(vl)
                 if va is not None:
                     history.val_accuracy.append(va)
             history.epoch_time.append(time.perf_counter() - start)
             if bar is not None:
-                post = {"loss": f"{history.loss[-1]:.4g}"}
-                if history.val_loss:
-                    post["val_loss"] = f"{history.val_loss[-1]:.4g}"
-                if history.val_accuracy:
-                    post["val_acc"] = f"{history.val_accuracy[-1]:.3f}"
-                bar.set_postfix(post)
-                bar.update(1)
-            if any(cb(net, epoch, history) is True for cb in callbacks):
+                bar.update(_metrics(history, schedule is not None))
+            # every callback runs (a checkpoint still saves the epoch at which early stopping fires)
+            stops = [cb(net, epoch, history) is True for cb in callbacks]
+            if any(stops):
+                if history.stopped_epoch is None:
+                    history.stopped_epoch = epoch
                 break
     finally:
         if bar is not None:
             bar.close()
+    for cb in callbacks:
+        hook = getattr(cb, "on_train_end", None)
+        if hook is not None:
+            hook(net, history)
     return history
+

@@ -1,0 +1,212 @@
+"""Per-epoch hooks for :func:`backprop.training.fit`: early stopping and checkpointing.
+
+A callback is any callable ``cb(net, epoch, history)``, run after each epoch (``epoch`` counts from 1);
+returning ``True`` stops training. A callback may also define ``on_train_begin(net, history)`` and
+``on_train_end(net, history)``, which ``fit`` calls before the first epoch and after the last one (not when
+training ends with an exception).
+
+>>> import backprop as bp
+>>> net = bp.MLP([4, 8, 3], head="multiclass")
+>>> cbs = [bp.callbacks.checkpoint("best.npz", best_only=True)]    # doctest: +SKIP
+>>> history = net.fit(X, y, epochs=100, validation_split=0.1, callbacks=cbs)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .validation import check_positive
+
+if TYPE_CHECKING:
+    from .network import MLP
+    from .training import History
+
+__all__ = ["Callback", "Checkpoint", "EarlyStopping", "checkpoint", "early_stopping"]
+
+_METRICS = ("loss", "val_loss", "val_accuracy")
+
+
+class Callback:
+    """Base class (optional): override ``__call__`` and, if needed, the begin/end hooks."""
+
+    def on_train_begin(self, net: MLP, history: History) -> None:
+        """Called once before the first epoch."""
+
+    def __call__(self, net: MLP, epoch: int, history: History) -> bool | None:
+        """Called after each epoch; return ``True`` to stop training."""
+        return None
+
+    def on_train_end(self, net: MLP, history: History) -> None:
+        """Called once after the last epoch."""
+
+
+def _check_monitor(monitor: str) -> str:
+    if monitor not in _METRICS + ("auto",):
+        raise ValueError(f"monitor must be one of {', '.join(_METRICS)} or 'auto', got {monitor!r}")
+    return monitor
+
+
+def _resolve_monitor(monitor: str, history: History) -> str:
+    """``'auto'`` is ``val_loss`` when there is validation data, else ``loss``."""
+    if monitor == "auto":
+        return "val_loss" if history.val_loss else "loss"
+    if monitor != "loss" and not getattr(history, monitor):
+        raise ValueError(f"cannot monitor {monitor!r}: fit has no validation data"
+                         + (" with accuracy (classification heads only)" if monitor == "val_accuracy" else "")
+                         + "; pass validation_data or validation_split")
+    return monitor
+
+
+class _Monitor:
+    """Tracks the best value of one metric of the history."""
+
+    def __init__(self, monitor: str, min_delta: float) -> None:
+        self.monitor = _check_monitor(monitor)
+        self.min_delta = check_positive(min_delta, "min_delta", allow_zero=True)
+        self.reset()
+
+    def reset(self) -> None:
+        self.best: float | None = None
+        self.best_epoch: int | None = None
+
+    def improved(self, epoch: int, history: History) -> bool:
+        """Record the metric of ``epoch``; ``True`` if it beats the best so far by more than ``min_delta``."""
+        name = _resolve_monitor(self.monitor, history)
+        value = getattr(history, name)[-1]
+        bigger_is_better = name == "val_accuracy"
+        if not math.isfinite(value):
+            return False
+        if self.best is None:
+            better = True
+        elif bigger_is_better:
+            better = value > self.best + self.min_delta
+        else:
+            better = value < self.best - self.min_delta
+        if better:
+            self.best, self.best_epoch = value, epoch
+        return better
+
+
+class EarlyStopping(Callback):
+    """Stop once the monitored metric has gone ``patience`` epochs in a row without improving by more than
+    ``min_delta`` (``patience=0``: at the first epoch that does not improve).
+
+    ``monitor``: ``"val_loss"``, ``"val_accuracy"``, ``"loss"`` or ``"auto"`` (``val_loss`` when there is
+    validation data, else ``loss``). With ``restore_best`` the network gets back the parameters of its best
+    epoch when training ends. ``history.best_epoch`` and ``history.stopped_epoch`` record what happened.
+    """
+
+    def __init__(self, patience: int = 10, min_delta: float = 0.0, monitor: str = "auto",
+                 restore_best: bool = True) -> None:
+        self.patience = check_positive(patience, "patience", integer=True, allow_zero=True)
+        self._monitor = _Monitor(monitor, min_delta)
+        self.restore_best = bool(restore_best)
+        self._best_params: list[Any] | None = None
+        self._wait = 0
+
+    @property
+    def monitor(self) -> str:
+        return self._monitor.monitor
+
+    @property
+    def best_epoch(self) -> int | None:
+        return self._monitor.best_epoch
+
+    def __repr__(self) -> str:
+        return (f"EarlyStopping(patience={self.patience}, min_delta={self._monitor.min_delta}, "
+                f"monitor={self.monitor!r}, restore_best={self.restore_best})")
+
+    def on_train_begin(self, net: MLP, history: History) -> None:
+        self._monitor.reset()
+        self._best_params = None
+        self._wait = 0
+
+    def __call__(self, net: MLP, epoch: int, history: History) -> bool:
+        if self._monitor.improved(epoch, history):
+            self._wait = 0
+            history.best_epoch = epoch
+            if self.restore_best:
+                self._best_params = net.get_params()
+            return False
+        self._wait += 1
+        if self._wait >= self.patience:
+            history.stopped_epoch = epoch
+            return True
+        return False
+
+    def on_train_end(self, net: MLP, history: History) -> None:
+        if self.restore_best and self._best_params is not None and self._monitor.best_epoch != history.epochs:
+            net.set_params(self._best_params)
+
+
+class Checkpoint(Callback):
+    """Save the network with :meth:`MLP.save` every ``every`` epochs, or only when the monitored metric
+    improves (``best_only=True``).
+
+    ``path`` may hold ``{epoch}`` (``"ckpt-{epoch:03d}.npz"``) to keep one file per save. Each save writes
+    a temporary file next to ``path`` and renames it, so an interrupted save never leaves a broken file.
+    ``self.saved`` lists the paths written, ``self.best_epoch`` the epoch of the best save.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], every: int = 1, best_only: bool = False,
+                 monitor: str = "auto", min_delta: float = 0.0) -> None:
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a str or path, got {type(path).__name__}")
+        self.path = os.fspath(path)
+        try:
+            self.path.format(epoch=1)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"path may hold only the placeholder {{epoch}}: {exc}") from None
+        self.every = check_positive(every, "every", integer=True)
+        self.best_only = bool(best_only)
+        self._monitor = _Monitor(monitor, min_delta)
+        self.saved: list[str] = []
+
+    @property
+    def best_epoch(self) -> int | None:
+        return self._monitor.best_epoch
+
+    def __repr__(self) -> str:
+        return (f"Checkpoint({self.path!r}, every={self.every}, best_only={self.best_only}, "
+                f"monitor={self._monitor.monitor!r})")
+
+    def on_train_begin(self, net: MLP, history: History) -> None:
+        self._monitor.reset()
+        self.saved = []
+
+    def __call__(self, net: MLP, epoch: int, history: History) -> bool:
+        if self.best_only:
+            due = self._monitor.improved(epoch, history)
+        else:
+            due = epoch % self.every == 0
+        if due:
+            self._save(net, self.path.format(epoch=epoch))
+        return False
+
+    def _save(self, net: MLP, path: str) -> None:
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        try:
+            net.save(tmp)
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        self.saved.append(str(target))
+
+
+def checkpoint(path: str | os.PathLike[str], every: int = 1, best_only: bool = False, monitor: str = "auto",
+               min_delta: float = 0.0) -> Checkpoint:
+    """A callback saving the network to ``path`` every ``every`` epochs, or on each improvement of
+    ``monitor`` with ``best_only=True`` (reload with ``bp.MLP.load(path)``)."""
+    return Checkpoint(path, every=every, best_only=best_only, monitor=monitor, min_delta=min_delta)
+
+
+def early_stopping(patience: int = 10, min_delta: float = 0.0, monitor: str = "auto",
+                   restore_best: bool = True) -> EarlyStopping:
+    """A callback stopping training once ``monitor`` stalls for ``patience`` epochs (see :class:`EarlyStopping`)."""
+    return EarlyStopping(patience=patience, min_delta=min_delta, monitor=monitor, restore_best=restore_best)

@@ -1,0 +1,684 @@
+"""scikit-learn estimators: :class:`MLPClassifier` and :class:`MLPRegressor`, trained by backprop's kernels.
+
+Drop-in replacements for ``sklearn.neural_network.MLPClassifier`` / ``MLPRegressor`` with the stochastic
+solvers (``"adam"``, ``"sgd"``): the same constructor parameters, the same fitted attributes, the same
+training procedure (initialization, shuffling, L2 penalty, stopping rules and early stopping all follow
+scikit-learn's, drawn from ``random_state`` in the same order), computed on any backprop backend::
+
+    from backprop.sklearn import MLPClassifier
+    clf = MLPClassifier(hidden_layer_sizes=(128,), max_iter=50, random_state=0).fit(X, y)
+    clf.predict(X), clf.predict_proba(X), clf.score(X, y), clf.loss_curve_, clf.coefs_
+
+Extra parameters: ``backend`` (a backend name; default the active one at fit time) and ``dtype``
+(``"float32"``, ``"float64"``, or ``None``: like scikit-learn, float32 for float32 ``X`` and float64
+otherwise); ``activation`` also takes backprop's hidden activations (``"leaky_relu"``, ``"elu"``, ``"selu"``,
+``"softplus"``, ``"gelu"``, ``"silu"``) and the regressor's ``loss`` also ``"absolute_error"`` and ``"huber"``.
+
+Mapping of ``alpha``: scikit-learn minimizes, per minibatch of ``B`` samples,
+``E_batch + alpha / (2 B) * sum ||W||^2`` (biases not penalized), whose gradient adds ``(alpha / B) W``.
+backprop's optimizers add ``weight_decay * W`` to the weight gradient (coupled L2, not AdamW), so each
+minibatch is trained with ``weight_decay = alpha / B``, its own size (the last, smaller batch of an
+epoch included): the same gradient, step for step. ``loss_curve_`` includes the penalty as scikit-learn's
+does (with the weights before each step), and the regression loss is averaged over outputs as scikit-learn
+reports it, while the gradient, like scikit-learn's, is that of the squared error summed over outputs.
+
+Not supported: ``solver="lbfgs"`` (and ``max_fun``), ``sample_weight``, the regressor's ``loss="poisson"``.
+
+Agreement: with ``dtype="float64"`` the parameters, ``loss_curve_``, ``n_iter_`` and validation scores follow
+scikit-learn's to rounding error (the tests check a relative 1e-9). Adam takes scikit-learn's step exactly
+(scikit-learn adds ``epsilon`` to ``sqrt(v)`` before the bias correction; each step hands backprop's Adam
+the equivalent ``eps``). SGD keeps its momentum velocity in gradient units (``v <- mu v + g``,
+``W <- W - lr v``), scikit-learn in step units (``v <- mu v - lr g``): the same steps while the learning rate
+is constant, but when ``learning_rate="invscaling"`` or ``"adaptive"`` changes it, the change acts at once
+here and gradually through the velocity there. The reported loss comes from the logits, without clipping
+the probabilities. Pickling keeps the parameters and fitted attributes but not the optimizer's moments (a
+``partial_fit`` after unpickling starts them afresh) nor the backend arrays (rebuilt on first use).
+
+Importing this module imports scikit-learn; ``import backprop`` never does.
+"""
+
+from __future__ import annotations
+
+import numbers
+import sys
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.metrics import accuracy_score, r2_score
+from sklearn.model_selection import train_test_split
+from sklearn.preprocessing import LabelBinarizer
+from sklearn.utils import check_random_state, column_or_1d, gen_batches
+from sklearn.utils import shuffle as _sk_shuffle
+from sklearn.utils.multiclass import type_of_target, unique_labels
+from sklearn.utils.validation import check_is_fitted
+
+try:  # scikit-learn >= 1.6
+    from sklearn.utils.validation import validate_data
+except ImportError:  # pragma: no cover - older scikit-learn
+    def validate_data(_estimator: Any, /, X: Any = "no_validation", y: Any = "no_validation", **kwargs: Any) -> Any:
+        return _estimator._validate_data(X, y, **kwargs)
+
+from .activations import ACTIVATIONS
+from .backend import get_backend, resolve_backend
+from .network import MLP, NonFiniteLossError
+from .optimizers import SGD, Adam, Optimizer
+
+__all__ = ["MLPClassifier", "MLPRegressor"]
+
+#: scikit-learn's hidden activation names -> backprop's; backprop's own hidden activations also work.
+_SKLEARN_ACTIVATIONS = {"identity": "identity", "logistic": "sigmoid", "tanh": "tanh", "relu": "relu"}
+_HIDDEN_ACTIVATIONS = {**_SKLEARN_ACTIVATIONS,
+                       **{n: n for n, s in ACTIVATIONS.items() if s.hidden and n != "step"}}
+#: regressor loss -> backprop loss
+_REGRESSION_LOSSES = {"squared_error": "mse", "absolute_error": "mae", "huber": "huber"}
+#: backprop output activation -> scikit-learn's ``out_activation_`` name
+_OUT_NAMES = {"sigmoid": "logistic", "softmax": "softmax", "identity": "identity"}
+_PREDICT_CHUNK = 65536
+
+
+# --------------------------------------------------------------------------- parameter checks
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _need(cond: bool, name: str, value: Any, what: str) -> None:
+    if not cond:
+        raise ValueError(f"The '{name}' parameter must be {what}; got {value!r}.")
+
+
+def _real_in(est: Any, name: str, lo: float, hi: float, lo_closed: bool, hi_closed: bool) -> None:
+    v = getattr(est, name)
+    if not _is_real(v) or not np.isfinite(v):
+        raise (TypeError if not _is_real(v) else ValueError)(
+            f"The '{name}' parameter must be a real number; got {v!r}.")
+    ok = (v >= lo if lo_closed else v > lo) and (v <= hi if hi_closed else v < hi)
+    interval = f"{'[' if lo_closed else '('}{lo}, {hi}{']' if hi_closed else ')'}"
+    _need(ok, name, v, f"a float in the range {interval}")
+
+
+def _hidden_sizes(value: Any) -> list[int]:
+    sizes = [value] if _is_int(value) else value
+    try:
+        sizes = list(sizes)
+    except TypeError:
+        raise TypeError(f"The 'hidden_layer_sizes' parameter must be an int or a sequence of ints; "
+                        f"got {value!r}.") from None
+    for s in sizes:
+        if not _is_int(s):
+            raise TypeError(f"The 'hidden_layer_sizes' parameter must hold ints; got {value!r}.")
+        if s <= 0:
+            raise ValueError(f"hidden_layer_sizes must be > 0, got {sizes}.")
+    return [int(s) for s in sizes]
+
+
+def _sum_sq(arrays: Iterable[Any], kernels: Any) -> float:
+    """``sum ||W||^2`` over weight matrices of any backend, reduced where the arrays live when possible."""
+    total = 0.0
+    for W in arrays:
+        if isinstance(W, np.ndarray):
+            r = W.ravel()
+            total += float(np.dot(r, r))
+        elif type(W).__module__.startswith("cupy"):
+            total += float((W * W).sum())
+        else:
+            r = np.asarray(kernels.to_host(W)).ravel()
+            total += float(np.dot(r, r))
+    return total
+
+
+# --------------------------------------------------------------------------- base
+class _BaseMLP(BaseEstimator):
+    """The common machinery; use :class:`MLPClassifier` or :class:`MLPRegressor`."""
+
+    _classifier = False
+
+    def __init__(self, hidden_layer_sizes: Any = (100,), activation: str = "relu", *, solver: str = "adam",
+                 alpha: float = 0.0001, batch_size: Any = "auto", learning_rate: str = "constant",
+                 learning_rate_init: float = 0.001, power_t: float = 0.5, max_iter: int = 200,
+                 loss: str = "log_loss", shuffle: bool = True, random_state: Any = None, tol: float = 1e-4,
+                 verbose: Any = False, warm_start: bool = False, momentum: float = 0.9,
+                 nesterovs_momentum: bool = True, early_stopping: bool = False, validation_fraction: float = 0.1,
+                 beta_1: float = 0.9, beta_2: float = 0.999, epsilon: float = 1e-8, n_iter_no_change: Any = 10,
+                 backend: str | None = None, dtype: Any = None) -> None:
+        self.hidden_layer_sizes = hidden_layer_sizes
+        self.activation = activation
+        self.solver = solver
+        self.alpha = alpha
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.learning_rate_init = learning_rate_init
+        self.power_t = power_t
+        self.max_iter = max_iter
+        self.loss = loss
+        self.shuffle = shuffle
+        self.random_state = random_state
+        self.tol = tol
+        self.verbose = verbose
+        self.warm_start = warm_start
+        self.momentum = momentum
+        self.nesterovs_momentum = nesterovs_momentum
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.beta_1 = beta_1
+        self.beta_2 = beta_2
+        self.epsilon = epsilon
+        self.n_iter_no_change = n_iter_no_change
+        self.backend = backend
+        self.dtype = dtype
+
+    # ------------------------------------------------------------------ parameters
+    def _check_params(self) -> list[int]:
+        hidden = _hidden_sizes(self.hidden_layer_sizes)
+        _need(isinstance(self.activation, str) and self.activation in _HIDDEN_ACTIVATIONS, "activation",
+              self.activation, f"a str among {sorted(_HIDDEN_ACTIVATIONS)}")
+        if self.solver == "lbfgs":
+            raise ValueError("solver='lbfgs' is not available in backprop's estimators: use 'adam' or 'sgd' "
+                             "(or sklearn.neural_network for L-BFGS).")
+        _need(self.solver in ("sgd", "adam"), "solver", self.solver, "a str among {'adam', 'sgd'}")
+        _real_in(self, "alpha", 0, np.inf, True, False)
+        if not (isinstance(self.batch_size, str) and self.batch_size == "auto"):
+            if not _is_int(self.batch_size):
+                raise TypeError(f"The 'batch_size' parameter must be 'auto' or an int >= 1; got {self.batch_size!r}.")
+            _need(self.batch_size >= 1, "batch_size", self.batch_size, "'auto' or an int >= 1")
+        _need(self.learning_rate in ("constant", "invscaling", "adaptive"), "learning_rate", self.learning_rate,
+              "a str among {'constant', 'invscaling', 'adaptive'}")
+        _real_in(self, "learning_rate_init", 0, np.inf, False, False)
+        _real_in(self, "power_t", 0, np.inf, True, False)
+        if not _is_int(self.max_iter):
+            raise TypeError(f"The 'max_iter' parameter must be an int >= 1; got {self.max_iter!r}.")
+        _need(self.max_iter >= 1, "max_iter", self.max_iter, "an int >= 1")
+        _real_in(self, "tol", 0, np.inf, True, False)
+        _real_in(self, "momentum", 0, 1, True, False)
+        _real_in(self, "validation_fraction", 0, 1, False, False)
+        _real_in(self, "beta_1", 0, 1, True, False)
+        _real_in(self, "beta_2", 0, 1, True, False)
+        _real_in(self, "epsilon", 0, np.inf, False, False)
+        n = self.n_iter_no_change
+        _need((_is_int(n) and n >= 1) or (_is_real(n) and n == np.inf), "n_iter_no_change", n,
+              "an int >= 1 or numpy.inf")
+        for name in ("shuffle", "warm_start", "nesterovs_momentum", "early_stopping"):
+            v = getattr(self, name)
+            _need(isinstance(v, (bool, np.bool_)), name, v, "a bool")
+        _need(self.backend is None or isinstance(self.backend, str), "backend", self.backend,
+              "None or a backend name")
+        if self.dtype is not None:
+            try:
+                dt = np.dtype(self.dtype)
+            except TypeError:
+                dt = None
+            _need(dt in (np.float32, np.float64), "dtype", self.dtype, "None, 'float32' or 'float64'")
+        return hidden
+
+    # ------------------------------------------------------------------ the network behind the estimator
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("_net", None)
+        state.pop("_optimizer", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._net = None
+        self._optimizer = None
+
+    def _build_net(self, layer_units: list[int], dtype: np.dtype) -> MLP:
+        out, loss = self._head()
+        backend = resolve_backend(self.backend) if self.backend is not None else get_backend()
+        return MLP(layer_units, activation=_HIDDEN_ACTIVATIONS[self.activation], output=out, loss=loss,
+                   dtype=dtype, seed=0, backend=backend.name)
+
+    def _head(self) -> tuple[str, str]:  # (output activation, loss) in backprop's names
+        raise NotImplementedError
+
+    def _network(self) -> MLP:
+        """The network holding ``coefs_``/``intercepts_`` on the backend (rebuilt after unpickling), with the
+        current ``coefs_``/``intercepts_`` copied in (they are the estimator's parameters)."""
+        net = getattr(self, "_net", None)
+        if net is not None and self.backend is not None and resolve_backend(self.backend).name != net.backend.name:
+            net = self._net = self._optimizer = None  # set_params(backend=...) after fitting: move over
+        if net is None:
+            units = [self.coefs_[0].shape[0]] + [c.shape[1] for c in self.coefs_]
+            net = self._net = self._build_net(units, np.dtype(self._fit_dtype))
+        net.set_params([(np.asarray(W).T, b) for W, b in zip(self.coefs_, self.intercepts_)])
+        return net
+
+    def _pull(self) -> None:
+        """Copy the network's parameters into ``coefs_`` (``(n_in, n_out)``, as scikit-learn has them)."""
+        params = self._net.get_params()
+        self.coefs_ = [np.ascontiguousarray(W.T) for W, _ in params]
+        self.intercepts_ = [b for _, b in params]
+
+    def _forward(self, X: Any, net: MLP | None = None) -> np.ndarray:
+        """Network output for validated ``X`` (dense or sparse), in chunks, as a NumPy array of ``X``'s
+        floating dtype (float32 or float64, as scikit-learn returns), whatever dtype the network computes in."""
+        net = self._network() if net is None else net
+        k = net.backend.kernels
+        out_dtype = X.dtype if X.dtype in (np.float32, np.float64) else np.float64
+        outs = []
+        for lo in range(0, X.shape[0], _PREDICT_CHUNK):
+            chunk = X[lo:lo + _PREDICT_CHUNK]
+            if sp.issparse(chunk):
+                chunk = chunk.toarray()
+            y = np.asarray(k.to_host(net.forward_device(k.to_device(chunk, net.dtype))))
+            outs.append(y.astype(out_dtype, copy=False))
+        return outs[0] if len(outs) == 1 else np.concatenate(outs)
+
+    def _validate_X(self, X: Any) -> Any:
+        check_is_fitted(self)
+        return validate_data(self, X, accept_sparse=["csr", "csc"], dtype=(np.float64, np.float32), reset=False)
+
+    # ------------------------------------------------------------------ fitting
+    def _init_coef(self, fan_in: int, fan_out: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+        # scikit-learn's initialization (Glorot et al.), drawn in the same order from the same generator
+        factor = 2.0 if self.activation in ("logistic", "sigmoid") else 6.0
+        bound = np.sqrt(factor / (fan_in + fan_out))
+        coef = self._random_state.uniform(-bound, bound, (fan_in, fan_out))
+        intercept = self._random_state.uniform(-bound, bound, fan_out)
+        return coef.astype(dtype, copy=False), intercept.astype(dtype, copy=False)
+
+    def _initialize(self, y: np.ndarray, layer_units: list[int], dtype: np.dtype) -> None:
+        self.n_iter_ = 0
+        self.t_ = 0
+        self.n_outputs_ = y.shape[1]
+        self.n_layers_ = len(layer_units)
+        self._fit_dtype = np.dtype(dtype).name
+        self.out_activation_ = _OUT_NAMES[self._head()[0]]
+        self.coefs_, self.intercepts_ = [], []
+        for fan_in, fan_out in zip(layer_units[:-1], layer_units[1:]):
+            c, i = self._init_coef(fan_in, fan_out, dtype)
+            self.coefs_.append(c)
+            self.intercepts_.append(i)
+        self._net = self._build_net(layer_units, dtype)
+        self._optimizer = None
+        self._best_params = None
+        self.loss_curve_ = []
+        self._no_improvement_count = 0
+        if self.early_stopping:
+            self.validation_scores_ = []
+            self.best_validation_score_ = -np.inf
+            self.best_loss_ = None
+        else:
+            self.best_loss_ = np.inf
+            self.validation_scores_ = None
+            self.best_validation_score_ = None
+
+    def _make_optimizer(self) -> Optimizer:
+        if self.solver == "sgd":
+            return SGD(lr=self.learning_rate_init, momentum=self.momentum,
+                       nesterov=bool(self.nesterovs_momentum and self.momentum > 0))
+        return Adam(lr=self.learning_rate_init, beta1=self.beta_1, beta2=self.beta_2, eps=self.epsilon)
+
+    def _fit(self, X: Any, y: Any, incremental: bool = False) -> _BaseMLP:
+        hidden = self._check_params()
+        first_pass = not hasattr(self, "coefs_") or (not self.warm_start and not incremental)
+        X, y = self._validate_input(X, y, incremental, reset=first_pass)
+        if y.ndim == 1:
+            y = y.reshape(-1, 1)
+        n_features = X.shape[1]
+        layer_units = [n_features] + hidden + [y.shape[1]]
+        self._random_state = check_random_state(self.random_state)
+        if first_pass:
+            dtype = np.dtype(self.dtype) if self.dtype is not None else X.dtype
+            self._initialize(y, layer_units, dtype)
+        else:
+            units = [self.coefs_[0].shape[0]] + [c.shape[1] for c in self.coefs_]
+            if units != layer_units:
+                raise ValueError(f"the data needs layers {layer_units} but the fitted network has {units} "
+                                 "(hidden_layer_sizes or the number of outputs changed); refit with "
+                                 "warm_start=False")
+            self.n_outputs_ = y.shape[1]
+        net = self._network()
+        dtype = net.dtype
+        X = X.astype(dtype, copy=False)
+        y = np.ascontiguousarray(y, dtype=dtype)
+        try:
+            self._fit_stochastic(net, X, y, incremental)
+        except NonFiniteLossError as exc:
+            self._pull()
+            raise ValueError(f"Solver produced non-finite parameter weights or loss ({exc}). The input data may "
+                             "contain large values and need to be preprocessed, or learning_rate_init is too "
+                             "large.") from exc
+        self._pull()
+        return self
+
+    def _fit_stochastic(self, net: MLP, X: Any, y: np.ndarray, incremental: bool) -> None:
+        if not incremental or self._optimizer is None:
+            self._optimizer = self._make_optimizer()
+        opt = self._optimizer
+        if self.early_stopping and incremental:
+            raise ValueError("partial_fit does not support early_stopping=True")
+        early_stopping = self.early_stopping
+        if early_stopping:
+            if self.validation_scores_ is None:  # warm start of a fit made without early stopping
+                self.validation_scores_, self.best_validation_score_, self.best_loss_ = [], -np.inf, None
+            stratify = y if (self._classifier and self.n_outputs_ == 1) else None
+            X_train, X_val, y_train, y_val = train_test_split(
+                X, y, random_state=self._random_state, test_size=self.validation_fraction, stratify=stratify)
+            if X_val.shape[0] < 2:
+                raise ValueError("The validation set is too small. Increase 'validation_fraction' or the size of "
+                                 "your dataset.")
+            y_val = self._val_targets(y_val)
+        else:
+            if self.best_loss_ is None:  # warm start of a fit made with early stopping
+                self.best_loss_ = np.inf
+            X_train, y_train, X_val, y_val = X, y, None, None
+
+        n_samples = X_train.shape[0]
+        sample_idx = np.arange(n_samples, dtype=int)
+        if self.batch_size == "auto":
+            batch_size = min(200, n_samples)
+        else:
+            if self.batch_size > n_samples:
+                warnings.warn("Got `batch_size` less than 1 or larger than sample size. It is going to be clipped",
+                              stacklevel=3)
+            batch_size = int(np.clip(self.batch_size, 1, n_samples))
+
+        k = net.backend.kernels
+        dtype = net.dtype
+        sparse = sp.issparse(X_train)
+        alpha = float(self.alpha)
+        # scikit-learn reports the regression loss averaged over outputs (its gradient is that of the sum)
+        scale = 1.0 if self._classifier else 1.0 / self.n_outputs_
+        bar = None
+        if self.verbose and not incremental:
+            from .training import _ProgressBar
+
+            bar = _ProgressBar(self.max_iter, desc=type(self).__name__)
+        self.n_iter_ = 0  # as scikit-learn: epochs of this call (loss_curve_ and t_ accumulate)
+        try:
+            for _ in range(self.max_iter):
+                if self.shuffle:
+                    sample_idx = _sk_shuffle(sample_idx, random_state=self._random_state)
+                accumulated = 0.0
+                for batch_slice in gen_batches(n_samples, batch_size):
+                    idx = sample_idx[batch_slice] if self.shuffle else batch_slice
+                    xb, tb = X_train[idx], y_train[idx]
+                    if sparse:
+                        xb = xb.toarray()
+                    B = tb.shape[0]
+                    batch_loss = net.train_step_device(
+                        k.to_device(xb, dtype), k.to_device(tb, dtype), self._prepare_step(opt, alpha, B)
+                    ) * scale
+                    if alpha:
+                        batch_loss += 0.5 * alpha * self._penalty_norm / B
+                    accumulated += batch_loss * B
+                self.n_iter_ += 1
+                self.loss_ = accumulated / n_samples
+                self.t_ += n_samples
+                self.loss_curve_.append(self.loss_)
+                self._update_no_improvement_count(net, early_stopping, X_val, y_val)
+                if bar is not None:
+                    post = {"loss": f"{self.loss_:.4g}"}
+                    if early_stopping:
+                        post["val_score"] = f"{self.validation_scores_[-1]:.4f}"
+                    bar.update(post)
+                elif self.verbose:
+                    print(f"Iteration {self.n_iter_}, loss = {self.loss_:.8f}")
+                if self.solver == "sgd" and self.learning_rate == "invscaling":
+                    opt.lr = float(self.learning_rate_init) / (self.t_ + 1) ** self.power_t
+                if self._no_improvement_count > self.n_iter_no_change:
+                    what = "Validation score" if early_stopping else "Training loss"
+                    msg = (f"{what} did not improve more than tol={self.tol:f} for {self.n_iter_no_change} "
+                           "consecutive epochs.")
+                    if self.solver == "sgd" and self.learning_rate == "adaptive" and opt.lr > 1e-6:
+                        opt.lr /= 5.0
+                        self._no_improvement_count = 0
+                        if self.verbose:
+                            print(f"{msg} Setting learning rate to {opt.lr:f}")
+                    else:
+                        if self.verbose:
+                            print(f"{msg} Stopping.", file=sys.stderr if bar is not None else sys.stdout)
+                        break
+                if incremental:
+                    break
+                if self.n_iter_ == self.max_iter:
+                    warnings.warn(f"Stochastic Optimizer: Maximum iterations ({self.max_iter}) reached and the "
+                                  "optimization hasn't converged yet.", ConvergenceWarning, stacklevel=3)
+        except KeyboardInterrupt:
+            warnings.warn("Training interrupted by user.", stacklevel=3)
+        finally:
+            if bar is not None:
+                bar.close()
+        if early_stopping and self._best_params is not None:
+            net.set_params(self._best_params)
+
+    def _prepare_step(self, opt: Optimizer, alpha: float, batch: int) -> Optimizer:
+        """Set the optimizer up for the next step so that it takes scikit-learn's step.
+
+        L2: scikit-learn's penalty ``alpha / (2 B) ||W||^2`` on a batch of ``B`` is weight decay ``alpha / B``.
+        Adam: scikit-learn steps ``lr sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + eps)``; backprop's kernel
+        steps ``lr / (1 - b1^t) m / (sqrt(v / (1 - b2^t)) + eps')``, the same step for
+        ``eps' = eps / sqrt(1 - b2^t)``.
+        """
+        opt.weight_decay = alpha / batch
+        if isinstance(opt, Adam):
+            opt.eps = float(self.epsilon) / np.sqrt(1.0 - float(self.beta_2) ** (opt.steps + 1))
+        if alpha:
+            self._penalty_norm = _sum_sq((L.W for L in self._net.layers), self._net.backend.kernels)
+        return opt
+
+    def _update_no_improvement_count(self, net: MLP, early_stopping: bool, X_val: Any, y_val: Any) -> None:
+        if early_stopping:
+            score = self._val_score(net, X_val, y_val)
+            self.validation_scores_.append(score)
+            if score < self.best_validation_score_ + self.tol:
+                self._no_improvement_count += 1
+            else:
+                self._no_improvement_count = 0
+            if score > self.best_validation_score_:
+                self.best_validation_score_ = score
+                self._best_params = net.get_params()
+        else:
+            if self.loss_curve_[-1] > self.best_loss_ - self.tol:
+                self._no_improvement_count += 1
+            else:
+                self._no_improvement_count = 0
+            if self.loss_curve_[-1] < self.best_loss_:
+                self.best_loss_ = self.loss_curve_[-1]
+
+    def _val_score(self, net: MLP, X_val: Any, y_val: Any) -> float:
+        raw = self._forward(X_val, net)
+        if not np.isfinite(raw).all():
+            return np.nan
+        return float(self._score_raw(raw, y_val))
+
+    # ------------------------------------------------------------------ public
+    def fit(self, X: Any, y: Any) -> _BaseMLP:
+        """Fit the model to data matrix ``X`` and target(s) ``y``; returns ``self``."""
+        return self._fit(X, y, incremental=False)
+
+    def __sklearn_tags__(self) -> Any:
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = True
+        return tags
+
+    def _more_tags(self) -> dict[str, Any]:  # scikit-learn < 1.6
+        return {"multioutput": not self._classifier, "multilabel": self._classifier}
+
+
+# --------------------------------------------------------------------------- classifier
+class MLPClassifier(ClassifierMixin, _BaseMLP):
+    """Multi-layer perceptron classifier trained by backprop (scikit-learn API).
+
+    Heads: two classes -> one sigmoid output with binary cross-entropy; more classes -> softmax with
+    cross-entropy; a 2-D 0/1 ``y`` (multilabel) -> one sigmoid output per label with binary cross-entropy.
+    Parameters and attributes are scikit-learn's (see ``sklearn.neural_network.MLPClassifier``) for the
+    ``"adam"`` and ``"sgd"`` solvers, plus ``backend`` and ``dtype``; see :mod:`backprop.sklearn`.
+
+    Attributes: ``classes_``, ``coefs_`` / ``intercepts_`` (NumPy, ``coefs_[i]`` is ``(n_in, n_out)``),
+    ``loss_``, ``loss_curve_``, ``best_loss_``, ``validation_scores_``, ``best_validation_score_``,
+    ``n_iter_``, ``t_``, ``n_features_in_``, ``feature_names_in_``, ``n_layers_``, ``n_outputs_``,
+    ``out_activation_``.
+    """
+
+    _classifier = True
+
+    def __init__(self, hidden_layer_sizes: Any = (100,), activation: str = "relu", *, solver: str = "adam",
+                 alpha: float = 0.0001, batch_size: Any = "auto", learning_rate: str = "constant",
+                 learning_rate_init: float = 0.001, power_t: float = 0.5, max_iter: int = 200,
+                 shuffle: bool = True, random_state: Any = None, tol: float = 1e-4, verbose: Any = False,
+                 warm_start: bool = False, momentum: float = 0.9, nesterovs_momentum: bool = True,
+                 early_stopping: bool = False, validation_fraction: float = 0.1, beta_1: float = 0.9,
+                 beta_2: float = 0.999, epsilon: float = 1e-8, n_iter_no_change: Any = 10,
+                 backend: str | None = None, dtype: Any = None) -> None:
+        super().__init__(
+            hidden_layer_sizes=hidden_layer_sizes, activation=activation, solver=solver, alpha=alpha,
+            batch_size=batch_size, learning_rate=learning_rate, learning_rate_init=learning_rate_init,
+            power_t=power_t, max_iter=max_iter, loss="log_loss", shuffle=shuffle, random_state=random_state,
+            tol=tol, verbose=verbose, warm_start=warm_start, momentum=momentum,
+            nesterovs_momentum=nesterovs_momentum, early_stopping=early_stopping,
+            validation_fraction=validation_fraction, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon,
+            n_iter_no_change=n_iter_no_change, backend=backend, dtype=dtype)
+
+    def _head(self) -> tuple[str, str]:
+        if self._label_binarizer.y_type_ == "multiclass":
+            return "softmax", "cross_entropy"
+        return "sigmoid", "bce"
+
+    def _validate_input(self, X: Any, y: Any, incremental: bool, reset: bool) -> tuple[Any, np.ndarray]:
+        X, y = validate_data(self, X, y, accept_sparse=["csr", "csc"], multi_output=True,
+                             dtype=(np.float64, np.float32), reset=reset)
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = column_or_1d(y, warn=True)
+        if (not hasattr(self, "classes_")) or (not self.warm_start and not incremental):
+            self._label_binarizer = LabelBinarizer()
+            self._label_binarizer.fit(y)
+            self.classes_ = self._label_binarizer.classes_
+        else:
+            classes = unique_labels(y)
+            if self.warm_start:
+                if set(classes) != set(self.classes_):
+                    raise ValueError("warm_start can only be used where `y` has the same classes as in the "
+                                     f"previous call to fit. Previously got {self.classes_}, `y` has {classes}")
+            elif len(np.setdiff1d(classes, self.classes_, assume_unique=True)):
+                raise ValueError(f"`y` has classes not in `self.classes_`. `self.classes_` has {self.classes_}. "
+                                 f"'y' has {classes}.")
+        return X, self._label_binarizer.transform(y).astype(bool)
+
+    def _val_targets(self, y_val: np.ndarray) -> np.ndarray:
+        return self._label_binarizer.inverse_transform(y_val)
+
+    def _score_raw(self, raw: np.ndarray, y_true: np.ndarray) -> float:
+        return accuracy_score(y_true, self._labels(raw))
+
+    def _labels(self, raw: np.ndarray) -> np.ndarray:
+        if self.n_outputs_ == 1:
+            raw = raw.ravel()
+        return self._label_binarizer.inverse_transform(raw)
+
+    def partial_fit(self, X: Any, y: Any, classes: Any = None) -> MLPClassifier:
+        """One pass over ``(X, y)``; ``classes`` (all the labels) is required on the first call."""
+        first = not hasattr(self, "classes_")
+        if first:
+            if classes is None:
+                raise ValueError("classes must be passed on the first call to partial_fit.")
+            self.classes_ = unique_labels(classes)
+            self._label_binarizer = LabelBinarizer()
+            if type_of_target(y).startswith("multilabel"):
+                self._label_binarizer.fit(y)
+            else:
+                self._label_binarizer.fit(classes)
+        elif classes is not None:
+            if not np.array_equal(self.classes_, unique_labels(classes)):
+                raise ValueError(f"`classes={classes!r}` is not the same as on last call to partial_fit, was: "
+                                 f"{self.classes_!r}")
+        return self._fit(X, y, incremental=True)
+
+    def predict(self, X: Any) -> np.ndarray:
+        """Predicted class labels (a 0/1 indicator matrix for multilabel ``y``)."""
+        return self._labels(self._forward(self._validate_X(X)))
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Class probabilities ``(n_samples, n_classes)``, columns ordered as ``classes_``."""
+        y_pred = self._forward(self._validate_X(X))
+        if self.n_outputs_ == 1:
+            y_pred = y_pred.ravel()
+        if y_pred.ndim == 1:
+            return np.vstack([1 - y_pred, y_pred]).T
+        return y_pred
+
+    def predict_log_proba(self, X: Any) -> np.ndarray:
+        """``log(predict_proba(X))``."""
+        proba = self.predict_proba(X)
+        with np.errstate(divide="ignore"):
+            return np.log(proba, out=proba)
+
+    def __sklearn_tags__(self) -> Any:
+        tags = super().__sklearn_tags__()
+        tags.classifier_tags.multi_label = True
+        return tags
+
+
+# --------------------------------------------------------------------------- regressor
+class MLPRegressor(RegressorMixin, _BaseMLP):
+    """Multi-layer perceptron regressor trained by backprop (scikit-learn API).
+
+    Identity output with the squared error (``loss="squared_error"``; also ``"absolute_error"`` and
+    ``"huber"``), any number of outputs. Parameters and attributes are scikit-learn's (see
+    ``sklearn.neural_network.MLPRegressor``) for the ``"adam"`` and ``"sgd"`` solvers, plus ``backend`` and
+    ``dtype``; see :mod:`backprop.sklearn`.
+    """
+
+    def __init__(self, loss: str = "squared_error", hidden_layer_sizes: Any = (100,), activation: str = "relu", *,
+                 solver: str = "adam", alpha: float = 0.0001, batch_size: Any = "auto",
+                 learning_rate: str = "constant", learning_rate_init: float = 0.001, power_t: float = 0.5,
+                 max_iter: int = 200, shuffle: bool = True, random_state: Any = None, tol: float = 1e-4,
+                 verbose: Any = False, warm_start: bool = False, momentum: float = 0.9,
+                 nesterovs_momentum: bool = True, early_stopping: bool = False, validation_fraction: float = 0.1,
+                 beta_1: float = 0.9, beta_2: float = 0.999, epsilon: float = 1e-8, n_iter_no_change: Any = 10,
+                 backend: str | None = None, dtype: Any = None) -> None:
+        super().__init__(
+            hidden_layer_sizes=hidden_layer_sizes, activation=activation, solver=solver, alpha=alpha,
+            batch_size=batch_size, learning_rate=learning_rate, learning_rate_init=learning_rate_init,
+            power_t=power_t, max_iter=max_iter, loss=loss, shuffle=shuffle, random_state=random_state,
+            tol=tol, verbose=verbose, warm_start=warm_start, momentum=momentum,
+            nesterovs_momentum=nesterovs_momentum, early_stopping=early_stopping,
+            validation_fraction=validation_fraction, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon,
+            n_iter_no_change=n_iter_no_change, backend=backend, dtype=dtype)
+
+    def _check_params(self) -> list[int]:
+        if self.loss == "poisson":
+            raise ValueError("loss='poisson' is not available in backprop's MLPRegressor; use 'squared_error', "
+                             "'absolute_error' or 'huber'.")
+        _need(isinstance(self.loss, str) and self.loss in _REGRESSION_LOSSES, "loss", self.loss,
+              f"a str among {sorted(_REGRESSION_LOSSES)}")
+        return super()._check_params()
+
+    def _head(self) -> tuple[str, str]:
+        return "identity", _REGRESSION_LOSSES[self.loss]
+
+    def _validate_input(self, X: Any, y: Any, incremental: bool, reset: bool) -> tuple[Any, np.ndarray]:
+        X, y = validate_data(self, X, y, accept_sparse=["csr", "csc"], multi_output=True, y_numeric=True,
+                             dtype=(np.float64, np.float32), reset=reset)
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = column_or_1d(y, warn=True)
+        return X, y
+
+    def _val_targets(self, y_val: np.ndarray) -> np.ndarray:
+        return y_val
+
+    def _score_raw(self, raw: np.ndarray, y_true: np.ndarray) -> float:
+        return r2_score(y_true, raw)
+
+    def partial_fit(self, X: Any, y: Any) -> MLPRegressor:
+        """One pass over ``(X, y)``."""
+        return self._fit(X, y, incremental=True)
+
+    def predict(self, X: Any) -> np.ndarray:
+        """Predicted values, ``(n_samples,)`` for one output, else ``(n_samples, n_outputs)``."""
+        y_pred = self._forward(self._validate_X(X))
+        return y_pred.ravel() if y_pred.shape[1] == 1 else y_pred
+
+    def __sklearn_tags__(self) -> Any:
+        tags = super().__sklearn_tags__()
+        tags.target_tags.multi_output = True
+        return tags

@@ -1,0 +1,325 @@
+"""backprop.sklearn: scikit-learn's own estimator checks, and step-for-step agreement with scikit-learn's
+MLPClassifier / MLPRegressor."""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+pytest.importorskip("sklearn")
+
+import scipy.sparse as sp  # noqa: E402
+from sklearn.base import clone  # noqa: E402
+from sklearn.datasets import make_classification, make_multilabel_classification, make_regression  # noqa: E402
+from sklearn.exceptions import ConvergenceWarning  # noqa: E402
+from sklearn.neural_network import MLPClassifier as SkMLPClassifier  # noqa: E402
+from sklearn.neural_network import MLPRegressor as SkMLPRegressor  # noqa: E402
+from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
+
+from backprop.backend import available_backends, resolve_backend  # noqa: E402
+from backprop.sklearn import MLPClassifier, MLPRegressor  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+
+#: float32 GEMMs (BLAS) round a row's result differently depending on where the row sits in the batch, so
+#: predictions on a permuted or sliced X can differ in the last bit, beyond these checks' rtol=1e-7.
+FLOAT32_ROW_ORDER = "float32 BLAS rounds a row differently by its position in the batch (last-bit differences)"
+
+
+def expected_failed_checks(estimator) -> dict[str, str]:
+    if estimator.dtype is not None and np.dtype(estimator.dtype) == np.float32:
+        return {"check_methods_sample_order_invariance": FLOAT32_ROW_ORDER,
+                "check_methods_subset_invariance": FLOAT32_ROW_ORDER}
+    return {}
+
+
+CHECKED = [
+    MLPClassifier(max_iter=20, backend="numpy"),
+    MLPRegressor(max_iter=20, backend="numpy"),
+    MLPClassifier(max_iter=20, solver="sgd", learning_rate_init=0.01, activation="tanh", backend="numpy"),
+    MLPRegressor(max_iter=20, dtype="float32", backend="numpy"),
+]
+
+
+@parametrize_with_checks(CHECKED, expected_failed_checks=expected_failed_checks)
+def test_sklearn_estimator_checks(estimator, check):
+    check(estimator)
+
+
+# --------------------------------------------------------------------------- import hygiene
+def test_import_backprop_never_imports_sklearn():
+    code = ("import sys, backprop, backprop.training, backprop.callbacks, backprop.schedules, backprop.datasets, "
+            "backprop.demo; bad = sorted(m for m in sys.modules if m == 'sklearn' or m.startswith('sklearn.')); "
+            "print(bad); sys.exit(1 if bad else 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+# --------------------------------------------------------------------------- agreement with scikit-learn
+def _close(ours, theirs, **tol):
+    tol = tol or dict(rtol=1e-9, atol=1e-12)
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, **tol)
+
+
+def _pair(ours_cls, sk_cls, **kw):
+    return ours_cls(dtype="float64", backend="numpy", **kw), sk_cls(**kw)
+
+
+@pytest.mark.parametrize("solver", ["adam", "sgd"])
+@pytest.mark.parametrize("alpha", [0.0, 1e-2])
+@pytest.mark.parametrize("task", ["binary", "multiclass", "multilabel"])
+def test_classifier_follows_sklearn_step_for_step(solver, alpha, task):
+    if task == "multilabel":
+        X, y = make_multilabel_classification(150, 6, n_classes=3, random_state=0)
+    else:
+        X, y = make_classification(157, 6, n_informative=4, n_classes=2 if task == "binary" else 4,
+                                   random_state=0)
+    kw = dict(hidden_layer_sizes=(9, 5), activation="tanh", solver=solver, alpha=alpha, batch_size=40,
+              learning_rate_init=0.01, max_iter=12, random_state=3)
+    ours, theirs = _pair(MLPClassifier, SkMLPClassifier, **kw)
+    ours.fit(X, y)
+    theirs.fit(X, y)
+    _close(ours.coefs_, theirs.coefs_)
+    _close(ours.intercepts_, theirs.intercepts_)
+    np.testing.assert_allclose(ours.loss_curve_, theirs.loss_curve_, rtol=1e-9)
+    assert ours.n_iter_ == theirs.n_iter_ and ours.t_ == theirs.t_
+    assert ours.out_activation_ == theirs.out_activation_
+    assert ours.n_outputs_ == theirs.n_outputs_ and ours.n_layers_ == theirs.n_layers_
+    np.testing.assert_array_equal(ours.classes_, theirs.classes_)
+    np.testing.assert_allclose(ours.predict_proba(X), theirs.predict_proba(X), rtol=1e-9, atol=1e-12)
+    np.testing.assert_array_equal(ours.predict(X), theirs.predict(X))
+    assert ours.score(X, y) == theirs.score(X, y)
+
+
+@pytest.mark.parametrize("solver,learning_rate,momentum", [
+    ("adam", "constant", 0.9), ("sgd", "constant", 0.5), ("sgd", "invscaling", 0.0), ("sgd", "adaptive", 0.0),
+])
+def test_regressor_follows_sklearn_with_stopping_rules(solver, learning_rate, momentum):
+    # (with momentum, a changing learning rate acts at once here but through the velocity in scikit-learn)
+    X, y = make_regression(120, 5, n_targets=3, noise=1.0, random_state=0)
+    y = y / 100
+    kw = dict(hidden_layer_sizes=(7,), solver=solver, learning_rate=learning_rate, learning_rate_init=0.01,
+              alpha=1e-3, max_iter=60, tol=1e-2, n_iter_no_change=2, random_state=1, momentum=momentum)
+    ours, theirs = _pair(MLPRegressor, SkMLPRegressor, **kw)
+    ours.fit(X, y)
+    theirs.fit(X, y)
+    assert ours.n_iter_ == theirs.n_iter_ < 60  # the tol rule stopped both at the same epoch
+    np.testing.assert_allclose(ours.loss_curve_, theirs.loss_curve_, rtol=1e-9)
+    assert ours.best_loss_ == pytest.approx(theirs.best_loss_, rel=1e-9)
+    _close(ours.coefs_, theirs.coefs_)
+    np.testing.assert_allclose(ours.predict(X), theirs.predict(X), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("cls,sk_cls", [(MLPClassifier, SkMLPClassifier), (MLPRegressor, SkMLPRegressor)])
+def test_early_stopping_follows_sklearn(cls, sk_cls):
+    if cls is MLPClassifier:
+        X, y = make_classification(300, 8, n_informative=5, n_classes=2, flip_y=0.3, random_state=0)
+    else:
+        X, y = make_regression(300, 8, noise=30.0, random_state=0)
+        y = y / 100
+    kw = dict(hidden_layer_sizes=(32,), early_stopping=True, validation_fraction=0.2, n_iter_no_change=3,
+              max_iter=200, learning_rate_init=0.01, random_state=0)
+    ours, theirs = _pair(cls, sk_cls, **kw)
+    ours.fit(X, y)
+    theirs.fit(X, y)
+    assert ours.n_iter_ == theirs.n_iter_ < 200
+    np.testing.assert_allclose(ours.validation_scores_, theirs.validation_scores_, rtol=1e-9)
+    assert ours.best_validation_score_ == pytest.approx(theirs.best_validation_score_, rel=1e-12)
+    assert ours.best_loss_ is None and theirs.best_loss_ is None
+    _close(ours.coefs_, theirs.coefs_)  # both restored the parameters of the best validation score
+
+
+def test_partial_fit_and_warm_start_follow_sklearn():
+    X, y = make_classification(90, 5, n_informative=3, n_classes=3, random_state=0)
+    kw = dict(hidden_layer_sizes=(6,), learning_rate_init=0.02, random_state=0, batch_size=25)
+    ours, theirs = _pair(MLPClassifier, SkMLPClassifier, **kw)
+    for i in range(3):
+        ours.partial_fit(X[30 * i:30 * i + 30], y[30 * i:30 * i + 30], classes=[0, 1, 2])
+        theirs.partial_fit(X[30 * i:30 * i + 30], y[30 * i:30 * i + 30], classes=[0, 1, 2])
+    _close(ours.coefs_, theirs.coefs_)
+    assert ours.n_iter_ == theirs.n_iter_ == 1 and ours.t_ == theirs.t_ == 90
+    ours.set_params(warm_start=True, max_iter=4)
+    theirs.set_params(warm_start=True, max_iter=4)
+    ours.fit(X, y)
+    theirs.fit(X, y)
+    _close(ours.coefs_, theirs.coefs_)
+    np.testing.assert_allclose(ours.loss_curve_, theirs.loss_curve_, rtol=1e-9)
+
+
+# --------------------------------------------------------------------------- heads and attributes
+@pytest.mark.parametrize("task,out,loss,n_out", [
+    ("binary", "logistic", "bce", 1), ("multiclass", "softmax", "cross_entropy", 3),
+    ("multilabel", "logistic", "bce", 4),
+])
+def test_classifier_heads(task, out, loss, n_out):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(60, 5))
+    if task == "binary":
+        y = np.where(X[:, 0] > 0, "yes", "no")
+    elif task == "multiclass":
+        y = np.digitize(X[:, 0], [-0.5, 0.5])
+    else:
+        y = (X[:, :4] > 0).astype(int)
+    clf = MLPClassifier(hidden_layer_sizes=(8, 4), max_iter=5, backend="numpy").fit(X, y)
+    assert clf.out_activation_ == out and clf._net.loss_fn.name == loss
+    assert clf.n_outputs_ == n_out and clf.n_features_in_ == 5 and clf.n_layers_ == 4
+    assert [c.shape for c in clf.coefs_] == [(5, 8), (8, 4), (4, n_out)]
+    assert [b.shape for b in clf.intercepts_] == [(8,), (4,), (n_out,)]
+    assert all(type(c) is np.ndarray for c in clf.coefs_ + clf.intercepts_)
+    proba = clf.predict_proba(X)
+    assert proba.shape == (60, 2 if task == "binary" else n_out)
+    assert clf.predict(X).shape == np.shape(y)
+    if task != "multilabel":
+        np.testing.assert_allclose(proba.sum(axis=1), 1.0)
+        assert set(clf.predict(X)) <= set(np.ravel(y))
+    np.testing.assert_allclose(np.exp(clf.predict_log_proba(X)), proba)
+
+
+def test_regressor_multi_output_and_attributes():
+    X, y = make_regression(80, 4, n_targets=2, random_state=0)
+    reg = MLPRegressor(hidden_layer_sizes=(16,), max_iter=30, learning_rate_init=0.01, random_state=0,
+                       backend="numpy").fit(X, y / 100)
+    assert reg.out_activation_ == "identity" and reg._net.loss_fn.name == "mse"
+    assert reg.predict(X).shape == (80, 2) and reg.n_outputs_ == 2
+    assert len(reg.loss_curve_) == reg.n_iter_ and reg.best_loss_ == min(reg.loss_curve_)
+    assert reg.validation_scores_ is None and reg.best_validation_score_ is None
+    assert MLPRegressor(max_iter=5, backend="numpy").fit(X, y[:, 0]).predict(X).shape == (80,)
+
+
+@pytest.mark.parametrize("loss,name", [("absolute_error", "mae"), ("huber", "huber")])
+def test_regressor_extra_losses(loss, name):
+    X, y = make_regression(80, 4, random_state=0)
+    reg = MLPRegressor(loss=loss, max_iter=50, learning_rate_init=0.01, random_state=0, backend="numpy")
+    reg.fit(X, y / 100)
+    assert reg._net.loss_fn.name == name and reg.loss_curve_[-1] < reg.loss_curve_[0]
+
+
+def test_dtype_follows_x_like_sklearn_unless_given():
+    X, y = make_classification(60, 4, random_state=0)
+    c64 = MLPClassifier(max_iter=3, backend="numpy").fit(X, y)
+    c32 = MLPClassifier(max_iter=3, backend="numpy").fit(X.astype(np.float32), y)
+    forced = MLPClassifier(max_iter=3, backend="numpy", dtype="float32").fit(X, y)
+    assert c64.coefs_[0].dtype == np.float64 and c32.coefs_[0].dtype == np.float32
+    assert forced.coefs_[0].dtype == np.float32 and forced._net.dtype == np.float32
+    assert forced.predict_proba(X).dtype == np.float64  # predictions come back in X's float dtype
+    assert forced.predict_proba(X.astype(np.float32)).dtype == np.float32
+
+
+@pytest.mark.parametrize("name", [n for n in available_backends() if not resolve_backend(n).is_gpu])
+def test_cpu_backends_agree(name):
+    X, y = make_classification(120, 6, n_classes=3, n_informative=4, random_state=0)
+    kw = dict(hidden_layer_sizes=(10,), max_iter=5, random_state=0, dtype="float64")
+    ref = MLPClassifier(backend="numpy", **kw).fit(X, y)
+    other = MLPClassifier(backend=name, **kw).fit(X, y)
+    assert other._net.backend.name == name
+    _close(other.coefs_, ref.coefs_, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(other.predict_proba(X), ref.predict_proba(X), rtol=1e-7, atol=1e-9)
+
+
+def test_changing_backend_after_fit_moves_the_network():
+    X, y = make_classification(40, 4, random_state=0)
+    clf = MLPClassifier(max_iter=2, backend="numpy", dtype="float64").fit(X, y)
+    proba = clf.predict_proba(X)
+    other = [n for n in available_backends() if n != "numpy" and not resolve_backend(n).is_gpu]
+    for name in other:
+        clf.set_params(backend=name)
+        np.testing.assert_allclose(clf.predict_proba(X), proba, rtol=1e-9, atol=1e-12)
+        assert clf._net.backend.name == name
+        clf.partial_fit(X, y)
+
+
+def test_default_backend_is_the_active_one():
+    import backprop as bp
+
+    X, y = make_classification(40, 4, random_state=0)
+    with bp.use_backend("numpy"):
+        clf = MLPClassifier(max_iter=2).fit(X, y)
+    assert clf._net.backend.name == "numpy" and clf.backend is None
+
+
+# --------------------------------------------------------------------------- behaviour
+def test_sparse_input_matches_dense():
+    X, y = make_classification(80, 10, random_state=0)
+    X[np.abs(X) < 0.8] = 0
+    kw = dict(max_iter=5, random_state=0, backend="numpy")
+    dense = MLPClassifier(**kw).fit(X, y)
+    sparse = MLPClassifier(**kw).fit(sp.csr_matrix(X), y)
+    _close(sparse.coefs_, dense.coefs_)
+    np.testing.assert_allclose(sparse.predict_proba(sp.csc_matrix(X)), dense.predict_proba(X))
+
+
+def test_pickle_clone_and_continue_training():
+    X, y = make_classification(60, 4, random_state=0)
+    clf = MLPClassifier(hidden_layer_sizes=(5,), max_iter=5, random_state=0, backend="numpy").fit(X, y)
+    back = pickle.loads(pickle.dumps(clf))
+    np.testing.assert_array_equal(back.predict_proba(X), clf.predict_proba(X))
+    back.partial_fit(X, y)  # the network is rebuilt on the backend; training goes on
+    assert back.t_ == clf.t_ + 60 and len(back.loss_curve_) == len(clf.loss_curve_) + 1
+    assert not hasattr(clone(clf), "coefs_")
+
+
+def test_coefs_are_the_parameters():
+    X, y = make_classification(50, 4, random_state=0)
+    reg = MLPRegressor(hidden_layer_sizes=(3,), max_iter=3, backend="numpy").fit(X, y.astype(float))
+    reg.coefs_[-1][:] = 0
+    reg.intercepts_[-1][:] = 2.5
+    np.testing.assert_allclose(reg.predict(X), 2.5)
+
+
+def test_verbose_shows_a_progress_bar(capsys):
+    X, y = make_classification(50, 4, random_state=0)
+    MLPClassifier(max_iter=3, verbose=True, backend="numpy").fit(X, y)
+    err = capsys.readouterr().err
+    assert "3/3" in err and "loss=" in err
+    MLPClassifier(max_iter=3, backend="numpy").fit(X, y)
+    assert capsys.readouterr().err == ""
+
+
+def test_convergence_warning_and_divergence():
+    X, y = make_classification(50, 4, random_state=0)
+    with pytest.warns(ConvergenceWarning, match="Maximum iterations"):
+        MLPClassifier(max_iter=2, backend="numpy").fit(X, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with pytest.raises(ValueError, match="non-finite"):
+            MLPRegressor(solver="sgd", learning_rate_init=1e3, max_iter=50, momentum=0.9,
+                         backend="numpy").fit(X * 1e3, y * 1e3)
+
+
+@pytest.mark.parametrize("params,error,match", [
+    (dict(solver="lbfgs"), ValueError, "lbfgs"),
+    (dict(activation="softmax"), ValueError, "activation"),
+    (dict(activation="step"), ValueError, "activation"),
+    (dict(hidden_layer_sizes=(4, 0)), ValueError, "hidden_layer_sizes"),
+    (dict(hidden_layer_sizes="4"), TypeError, "hidden_layer_sizes"),
+    (dict(batch_size=0), ValueError, "batch_size"),
+    (dict(learning_rate_init=0.0), ValueError, "learning_rate_init"),
+    (dict(momentum=1.0), ValueError, "momentum"),
+    (dict(beta_2=1.0), ValueError, "beta_2"),
+    (dict(n_iter_no_change=0), ValueError, "n_iter_no_change"),
+    (dict(dtype="int32"), ValueError, "dtype"),
+    (dict(backend="no-such-backend"), ValueError, "unknown backend"),
+    (dict(max_iter=2.5), TypeError, "max_iter"),
+])
+def test_bad_parameters_are_named(params, error, match):
+    X, y = make_classification(30, 4, random_state=0)
+    with pytest.raises(error, match=match):
+        MLPClassifier(**params).fit(X, y)
+
+
+def test_regressor_refuses_poisson_and_partial_fit_refuses_early_stopping():
+    X, y = make_regression(30, 4, random_state=0)
+    with pytest.raises(ValueError, match="poisson"):
+        MLPRegressor(loss="poisson").fit(X, y)
+    with pytest.raises(ValueError, match="early_stopping"):
+        MLPRegressor(early_stopping=True).partial_fit(X, y)
+    with pytest.raises(ValueError, match="classes must be passed"):
+        MLPClassifier().partial_fit(X, y > 0)
