@@ -1,0 +1,39 @@
+"""Benchmark suite: the measured cost of the gradient against the cost of the forward pass.
+
+Run ``backprop-bench`` (or ``python -m backprop.bench``); ``backprop-bench --help`` lists the options.
+For each backend it times, over nets whose parameter count ``N`` spans several decades,
+
+* ``T_fwd``, the inference pass; ``T_grad``, forward + backward producing every gradient; ``T_step``, a
+  fused training step with the SGD update;
+* the ratios ``T_grad / T_fwd`` and ``T_step / T_fwd`` next to the operation-count ratio (about 3) and
+  Kakade's bound (5);
+* the exponents ``k`` of ``T ~ N^k`` fitted where the GEMMs dominate (about 1), and the naive
+  finite-difference gradient at small ``N`` (about ``N^2``) with the speedup of backpropagation over it;
+
+and writes ``results.json`` (every raw timing, the machine and versions), ``report.md`` and
+``scaling.png``. Modules: :mod:`.timing` (the timer), :mod:`.nets` (sizes, operation counts, memory),
+:mod:`.fd` (finite differences), :mod:`.sweep` (the measurements), :mod:`.fit` (power-law fits),
+:mod:`.peers` (PyTorch on the same nets), :mod:`.report`, :mod:`.plot`, :mod:`.machine`, :mod:`.cli`.
+"""
+
+from __future__ import annotations
+
+from .cli import main
+from .fit import PowerFit, fit_power_law
+from .nets import flop_counts, flop_ratio, parse_sizes, sizes_for_params
+from .sweep import BenchConfig, run_backend
+from .timing import Timing, time_ops
+
+__all__ = [
+    "BenchConfig",
+    "PowerFit",
+    "Timing",
+    "fit_power_law",
+    "flop_counts",
+    "flop_ratio",
+    "main",
+    "parse_sizes",
+    "run_backend",
+    "sizes_for_params",
+    "time_ops",
+]

@@ -1,0 +1,183 @@
+"""The benchmark suite: ``backprop-bench --quick`` end to end, the power-law fit and the flop ratio."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from backprop.bench import fit_power_law, flop_counts, flop_ratio, main, parse_sizes, sizes_for_params
+from backprop.bench.fd import fd_gradient
+from backprop.bench.nets import n_params, step_flop_ratio
+from backprop.bench.timing import time_ops
+
+# --------------------------------------------------------------------------- fit
+
+
+@pytest.mark.parametrize("k", [0.5, 1.0, 2.0, 2.7])
+def test_fit_recovers_exponent(k: float) -> None:
+    n = np.geomspace(1e3, 1e7, 9)
+    fit = fit_power_law(n, 3e-9 * n**k)
+    assert fit.slope == pytest.approx(k, abs=1e-9)
+    assert fit.coef == pytest.approx(3e-9, rel=1e-6)
+    assert fit.r2 == pytest.approx(1.0)
+    assert (fit.n_min, fit.n_max, fit.n_points) == (pytest.approx(1e3), pytest.approx(1e7), 9)
+
+
+def test_fit_with_noise_stays_close() -> None:
+    rng = np.random.default_rng(0)
+    n = np.geomspace(1e3, 1e7, 13)
+    t = 2e-8 * n**1.0 * rng.lognormal(0.0, 0.05, n.size)
+    fit = fit_power_law(n, t)
+    assert abs(fit.slope - 1.0) < 0.05
+    assert fit.stderr < 0.05
+    assert fit.predict(1e5) == pytest.approx(2e-8 * 1e5, rel=0.2)
+
+
+def test_fit_refuses_what_it_cannot_fit() -> None:
+    with pytest.raises(ValueError):
+        fit_power_law([1e3], [1.0])
+    with pytest.raises(ValueError):
+        fit_power_law([1e3, 1e3], [1.0, 2.0])
+    with pytest.raises(ValueError):
+        fit_power_law([1e3, 1e4], [1.0, -2.0])
+
+
+# --------------------------------------------------------------------------- operation counts
+
+
+def test_flop_ratio_of_square_and_single_layer_nets() -> None:
+    assert flop_ratio([100, 100, 100, 100]) == pytest.approx(1 + 1 + 2 / 3)
+    assert flop_ratio([784, 10]) == pytest.approx(2.0)  # the first layer needs no input delta
+    assert flop_ratio([50] * 101) == pytest.approx(3 - 1 / 100)  # tends to 3 with many layers
+    fwd = 784 * 256 + 256 * 10
+    assert flop_ratio([784, 256, 10]) == pytest.approx(2 + 256 * 10 / fwd)
+
+
+def test_flop_counts_are_exact() -> None:
+    f = flop_counts([3, 4, 5], batch=2)
+    assert f == {"forward": 2 * 2 * (12 + 20), "weight_gradients": 2 * 2 * (12 + 20),
+                 "input_deltas": 2 * 2 * 20, "sgd_update": 2 * (4 * 4 + 5 * 5)}
+    assert step_flop_ratio([3, 4, 5], 2) == pytest.approx((128 + 128 + 80 + 82) / 128)
+
+
+def test_sizes() -> None:
+    s = sizes_for_params(1e4, depth=3)
+    assert s == [57] * 4 and abs(n_params(s) - 1e4) / 1e4 < 0.02
+    nets = parse_sizes("1e3:1e5:5,784-256-10,1e3")
+    counts = [n_params(x) for x in nets]
+    assert counts == sorted(counts) and len(nets) == 6  # the repeated 1e3 is dropped
+    assert [784, 256, 10] in nets
+    assert len(parse_sizes("1e3:1e7")) == 13  # 3 a decade by default
+    for bad in ("abc", "1e3:x", "5-0-3", ""):
+        with pytest.raises(ValueError):
+            parse_sizes(bad)
+
+
+def test_timer_counts_samples() -> None:
+    calls = []
+    t = time_ops({"a": lambda: calls.append(1), "b": lambda: sum(range(100))}, repeats=4, warmup=1,
+                 min_sample_time=1e-4)
+    assert set(t) == {"a", "b"}
+    for timing in t.values():
+        assert len(timing.samples) == 4 and timing.inner >= 1
+        assert 0 < timing.min <= timing.median <= timing.max
+        assert timing.first_call > 0
+
+
+def test_fd_gradient_matches_backprop() -> None:
+    import backprop as bp
+
+    net = bp.MLP([3, 4, 2], dtype="float64", seed=1, backend="numpy")
+    rng = np.random.default_rng(0)
+    x, t = rng.standard_normal((5, 3)), rng.standard_normal((5, 2))
+    before = net.get_params()
+    fd = fd_gradient(net, x, t)
+    _, bp_grads = net.loss_and_grads_device(x, t)
+    for (gw, gb), (bw, bb) in zip(fd, bp_grads):
+        np.testing.assert_allclose(gw, bw, atol=1e-6)
+        np.testing.assert_allclose(gb, bb, atol=1e-6)
+    for (w0, b0), (w1, b1) in zip(before, net.get_params()):  # parameters restored exactly
+        np.testing.assert_array_equal(w0, w1)
+        np.testing.assert_array_equal(b0, b1)
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def test_cli_quick_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    # one BLAS thread and no retries: this checks the plumbing, fast even on a busy machine
+    rc = main(["--quick", "--backends", "numpy", "--out", str(out), "--no-progress", "--threads", "1",
+               "--retries", "0", "--no-malloc-tune"])
+    assert rc == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["schema"] == "backprop-bench/1"
+    assert doc["machine"]["versions"]["numpy"] == np.__version__
+    assert doc["machine"]["cpu"] and doc["machine"]["date"]
+    [res] = doc["backends"]
+    assert res["backend"] == "numpy" and not res["errors"]
+    ok = [r for r in res["sizes"] if r["status"] == "ok"]
+    assert len(ok) >= 5
+    assert ok[-1]["n_params"] / ok[0]["n_params"] > 500  # nearly three decades even in --quick
+    for r in ok:
+        for op in ("forward", "gradient", "step"):
+            t = r["timings"][op]
+            assert len(t["samples"]) == doc["config"]["repeats"]
+            assert 0 < t["min"] <= t["median"] <= t["max"]
+        assert 0 < r["ratio_grad"] < 1e4 and 0 < r["ratio_step"] < 1e4  # figures: noisy on a busy machine
+        assert r["flop_ratio"] == pytest.approx(2 + 2 / 3)
+    for op in ("forward", "gradient", "step", "finite_differences"):
+        fit = res["fits"][op]
+        assert math.isfinite(fit["slope"]) and fit["n_points"] >= 2 and fit["rule"]
+    fd = [f for f in res["finite_differences"] if f["status"] == "ok"]
+    assert any(f["measured"] for f in fd)
+    for f in fd:
+        assert f["time"] > 0 and f["speedup"] > 1
+        if f["measured"]:
+            assert f["rel_error"] < 0.1  # float32 forward differences agree with backprop
+    md = (out / "report.md").read_text()
+    assert "grad/fwd" in md and "Finite differences" in md
+    png = out / "scaling.png"
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert not png.exists()
+    else:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "scaling.png" in md
+
+
+def test_cli_peer_missing_and_bad_usage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "torch", None)  # as if PyTorch were not installed
+    rc = main(["--backends", "numpy", "--sizes", "1e3,4e3", "--no-fd", "--repeats", "1", "--warmup", "0",
+               "--min-sample-time", "0", "--peers", "torch", "--no-plot", "--no-progress", "--out", str(tmp_path)])
+    assert rc == 0
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert doc["peers"]["torch"]["status"] == "unavailable"
+    assert "not installed" in doc["peers"]["torch"]["message"]
+    assert not (tmp_path / "scaling.png").exists()
+    assert main(["--backends", "nosuch", "--out", str(tmp_path)]) == 2
+    assert main(["--sizes", "abc", "--out", str(tmp_path)]) == 2
+    assert main(["--peers", "jax", "--out", str(tmp_path)]) == 2
+
+
+def test_module_help_runs() -> None:
+    proc = subprocess.run([sys.executable, "-m", "backprop.bench", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "backprop-bench" in proc.stdout and "--quick" in proc.stdout and "--peers" in proc.stdout
+
+
+def test_sizes_that_do_not_fit_are_skipped_not_fatal() -> None:
+    from backprop.backend import resolve_backend
+    from backprop.bench import BenchConfig, run_backend
+
+    cfg = BenchConfig(sizes="1e3,1e4", repeats=1, warmup=0, min_sample_time=0.0, fd=False, mem_fraction=1e-12)
+    res = run_backend(resolve_backend("numpy"), cfg)
+    assert [r["status"] for r in res["sizes"]] == ["skipped", "skipped"]
+    assert all("GiB free" in r["message"] for r in res["sizes"]) and res["errors"] == 0
