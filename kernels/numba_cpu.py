@@ -43,6 +43,7 @@ from numba import get_num_threads, njit, prange, set_num_threads, types
 from numba.extending import overload
 
 from . import numba_math as nm
+from .numpy_ref import synchronize, to_device, to_host, zeros  # noqa: F401  (arrays are NumPy arrays)
 
 NAME = "numba"
 IS_GPU = False
@@ -523,23 +524,6 @@ def unavailable_reason() -> str:
 
 def is_simulated() -> bool:
     return False
-
-
-def to_device(a: Any, dtype: Any) -> Array:
-    """Copy host data into a C-contiguous NumPy array (the CPU is the device)."""
-    return np.array(a, dtype=dtype, order="C", copy=True)
-
-
-def to_host(a: Array) -> np.ndarray:
-    return np.asarray(a)
-
-
-def zeros(shape: tuple[int, ...], dtype: Any) -> Array:
-    return np.zeros(shape, dtype=dtype)
-
-
-def synchronize() -> None:
-    """Numba's parallel kernels return when done; nothing is queued."""
 
 
 def all_finite(a: Array) -> bool:
