@@ -671,15 +671,11 @@ def output_error(
     y: Array, u: Array, t: Array, output: str, loss: str, param: float = 0.0, alpha: float = 0.0
 ) -> tuple[Array, Array]:
     """Mean loss (a 0-d array of ``y``'s dtype) and ``delta = dE/du`` in one fused pass."""
-    lcode, acode = nm.loss_code(loss), nm.act_code(output)
+    lcode, acode = nm.output_loss_codes(output, loss, u is not None)
     y = _c(y)
     dt = y.dtype
     if u is None:
-        if lcode in (nm.BCE, nm.CROSS_ENTROPY) or acode in nm.NEEDS_U:
-            raise ValueError(f"{output}/{loss} needs the output logits u")
         u = y
-    if acode == nm.SOFTMAX and lcode != nm.CROSS_ENTROPY:
-        raise ValueError("a softmax output goes with the cross_entropy loss only")
     u = np.ascontiguousarray(u, dtype=dt)
     t = np.ascontiguousarray(t, dtype=dt)
     delta = np.empty_like(y)

@@ -336,13 +336,9 @@ def output_error(
     """Mean loss (a 0-d device array of ``y``'s dtype) and ``delta = dE/du``; the loss is reduced
     on the device (per-row losses, then a one-block mean)."""
     s = _get()
-    lcode, acode = nm.loss_code(loss), nm.act_code(output)
+    lcode, acode = nm.output_loss_codes(output, loss, u is not None)
     if u is None:
-        if lcode in (nm.BCE, nm.CROSS_ENTROPY) or acode in nm.NEEDS_U:
-            raise ValueError(f"{output}/{loss} needs the output logits u")
         u = y
-    if acode == nm.SOFTMAX and lcode != nm.CROSS_ENTROPY:
-        raise ValueError("a softmax output goes with the cross_entropy loss only")
     dt = np.dtype(y.dtype)
     m, n = y.shape
     delta = _empty((m, n), dt)

@@ -67,6 +67,17 @@ def loss_code(name: str) -> int:
         raise ValueError(f"unknown loss {name!r}") from None
 
 
+def output_loss_codes(output: str, loss: str, has_u: bool) -> tuple[int, int]:
+    """``(loss code, activation code)`` of an output/loss pair, checked: the fused pairs and GELU/SiLU
+    need the logits ``u``, and a softmax output goes with cross-entropy only."""
+    lcode, acode = loss_code(loss), act_code(output)
+    if not has_u and (lcode in (BCE, CROSS_ENTROPY) or acode in NEEDS_U):
+        raise ValueError(f"{output}/{loss} needs the output logits u")
+    if acode == SOFTMAX and lcode != CROSS_ENTROPY:
+        raise ValueError("a softmax output goes with the cross_entropy loss only")
+    return lcode, acode
+
+
 # ----------------------------------------------------------------------------- sources
 def _consts(a):  # type: ignore[no-untyped-def]
     """The constants of the kernels, typed with ``a``'s dtype (an array)."""
