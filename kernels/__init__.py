@@ -1,8 +1,9 @@
 """Kernel layer of backprop: one module per backend, each with the primitives of ``numpy_ref``.
 
 ``BACKEND_MODULES`` maps a backend name to its module (imported lazily, since the GPU
-backends import CuPy or Numba). The reference module :mod:`backprop.kernels.numpy_ref` is the
-specification: every other backend is tested against it.
+backends import CuPy or Numba). The contract every backend meets is written down in
+:mod:`backprop.kernels.contract`; the reference module :mod:`backprop.kernels.numpy_ref`
+implements it and is the test oracle of every other backend.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from importlib import import_module
 from types import ModuleType
 
+from .contract import FUNCTIONS, OPTIONAL, REQUIRED, KernelModule, missing_names
 from .spec import ACTIVATIONS, FUSED_PAIRS, LOSSES, ActivationSpec, LossSpec
 
 #: Backend name -> module, in the order ``"auto"`` prefers them (fastest first).
@@ -20,23 +22,8 @@ BACKEND_MODULES: dict[str, str] = {
     "numpy": "backprop.kernels.numpy_ref",
 }
 
-#: The primitives every backend module defines, with the reference's signatures.
-PRIMITIVES = (
-    "is_available",
-    "unavailable_reason",
-    "to_device",
-    "to_host",
-    "zeros",
-    "synchronize",
-    "all_finite",
-    "layer_forward",
-    "delta_backward",
-    "weight_gradients",
-    "sgd_update_from_delta",
-    "output_error",
-    "momentum_update",
-    "adam_update",
-)
+#: The functions every backend module defines (see :class:`~backprop.kernels.contract.KernelModule`).
+PRIMITIVES = FUNCTIONS
 
 
 def load_backend_module(name: str) -> ModuleType:
@@ -49,8 +36,12 @@ __all__ = [
     "BACKEND_MODULES",
     "FUSED_PAIRS",
     "LOSSES",
+    "OPTIONAL",
     "PRIMITIVES",
+    "REQUIRED",
     "ActivationSpec",
+    "KernelModule",
     "LossSpec",
     "load_backend_module",
+    "missing_names",
 ]

@@ -10,23 +10,42 @@ define ``delta = -dE/du``), so the updates read ``W <- W - eta delta^T x`` where
 write ``W <- W + eta delta x^T``.
 
 Every function is written against the array module of its inputs, so the same code runs on
-CuPy arrays; it is what the other backends are tested against.
+CuPy arrays. Each works in place with ufunc ``out=`` arguments: given the output buffers of
+the contract (:mod:`backprop.kernels.contract`), a training step allocates nothing, since
+the few temporaries come from a per-thread scratch cache reused from call to call.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any
 
 import numpy as np
 
+from .contract import (
+    GUARD_FAILED,
+    GUARD_LOSS_SUM,
+    GUARD_OK,
+    GUARD_STEPS,
+    STAT_FIRST_NONFINITE,
+    STAT_MAX,
+    STAT_MIN,
+    STAT_NON_INTEGER,
+    STAT_NONFINITE,
+    STAT_ROW_SUM_ERROR,
+    STATS_SIZE,
+)
 from .spec import SELU_ALPHA, SELU_LAMBDA
 
 NAME = "numpy"
 Array = Any
 
+_INV_SQRT2 = 1 / math.sqrt(2)
+_INV_SQRT_2PI = 1 / math.sqrt(2 * math.pi)
 
-# --------------------------------------------------------------------------- array module
+
+# --------------------------------------------------------------------------- arrays
 def array_module(a: Array) -> Any:
     """Return ``numpy`` or ``cupy``, whichever ``a`` belongs to."""
     if type(a).__module__.startswith("cupy"):
@@ -48,8 +67,18 @@ def unavailable_reason() -> str:
     return ""
 
 
+def owns(a: Any) -> bool:
+    """True for NumPy arrays, the arrays of this backend."""
+    return isinstance(a, np.ndarray)
+
+
+def as_array(a: Array, dtype: Any) -> Array:
+    """``a`` as a C-contiguous array of ``dtype``: ``a`` itself when it already is one."""
+    return np.asarray(a, dtype=dtype, order="C")
+
+
 def to_device(a: Any, dtype: Any) -> Array:
-    """Copy host data into a C-contiguous array of this backend."""
+    """Copy host data into a new C-contiguous array of this backend."""
     return np.array(a, dtype=dtype, order="C", copy=True)
 
 
@@ -71,113 +100,256 @@ def all_finite(a: Array) -> bool:
     return bool(array_module(a).isfinite(a).all())
 
 
+_local = threading.local()
+
+
+def _scratch(like: Array, tag: str, dtype: Any = None, shape: tuple[int, ...] | None = None) -> Array:
+    """A per-thread temporary of ``like``'s shape and dtype (or the given ones), reused across calls.
+
+    ``tag`` names its use, so that temporaries alive at the same time never share memory. Only
+    for values that never leave the call that asked for them.
+    """
+    cache = getattr(_local, "cache", None)
+    if cache is None:
+        cache = _local.cache = {}
+    xm = array_module(like)
+    shape = like.shape if shape is None else shape
+    dt = np.dtype(like.dtype if dtype is None else dtype)
+    key = (xm.__name__, tag, shape, dt.str)
+    buf = cache.get(key)
+    if buf is None:
+        if len(cache) > 256:
+            cache.clear()
+        buf = cache[key] = xm.empty(shape, dtype=dt)
+    return buf
+
+
+def array_stats(a: Array) -> np.ndarray:
+    """Facts about ``a`` for input checks, in the ``STAT_*`` layout of the contract: how many elements
+    are not finite and where the first is, min, max, how many are not whole numbers, and for a 2-D
+    array the largest ``|row sum - 1|``."""
+    xm = array_module(a)
+    out = np.zeros(STATS_SIZE, dtype=np.float64)
+    out[STAT_FIRST_NONFINITE] = -1
+    flat = a.reshape(-1)
+    if flat.size == 0:
+        out[STAT_MIN] = out[STAT_MAX] = np.nan
+        return out
+    if a.dtype.kind == "f":
+        finite = xm.isfinite(flat)
+        bad = int(flat.size - int(xm.count_nonzero(finite)))
+        out[STAT_NONFINITE] = bad
+        if bad:
+            out[STAT_FIRST_NONFINITE] = int(xm.argmin(finite))
+        out[STAT_NON_INTEGER] = int(xm.count_nonzero(flat != xm.floor(flat)))
+    out[STAT_MIN] = float(flat.min())
+    out[STAT_MAX] = float(flat.max())
+    if a.ndim == 2 and a.shape[0]:
+        out[STAT_ROW_SUM_ERROR] = float(xm.abs(a.sum(axis=1, dtype=np.float64) - 1).max())
+    return out
+
+
+def one_hot(labels: Array, n_classes: int, dtype: Any, out: Array | None = None) -> Array:
+    """Rows ``e_{labels[i]}`` of length ``n_classes`` (labels whole numbers in ``[0, n_classes)``)."""
+    xm = array_module(labels)
+    batch = labels.shape[0]
+    if out is None:
+        out = xm.zeros((batch, n_classes), dtype=dtype)
+    else:
+        out.fill(0)
+    out[xm.arange(batch), labels.astype(np.int64)] = 1
+    return out
+
+
+def gather_rows(src: Array, idx: Array, out: Array) -> Array:
+    """``out[i] = src[idx[i]]``: the rows of a minibatch, picked by an index array."""
+    array_module(src).take(src, idx, axis=0, out=out)
+    return out
+
+
 # --------------------------------------------------------------------------- erf
-def _erf(u: Array) -> Array:
+def _erf(u: Array, out: Array) -> Array:
     xm = array_module(u)
     if xm is not np:
         from cupyx.scipy.special import erf
 
-        return erf(u)
+        return erf(u, out=out)
     try:
         from scipy.special import erf
     except ImportError:  # pragma: no cover - scipy ships with the test extras
-        return np.vectorize(math.erf, otypes=[u.dtype])(u)
-    return erf(u).astype(u.dtype, copy=False)
+        out[...] = np.vectorize(math.erf, otypes=[u.dtype])(u)
+        return out
+    return erf(u, out=out)
 
 
 # --------------------------------------------------------------------------- activations
-def activate(u: Array, act: str, alpha: float = 0.0) -> Array:
-    """Neural output ``x = f(u)``, elementwise (row-wise for softmax); a new array."""
+def activate(u: Array, act: str, alpha: float = 0.0, out: Array | None = None) -> Array:
+    """Neural output ``x = f(u)``, elementwise (row-wise for softmax), into ``out`` (which may be
+    ``u`` itself) or a new array."""
     xm = array_module(u)
+    if out is None:
+        out = xm.empty_like(u)
+    if out is u and act in ("step", "leaky_relu", "elu", "selu", "softplus", "gelu", "silu"):
+        # these read u after the first write into out: work from a copy
+        src = _scratch(u, "activate_u")
+        src[...] = u
+    else:
+        src = u
     if act == "identity":
-        return u.copy()
-    if act == "step":
-        return (u > 0).astype(u.dtype)
-    if act == "sigmoid":
-        # 1 / (1 + exp(-u)), written so that neither branch overflows
-        e = xm.exp(-xm.abs(u))
-        return xm.where(u >= 0, 1 / (1 + e), e / (1 + e)).astype(u.dtype, copy=False)
-    if act == "tanh":
-        return xm.tanh(u)
-    if act == "relu":
-        return xm.maximum(u, 0)
-    if act == "leaky_relu":
-        return xm.where(u > 0, u, alpha * u)
-    if act == "elu":
-        return xm.where(u > 0, u, alpha * xm.expm1(xm.minimum(u, 0)))
-    if act == "selu":
-        return SELU_LAMBDA * xm.where(u > 0, u, SELU_ALPHA * xm.expm1(xm.minimum(u, 0)))
-    if act == "softplus":
-        return xm.maximum(u, 0) + xm.log1p(xm.exp(-xm.abs(u)))
-    if act == "gelu":
-        return u * (0.5 * (1 + _erf(u * (1 / math.sqrt(2)))))
-    if act == "silu":
-        return u * activate(u, "sigmoid")
-    if act == "softmax":
-        e = xm.exp(u - u.max(axis=1, keepdims=True))
-        return e / e.sum(axis=1, keepdims=True)
-    raise ValueError(f"unknown activation {act!r}")
+        if out is not src:
+            out[...] = src
+    elif act == "step":
+        xm.heaviside(src, 0, out=out)
+    elif act == "sigmoid":
+        # 1 / (1 + exp(-u)); exp overflows to inf for very negative u, and 1 / inf = 0 is right
+        with np.errstate(over="ignore"):
+            xm.negative(src, out=out)
+            xm.exp(out, out=out)
+        out += 1
+        xm.reciprocal(out, out=out)
+    elif act == "tanh":
+        xm.tanh(src, out=out)
+    elif act == "relu":
+        xm.maximum(src, 0, out=out)
+    elif act == "leaky_relu":
+        xm.multiply(src, alpha, out=out)
+        xm.copyto(out, src, where=xm.greater(src, 0, out=_scratch(src, "mask", bool)))
+    elif act in ("elu", "selu"):
+        a = SELU_ALPHA if act == "selu" else alpha
+        xm.minimum(src, 0, out=out)
+        xm.expm1(out, out=out)
+        out *= a
+        xm.copyto(out, src, where=xm.greater(src, 0, out=_scratch(src, "mask", bool)))
+        if act == "selu":
+            out *= SELU_LAMBDA
+    elif act == "softplus":
+        # max(u, 0) + log(1 + exp(-|u|)), which never overflows
+        xm.abs(src, out=out)
+        xm.negative(out, out=out)
+        xm.exp(out, out=out)
+        xm.log1p(out, out=out)
+        out += xm.maximum(src, 0, out=_scratch(src, "aux"))
+    elif act == "gelu":
+        xm.multiply(src, _INV_SQRT2, out=out)
+        _erf(out, out)
+        out += 1
+        out *= 0.5
+        out *= src
+    elif act == "silu":
+        activate(src, "sigmoid", out=out)
+        out *= src
+    elif act == "softmax":
+        m = _scratch(src, "row", shape=(src.shape[0], 1))
+        src.max(axis=1, keepdims=True, out=m)
+        xm.subtract(src, m, out=out)
+        xm.exp(out, out=out)
+        out.sum(axis=1, keepdims=True, out=m)
+        out /= m
+    else:
+        raise ValueError(f"unknown activation {act!r}")
+    return out
 
 
-def activation_slope(y: Array, u: Array | None, act: str, alpha: float = 0.0) -> Array:
-    """Slope ``f'(u)``, from the output as ``phi(y) = f'(f^{-1}(y))`` where ``f`` is invertible.
+def activation_slope(y: Array, u: Array | None, act: str, alpha: float = 0.0, out: Array | None = None) -> Array:
+    """Slope ``f'(u)``, from the output as ``phi(y) = f'(f^{-1}(y))`` where ``f`` is invertible, into
+    ``out`` or a new array.
 
     GELU and SiLU need the pre-activation ``u``; every other activation reads ``y`` only.
     """
     xm = array_module(y)
+    if out is None:
+        out = xm.empty_like(y)
+    if act in ("gelu", "silu") and u is None:
+        raise ValueError(f"{act}'s slope needs the pre-activation u")
     if act == "identity":
-        return xm.ones_like(y)
-    if act == "step":
-        return xm.zeros_like(y)
-    if act == "sigmoid":
-        return y * (1 - y)
-    if act == "tanh":
-        return 1 - y * y
-    if act == "relu":
-        return (y > 0).astype(y.dtype)
-    if act == "leaky_relu":
-        return xm.where(y > 0, 1, alpha).astype(y.dtype)
-    if act == "elu":
-        return xm.where(y > 0, 1, y + alpha).astype(y.dtype)
-    if act == "selu":
-        return xm.where(y > 0, SELU_LAMBDA, y + SELU_LAMBDA * SELU_ALPHA).astype(y.dtype)
-    if act == "softplus":
-        return -xm.expm1(-y)
-    if act == "gelu":
-        if u is None:
-            raise ValueError("gelu's slope needs the pre-activation u")
-        cdf = 0.5 * (1 + _erf(u * (1 / math.sqrt(2))))
-        pdf = xm.exp(-0.5 * u * u) * (1 / math.sqrt(2 * math.pi))
-        return cdf + u * pdf
-    if act == "silu":
-        if u is None:
-            raise ValueError("silu's slope needs the pre-activation u")
-        s = activate(u, "sigmoid")
-        return s * (1 + u * (1 - s))
-    raise ValueError(f"activation {act!r} has no elementwise slope")
+        out.fill(1)
+    elif act == "step":
+        out.fill(0)
+    elif act == "sigmoid":
+        xm.subtract(1, y, out=out)
+        out *= y
+    elif act == "tanh":
+        xm.multiply(y, y, out=out)
+        xm.subtract(1, out, out=out)
+    elif act == "relu":
+        xm.sign(y, out=out)  # y = max(u, 0) >= 0: 1 where positive, 0 elsewhere
+    elif act in ("leaky_relu", "elu", "selu"):
+        positive = xm.greater(y, 0, out=_scratch(y, "mask", bool))
+        if act == "leaky_relu":
+            out.fill(alpha)
+            xm.copyto(out, 1, where=positive)
+        elif act == "elu":
+            xm.add(y, alpha, out=out)
+            xm.copyto(out, 1, where=positive)
+        else:
+            xm.add(y, SELU_LAMBDA * SELU_ALPHA, out=out)
+            xm.copyto(out, SELU_LAMBDA, where=positive)
+    elif act == "softplus":
+        xm.negative(y, out=out)
+        xm.expm1(out, out=out)
+        xm.negative(out, out=out)
+    elif act == "gelu":
+        # Phi(u) + u phi(u), phi the standard normal density
+        xm.multiply(u, _INV_SQRT2, out=out)
+        _erf(out, out)
+        out += 1
+        out *= 0.5
+        pdf = xm.multiply(u, u, out=_scratch(u, "aux"))
+        pdf *= -0.5
+        xm.exp(pdf, out=pdf)
+        pdf *= _INV_SQRT_2PI
+        pdf *= u
+        out += pdf
+    elif act == "silu":
+        # s (1 + u (1 - s)), s = sigmoid(u)
+        activate(u, "sigmoid", out=out)
+        t = xm.subtract(1, out, out=_scratch(u, "aux"))
+        t *= u
+        t += 1
+        out *= t
+    else:
+        raise ValueError(f"activation {act!r} has no elementwise slope")
+    return out
 
 
 # --------------------------------------------------------------------------- forward
 def layer_forward(
-    x: Array, W: Array, b: Array, act: str, alpha: float = 0.0, keep_u: bool = False
+    x: Array, W: Array, b: Array, act: str, alpha: float = 0.0, keep_u: bool = False, *,
+    y: Array | None = None, u: Array | None = None,
 ) -> tuple[Array, Array | None]:
     """Forward pass of one layer: ``u = x W^T + b``, ``y = f(u)``.
 
-    Returns ``(y, u)``, with ``u`` only when ``keep_u`` (else ``None``).
+    Returns ``(y, u)``, with ``u`` only when ``keep_u`` (else ``None``, and ``y`` is computed in
+    place in the buffer that held ``u``). ``y``/``u`` are the buffers to write, when given.
     """
-    u = x @ W.T
-    u += b
-    y = activate(u, act, alpha)
-    return y, (u if keep_u else None)
+    xm = array_module(x)
+    shape = (x.shape[0], W.shape[0])
+    if keep_u:
+        u = xm.empty(shape, dtype=W.dtype) if u is None else u
+        xm.dot(x, W.T, out=u)
+        u += b
+        return activate(u, act, alpha, out=y), u
+    y = xm.empty(shape, dtype=W.dtype) if y is None else y
+    xm.dot(x, W.T, out=y)
+    y += b
+    return activate(y, act, alpha, out=y), None
 
 
 # --------------------------------------------------------------------------- backward
 def delta_backward(
-    delta: Array, W: Array, y_prev: Array, u_prev: Array | None, act_prev: str, alpha_prev: float = 0.0
+    delta: Array, W: Array, y_prev: Array, u_prev: Array | None, act_prev: str, alpha_prev: float = 0.0, *,
+    out: Array | None = None,
 ) -> Array:
     """Backward pass: ``delta^{l-1} = f'(u^{l-1}) * (W^l)^T delta^l``, i.e. ``(delta W) * phi(y_prev)``."""
-    g = delta @ W
-    g *= activation_slope(y_prev, u_prev, act_prev, alpha_prev)
+    xm = array_module(delta)
+    if act_prev == "softmax":
+        raise ValueError("activation 'softmax' has no elementwise slope")
+    if act_prev in ("gelu", "silu") and u_prev is None:
+        raise ValueError(f"{act_prev}'s slope needs the pre-activation u")
+    g = xm.empty((delta.shape[0], W.shape[1]), dtype=W.dtype) if out is None else out
+    xm.matmul(delta, W, out=g)
+    if act_prev != "identity":
+        g *= activation_slope(y_prev, u_prev, act_prev, alpha_prev, out=_scratch(g, "slope"))
     return g
 
 
@@ -197,89 +369,164 @@ def weight_gradients(
     return dW, db
 
 
-def sgd_update_from_delta(
-    W: Array, b: Array, delta: Array, x_prev: Array, lr: float, weight_decay: float = 0.0
-) -> None:
-    """Plain SGD straight from the error, in place: ``W <- (1 - eta lambda) W - eta delta^T x_prev``,
-    ``b <- b - eta sum delta``. No gradient buffer is kept."""
-    if weight_decay:
-        W *= 1 - lr * weight_decay
-    W -= lr * (delta.T @ x_prev)
-    b -= lr * delta.sum(axis=0)
-
-
 # --------------------------------------------------------------------------- output error
-def _log_sigmoid_complement(u: Array) -> Array:
-    """``softplus(u) = log(1 + exp(u))`` without overflow."""
-    xm = array_module(u)
-    return xm.maximum(u, 0) + xm.log1p(xm.exp(-xm.abs(u)))
-
-
 def output_error(
-    y: Array, u: Array, t: Array, output: str, loss: str, param: float = 0.0, alpha: float = 0.0
+    y: Array, u: Array | None, t: Array, output: str, loss: str, param: float = 0.0, alpha: float = 0.0, *,
+    delta: Array | None = None, value: Array | None = None,
 ) -> tuple[Array, Array]:
     """Error at the output: the mean loss ``E`` and ``delta^L = dE/du^L`` together.
 
     ``y = f(u)`` is the network output, ``u`` the output logits, ``t`` the targets (one-hot rows
     for cross-entropy). Fused pairs (sigmoid + bce, softmax + cross_entropy) read the logits and
     use ``delta = (y - t) / batch``; the others use ``delta = dL/dy * phi(y) / batch``.
-    Returns ``(loss, delta)`` with ``loss`` a 0-d array of ``y``'s dtype.
+    Returns ``(loss, delta)`` with ``loss`` a 0-d array of ``y``'s dtype (``value`` when given).
     """
     xm = array_module(y)
     batch = y.shape[0]
-    r = y - t
+    if loss in ("cross_entropy", "bce") and u is None:
+        raise ValueError(f"{loss} needs the output logits u")
+    delta = xm.empty_like(y) if delta is None else delta
+    r = xm.subtract(y, t, out=delta)  # y - t, turned into delta below
+    s = _scratch(y, "loss")
     if loss == "cross_entropy":
-        m = u.max(axis=1, keepdims=True)
-        lse = m + xm.log(xm.exp(u - m).sum(axis=1, keepdims=True))
-        value = (t * (lse - u)).sum() / batch
-        return value, r / batch
-    if loss == "bce":
-        value = (_log_sigmoid_complement(u) - t * u).sum() / batch
-        return value, r / batch
-    if loss == "mse":
-        value = 0.5 * (r * r).sum() / batch
-        dy = r
-    elif loss == "mae":
-        value = xm.abs(r).sum() / batch
-        dy = xm.sign(r)
-    elif loss == "huber":
-        a = xm.abs(r)
-        value = xm.where(a <= param, 0.5 * r * r, param * (a - 0.5 * param)).sum() / batch
-        dy = xm.clip(r, -param, param)
+        # sum_i t_i (lse(u) - u_i), lse by the row max
+        m = _scratch(u, "row", shape=(batch, 1))
+        lse = _scratch(u, "row_lse", shape=(batch, 1))
+        u.max(axis=1, keepdims=True, out=m)
+        xm.subtract(u, m, out=s)
+        xm.exp(s, out=s)
+        s.sum(axis=1, keepdims=True, out=lse)
+        xm.log(lse, out=lse)
+        lse += m
+        xm.subtract(lse, u, out=s)
+        s *= t
+        total = s.sum()
+        xm.divide(r, batch, out=delta)
+    elif loss == "bce":
+        # softplus(u) - t u, the cross-entropy of sigmoid(u) against t
+        xm.abs(u, out=s)
+        xm.negative(s, out=s)
+        xm.exp(s, out=s)
+        xm.log1p(s, out=s)
+        s += xm.maximum(u, 0, out=_scratch(u, "aux"))
+        s -= xm.multiply(t, u, out=_scratch(u, "aux"))
+        total = s.sum()
+        xm.divide(r, batch, out=delta)
     else:
-        raise ValueError(f"unknown loss {loss!r}")
-    delta = dy * activation_slope(y, u, output, alpha) / batch
-    return value, delta.astype(y.dtype, copy=False)
+        if loss == "mse":  # 1/2 r^2, dL/dy = r
+            total = 0.5 * xm.multiply(r, r, out=s).sum()
+        elif loss == "mae":  # |r|, dL/dy = sign(r)
+            total = xm.abs(r, out=s).sum()
+            xm.sign(r, out=delta)
+        elif loss == "huber":  # m (|r| - m / 2) with m = min(|r|, k); dL/dy = clip(r, -k, k)
+            a = xm.abs(r, out=s)
+            m = xm.minimum(a, param, out=_scratch(y, "aux"))
+            m *= 0.5
+            a -= m
+            m *= 2
+            a *= m
+            total = a.sum()
+            xm.clip(r, -param, param, out=delta)
+        else:
+            raise ValueError(f"unknown loss {loss!r}")
+        delta *= activation_slope(y, u, output, alpha, out=s)
+        delta /= batch
+    mean = total / batch
+    if value is None:
+        return xm.asarray(mean, dtype=y.dtype), delta
+    value[...] = mean
+    return value, delta
 
 
-# --------------------------------------------------------------------------- optimizers
+# --------------------------------------------------------------------------- guarded updates
+def _skipped(guard: Array | None) -> bool:
+    """True when a guard says this step must not be applied."""
+    return guard is not None and float(guard[GUARD_OK]) != 1.0
+
+
+def guard_step(guard: Array, loss: Array, grads: Array, weight: float = 1.0) -> None:
+    """Decide whether this step may be applied and keep the tally, in the ``GUARD_*`` layout:
+    count the step; it is ok when no earlier step failed and the loss and every gradient are
+    finite; add ``weight * loss`` to the sum when ok, else remember the first failing step."""
+    xm = array_module(grads)
+    guard[GUARD_STEPS] += 1
+    finite = xm.isfinite(grads.reshape(-1), out=_scratch(grads, "finite", bool, (grads.size,))).all()
+    ok = float(guard[GUARD_FAILED]) == 0 and math.isfinite(float(loss)) and bool(finite)
+    guard[GUARD_OK] = 1.0 if ok else 0.0
+    if ok:
+        guard[GUARD_LOSS_SUM] += weight * float(loss)
+    elif float(guard[GUARD_FAILED]) == 0:
+        guard[GUARD_FAILED] = guard[GUARD_STEPS]
+
+
+def add_sum_of_squares(total: Array, a: Array) -> None:
+    """``total[0] += sum_ij a_ij^2``, summed in float64 into a float64 ``(1,)`` array (an L2 penalty
+    ``||W||^2`` kept on the backend over many steps)."""
+    flat = a.reshape(-1)
+    total[0] += float(array_module(a).dot(flat, flat))
+
+
+def _with_decay(p: Array, g: Array, weight_decay: float) -> Array:
+    """``g + lambda p`` (``g`` itself without weight decay), in a scratch buffer."""
+    if not weight_decay:
+        return g
+    gd = array_module(p).multiply(p, weight_decay, out=_scratch(p, "decayed"))
+    gd += g
+    return gd
+
+
+def sgd_update(p: Array, g: Array, lr: float, weight_decay: float = 0.0, guard: Array | None = None) -> None:
+    """Plain SGD, in place: ``p <- p - eta (g + lambda p)``."""
+    if _skipped(guard):
+        return
+    step = array_module(p).multiply(_with_decay(p, g, weight_decay), lr, out=_scratch(p, "step"))
+    p -= step
+
+
 def momentum_update(
     p: Array, g: Array, v: Array, lr: float, momentum: float, nesterov: bool = False,
-    weight_decay: float = 0.0,
+    weight_decay: float = 0.0, guard: Array | None = None,
 ) -> None:
     """SGD with (Nesterov) momentum, in place: ``g' = g + lambda p``, ``v <- mu v + g'``,
     ``p <- p - eta v`` (Nesterov: ``p <- p - eta (g' + mu v)``)."""
-    gd = g + weight_decay * p if weight_decay else g
+    if _skipped(guard):
+        return
+    xm = array_module(p)
+    gd = _with_decay(p, g, weight_decay)
     v *= momentum
     v += gd
+    step = _scratch(p, "step")
     if nesterov:
-        p -= lr * (gd + momentum * v)
+        xm.multiply(v, momentum, out=step)
+        step += gd
+        step *= lr
     else:
-        p -= lr * v
+        xm.multiply(v, lr, out=step)
+    p -= step
 
 
 def adam_update(
     p: Array, g: Array, m: Array, v: Array, lr: float, beta1: float, beta2: float, eps: float,
-    step: int, weight_decay: float = 0.0,
+    step: int, weight_decay: float = 0.0, guard: Array | None = None,
 ) -> None:
     """Adam, in place: ``m <- b1 m + (1-b1) g``, ``v <- b2 v + (1-b2) g^2``,
     ``p <- p - eta m_hat / (sqrt(v_hat) + eps)`` with bias corrections ``1 - b^step``."""
+    if _skipped(guard):
+        return
     xm = array_module(p)
-    gd = g + weight_decay * p if weight_decay else g
-    m *= beta1
-    m += (1 - beta1) * gd
-    v *= beta2
-    v += (1 - beta2) * gd * gd
+    gd = _with_decay(p, g, weight_decay)
     c1 = 1 - beta1**step
     c2 = 1 - beta2**step
-    p -= (lr / c1) * m / (xm.sqrt(v / c2) + eps)
+    t = _scratch(p, "step")
+    m *= beta1
+    m += xm.multiply(gd, 1 - beta1, out=t)
+    v *= beta2
+    xm.multiply(gd, gd, out=t)
+    t *= 1 - beta2
+    v += t
+    xm.divide(v, c2, out=t)
+    xm.sqrt(t, out=t)
+    t += eps
+    xm.divide(m, t, out=t)
+    t *= lr / c1
+    p -= t

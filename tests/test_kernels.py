@@ -5,8 +5,22 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from backprop.kernels import ACTIVATIONS, FUSED_PAIRS, LOSSES, PRIMITIVES
+from backprop.kernels import ACTIVATIONS, FUSED_PAIRS, LOSSES, REQUIRED, KernelModule, missing_names
 from backprop.kernels import numpy_ref as ref
+from backprop.kernels.contract import (
+    GUARD_FAILED,
+    GUARD_LOSS_SUM,
+    GUARD_OK,
+    GUARD_SIZE,
+    GUARD_STEPS,
+    STAT_FIRST_NONFINITE,
+    STAT_MAX,
+    STAT_MIN,
+    STAT_NON_INTEGER,
+    STAT_NONFINITE,
+    STAT_ROW_SUM_ERROR,
+    STATS_SIZE,
+)
 
 from .conftest import tolerance
 
@@ -15,94 +29,45 @@ HIDDEN = [n for n, s in ACTIVATIONS.items() if s.hidden]
 ALPHA = {"leaky_relu": 0.05, "elu": 0.7}
 PAIRS = [(o, loss) for loss, s in LOSSES.items() for o in s.outputs] + [("softmax", "cross_entropy")]
 PAIRS = sorted(set(PAIRS))
+OPTIMIZERS = ["sgd", "momentum", "nesterov", "adam"]
+GUARD_FAILURES = ["nan_grad", "inf_grad", "nan_loss", "inf_loss"]
 
 
+# --------------------------------------------------------------------------- shared helpers
 def shapes(small: bool) -> tuple[int, int, int]:
     return (5, 4, 3) if small else (67, 33, 29)
 
 
 def host(backend, a):
+    """A float64 host copy of backend array ``a`` (for comparisons with the reference)."""
     return np.asarray(backend.kernels.to_host(a), dtype=np.float64)
 
 
-def test_backend_defines_every_primitive(backend):
-    missing = [p for p in PRIMITIVES if not callable(getattr(backend.kernels, p, None))]
-    assert not missing, f"{backend.name} lacks {missing}"
+def host_copy(k, a) -> np.ndarray:
+    """A host copy of ``a`` in its own dtype, detached from it (``to_host`` may return ``a`` itself)."""
+    return np.array(k.to_host(a), copy=True)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("act", HIDDEN + ["softmax"])
-def test_layer_forward(backend, small, rng, act, dtype):
+def poisoned(k, shape, dtype):
+    """An output buffer full of NaN: every element the primitive should write shows up if it is not."""
+    return k.to_device(np.full(shape, np.nan), dtype)
+
+
+def alpha_of(act: str) -> float:
+    return ALPHA.get(act, ACTIVATIONS[act].default_alpha)
+
+
+def _forward_inputs(rng, small):
     batch, n_in, n_out = shapes(small)
-    x, W, b = rng.normal(size=(batch, n_in)), rng.normal(size=(n_out, n_in)) / 2, rng.normal(size=n_out)
-    k = backend.kernels
-    alpha = ALPHA.get(act, ACTIVATIONS[act].default_alpha)
-    y, u = k.layer_forward(k.to_device(x, dtype), k.to_device(W, dtype), k.to_device(b, dtype), act, alpha, True)
-    y_ref, u_ref = ref.layer_forward(x, W, b, act, alpha, True)
-    np.testing.assert_allclose(host(backend, u), u_ref, **tolerance(dtype))
-    np.testing.assert_allclose(host(backend, y), y_ref, **tolerance(dtype))
-    assert k.to_host(y).dtype == dtype
-    y2, u2 = k.layer_forward(k.to_device(x, dtype), k.to_device(W, dtype), k.to_device(b, dtype), act, alpha, False)
-    assert u2 is None
-    np.testing.assert_allclose(host(backend, y2), y_ref, **tolerance(dtype))
+    return rng.normal(size=(batch, n_in)), rng.normal(size=(n_out, n_in)) / 2, rng.normal(size=n_out)
 
 
-@pytest.mark.parametrize("act", HIDDEN)
-def test_reference_slope_matches_finite_differences(rng, act):
-    """phi(y) = f'(f^{-1}(y)) equals the numerical derivative of f (away from kinks)."""
-    u = rng.normal(size=200) * 3
-    u = u[np.abs(u) > 1e-3]
-    alpha = ALPHA.get(act, ACTIVATIONS[act].default_alpha)
-    h = 1e-6
-    numeric = (ref.activate(u + h, act, alpha) - ref.activate(u - h, act, alpha)) / (2 * h)
-    slope = ref.activation_slope(ref.activate(u, act, alpha), u, act, alpha)
-    np.testing.assert_allclose(slope, numeric, rtol=1e-7, atol=1e-8)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("act", HIDDEN)
-def test_delta_backward(backend, small, rng, act, dtype):
+def _backward_inputs(rng, small, act):
+    """``(delta, W, y_prev, u_prev)`` for ``delta_backward`` through activation ``act``."""
     batch, n_prev, n = shapes(small)
-    alpha = ALPHA.get(act, ACTIVATIONS[act].default_alpha)
     delta, W = rng.normal(size=(batch, n)), rng.normal(size=(n, n_prev))
     u_prev = rng.normal(size=(batch, n_prev)) * 2
-    y_prev = ref.activate(u_prev, act, alpha)
-    k = backend.kernels
-    got = k.delta_backward(k.to_device(delta, dtype), k.to_device(W, dtype), k.to_device(y_prev, dtype),
-                           k.to_device(u_prev, dtype), act, alpha)
-    np.testing.assert_allclose(host(backend, got), ref.delta_backward(delta, W, y_prev, u_prev, act, alpha),
-                               **tolerance(dtype))
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_weight_gradients_into_buffers(backend, small, rng, dtype):
-    batch, n_in, n_out = shapes(small)
-    delta, x = rng.normal(size=(batch, n_out)), rng.normal(size=(batch, n_in))
-    k = backend.kernels
-    dW = k.to_device(np.full((n_out, n_in), np.nan), dtype)  # poisoned: every element must be written
-    db = k.to_device(np.full(n_out, np.nan), dtype)
-    dW2, db2 = k.weight_gradients(k.to_device(delta, dtype), k.to_device(x, dtype), dW, db)
-    rW, rb = ref.weight_gradients(delta, x)
-    np.testing.assert_allclose(host(backend, dW2), rW, **tolerance(dtype))
-    np.testing.assert_allclose(host(backend, db2), rb, **tolerance(dtype))
-    np.testing.assert_allclose(host(backend, dW), rW, **tolerance(dtype))
-    fW, fb = k.weight_gradients(k.to_device(delta, dtype), k.to_device(x, dtype))
-    np.testing.assert_allclose(host(backend, fW), rW, **tolerance(dtype))
-    np.testing.assert_allclose(host(backend, fb), rb, **tolerance(dtype))
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-def test_sgd_update_from_delta(backend, small, rng, dtype, weight_decay):
-    batch, n_in, n_out = shapes(small)
-    delta, x = rng.normal(size=(batch, n_out)), rng.normal(size=(batch, n_in))
-    W, b = rng.normal(size=(n_out, n_in)), rng.normal(size=n_out)
-    k = backend.kernels
-    Wd, bd = k.to_device(W, dtype), k.to_device(b, dtype)
-    k.sgd_update_from_delta(Wd, bd, k.to_device(delta, dtype), k.to_device(x, dtype), 0.05, weight_decay)
-    ref.sgd_update_from_delta(W, b, delta, x, 0.05, weight_decay)
-    np.testing.assert_allclose(host(backend, Wd), W, **tolerance(dtype))
-    np.testing.assert_allclose(host(backend, bd), b, **tolerance(dtype))
+    return delta, W, ref.activate(u_prev, act, alpha_of(act)), u_prev
 
 
 def _targets(rng, loss, batch, n):
@@ -113,18 +78,183 @@ def _targets(rng, loss, batch, n):
     return rng.normal(size=(batch, n))
 
 
+def _output_inputs(rng, small, output, loss):
+    """``(y, u, t, param)`` for ``output_error`` of the pair ``(output, loss)``."""
+    batch, _, n = shapes(small)
+    u = rng.normal(size=(batch, n)) * 2
+    y = ref.activate(u, output, alpha_of(output))
+    param = 0.5 if loss == "huber" else LOSSES[loss].default_param
+    return y, u, _targets(rng, loss, batch, n), param
+
+
+def _optimizer_state(rng, small) -> dict[str, np.ndarray]:
+    """Host ``p``, ``g``, ``m``, ``v`` of one parameter (``v`` non-negative, as Adam's is)."""
+    shape = (4, 3) if small else (31, 17)
+    return {"p": rng.normal(size=shape), "g": rng.normal(size=shape), "m": rng.normal(size=shape),
+            "v": rng.uniform(size=shape)}
+
+
+def _apply_optimizer(k, name, s, guard=None) -> None:
+    """One in-place update by optimizer ``name`` of the arrays ``s`` (``p``, ``g``, ``m``, ``v``),
+    with weight decay; ``guard`` is passed only when given."""
+    extra = {} if guard is None else {"guard": guard}
+    if name == "sgd":
+        k.sgd_update(s["p"], s["g"], 0.05, 0.01, **extra)
+    elif name in ("momentum", "nesterov"):
+        k.momentum_update(s["p"], s["g"], s["v"], 0.1, 0.9, name == "nesterov", 0.01, **extra)
+    else:
+        k.adam_update(s["p"], s["g"], s["m"], s["v"], 1e-2, 0.9, 0.999, 1e-8, 3, 0.01, **extra)
+
+
+def _guard_with(k, ok: float):
+    """A guard in the ``GUARD_*`` layout whose ``GUARD_OK`` entry is ``ok``."""
+    g = np.zeros(GUARD_SIZE)
+    g[GUARD_OK], g[GUARD_STEPS], g[GUARD_FAILED], g[GUARD_LOSS_SUM] = ok, 2.0, 0.0 if ok else 2.0, 1.5
+    return k.to_device(g, np.float64)
+
+
+def _stats(backend, a, dtype) -> np.ndarray:
+    """``array_stats`` of host data ``a`` moved to the backend as ``dtype``, checked for its form."""
+    s = backend.kernels.array_stats(backend.kernels.to_device(a, dtype))
+    assert isinstance(s, np.ndarray) and s.dtype == np.float64 and s.shape == (STATS_SIZE,)
+    return s
+
+
+# --------------------------------------------------------------------------- the contract
+def test_backend_defines_every_primitive(backend):
+    k = backend.kernels
+    missing = missing_names(k)
+    assert not missing, f"{backend.name} lacks {missing}"
+    functions = [n for n in REQUIRED if n not in KernelModule.__annotations__]
+    assert not [n for n in functions if not callable(getattr(k, n))]
+
+
+# --------------------------------------------------------------------------- forward
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", HIDDEN + ["softmax"])
+def test_layer_forward(backend, small, rng, act, dtype):
+    x, W, b = _forward_inputs(rng, small)
+    k = backend.kernels
+    alpha = alpha_of(act)
+    y, u = k.layer_forward(k.to_device(x, dtype), k.to_device(W, dtype), k.to_device(b, dtype), act, alpha, True)
+    y_ref, u_ref = ref.layer_forward(x, W, b, act, alpha, True)
+    np.testing.assert_allclose(host(backend, u), u_ref, **tolerance(dtype))
+    np.testing.assert_allclose(host(backend, y), y_ref, **tolerance(dtype))
+    assert k.to_host(y).dtype == dtype
+    y2, u2 = k.layer_forward(k.to_device(x, dtype), k.to_device(W, dtype), k.to_device(b, dtype), act, alpha, False)
+    assert u2 is None
+    np.testing.assert_allclose(host(backend, y2), y_ref, **tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", HIDDEN + ["softmax"])
+@pytest.mark.parametrize("keep_u", [True, False])
+def test_layer_forward_fills_and_returns_poisoned_buffers(backend, small, rng, keep_u, act, dtype):
+    x, W, b = _forward_inputs(rng, small)
+    k = backend.kernels
+    alpha = alpha_of(act)
+    xd, Wd, bd = k.to_device(x, dtype), k.to_device(W, dtype), k.to_device(b, dtype)
+    shape = (x.shape[0], W.shape[0])
+    y_buf = poisoned(k, shape, dtype)
+    u_buf = poisoned(k, shape, dtype) if keep_u else None
+    y, u = k.layer_forward(xd, Wd, bd, act, alpha, keep_u, y=y_buf, u=u_buf)
+    assert y is y_buf
+    assert u is u_buf  # None without keep_u
+    y_free, u_free = k.layer_forward(xd, Wd, bd, act, alpha, keep_u)
+    y_ref, u_ref = ref.layer_forward(x, W, b, act, alpha, True)
+    np.testing.assert_array_equal(host_copy(k, y), host_copy(k, y_free))
+    np.testing.assert_allclose(host(backend, y), y_ref, **tolerance(dtype))
+    if keep_u:
+        np.testing.assert_array_equal(host_copy(k, u), host_copy(k, u_free))
+        np.testing.assert_allclose(host(backend, u), u_ref, **tolerance(dtype))
+
+
+@pytest.mark.parametrize("act", HIDDEN)
+def test_reference_slope_matches_finite_differences(rng, act):
+    """phi(y) = f'(f^{-1}(y)) equals the numerical derivative of f (away from kinks)."""
+    u = rng.normal(size=200) * 3
+    u = u[np.abs(u) > 1e-3]
+    alpha = alpha_of(act)
+    h = 1e-6
+    numeric = (ref.activate(u + h, act, alpha) - ref.activate(u - h, act, alpha)) / (2 * h)
+    slope = ref.activation_slope(ref.activate(u, act, alpha), u, act, alpha)
+    np.testing.assert_allclose(slope, numeric, rtol=1e-7, atol=1e-8)
+
+
+# --------------------------------------------------------------------------- backward
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", HIDDEN)
+def test_delta_backward(backend, small, rng, act, dtype):
+    delta, W, y_prev, u_prev = _backward_inputs(rng, small, act)
+    alpha = alpha_of(act)
+    k = backend.kernels
+    got = k.delta_backward(k.to_device(delta, dtype), k.to_device(W, dtype), k.to_device(y_prev, dtype),
+                           k.to_device(u_prev, dtype), act, alpha)
+    np.testing.assert_allclose(host(backend, got), ref.delta_backward(delta, W, y_prev, u_prev, act, alpha),
+                               **tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", HIDDEN)
+def test_delta_backward_fills_and_returns_poisoned_out(backend, small, rng, act, dtype):
+    delta, W, y_prev, u_prev = _backward_inputs(rng, small, act)
+    alpha = alpha_of(act)
+    k = backend.kernels
+    args = (k.to_device(delta, dtype), k.to_device(W, dtype), k.to_device(y_prev, dtype),
+            k.to_device(u_prev, dtype), act, alpha)
+    out = poisoned(k, y_prev.shape, dtype)
+    got = k.delta_backward(*args, out=out)
+    assert got is out
+    np.testing.assert_array_equal(host_copy(k, got), host_copy(k, k.delta_backward(*args)))
+    np.testing.assert_allclose(host(backend, got), ref.delta_backward(delta, W, y_prev, u_prev, act, alpha),
+                               **tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_weight_gradients_into_buffers(backend, small, rng, dtype):
+    batch, n_in, n_out = shapes(small)
+    delta, x = rng.normal(size=(batch, n_out)), rng.normal(size=(batch, n_in))
+    k = backend.kernels
+    dW = poisoned(k, (n_out, n_in), dtype)  # poisoned: every element must be written
+    db = poisoned(k, n_out, dtype)
+    dW2, db2 = k.weight_gradients(k.to_device(delta, dtype), k.to_device(x, dtype), dW, db)
+    rW, rb = ref.weight_gradients(delta, x)
+    np.testing.assert_allclose(host(backend, dW2), rW, **tolerance(dtype))
+    np.testing.assert_allclose(host(backend, db2), rb, **tolerance(dtype))
+    np.testing.assert_allclose(host(backend, dW), rW, **tolerance(dtype))
+    fW, fb = k.weight_gradients(k.to_device(delta, dtype), k.to_device(x, dtype))
+    np.testing.assert_allclose(host(backend, fW), rW, **tolerance(dtype))
+    np.testing.assert_allclose(host(backend, fb), rb, **tolerance(dtype))
+
+
+# --------------------------------------------------------------------------- output error
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("output,loss", PAIRS)
 def test_output_error(backend, small, rng, output, loss, dtype):
-    batch, _, n = shapes(small)
-    alpha = ALPHA.get(output, ACTIVATIONS[output].default_alpha)
-    u = rng.normal(size=(batch, n)) * 2
-    y = ref.activate(u, output, alpha)
-    t = _targets(rng, loss, batch, n)
-    param = 0.5 if loss == "huber" else LOSSES[loss].default_param
+    y, u, t, param = _output_inputs(rng, small, output, loss)
+    alpha = alpha_of(output)
     k = backend.kernels
     value, delta = k.output_error(k.to_device(y, dtype), k.to_device(u, dtype), k.to_device(t, dtype),
                                   output, loss, param, alpha)
+    rv, rd = ref.output_error(y, u, t, output, loss, param, alpha)
+    np.testing.assert_allclose(float(host(backend, value)), float(rv), **tolerance(dtype))
+    np.testing.assert_allclose(host(backend, delta), rd, **tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("output,loss", PAIRS)
+def test_output_error_fills_and_returns_poisoned_delta_and_value(backend, small, rng, output, loss, dtype):
+    y, u, t, param = _output_inputs(rng, small, output, loss)
+    alpha = alpha_of(output)
+    k = backend.kernels
+    args = (k.to_device(y, dtype), k.to_device(u, dtype), k.to_device(t, dtype), output, loss, param, alpha)
+    delta_buf, value_buf = poisoned(k, y.shape, dtype), poisoned(k, (), dtype)
+    value, delta = k.output_error(*args, delta=delta_buf, value=value_buf)
+    assert value is value_buf
+    assert delta is delta_buf
+    free_value, free_delta = k.output_error(*args)
+    np.testing.assert_array_equal(host_copy(k, value), host_copy(k, free_value))
+    np.testing.assert_array_equal(host_copy(k, delta), host_copy(k, free_delta))
     rv, rd = ref.output_error(y, u, t, output, loss, param, alpha)
     np.testing.assert_allclose(float(host(backend, value)), float(rv), **tolerance(dtype))
     np.testing.assert_allclose(host(backend, delta), rd, **tolerance(dtype))
@@ -142,6 +272,19 @@ def test_fused_losses_are_finite_for_huge_logits(backend, output, loss):
     assert np.isfinite(host(backend, delta)).all()
     rv, _ = ref.output_error(y, u, t, output, loss)
     np.testing.assert_allclose(float(host(backend, value)), float(rv), rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- updates
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_sgd_update(backend, small, rng, dtype, weight_decay):
+    s = _optimizer_state(rng, small)
+    p, g = s["p"], s["g"]
+    k = backend.kernels
+    pd = k.to_device(p, dtype)
+    k.sgd_update(pd, k.to_device(g, dtype), 0.05, weight_decay)
+    ref.sgd_update(p, g, 0.05, weight_decay)
+    np.testing.assert_allclose(host(backend, pd), p, **tolerance(dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -169,6 +312,231 @@ def test_adam_update(backend, small, rng, dtype, step):
     ref.adam_update(p, g, m, v, 1e-2, 0.9, 0.999, 1e-8, step, 0.01)
     for got, want in ((pd, p), (md, m), (vd, v)):
         np.testing.assert_allclose(host(backend, got), want, **tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_update_with_ok_guard_equals_update_without_guard(backend, small, rng, optimizer, dtype):
+    s = _optimizer_state(rng, small)
+    k = backend.kernels
+    guarded = {n: k.to_device(a, dtype) for n, a in s.items()}
+    free = {n: k.to_device(a, dtype) for n, a in s.items()}
+    _apply_optimizer(k, optimizer, guarded, guard=_guard_with(k, 1.0))
+    _apply_optimizer(k, optimizer, free)
+    for n in "pmv":
+        np.testing.assert_array_equal(host_copy(k, guarded[n]), host_copy(k, free[n]), err_msg=n)
+    assert not np.array_equal(host_copy(k, free["p"]), s["p"].astype(dtype))  # the update did something
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_update_with_failed_guard_leaves_state_bit_identical(backend, small, rng, optimizer, dtype):
+    s = _optimizer_state(rng, small)
+    s["g"][0, 0] = np.nan  # what makes a guard fail; written anywhere it would show
+    k = backend.kernels
+    dev = {n: k.to_device(a, dtype) for n, a in s.items()}
+    guard = _guard_with(k, 0.0)
+    before = {n: host_copy(k, a) for n, a in dev.items()}
+    guard_before = host_copy(k, guard)
+    _apply_optimizer(k, optimizer, dev, guard=guard)
+    for n in "pmv":
+        assert np.array_equal(host_copy(k, dev[n]), before[n]), f"{optimizer} changed {n} under a failed guard"
+    assert np.array_equal(host_copy(k, guard), guard_before)
+
+
+# --------------------------------------------------------------------------- guard_step
+def _guard_step_both(backend, guard, guard_ref, loss: float, grads: np.ndarray, weight: float, dtype) -> np.ndarray:
+    """One ``guard_step`` on the backend and on the reference with the same ``dtype`` inputs; checks that
+    they agree and returns the backend's guard on the host."""
+    k = backend.kernels
+    k.guard_step(guard, k.to_device(np.array(loss), dtype), k.to_device(grads, dtype), weight)
+    ref.guard_step(guard_ref, np.array(loss, dtype=dtype), grads.astype(dtype), weight)
+    got = host(backend, guard)
+    np.testing.assert_array_equal(got[[GUARD_OK, GUARD_STEPS, GUARD_FAILED]],
+                                  guard_ref[[GUARD_OK, GUARD_STEPS, GUARD_FAILED]])
+    np.testing.assert_allclose(got[GUARD_LOSS_SUM], guard_ref[GUARD_LOSS_SUM], **tolerance(dtype))
+    return got
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fail_at", [1, 3])
+@pytest.mark.parametrize("failure", GUARD_FAILURES)
+def test_guard_step_counts_steps_and_sticks_after_first_failure(backend, small, rng, failure, fail_at, dtype):
+    k = backend.kernels
+    n = 7 if small else 1000
+    guard = k.zeros((GUARD_SIZE,), np.float64)
+    guard_ref = np.zeros(GUARD_SIZE)
+    total, failed = 0.0, 0
+    for step in range(1, 6):
+        loss, grads, weight = float(rng.uniform(0.5, 3.0)), rng.normal(size=n), float(rng.uniform(0.1, 2.0))
+        if step == fail_at or step == 5:  # the first failure, then a second one that must not move `failed`
+            if failure == "nan_grad":
+                grads[rng.integers(n)] = np.nan
+            elif failure == "inf_grad":
+                grads[rng.integers(n)] = -np.inf
+            else:
+                loss = np.nan if failure == "nan_loss" else np.inf
+            failed = failed or step
+        ok = not failed
+        if ok:
+            total += weight * float(np.asarray(loss, dtype=dtype))
+        got = _guard_step_both(backend, guard, guard_ref, loss, grads, weight, dtype)
+        assert got[GUARD_OK] == (1.0 if ok else 0.0), f"step {step}"
+        assert got[GUARD_STEPS] == step
+        assert got[GUARD_FAILED] == failed
+        np.testing.assert_allclose(got[GUARD_LOSS_SUM], total, **tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_guard_step_first_finite_step(backend, small, rng, dtype):
+    k = backend.kernels
+    guard = k.zeros((GUARD_SIZE,), np.float64)
+    loss, w = float(rng.uniform(0.5, 3.0)), 0.25
+    got = _guard_step_both(backend, guard, np.zeros(GUARD_SIZE), loss, rng.normal(size=(4 if small else 300)), w,
+                           dtype)
+    expected = [1.0, 1.0, 0.0, w * float(np.asarray(loss, dtype=dtype))]
+    np.testing.assert_allclose(got, expected, **tolerance(dtype))
+    np.testing.assert_array_equal(got[:3], expected[:3])
+
+
+# --------------------------------------------------------------------------- array_stats
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["nan", "inf", "-inf", "mixed"])
+def test_array_stats_counts_nonfinite_and_finds_the_first(backend, small, rng, kind, dtype):
+    a = rng.normal(size=(5, 3) if small else (41, 23))
+    where = rng.choice(a.size, 3, replace=False)
+    values = {"nan": [np.nan] * 3, "inf": [np.inf] * 3, "-inf": [-np.inf] * 3, "mixed": [np.inf, np.nan, -np.inf]}
+    a.reshape(-1)[where] = values[kind]
+    s = _stats(backend, a, dtype)
+    assert s[STAT_NONFINITE] == 3
+    assert s[STAT_FIRST_NONFINITE] == where.min()
+    r = ref.array_stats(a.astype(dtype))
+    np.testing.assert_array_equal(s[[STAT_NONFINITE, STAT_FIRST_NONFINITE]], r[[STAT_NONFINITE, STAT_FIRST_NONFINITE]])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_array_stats_of_finite_array(backend, small, rng, dtype):
+    a = rng.normal(size=(5, 3) if small else (41, 23)) * 4
+    a_d = a.astype(dtype).astype(np.float64)
+    s = _stats(backend, a, dtype)
+    assert s[STAT_NONFINITE] == 0
+    assert s[STAT_FIRST_NONFINITE] == -1
+    assert s[STAT_MIN] == a_d.min()
+    assert s[STAT_MAX] == a_d.max()
+    assert s[STAT_NON_INTEGER] == a.size  # normal samples are never whole numbers
+    np.testing.assert_allclose(s[STAT_ROW_SUM_ERROR], np.abs(a_d.sum(axis=1) - 1).max(), **tolerance(dtype))
+    np.testing.assert_allclose(s, ref.array_stats(a.astype(dtype)), **tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_array_stats_counts_non_integer_labels(backend, small, rng, dtype):
+    n = 9 if small else 500
+    labels = rng.integers(0, 10, n).astype(np.float64)
+    halves = rng.choice(n, 3, replace=False)
+    labels[halves[:2]] += 0.5
+    labels[halves[2]] = -2.5  # floor(-2.5) = -3: still not whole
+    s = _stats(backend, labels, dtype)
+    np.testing.assert_array_equal(s, [0, -1, labels.min(), labels.max(), 3, 0])
+    np.testing.assert_array_equal(s, ref.array_stats(labels.astype(dtype)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_array_stats_row_sum_error_of_probability_rows(backend, small, rng, dtype):
+    batch, _, n = shapes(small)
+    p = ref.activate(rng.normal(size=(batch, n)), "softmax")
+    s = _stats(backend, p, dtype)
+    assert s[STAT_ROW_SUM_ERROR] <= tolerance(dtype)["atol"]
+    assert s[STAT_NON_INTEGER] == p.size
+    row, col = rng.integers(batch), rng.integers(n)
+    p[row, col] += 0.25
+    s = _stats(backend, p, dtype)
+    np.testing.assert_allclose(s[STAT_ROW_SUM_ERROR], 0.25, **tolerance(dtype))
+    np.testing.assert_allclose(s, ref.array_stats(p.astype(dtype)), **tolerance(dtype))
+
+
+def test_array_stats_of_int64_labels(backend, small, rng):
+    n, classes = (9, 4) if small else (500, 10)
+    labels = rng.integers(0, classes, n)
+    s = _stats(backend, labels, np.int64)
+    np.testing.assert_array_equal(s, [0, -1, labels.min(), labels.max(), 0, 0])
+    np.testing.assert_array_equal(s, ref.array_stats(labels))
+    rows = np.eye(classes, dtype=np.int64)[labels]
+    np.testing.assert_array_equal(_stats(backend, rows, np.int64), [0, -1, 0, 1, 0, 0])
+    rows[rng.integers(n), 0] += 2  # that row sums to 3
+    s = _stats(backend, rows, np.int64)
+    np.testing.assert_array_equal(s, [0, -1, 0, rows.max(), 0, 2])
+    np.testing.assert_array_equal(s, ref.array_stats(rows))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_array_stats_of_1d_array_has_zero_row_sum_error(backend, rng, dtype):
+    a = rng.uniform(2.0, 3.0, size=6)  # sums far from 1
+    s = _stats(backend, a, dtype)
+    assert s[STAT_ROW_SUM_ERROR] == 0
+    np.testing.assert_allclose(s, ref.array_stats(a.astype(dtype)), **tolerance(dtype))
+
+
+# --------------------------------------------------------------------------- arrays
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("label_dtype", [np.float32, np.float64, np.int64])
+@pytest.mark.parametrize("with_out", [False, True])
+def test_one_hot(backend, small, rng, with_out, label_dtype, dtype):
+    batch, _, n = shapes(small)
+    labels = rng.integers(0, n, batch)
+    labels[0], labels[-1] = 0, n - 1  # both ends of the range
+    k = backend.kernels
+    out = poisoned(k, (batch, n), dtype) if with_out else None
+    got = k.one_hot(k.to_device(labels, label_dtype), n, dtype, out=out)
+    if with_out:
+        assert got is out
+    h = host_copy(k, got)
+    assert h.dtype == dtype and h.shape == (batch, n)
+    np.testing.assert_array_equal(h, np.eye(n)[labels])
+    np.testing.assert_array_equal(h, ref.one_hot(labels.astype(label_dtype), n, dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gather_rows_with_repeated_indices(backend, small, rng, dtype):
+    n_src, batch, d = (6, 5, 3) if small else (80, 67, 29)
+    src = rng.normal(size=(n_src, d))
+    idx = rng.integers(0, n_src, batch)
+    idx[1] = idx[0]  # a repeat
+    k = backend.kernels
+    out = poisoned(k, (batch, d), dtype)
+    got = k.gather_rows(k.to_device(src, dtype), k.to_device(idx, np.int64), out)
+    assert got is out
+    np.testing.assert_array_equal(host_copy(k, got), src.astype(dtype)[idx])
+
+
+def test_owns_its_own_arrays_only(backend):
+    k = backend.kernels
+    a = k.to_device(np.ones((2, 3)), np.float32)
+    assert k.owns(a)
+    assert k.owns(k.zeros((3,), np.float64))
+    assert not k.owns([1.0, 2.0])
+    if not isinstance(a, np.ndarray):  # a backend whose arrays are not NumPy's
+        assert not k.owns(np.ones(3))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_as_array_returns_matching_arrays_and_converts_others(backend, rng, dtype):
+    k = backend.kernels
+    x = rng.normal(size=(3, 4))
+    a = k.to_device(x, dtype)
+    assert k.as_array(a, dtype) is a
+    assert k.as_array(a, np.dtype(dtype)) is a
+    other = np.float64 if dtype == np.float32 else np.float32
+    c = k.as_array(a, other)
+    assert k.owns(c)
+    h = host_copy(k, c)
+    assert h.dtype == other
+    np.testing.assert_array_equal(h, x.astype(dtype).astype(other))
+    np.testing.assert_array_equal(host_copy(k, a), x.astype(dtype))  # the source is untouched
+    if k.xp is not None:  # an array module with strided views
+        view = a[:, ::2]
+        s = k.as_array(view, dtype)
+        assert k.owns(s) and s.flags.c_contiguous
+        np.testing.assert_array_equal(host_copy(k, s), x.astype(dtype)[:, ::2])
 
 
 def test_all_finite(backend):

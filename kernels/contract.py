@@ -1,0 +1,126 @@
+"""The backend contract: what a kernel module must provide, and what it may provide.
+
+A backend is one module of this package. :class:`KernelModule` lists, as a typed protocol, the
+names it must define (``numpy_ref`` is the reference implementation and the test oracle of
+each); :data:`OPTIONAL` lists the names the public API looks for with ``getattr`` and does
+without. Nothing above this layer looks at a backend's name or at the type of its arrays: it
+asks the module (``owns``, ``as_array``, ``array_stats``) instead.
+
+Conventions shared by every primitive:
+
+* a batch is ``(batch, n)`` C-contiguous, ``W`` is ``(n_out, n_in)``, ``b`` is ``(n_out,)``;
+* ``delta`` is ``dE/du`` of the mean loss ``E``;
+* keyword buffers (``y=``, ``u=``, ``out=``, ``delta=``, ``value=``, ``dW=``, ``db=``) are
+  C-contiguous backend arrays of the right shape and dtype that receive the result, and are
+  returned; without them the primitive allocates. A training step that passes them allocates
+  nothing;
+* ``guard`` is the ``(4,)`` float64 status array of :func:`guard_step`; an update given a guard
+  changes nothing (bit for bit) unless ``guard[0] == 1``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+Array = Any
+
+#: Layout of the guard array written by ``guard_step`` (float64, length ``GUARD_SIZE``).
+GUARD_OK = 0  #: 1.0 when the current step may be applied, else 0.0
+GUARD_STEPS = 1  #: steps seen since the guard was made
+GUARD_FAILED = 2  #: number (from 1) of the first step that was not finite; 0.0 while none was
+GUARD_LOSS_SUM = 3  #: sum of ``weight * loss`` over the applied steps
+GUARD_SIZE = 4
+
+#: Layout of the host array returned by ``array_stats`` (float64, length ``STATS_SIZE``).
+STAT_NONFINITE = 0  #: how many elements are NaN or infinite
+STAT_FIRST_NONFINITE = 1  #: flat index of the first of them (-1 when none)
+STAT_MIN = 2  #: smallest element (over all elements; NaN may leak in when some are not finite)
+STAT_MAX = 3  #: largest element
+STAT_NON_INTEGER = 4  #: how many elements are not whole numbers
+STAT_ROW_SUM_ERROR = 5  #: ``max_i |sum_j a[i, j] - 1|`` for a 2-D array, 0 for others
+STATS_SIZE = 6
+
+
+@runtime_checkable
+class KernelModule(Protocol):
+    """What every backend module defines (the signatures of :mod:`backprop.kernels.numpy_ref`)."""
+
+    NAME: str
+    #: The NumPy-like module of this backend's arrays, or ``None`` when there is none.
+    xp: Any
+
+    # ---------------------------------------------------------------- availability and arrays
+    def is_available(self) -> bool: ...
+    def unavailable_reason(self) -> str: ...
+    def owns(self, a: Any) -> bool:
+        """True when ``a`` is an array of this backend (on the current device for a GPU)."""
+    def as_array(self, a: Array, dtype: Any) -> Array:
+        """``a`` (an array this backend owns) as a C-contiguous array of ``dtype``: ``a`` itself when
+        it already is one, else a converted copy made where the array lives (no trip to the host)."""
+    def to_device(self, a: Any, dtype: Any) -> Array:
+        """A new C-contiguous backend array of ``dtype`` holding host data ``a``."""
+    def to_host(self, a: Array) -> np.ndarray: ...
+    def zeros(self, shape: tuple[int, ...], dtype: Any) -> Array: ...
+    def synchronize(self) -> None: ...
+    def all_finite(self, a: Array) -> bool: ...
+    def array_stats(self, a: Array) -> np.ndarray:
+        """The ``STATS_SIZE`` float64 facts of the ``STAT_*`` layout about ``a``, reduced where ``a``
+        lives and read back in one copy."""
+    def one_hot(self, labels: Array, n_classes: int, dtype: Any, out: Array | None = None) -> Array:
+        """Rows ``e_{labels[i]}`` of length ``n_classes`` for whole-number labels in range."""
+    def gather_rows(self, src: Array, idx: Array, out: Array) -> Array:
+        """``out[i] = src[idx[i]]`` (``idx`` an int64 array of this backend)."""
+
+    # ---------------------------------------------------------------- the equations
+    def layer_forward(self, x: Array, W: Array, b: Array, act: str, alpha: float = 0.0, keep_u: bool = False, *,
+                      y: Array | None = None, u: Array | None = None) -> tuple[Array, Array | None]: ...
+    def delta_backward(self, delta: Array, W: Array, y_prev: Array, u_prev: Array | None, act_prev: str,
+                       alpha_prev: float = 0.0, *, out: Array | None = None) -> Array: ...
+    def weight_gradients(self, delta: Array, x_prev: Array, dW: Array | None = None,
+                         db: Array | None = None) -> tuple[Array, Array]: ...
+    def output_error(self, y: Array, u: Array | None, t: Array, output: str, loss: str, param: float = 0.0,
+                     alpha: float = 0.0, *, delta: Array | None = None,
+                     value: Array | None = None) -> tuple[Array, Array]: ...
+
+    def add_sum_of_squares(self, total: Array, a: Array) -> None:
+        """``total[0] += sum(a^2)`` in float64, on the backend (``total`` a float64 ``(1,)`` array)."""
+
+    # ---------------------------------------------------------------- the guarded updates
+    def guard_step(self, guard: Array, loss: Array, grads: Array, weight: float = 1.0) -> None: ...
+    def sgd_update(self, p: Array, g: Array, lr: float, weight_decay: float = 0.0,
+                   guard: Array | None = None) -> None: ...
+    def momentum_update(self, p: Array, g: Array, v: Array, lr: float, momentum: float, nesterov: bool = False,
+                        weight_decay: float = 0.0, guard: Array | None = None) -> None: ...
+    def adam_update(self, p: Array, g: Array, m: Array, v: Array, lr: float, beta1: float, beta2: float,
+                    eps: float, step: int, weight_decay: float = 0.0, guard: Array | None = None) -> None: ...
+
+
+#: Names the API uses when a backend has them, and does without otherwise.
+OPTIONAL: dict[str, str] = {
+    "IS_GPU": "bool: the arrays live on a GPU (default False)",
+    "is_simulated": "() -> bool: runs on a simulator; 'auto' never picks it (default False)",
+    "device_memory_free": "() -> int | None: bytes free on the device (absent on a host backend)",
+    "device_info": "() -> dict: name, memory_bytes, compute_capability, ... of the current device",
+    "release_memory": "() -> None: give the cached blocks of the memory pool back to the device",
+    "capture": "(fn) -> graph: record the device work fn() issues (kernels, copies, BLAS) without running it "
+               "(backprop.graph records a whole training step with it)",
+    "capture_unavailable_reason": "() -> str: why capture cannot record here ('' when it can)",
+    "replay": "(graph) -> None: launch a graph made by capture on the current stream",
+    "copy_into": "(dst, src) -> None: device-to-device copy between arrays of one shape and dtype (capturable)",
+    "set_tf32": "(bool) -> None: let float32 GEMMs use TF32 tensor cores",
+    "tf32_enabled": "() -> bool",
+    "flop_count": "(sizes, batch) -> int: GEMM flops of one training step",
+}
+
+#: The functions of :class:`KernelModule` (every backend module defines them).
+FUNCTIONS: tuple[str, ...] = tuple(n for n, v in vars(KernelModule).items() if not n.startswith("_") and callable(v))
+
+#: Every name of :class:`KernelModule`: its functions and its constants.
+REQUIRED: tuple[str, ...] = FUNCTIONS + ("NAME", "xp")
+
+
+def missing_names(module: Any) -> list[str]:
+    """The required names ``module`` lacks (empty for a complete backend)."""
+    return [n for n in REQUIRED if not hasattr(module, n)]
