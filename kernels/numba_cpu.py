@@ -8,16 +8,23 @@ saves an allocation); Numba fuses what NumPy does in several passes with tempora
 * ``delta_backward``: ``g = delta W`` (BLAS), then ``g *= phi(y_prev)`` in place, one pass;
 * ``weight_gradients``: ``delta^T x`` (BLAS, into ``dW``) and the bias gradient as one column
   reduction;
-* ``sgd_update_from_delta``: ``delta^T x`` into a reused scratch buffer, then one kernel for
-  ``W <- (1 - eta lambda) W - eta G`` and ``b <- b - eta sum delta``;
 * ``output_error``: loss value and ``delta`` in one kernel (softmax + cross-entropy through
   log-sum-exp of the logits, sigmoid + BCE from the logits);
-* ``momentum_update`` / ``adam_update``: one fused pass each.
+* ``guard_step``: the finiteness scan of the gradients and the guard's bookkeeping, one kernel;
+  ``add_sum_of_squares``: one float64 reduction;
+* ``sgd_update`` / ``momentum_update`` / ``adam_update``: one fused pass each (skipped, without
+  touching any state, when the guard says the step is not to be applied);
+* ``array_stats``, ``one_hot``, ``gather_rows``: one pass each.
+
+With the keyword buffers of the contract (``y=``, ``u=``, ``out=``, ``delta=``, ``value=``,
+``dW=``, ``db=``) a training step allocates no array: the GEMMs write into them (``out=``) and
+the kernels work in place.
 
 Kernels are ``@njit(parallel=True, fastmath=False, cache=True, error_model="numpy")``; the
 activation and the loss are integer codes dispatched inside each kernel
-(:mod:`backprop.kernels.numba_math`), so the backend compiles 8 kernels per dtype (about 25 s
-for both dtypes on a cold cache, then loaded from ``__pycache__`` in well under a second).
+(:mod:`backprop.kernels.numba_math`), so the backend compiles one kernel per primitive and
+dtype, not one per activation (under a minute for both dtypes on a cold cache, then loaded
+from ``__pycache__`` in well under a second).
 Within a kernel each activation has a loop of its own, so that LLVM vectorizes it.
 
 float32 stays float32: constants are made with the arrays' dtype, scalars are cast to it before
@@ -35,7 +42,6 @@ from __future__ import annotations
 
 import math
 import os
-import threading
 from typing import Any
 
 import numpy as np
@@ -470,16 +476,15 @@ def _colsum(d, out, coef, accumulate, nthreads):  # pragma: no cover - compiled
 
 
 @njit(**_JIT)
-def _sgd_apply(w, g, decay, coef, d, b, nthreads):  # pragma: no cover - compiled
-    """``w <- decay * w + coef * g`` (flat arrays) and ``b <- b + coef * sum_i d[i, :]``."""
-    c = _consts(w)
-    if decay == c[nm.ONE]:
-        for i in prange(w.shape[0]):
-            w[i] += coef * g[i]
+def _sgd(p, g, lr, wd):  # pragma: no cover - compiled
+    """``p <- p - lr (g + wd p)`` (flat arrays; ``g`` alone without weight decay, as the reference)."""
+    c = _consts(p)
+    if wd == c[nm.ZERO]:
+        for i in prange(p.shape[0]):
+            p[i] -= lr * g[i]
     else:
-        for i in prange(w.shape[0]):
-            w[i] = decay * w[i] + coef * g[i]
-    _colsum(d, b, coef, True, nthreads)
+        for i in prange(p.shape[0]):
+            p[i] -= lr * (g[i] + wd * p[i])
 
 
 @njit(**_JIT)
@@ -508,8 +513,167 @@ def _adam(p, g, m, v, lr_c1, c2, b1, b2, eps, wd):  # pragma: no cover - compile
         p[i] -= lr_c1 * mi / (np.sqrt(vi / c2) + eps)
 
 
+@njit(**_JIT)
+def _guard_step(guard, loss, grads, weight):  # pragma: no cover - compiled
+    """The guard's bookkeeping (``guard`` float64, ``loss`` a 1-element view of the 0-d loss):
+    ``guard[1] += 1``; ok when no step failed yet, the loss and every gradient are finite;
+    ``guard[0] = ok``; ``guard[3] += weight * loss`` when ok, else ``guard[2] = guard[1]`` the
+    first time. The scan of the gradients stays in their dtype, and is skipped once a step has
+    failed (the guard is sticky); only the guard's own arithmetic is float64."""
+    guard[1] += 1.0
+    ok = guard[2] == 0.0 and math.isfinite(loss[0])
+    bad = 0
+    if ok:
+        for i in prange(grads.shape[0]):
+            if not math.isfinite(grads[i]):
+                bad += 1
+    if ok and bad == 0:
+        guard[0] = 1.0
+        guard[3] += weight * np.float64(loss[0])
+    else:
+        guard[0] = 0.0
+        if guard[2] == 0.0:
+            guard[2] = guard[1]
+
+
+@njit(**_JIT)
+def _stats(a, nthreads, out):  # pragma: no cover - compiled
+    """``out[:5]`` of ``array_stats`` for the flat array ``a`` (any numeric dtype, read as float64),
+    ``out[6]`` the number of NaNs (min and max are NaN then, as NumPy's). Blocks of elements are
+    reduced in parallel, then their partial results in order."""
+    n = a.shape[0]
+    nch = min(nthreads, max(1, n // 4096))
+    part = np.empty((nch, 6))
+    for ch in prange(nch):
+        lo = ch * n // nch
+        hi = (ch + 1) * n // nch
+        bad = 0.0
+        first = -1.0
+        nan = 0.0
+        frac = 0.0
+        mn = np.inf
+        mx = -np.inf
+        for i in range(lo, hi):
+            v = np.float64(a[i])
+            if math.isfinite(v):
+                if v != np.floor(v):
+                    frac += 1.0
+            else:
+                if first < 0.0:
+                    first = np.float64(i)
+                bad += 1.0
+                if v != v:
+                    nan += 1.0
+                    frac += 1.0
+            mn = v if v < mn else mn
+            mx = v if v > mx else mx
+        part[ch, 0] = bad
+        part[ch, 1] = first
+        part[ch, 2] = mn
+        part[ch, 3] = mx
+        part[ch, 4] = frac
+        part[ch, 5] = nan
+    out[0] = 0.0
+    out[1] = -1.0
+    out[2] = np.inf
+    out[3] = -np.inf
+    out[4] = 0.0
+    out[6] = 0.0
+    for ch in range(nch):
+        out[0] += part[ch, 0]
+        if out[1] < 0.0:
+            out[1] = part[ch, 1]
+        out[2] = min(out[2], part[ch, 2])
+        out[3] = max(out[3], part[ch, 3])
+        out[4] += part[ch, 4]
+        out[6] += part[ch, 5]
+
+
+@njit(**_JIT)
+def _row_sum_error(a, nthreads):  # pragma: no cover - compiled
+    """``max_i |sum_j a[i, j] - 1|``, summed in float64 (NaN when a row's error is NaN)."""
+    m, n = a.shape
+    nch = min(nthreads, max(1, (m * n) // 4096), m)
+    part = np.zeros(nch)
+    for ch in prange(nch):
+        lo = ch * m // nch
+        hi = (ch + 1) * m // nch
+        worst = 0.0
+        for i in range(lo, hi):
+            s = 0.0
+            for j in range(n):
+                s += np.float64(a[i, j])
+            e = abs(s - 1.0)
+            if e > worst or e != e:
+                worst = e if worst == worst else worst
+        part[ch] = worst
+    res = 0.0
+    for ch in range(nch):
+        if part[ch] > res or part[ch] != part[ch]:
+            res = part[ch] if res == res else res
+    return res
+
+
+@njit(**_JIT)
+def _add_sum_of_squares(total, a, nthreads):  # pragma: no cover - compiled
+    """``total[0] += sum_i a[i]^2`` in float64 (blocks of elements in parallel, then in order)."""
+    n = a.shape[0]
+    nch = min(nthreads, max(1, n // 4096))
+    part = np.zeros(nch)
+    for ch in prange(nch):
+        lo = ch * n // nch
+        hi = (ch + 1) * n // nch
+        s = 0.0
+        for i in range(lo, hi):
+            v = np.float64(a[i])
+            s += v * v
+        part[ch] = s
+    s = 0.0
+    for ch in range(nch):
+        s += part[ch]
+    total[0] += s
+
+
+@njit(**_JIT)
+def _one_hot(labels, out):  # pragma: no cover - compiled
+    """``out[i, :] = e_{labels[i]}`` (labels whole numbers in range, any numeric dtype)."""
+    c = _consts(out)
+    m, n = out.shape
+    for i in prange(m):
+        for j in range(n):
+            out[i, j] = c[nm.ZERO]
+        out[i, np.int64(labels[i])] = c[nm.ONE]
+
+
+@njit(**_JIT)
+def _gather_rows(src, idx, out):  # pragma: no cover - compiled
+    """``out[i, :] = src[idx[i], :]`` (2-D views); returns how many indices were out of range
+    (their rows are left as they were)."""
+    m, n = out.shape
+    rows = src.shape[0]
+    bad = 0
+    for i in prange(m):
+        k = idx[i]
+        if k < 0:
+            k += rows
+        if k < 0 or k >= rows:
+            bad += 1
+        else:
+            for j in range(n):
+                out[i, j] = src[k, j]
+    return bad
+
+
 #: Every compiled kernel (the tests inspect their float32 code).
-KERNELS = (_all_finite, _bias_act, _slope_mul, _output_error, _colsum, _sgd_apply, _momentum, _adam)
+KERNELS = (_all_finite, _bias_act, _slope_mul, _output_error, _colsum, _sgd, _momentum, _adam, _guard_step,
+           _add_sum_of_squares, _stats, _row_sum_error, _one_hot, _gather_rows)
+#: Kernels that compute in float64 on purpose whatever their input's dtype, so the float32 check
+#: of the tests leaves them out: ``_guard_step`` keeps the float64 guard (step count, loss sum,
+#: the float32 loss widened to be added to it; its per-element scan of the gradients does no
+#: float64 arithmetic); ``_add_sum_of_squares`` sums in float64 as the contract says; the
+#: statistics read every element as float64 (they serve input checks, and integer arrays go
+#: through them too).
+FLOAT64_KERNELS = (_guard_step, _add_sum_of_squares, _stats, _row_sum_error)
 
 
 # --------------------------------------------------------------------------- housekeeping
@@ -558,20 +722,19 @@ def _threads(work: int) -> int:
     return min(_get_threads(), max(1, work // PARALLEL_GRAIN))
 
 
-def _run(kernel: Any, work: int, *args: Any) -> None:
-    """Call ``kernel(*args)`` on as many threads as ``work`` elements justify (see
-    :data:`PARALLEL_GRAIN`), at most the caller's ``numba.get_num_threads()``."""
+def _run(kernel: Any, work: int, *args: Any) -> Any:
+    """``kernel(*args)`` on as many threads as ``work`` elements justify (see
+    :data:`PARALLEL_GRAIN`), at most the caller's ``numba.get_num_threads()``; its result."""
     global _get_threads, _set_threads
     if _get_threads is None:
         _get_threads, _set_threads = _thread_count_functions()
     cur = _get_threads()
     want = min(cur, max(1, work // PARALLEL_GRAIN))
     if want == cur:
-        kernel(*args)
-        return
+        return kernel(*args)
     _set_threads(want)
     try:
-        kernel(*args)
+        return kernel(*args)
     finally:
         _set_threads(cur)
 
@@ -587,51 +750,107 @@ def _flat(a: np.ndarray) -> np.ndarray:
     return a.reshape(-1)
 
 
-_scratch = threading.local()
+def _skipped(guard: Array | None) -> bool:
+    """True when a guard says this step must not be applied (the guard is a host array here)."""
+    return guard is not None and guard[0] != 1.0
 
 
-def _scratch_buffer(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """A per-thread buffer reused across calls (only for temporaries that never leave a call)."""
-    pool = getattr(_scratch, "pool", None)
-    if pool is None:
-        pool = _scratch.pool = {}
-    key = (shape, dtype.str)
-    buf = pool.get(key)
-    if buf is None:
-        if len(pool) > 64:
-            pool.clear()
-        buf = pool[key] = np.empty(shape, dtype)
-    return buf
+# --------------------------------------------------------------------------- arrays
+def owns(a: Any) -> bool:
+    """True for NumPy arrays, the arrays of this backend."""
+    return isinstance(a, np.ndarray)
+
+
+def as_array(a: Array, dtype: Any) -> Array:
+    """``a`` as a C-contiguous array of ``dtype``: ``a`` itself when it already is one, else a copy."""
+    if isinstance(a, np.ndarray) and a.dtype == dtype and a.flags.c_contiguous:
+        return a
+    return np.asarray(a, dtype=dtype, order="C")  # not ascontiguousarray: it makes 0-d arrays 1-d
+
+
+def array_stats(a: Array) -> np.ndarray:
+    """The ``STAT_*`` facts about ``a`` (:mod:`backprop.kernels.contract`), float64: how many elements
+    are not finite and the flat index of the first (-1 for none), min, max (NaN when some element
+    is NaN, or for an empty array), how many are not whole numbers (NaN counts, +-inf does not),
+    and ``max_i |sum_j a[i, j] - 1|`` for a 2-D array (0 otherwise). Any numeric dtype; one
+    parallel pass, plus one over the rows for a 2-D array."""
+    a = np.asarray(a)
+    out = np.zeros(7, dtype=np.float64)
+    if a.size == 0:
+        out[1] = -1.0
+        out[2] = out[3] = np.nan
+        return out[:6]
+    flat = np.ascontiguousarray(a).reshape(-1)
+    _run(_stats, flat.size, flat, _threads(flat.size), out)
+    if out[6]:
+        out[2] = out[3] = np.nan
+    if a.ndim == 2:
+        out[5] = _row_sum_error(a, _threads(a.size))
+    return out[:6]
+
+
+def one_hot(labels: Array, n_classes: int, dtype: Any, out: Array | None = None) -> Array:
+    """Rows ``e_{labels[i]}`` of length ``n_classes`` (labels whole numbers in ``[0, n_classes)``,
+    any numeric dtype), into ``out`` when given."""
+    if out is None:
+        out = np.empty((labels.shape[0], n_classes), dtype=dtype)
+    _run(_one_hot, out.size, labels.reshape(-1), out)
+    return out
+
+
+def gather_rows(src: Array, idx: Array, out: Array) -> Array:
+    """``out[i] = src[idx[i]]``: the rows of a minibatch, picked by an int64 index array; one pass."""
+    rows = src.shape[0]
+    s2 = src.reshape(rows, -1) if src.ndim != 2 else src
+    o2 = out.reshape(out.shape[0], -1) if out.ndim != 2 else out
+    if _run(_gather_rows, o2.size, s2, idx, o2):
+        raise IndexError(f"gather_rows: an index is out of range for {rows} rows")
+    return out
 
 
 # --------------------------------------------------------------------------- forward
 def layer_forward(
-    x: Array, W: Array, b: Array, act: str, alpha: float = 0.0, keep_u: bool = False
+    x: Array, W: Array, b: Array, act: str, alpha: float = 0.0, keep_u: bool = False, *,
+    y: Array | None = None, u: Array | None = None,
 ) -> tuple[Array, Array | None]:
-    """``u = x W^T`` by BLAS, then ``y = f(u + b)`` in one fused pass; ``(y, u if keep_u)``."""
+    """``u = x W^T`` by BLAS, then ``y = f(u + b)`` in one fused pass; ``(y, u if keep_u)``.
+
+    Without ``keep_u`` the GEMM writes into ``y`` (when given) and the epilogue works in place;
+    with it the GEMM writes into ``u`` and the activation into ``y`` (each when given)."""
     code = nm.act_code(act)
     dt = W.dtype
-    u = np.empty((x.shape[0], W.shape[0]), dtype=dt)
-    np.matmul(x, W.T, out=u)
-    y = np.empty_like(u) if keep_u else u
-    _run(_bias_act, u.size, u, _c(b), y, code, dt.type(alpha), bool(keep_u))
-    return y, (u if keep_u else None)
+    shape = (x.shape[0], W.shape[0])
+    if keep_u:
+        if u is None:
+            u = np.empty(shape, dtype=dt)
+        if y is None:
+            y = np.empty(shape, dtype=dt)
+        np.matmul(x, W.T, out=u)
+        _run(_bias_act, u.size, u, _c(b), y, code, dt.type(alpha), True)
+        return y, u
+    if y is None:
+        y = np.empty(shape, dtype=dt)
+    np.matmul(x, W.T, out=y)
+    _run(_bias_act, y.size, y, _c(b), y, code, dt.type(alpha), False)
+    return y, None
 
 
 # --------------------------------------------------------------------------- backward
 def delta_backward(
-    delta: Array, W: Array, y_prev: Array, u_prev: Array | None, act_prev: str, alpha_prev: float = 0.0
+    delta: Array, W: Array, y_prev: Array, u_prev: Array | None, act_prev: str, alpha_prev: float = 0.0, *,
+    out: Array | None = None,
 ) -> Array:
-    """``g = delta W`` by BLAS, then ``g *= phi(y_prev)`` in place (one pass)."""
+    """``g = delta W`` by BLAS (into ``out`` when given), then ``g *= phi(y_prev)`` in place (one pass)."""
     code = nm.act_code(act_prev)
     if code == nm.SOFTMAX:
         raise ValueError("activation 'softmax' has no elementwise slope")
     if code in nm.NEEDS_U and u_prev is None:
         raise ValueError(f"{act_prev}'s slope needs the pre-activation u")
-    g = np.matmul(delta, W)
-    y_prev = _c(y_prev)
-    u_prev = y_prev if u_prev is None else _c(u_prev)
-    _run(_slope_mul, g.size, g, y_prev, u_prev, code, g.dtype.type(alpha_prev))
+    g = np.matmul(delta, W) if out is None else np.matmul(delta, W, out=out)
+    if code != nm.IDENTITY:
+        y_prev = _c(y_prev)
+        u_prev = y_prev if u_prev is None else _c(u_prev)
+        _run(_slope_mul, g.size, g, y_prev, u_prev, code, g.dtype.type(alpha_prev))
     return g
 
 
@@ -651,26 +870,14 @@ def weight_gradients(
     return dW, db
 
 
-def sgd_update_from_delta(
-    W: Array, b: Array, delta: Array, x_prev: Array, lr: float, weight_decay: float = 0.0
-) -> None:
-    """``W <- (1 - eta lambda) W - eta delta^T x_prev``, ``b <- b - eta sum delta``, in place.
-
-    ``delta^T x_prev`` goes into a per-thread scratch buffer (reused across steps, never returned)."""
-    dt = W.dtype.type
-    delta = _c(delta)
-    G = _scratch_buffer(W.shape, W.dtype)
-    np.matmul(delta.T, x_prev, out=G)
-    decay = 1.0 - lr * weight_decay if weight_decay else 1.0
-    work = max(W.size, delta.size)
-    _run(_sgd_apply, work, _flat(W), G.reshape(-1), dt(decay), dt(-lr), delta, b, _threads(work))
-
-
 # --------------------------------------------------------------------------- output error
 def output_error(
-    y: Array, u: Array, t: Array, output: str, loss: str, param: float = 0.0, alpha: float = 0.0
+    y: Array, u: Array | None, t: Array, output: str, loss: str, param: float = 0.0, alpha: float = 0.0, *,
+    delta: Array | None = None, value: Array | None = None,
 ) -> tuple[Array, Array]:
-    """Mean loss (a 0-d array of ``y``'s dtype) and ``delta = dE/du`` in one fused pass."""
+    """Mean loss ``E`` (a 0-d array of ``y``'s dtype) and ``delta = dE/du`` in one fused pass, into
+    ``value`` and ``delta`` when given: ``delta = (y - t) / batch`` for the fused pairs,
+    ``dL/dy * phi(y) / batch`` otherwise."""
     lcode, acode = nm.output_loss_codes(output, loss, u is not None)
     y = _c(y)
     dt = y.dtype
@@ -678,18 +885,50 @@ def output_error(
         u = y
     u = np.ascontiguousarray(u, dtype=dt)
     t = np.ascontiguousarray(t, dtype=dt)
-    delta = np.empty_like(y)
-    out = np.empty(1, dtype=dt)
-    _run(_output_error, y.size, y, u, t, delta, lcode, acode, dt.type(param), dt.type(alpha), out)
-    return out.reshape(()), delta
+    if delta is None:
+        delta = np.empty_like(y)
+    if value is None:
+        value = np.empty((), dtype=dt)
+    _run(_output_error, y.size, y, u, t, delta, lcode, acode, dt.type(param), dt.type(alpha), value.reshape(1))
+    return value, delta
 
 
-# --------------------------------------------------------------------------- optimizers
+# --------------------------------------------------------------------------- guarded updates
+def guard_step(guard: Array, loss: Array, grads: Array, weight: float = 1.0) -> None:
+    """Decide whether this step may be applied and keep the tally (``GUARD_*`` layout, float64):
+    ``guard[1] += 1``; ``ok = guard[2] == 0 and isfinite(loss) and all(isfinite(grads))``;
+    ``guard[0] = ok``; if ok ``guard[3] += weight * loss``, elif ``guard[2] == 0``:
+    ``guard[2] = guard[1]`` (the first failing step, sticky). One kernel, no Python-side read."""
+    _run(_guard_step, grads.size, guard, loss.reshape(1), _flat(grads), float(weight))
+
+
+def add_sum_of_squares(total: Array, a: Array) -> None:
+    """``total[0] += sum_ij a_ij^2``, summed in float64 into the float64 ``(1,)`` array ``total`` (an
+    L2 penalty ``||W||^2`` kept on the backend over many steps); one pass."""
+    if total.dtype != np.float64 or total.shape != (1,):
+        raise ValueError(f"total must be a float64 array of shape (1,), got {total.dtype} {tuple(total.shape)}")
+    flat = np.ascontiguousarray(a).reshape(-1)
+    _run(_add_sum_of_squares, flat.size, total, flat, _threads(flat.size))
+
+
+def sgd_update(p: Array, g: Array, lr: float, weight_decay: float = 0.0, guard: Array | None = None) -> None:
+    """Plain SGD, in place, one fused pass: ``p <- p - eta (g + lambda p)`` (skipped when ``guard``
+    is given and ``guard[0] != 1``)."""
+    if _skipped(guard):
+        return
+    dt = p.dtype.type
+    _run(_sgd, p.size, _flat(p), _c(g).reshape(-1), dt(lr), dt(weight_decay))
+
+
 def momentum_update(
     p: Array, g: Array, v: Array, lr: float, momentum: float, nesterov: bool = False,
-    weight_decay: float = 0.0,
+    weight_decay: float = 0.0, guard: Array | None = None,
 ) -> None:
-    """SGD with (Nesterov) momentum, in place, one fused pass (see the reference)."""
+    """SGD with (Nesterov) momentum, in place, one fused pass: ``g' = g + lambda p``,
+    ``v <- mu v + g'``, ``p <- p - eta v`` (Nesterov: ``p <- p - eta (g' + mu v)``); ``p`` and
+    ``v`` untouched when ``guard`` is given and ``guard[0] != 1``."""
+    if _skipped(guard):
+        return
     dt = p.dtype.type
     _run(_momentum, p.size, _flat(p), _c(g).reshape(-1), _flat(v), dt(lr), dt(momentum), bool(nesterov),
          dt(weight_decay))
@@ -697,9 +936,14 @@ def momentum_update(
 
 def adam_update(
     p: Array, g: Array, m: Array, v: Array, lr: float, beta1: float, beta2: float, eps: float,
-    step: int, weight_decay: float = 0.0,
+    step: int, weight_decay: float = 0.0, guard: Array | None = None,
 ) -> None:
-    """Adam with bias corrections, in place, one fused pass (see the reference)."""
+    """Adam with bias corrections, in place, one fused pass: ``m <- b1 m + (1-b1) g'``,
+    ``v <- b2 v + (1-b2) g'^2``, ``p <- p - eta m_hat / (sqrt(v_hat) + eps)`` with
+    ``g' = g + lambda p`` and corrections ``1 - b^step``; ``p``, ``m``, ``v`` untouched when
+    ``guard`` is given and ``guard[0] != 1``."""
+    if _skipped(guard):
+        return
     dt = p.dtype.type
     c1 = 1.0 - beta1**step
     c2 = 1.0 - beta2**step

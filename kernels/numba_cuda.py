@@ -5,7 +5,9 @@ What runs where:
 * **fused kernels** (always Numba, :mod:`backprop.kernels.numba_cuda_kernels`): bias +
   activation epilogue (softmax one thread per row), ``(delta W) * phi(y)`` epilogue, bias
   gradient column reduction, output error and loss (loss reduced on the device, one value per
-  row then a one-block mean), and the fused SGD/momentum/Adam updates;
+  row then a one-block mean), the step guard, the float64 sum of squares, the fused
+  SGD/momentum/Adam updates (which read the guard on the device: a skipped step costs no host
+  round trip), the statistics of ``array_stats``, ``one_hot`` and ``gather_rows``;
 * **GEMMs**: with CuPy installed and a real GPU, ``cupy.matmul`` (cuBLAS). Arrays are then CuPy
   arrays (``xp`` is ``cupy``), handed to the Numba kernels zero-copy through
   ``__cuda_array_interface__`` and launched on CuPy's current stream, so kernels and cuBLAS
@@ -20,7 +22,9 @@ without a GPU it is unavailable ("no CUDA GPU found"). Importing this module imp
 Numba nor CuPy; that happens on the first call of :func:`is_available` (or of a primitive).
 
 float32 arrays are computed in float32 on the device (typed constants, scalars cast to the
-arrays' dtype); float64 works too.
+arrays' dtype); float64 works too. With the keyword buffers of the contract a training step
+allocates no device memory: the few temporaries (the per-row losses, the guard's flag) live in
+a small module cache keyed by their shape and dtype and are never returned.
 """
 
 from __future__ import annotations
@@ -42,7 +46,21 @@ _reason = ""
 
 
 # --------------------------------------------------------------------------- availability
+def numpy_compat() -> None:
+    """Give NumPy back the ``np.row_stack`` alias (of ``np.vstack``) where it lacks it.
+
+    numba-cuda (0.30.4) registers ``overload(np.row_stack)`` when it compiles, and NumPy 2.5
+    removed ``row_stack``: every kernel compile for a real GPU then fails with AttributeError.
+    Called before ``numba.cuda`` is imported (here and by :mod:`backprop.kernels.numba_cuda_kernels`);
+    leaves NumPy alone when it has the name. Remove this once numba-cuda no longer names
+    ``np.row_stack``.
+    """
+    if not hasattr(np, "row_stack"):
+        np.row_stack = np.vstack  # type: ignore[attr-defined]
+
+
 def _numba_cuda() -> ModuleType:
+    numpy_compat()
     from numba import cuda
 
     return cuda
@@ -106,7 +124,10 @@ def _get() -> SimpleNamespace:
         from . import numba_cuda_kernels as kern
 
         cuda = _numba_cuda()
-        _state = SimpleNamespace(cuda=cuda, k=kern, cupy=_cupy_if_usable(), streams={})
+        dev = cuda.devicearray
+        nb_array = getattr(dev, "DeviceNDArray", None) or dev.FakeCUDAArray  # the simulator's class
+        _state = SimpleNamespace(cuda=cuda, k=kern, cupy=_cupy_if_usable(), streams={}, scratch={},
+                                 nb_array=nb_array)
     return _state
 
 
@@ -144,7 +165,7 @@ def to_device(a: Any, dtype: Any) -> Array:
         return s.cupy.array(a, dtype=dtype, order="C", copy=True)
     if _is_device(a):
         a = to_host(a)
-    host = np.ascontiguousarray(a, dtype=dtype)
+    host = np.asarray(a, dtype=dtype, order="C")  # not ascontiguousarray: it makes 0-d arrays 1-d
     if s.cupy is not None:
         return s.cupy.array(host, dtype=dtype, order="C", copy=True)
     return s.cuda.to_device(host)
@@ -169,12 +190,121 @@ def synchronize() -> None:
     _get().cuda.synchronize()
 
 
+def device_memory_free() -> int | None:
+    """Bytes free on the current device; ``None`` under the simulator (or without a GPU)."""
+    if is_simulated() or not is_available():
+        return None
+    s = _get()
+    if s.cupy is not None:
+        return int(s.cupy.cuda.runtime.memGetInfo()[0])
+    return int(s.cuda.current_context().get_memory_info().free)
+
+
+def device_info() -> dict[str, Any]:
+    """Name and compute capability of the current device (for benchmark reports)."""
+    if is_simulated():
+        return {"name": "CUDA simulator", "simulated": True}
+    dev = _get().cuda.get_current_device()
+    name = dev.name
+    return {"name": name.decode() if isinstance(name, bytes) else str(name),
+            "compute_capability": ".".join(map(str, dev.compute_capability))}
+
+
+def owns(a: Any) -> bool:
+    """True for this backend's arrays on the current device: CuPy arrays when the backend uses
+    CuPy, Numba device arrays otherwise."""
+    s = _get()
+    if s.cupy is not None:
+        return isinstance(a, s.cupy.ndarray) and a.device.id == s.cupy.cuda.runtime.getDevice()
+    if not isinstance(a, s.nb_array):
+        return False
+    ctx = getattr(getattr(a, "gpu_data", None), "context", None)
+    return ctx is None or ctx.device.id == s.cuda.get_current_device().id
+
+
+def _c_contiguous(a: Array) -> bool:
+    return bool(a.is_c_contiguous()) if hasattr(a, "is_c_contiguous") else bool(a.flags.c_contiguous)
+
+
+def as_array(a: Array, dtype: Any) -> Array:
+    """``a`` as a C-contiguous array of ``dtype``: ``a`` itself when it is an owned one, else a
+    converted copy made on the device (a kernel, or CuPy); data this backend does not own is
+    copied over as by :func:`to_device`."""
+    dt = np.dtype(dtype)
+    if not owns(a):
+        return to_device(a, dt)
+    if a.dtype == dt and _c_contiguous(a):
+        return a
+    s = _get()
+    if s.cupy is not None:
+        return s.cupy.array(a, dtype=dt, order="C", copy=True)
+    out = _empty(a.shape, dt)
+    _copy_cast(a, out)
+    return out
+
+
+def _copy_cast(src: Array, dst: Array) -> None:
+    """``dst[...] = src`` converted to ``dst``'s dtype by a kernel (Numba device arrays; ``dst``
+    C-contiguous, ``src`` any layout)."""
+    s = _get()
+    n = _size(dst)
+    if n == 0:
+        return
+    ndim = len(src.shape)
+    if ndim == 1 or _c_contiguous(src):
+        flat = src if ndim == 1 else src.reshape(n)
+        _launch(s.k.cast_flat, s.k.blocks(n), s.k.TPB, flat, dst.reshape(n))
+    elif ndim == 2:
+        _launch(s.k.cast_2d, s.k.blocks(n), s.k.TPB, src, dst)
+    else:
+        for i in range(src.shape[0]):
+            _copy_cast(src[i], dst[i])
+
+
+def _scratch(tag: str, shape: tuple[int, ...], dtype: Any, zero: bool = False) -> Array:
+    """A device temporary reused from call to call, one per ``(tag, shape, dtype, device, stream)``
+    (only for values that never leave the backend). ``zero``: zero-filled when made (a kernel that
+    leaves it as it found it keeps it so)."""
+    s = _get()
+    key = (tag, shape, np.dtype(dtype).str, _device_key(), _stream_key())
+    buf = s.scratch.get(key)
+    if buf is None:
+        if len(s.scratch) > 64:
+            s.scratch.clear()
+        buf = s.scratch[key] = zeros(shape, dtype) if zero else _empty(shape, dtype)
+    return buf
+
+
+def _always() -> Array:
+    """A guard that lets every update through (``guard[0] == 1``), for updates called without one."""
+    s = _get()
+    key = ("always", _device_key())
+    g = s.scratch.get(key)
+    if g is None:
+        g = s.scratch[key] = to_device(np.array([1.0, 0.0, 0.0, 0.0]), np.float64)
+    return g
+
+
 def _nb(a: Array) -> Any:
     """A Numba view of ``a`` for a kernel launch: CuPy arrays are wrapped zero-copy (no stream
     sync, see the module docstring); Numba device arrays pass as they are."""
     if hasattr(a, "copy_to_host") or isinstance(a, np.ndarray):
         return a  # a host array works too: Numba copies it over and back around the launch
     return _get().cuda.as_cuda_array(a, sync=False)
+
+
+def _device_key() -> int:
+    """The current device's number (0 under the simulator)."""
+    s = _get()
+    if s.cupy is not None:
+        return int(s.cupy.cuda.runtime.getDevice())
+    return int(getattr(s.cuda.get_current_device(), "id", 0) or 0)
+
+
+def _stream_key() -> int:
+    """The current stream's handle (0 for Numba's default stream)."""
+    s = _get()
+    return 0 if s.cupy is None else int(s.cupy.cuda.get_current_stream().ptr)
 
 
 def _stream() -> Any:
@@ -214,24 +344,79 @@ def all_finite(a: Array) -> bool:
     return not bool(flag.copy_to_host()[0])
 
 
-# --------------------------------------------------------------------------- GEMMs
-def _matmul(a: Array, b: Array, ta: bool, tb: bool, out: Array | None = None, alpha: float = 1.0,
-            beta: float | None = None) -> Array:
-    """``out = op(a) op(b)``, or ``out = alpha op(a) op(b) + beta out`` when ``beta`` is given.
+def array_stats(a: Array) -> np.ndarray:
+    """The ``STAT_*`` facts about ``a`` (:mod:`backprop.kernels.contract`), float64: how many elements
+    are not finite and the flat index of the first (-1 for none), min, max (NaN when some element
+    is NaN, or for an empty array), how many are not whole numbers (NaN counts, +-inf does not),
+    and ``max_i |sum_j a[i, j] - 1|`` for a 2-D array (0 otherwise). Any numeric dtype.
 
-    With CuPy: ``cupy.matmul`` (cuBLAS), and for the ``beta`` form the fused ``scale_add``
-    kernel on its result. Otherwise the tiled shared-memory kernel does both forms in one
-    launch (it reads ``out`` only for the ``beta`` form)."""
+    Reduced on the device into one small float64 buffer (atomics merge the threads' partial
+    results), read back with one copy."""
+    s = _get()
+    n = _size(a)
+    out = np.zeros(s.k.STATS_BUFFER, dtype=np.float64)
+    if n == 0:
+        out[1] = -1.0
+        out[2] = out[3] = np.nan
+        return out[:6]
+    if not _c_contiguous(a):
+        a = as_array(a, a.dtype)
+    buf = _empty((s.k.STATS_BUFFER,), np.float64)
+    _launch(s.k.stats_init, 1, 1, _nb(buf), n)
+    _launch(s.k.stats_flat, s.k.blocks(n), s.k.TPB, _flat(a), _nb(buf))
+    if len(a.shape) == 2:
+        _launch(s.k.stats_rows, s.k.blocks(a.shape[0]), s.k.TPB, _nb(a), _nb(buf))
+    out = np.asarray(to_host(buf), dtype=np.float64)
+    if out[1] >= n:
+        out[1] = -1.0
+    if out[s.k.STATS_NAN]:
+        out[2] = out[3] = np.nan
+    if out[s.k.STATS_ROW_NAN]:
+        out[5] = np.nan
+    return out[:6]
+
+
+def one_hot(labels: Array, n_classes: int, dtype: Any, out: Array | None = None) -> Array:
+    """Rows ``e_{labels[i]}`` of length ``n_classes`` (labels whole numbers in ``[0, n_classes)``,
+    any numeric dtype), into ``out`` when given; one kernel."""
+    s = _get()
+    m = labels.shape[0]
+    if not _c_contiguous(labels):
+        labels = as_array(labels, labels.dtype)
+    if out is None:
+        out = _empty((m, n_classes), np.dtype(dtype))
+    if m and n_classes:
+        _launch(s.k.one_hot, s.k.blocks(m * n_classes), s.k.TPB, _flat(labels), _nb(out))
+    return out
+
+
+def _rows(a: Array) -> Any:
+    """A 2-D Numba view ``(len(a), -1)`` of a C-contiguous array."""
+    if len(a.shape) == 2:
+        return _nb(a)
+    rows = a.shape[0]
+    return _nb(a).reshape(rows, _size(a) // rows if rows else 1)
+
+
+def gather_rows(src: Array, idx: Array, out: Array) -> Array:
+    """``out[i] = src[idx[i]]``: the rows of a minibatch, picked by an int64 device index array;
+    one kernel (the indices are not checked on the device: the caller makes them)."""
+    s = _get()
+    n = _size(out)
+    if n and src.shape[0]:
+        _launch(s.k.gather_rows, s.k.blocks(n), s.k.TPB, _rows(src), _nb(idx), _rows(out))
+    return out
+
+
+# --------------------------------------------------------------------------- GEMMs
+def _matmul(a: Array, b: Array, ta: bool, tb: bool, out: Array | None = None) -> Array:
+    """``out = op(a) op(b)`` (``op`` transposing when ``ta``/``tb``), into ``out`` when given.
+
+    With CuPy: ``cupy.matmul`` (cuBLAS). Otherwise the tiled shared-memory kernel."""
     s = _get()
     dt = np.dtype(a.dtype)
     if s.cupy is not None:
-        A, B = (a.T if ta else a), (b.T if tb else b)
-        if beta is None:
-            return s.cupy.matmul(A, B, out=out)
-        prod = s.cupy.matmul(A, B)
-        _launch(s.k.scale_add, s.k.blocks(prod.size), s.k.TPB, _flat(out), _flat(prod), dt.type(beta),
-                dt.type(alpha))
-        return out
+        return s.cupy.matmul(a.T if ta else a, b.T if tb else b, out=out)
     M = a.shape[1] if ta else a.shape[0]
     N = b.shape[0] if tb else b.shape[1]
     if out is None:
@@ -239,8 +424,7 @@ def _matmul(a: Array, b: Array, ta: bool, tb: bool, out: Array | None = None, al
     if M and N:
         T = s.k.TILE
         grid = ((N + T - 1) // T, (M + T - 1) // T)
-        _launch(s.k.kernels_for(dt.name).gemm, grid, (T, T), _nb(a), _nb(b), _nb(out), bool(ta), bool(tb),
-                dt.type(alpha), dt.type(0.0 if beta is None else beta), beta is not None)
+        _launch(s.k.kernels_for(dt.name).gemm, grid, (T, T), _nb(a), _nb(b), _nb(out), bool(ta), bool(tb))
     return out
 
 
@@ -254,14 +438,22 @@ def _zero_fill(out: Array) -> Array:
 
 # --------------------------------------------------------------------------- forward
 def layer_forward(
-    x: Array, W: Array, b: Array, act: str, alpha: float = 0.0, keep_u: bool = False
+    x: Array, W: Array, b: Array, act: str, alpha: float = 0.0, keep_u: bool = False, *,
+    y: Array | None = None, u: Array | None = None,
 ) -> tuple[Array, Array | None]:
-    """``u = x W^T`` (GEMM), then the bias + activation epilogue; ``(y, u if keep_u)``."""
+    """``u = x W^T`` (GEMM), then the bias + activation epilogue ``y = f(u + b)``; ``(y, u if keep_u)``.
+
+    Without ``keep_u`` the GEMM writes into ``y`` (when given) and the epilogue works in place;
+    with it the GEMM writes into ``u`` and the activation into ``y`` (each when given)."""
     s = _get()
     code = nm.act_code(act)
     dt = np.dtype(W.dtype)
-    u = _matmul(x, W, False, True)
-    y = _empty(u.shape, dt) if keep_u else u
+    if keep_u:
+        u = _matmul(x, W, False, True, out=u)
+        if y is None:
+            y = _empty(u.shape, dt)
+    else:
+        y = u = _matmul(x, W, False, True, out=y)
     m, n = u.shape
     if m and n:
         if code == nm.SOFTMAX:
@@ -274,16 +466,18 @@ def layer_forward(
 
 # --------------------------------------------------------------------------- backward
 def delta_backward(
-    delta: Array, W: Array, y_prev: Array, u_prev: Array | None, act_prev: str, alpha_prev: float = 0.0
+    delta: Array, W: Array, y_prev: Array, u_prev: Array | None, act_prev: str, alpha_prev: float = 0.0, *,
+    out: Array | None = None,
 ) -> Array:
-    """``g = delta W`` (GEMM), then ``g *= phi(y_prev)`` in place (the epilogue kernel)."""
+    """``g = delta W`` (GEMM, into ``out`` when given), then ``g *= phi(y_prev)`` in place (the
+    epilogue kernel; ``f'(u_prev)`` for GELU/SiLU)."""
     s = _get()
     code = nm.act_code(act_prev)
     if code == nm.SOFTMAX:
         raise ValueError("activation 'softmax' has no elementwise slope")
     if code in nm.NEEDS_U and u_prev is None:
         raise ValueError(f"{act_prev}'s slope needs the pre-activation u")
-    g = _matmul(delta, W, False, False)
+    g = _matmul(delta, W, False, False, out=out)
     m, n = g.shape
     if m and n and code != nm.IDENTITY:
         dt = np.dtype(g.dtype)
@@ -319,58 +513,106 @@ def weight_gradients(
     return dW, db
 
 
-def sgd_update_from_delta(
-    W: Array, b: Array, delta: Array, x_prev: Array, lr: float, weight_decay: float = 0.0
-) -> None:
-    """``W <- (1 - eta lambda) W - eta delta^T x_prev`` (one GEMM with beta on the Numba path;
-    cuBLAS then the fused axpby kernel with CuPy), ``b <- b - eta sum delta`` (reduction kernel)."""
-    decay = 1.0 - lr * weight_decay if weight_decay else 1.0
-    _matmul(delta, x_prev, True, False, out=W, alpha=-lr, beta=decay)
-    _bias_grad(delta, b, -lr, True)
-
-
 # --------------------------------------------------------------------------- output error
 def output_error(
-    y: Array, u: Array, t: Array, output: str, loss: str, param: float = 0.0, alpha: float = 0.0
+    y: Array, u: Array | None, t: Array, output: str, loss: str, param: float = 0.0, alpha: float = 0.0, *,
+    delta: Array | None = None, value: Array | None = None,
 ) -> tuple[Array, Array]:
-    """Mean loss (a 0-d device array of ``y``'s dtype) and ``delta = dE/du``; the loss is reduced
-    on the device (per-row losses, then a one-block mean)."""
+    """Mean loss ``E`` (a 0-d device array of ``y``'s dtype) and ``delta = dE/du`` (``(y - t) / batch``
+    for the fused pairs, ``dL/dy * phi(y) / batch`` otherwise), into ``value`` and ``delta`` when
+    given. The loss is reduced on the device: per-row losses (a cached scratch vector), then a
+    one-block mean."""
     s = _get()
     lcode, acode = nm.output_loss_codes(output, loss, u is not None)
     if u is None:
         u = y
     dt = np.dtype(y.dtype)
     m, n = y.shape
-    delta = _empty((m, n), dt)
-    rowloss = _empty((max(m, 1),), dt)
-    out = _empty((1,), dt)
+    if delta is None:
+        delta = _empty((m, n), dt)
+    if value is None:
+        value = _empty((), dt)
     if m == 0:
-        return zeros((), dt), delta
+        return _zero_fill(value), delta
+    rowloss = _scratch("rowloss", (m,), dt)
     _launch(s.k.loss_rows, s.k.blocks(m), s.k.TPB, _nb(y), _nb(u), _nb(t), _nb(delta), _nb(rowloss), lcode,
             acode, dt.type(param), dt.type(alpha))
-    _launch(s.k.kernels_for(dt.name).mean, 1, s.k.RED_T, _nb(rowloss), _nb(out))
-    return out.reshape(()), delta
+    _launch(s.k.kernels_for(dt.name).mean, 1, s.k.RED_T, _nb(rowloss), _flat(value))
+    return value, delta
 
 
-# --------------------------------------------------------------------------- optimizers
+# --------------------------------------------------------------------------- guarded updates
+def guard_step(guard: Array, loss: Array, grads: Array, weight: float = 1.0) -> None:
+    """Decide whether this step may be applied and keep the tally (``GUARD_*`` layout, a float64
+    device array): ``guard[1] += 1``; ``ok = guard[2] == 0 and isfinite(loss) and
+    all(isfinite(grads))``; ``guard[0] = ok``; if ok ``guard[3] += weight * loss``, elif
+    ``guard[2] == 0``: ``guard[2] = guard[1]`` (the first failing step, sticky).
+
+    Two kernels, nothing read on the host: a scan of the gradients sets a cached device flag,
+    then one thread updates the guard and clears the flag."""
+    s = _get()
+    n = _size(grads)
+    flag = _scratch("guard_flag", (1,), np.int32, zero=True)
+    if n:
+        _launch(s.k.guard_scan, s.k.blocks(n), s.k.TPB, _flat(grads), _nb(guard), _nb(flag))
+    _launch(s.k.guard_update, 1, 1, _nb(guard), _flat(loss), _nb(flag), float(weight))
+
+
+def add_sum_of_squares(total: Array, a: Array) -> None:
+    """``total[0] += sum_ij a_ij^2``, summed in float64 into the float64 ``(1,)`` device array
+    ``total`` (an L2 penalty kept on the device over many steps), no host read: per-block sums
+    into a cached scratch vector, then one block adds them to ``total`` (in a fixed order)."""
+    if np.dtype(total.dtype) != np.float64 or tuple(total.shape) != (1,):
+        raise ValueError(f"total must be a float64 array of shape (1,), got {total.dtype} {tuple(total.shape)}")
+    s = _get()
+    n = _size(a)
+    if n == 0:
+        return
+    if not _c_contiguous(a):
+        a = as_array(a, a.dtype)
+    nblocks = s.k.blocks(n, s.k.RED_T)
+    partial = _scratch("squares", (nblocks,), np.float64)
+    _launch(s.k.sum_squares, nblocks, s.k.RED_T, _flat(a), _nb(partial))
+    _launch(s.k.add_to_total, 1, s.k.RED_T, _nb(partial), _nb(total))
+
+
+def _guard(guard: Array | None) -> Any:
+    return _nb(_always() if guard is None else guard)
+
+
+def sgd_update(p: Array, g: Array, lr: float, weight_decay: float = 0.0, guard: Array | None = None) -> None:
+    """Plain SGD, in place, one fused kernel: ``p <- p - eta (g + lambda p)``; the kernel does
+    nothing when ``guard`` is given and ``guard[0] != 1`` (read on the device)."""
+    s = _get()
+    dt = np.dtype(p.dtype).type
+    n = _size(p)
+    if n:
+        _launch(s.k.sgd, s.k.blocks(n), s.k.TPB, _flat(p), _flat(g), dt(lr), dt(weight_decay), _guard(guard))
+
+
 def momentum_update(
     p: Array, g: Array, v: Array, lr: float, momentum: float, nesterov: bool = False,
-    weight_decay: float = 0.0,
+    weight_decay: float = 0.0, guard: Array | None = None,
 ) -> None:
-    """SGD with (Nesterov) momentum, in place, one fused kernel."""
+    """SGD with (Nesterov) momentum, in place, one fused kernel: ``g' = g + lambda p``,
+    ``v <- mu v + g'``, ``p <- p - eta v`` (Nesterov: ``p <- p - eta (g' + mu v)``); ``p`` and
+    ``v`` untouched when ``guard`` is given and ``guard[0] != 1`` (read on the device)."""
     s = _get()
     dt = np.dtype(p.dtype).type
     n = _size(p)
     if n:
         _launch(s.k.momentum, s.k.blocks(n), s.k.TPB, _flat(p), _flat(g), _flat(v), dt(lr), dt(momentum),
-                bool(nesterov), dt(weight_decay))
+                bool(nesterov), dt(weight_decay), _guard(guard))
 
 
 def adam_update(
     p: Array, g: Array, m: Array, v: Array, lr: float, beta1: float, beta2: float, eps: float,
-    step: int, weight_decay: float = 0.0,
+    step: int, weight_decay: float = 0.0, guard: Array | None = None,
 ) -> None:
-    """Adam with bias corrections, in place, one fused kernel."""
+    """Adam with bias corrections, in place, one fused kernel: ``m <- b1 m + (1-b1) g'``,
+    ``v <- b2 v + (1-b2) g'^2``, ``p <- p - eta m_hat / (sqrt(v_hat) + eps)`` with
+    ``g' = g + lambda p`` and corrections ``1 - b^step``; ``p``, ``m``, ``v`` untouched when
+    ``guard`` is given and ``guard[0] != 1`` (read on the device)."""
     s = _get()
     dt = np.dtype(p.dtype).type
     n = _size(p)
@@ -378,4 +620,4 @@ def adam_update(
     c2 = 1.0 - beta2**step
     if n:
         _launch(s.k.adam, s.k.blocks(n), s.k.TPB, _flat(p), _flat(g), _flat(m), _flat(v), dt(lr / c1), dt(c2),
-                dt(beta1), dt(beta2), dt(eps), dt(weight_decay))
+                dt(beta1), dt(beta2), dt(eps), dt(weight_decay), _guard(guard))

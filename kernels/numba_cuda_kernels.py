@@ -12,6 +12,11 @@ in float32: constants come from ``numba_math.consts`` (typed with the arrays' dt
 casts every scalar argument to the arrays' dtype, and ``math.exp`` and friends of a float32 are
 the float32 device functions.
 
+The guard of the updates is a float64 device array read by the kernels themselves (an update
+whose guard says no returns at once, leaving every state as it was); ``guard_update``, the sum of
+squares and the statistics kernels compute in float64 on purpose (the guard's tally, and facts about arrays of
+any dtype, integers included).
+
 Launch shapes are small under the CUDA simulator (which runs one Python thread per GPU thread).
 """
 
@@ -22,11 +27,16 @@ from functools import lru_cache
 from types import SimpleNamespace
 from typing import Any
 
-import numba
 import numpy as np
-from numba import cuda
 
-from . import numba_math as nm
+from .numba_cuda import numpy_compat
+
+numpy_compat()  # before numba.cuda is imported: see there
+
+import numba  # noqa: E402
+from numba import cuda  # noqa: E402
+
+from . import numba_math as nm  # noqa: E402
 
 SIMULATED = bool(numba.config.ENABLE_CUDASIM)
 
@@ -134,15 +144,26 @@ def loss_rows(y, u, t, delta, rowloss, lcode, acode, k, alpha):  # pragma: no co
 
 
 @cuda.jit
-def scale_add(w, g, decay, coef):  # pragma: no cover - compiled
-    """``w <- decay * w + coef * g`` (flat arrays)."""
-    for i in range(cuda.grid(1), w.shape[0], cuda.gridsize(1)):
-        w[i] = decay * w[i] + coef * g[i]
+def sgd(p, g, lr, wd, guard):  # pragma: no cover - compiled
+    """``p <- p - lr (g + wd p)`` (flat arrays; ``g`` alone without weight decay, as the reference);
+    nothing when ``guard[0] != 1``."""
+    if guard[0] != 1.0:
+        return
+    c = consts(p)
+    if wd == c[nm.ZERO]:
+        for i in range(cuda.grid(1), p.shape[0], cuda.gridsize(1)):
+            p[i] -= lr * g[i]
+    else:
+        for i in range(cuda.grid(1), p.shape[0], cuda.gridsize(1)):
+            p[i] -= lr * (g[i] + wd * p[i])
 
 
 @cuda.jit
-def momentum(p, g, v, lr, mu, nesterov, wd):  # pragma: no cover - compiled
-    """``g' = g + wd p``, ``v <- mu v + g'``, ``p <- p - lr v`` (Nesterov: ``- lr (g' + mu v)``)."""
+def momentum(p, g, v, lr, mu, nesterov, wd, guard):  # pragma: no cover - compiled
+    """``g' = g + wd p``, ``v <- mu v + g'``, ``p <- p - lr v`` (Nesterov: ``- lr (g' + mu v)``);
+    nothing when ``guard[0] != 1``."""
+    if guard[0] != 1.0:
+        return
     for i in range(cuda.grid(1), p.shape[0], cuda.gridsize(1)):
         gd = g[i] + wd * p[i]
         vi = mu * v[i] + gd
@@ -154,8 +175,11 @@ def momentum(p, g, v, lr, mu, nesterov, wd):  # pragma: no cover - compiled
 
 
 @cuda.jit
-def adam(p, g, m, v, lr_c1, c2, b1, b2, eps, wd):  # pragma: no cover - compiled
-    """Adam: moments ``m``, ``v``; ``p <- p - (lr / c1) m / (sqrt(v / c2) + eps)``."""
+def adam(p, g, m, v, lr_c1, c2, b1, b2, eps, wd, guard):  # pragma: no cover - compiled
+    """Adam: moments ``m``, ``v``; ``p <- p - (lr / c1) m / (sqrt(v / c2) + eps)``; nothing when
+    ``guard[0] != 1``."""
+    if guard[0] != 1.0:
+        return
     c = consts(p)
     for i in range(cuda.grid(1), p.shape[0], cuda.gridsize(1)):
         gd = g[i] + wd * p[i]
@@ -175,6 +199,198 @@ def count_nonfinite(a, flag):  # pragma: no cover - compiled
             flag[0] = 1
 
 
+@cuda.jit
+def guard_scan(a, guard, flag):  # pragma: no cover - compiled
+    """``flag[0] = 1`` if an element of the flat ``a`` is not finite; nothing once the guard has
+    failed (``guard[2] != 0``: the verdict is sticky, no need to look)."""
+    if guard[2] != 0.0:
+        return
+    for i in range(cuda.grid(1), a.shape[0], cuda.gridsize(1)):
+        v = a[i]
+        if math.isnan(v) or math.isinf(v):
+            flag[0] = 1
+
+
+@cuda.jit
+def guard_update(guard, loss, flag, weight):  # pragma: no cover - compiled
+    """One thread, after ``guard_scan``: ``guard[1] += 1``; ok when no step failed yet, ``loss[0]``
+    is finite and the scan found nothing; ``guard[0] = ok``; ``guard[3] += weight * loss`` when ok,
+    else ``guard[2] = guard[1]`` the first time. Clears ``flag`` for the next step."""
+    if cuda.grid(1) != 0:
+        return
+    guard[1] += 1.0
+    v = loss[0]
+    ok = guard[2] == 0.0 and flag[0] == 0 and not (math.isnan(v) or math.isinf(v))
+    flag[0] = 0
+    if ok:
+        guard[0] = 1.0
+        guard[3] += weight * np.float64(v)
+    else:
+        guard[0] = 0.0
+        if guard[2] == 0.0:
+            guard[2] = guard[1]
+
+
+@cuda.jit
+def sum_squares(a, partial):  # pragma: no cover - compiled
+    """``partial[block] = sum a[i]^2`` over the block's grid-stride share of the flat ``a``, in float64
+    (a shared-memory tree over the block's RED_T threads; launch with RED_T threads a block)."""
+    sm = cuda.shared.array(RED_T, numba.float64)
+    tid = cuda.threadIdx.x
+    s = 0.0
+    for i in range(cuda.grid(1), a.shape[0], cuda.gridsize(1)):
+        v = np.float64(a[i])
+        s += v * v
+    sm[tid] = s
+    cuda.syncthreads()
+    w = RED_T // 2
+    while w > 0:
+        if tid < w:
+            sm[tid] += sm[tid + w]
+        cuda.syncthreads()
+        w //= 2
+    if tid == 0:
+        partial[cuda.blockIdx.x] = sm[0]
+
+
+@cuda.jit
+def add_to_total(partial, total):  # pragma: no cover - compiled
+    """``total[0] += sum(partial)`` in one block of RED_T threads, in a fixed order (deterministic)."""
+    sm = cuda.shared.array(RED_T, numba.float64)
+    tid = cuda.threadIdx.x
+    s = 0.0
+    for i in range(tid, partial.shape[0], RED_T):
+        s += partial[i]
+    sm[tid] = s
+    cuda.syncthreads()
+    w = RED_T // 2
+    while w > 0:
+        if tid < w:
+            sm[tid] += sm[tid + w]
+        cuda.syncthreads()
+        w //= 2
+    if tid == 0:
+        total[0] += sm[0]
+
+
+@cuda.jit
+def one_hot(labels, out):  # pragma: no cover - compiled
+    """``out[i, j] = 1 if j == labels[i] else 0`` (labels whole numbers, any numeric dtype)."""
+    c = consts(out)
+    m, n = out.shape
+    for idx in range(cuda.grid(1), m * n, cuda.gridsize(1)):
+        i = idx // n
+        j = idx - i * n
+        out[i, j] = c[nm.ONE] if j == np.int64(labels[i]) else c[nm.ZERO]
+
+
+@cuda.jit
+def gather_rows(src, idx, out):  # pragma: no cover - compiled
+    """``out[i, j] = src[idx[i], j]`` (2-D views; negative indices count from the end, indices out
+    of range leave their row as it was: the caller checks them)."""
+    m, n = out.shape
+    rows = src.shape[0]
+    for e in range(cuda.grid(1), m * n, cuda.gridsize(1)):
+        i = e // n
+        j = e - i * n
+        k = idx[i]
+        if k < 0:
+            k += rows
+        if k >= 0 and k < rows:
+            out[i, j] = src[k, j]
+
+
+@cuda.jit
+def cast_flat(src, dst):  # pragma: no cover - compiled
+    """``dst[i] = src[i]`` converted to ``dst``'s dtype (1-D, ``src`` may be strided)."""
+    for i in range(cuda.grid(1), dst.shape[0], cuda.gridsize(1)):
+        dst[i] = src[i]
+
+
+@cuda.jit
+def cast_2d(src, dst):  # pragma: no cover - compiled
+    """``dst[i, j] = src[i, j]`` converted to ``dst``'s dtype (``src`` may be strided)."""
+    m, n = dst.shape
+    for idx in range(cuda.grid(1), m * n, cuda.gridsize(1)):
+        i = idx // n
+        j = idx - i * n
+        dst[i, j] = src[i, j]
+
+
+#: Slots of the device buffer of ``array_stats``: the ``STAT_*`` layout of the contract
+#: (``STAT_FIRST_NONFINITE`` holds ``n`` until the host turns it into -1), then the counts of NaN
+#: elements and of rows whose sum is NaN (the host makes min/max/row error NaN from them, as NumPy).
+STATS_NAN, STATS_ROW_NAN, STATS_BUFFER = 6, 7, 8
+
+
+@cuda.jit
+def stats_init(buf, n):  # pragma: no cover - compiled
+    """The neutral values of the ``array_stats`` reductions (one thread)."""
+    if cuda.grid(1) == 0:
+        buf[0] = 0.0
+        buf[1] = np.float64(n)
+        buf[2] = math.inf
+        buf[3] = -math.inf
+        buf[4] = 0.0
+        buf[5] = 0.0
+        buf[6] = 0.0
+        buf[7] = 0.0
+
+
+@cuda.jit
+def stats_flat(a, buf):  # pragma: no cover - compiled
+    """The elementwise facts of ``array_stats`` over the flat ``a`` (any numeric dtype, read as
+    float64): each thread reduces its grid-stride share, then merges it with atomics."""
+    bad = 0.0
+    first = math.inf
+    mn = math.inf
+    mx = -math.inf
+    frac = 0.0
+    nan = 0.0
+    for i in range(cuda.grid(1), a.shape[0], cuda.gridsize(1)):
+        v = np.float64(a[i])
+        if math.isnan(v):
+            nan += 1.0
+            frac += 1.0
+            bad += 1.0
+            first = min(first, np.float64(i))
+        elif math.isinf(v):
+            bad += 1.0
+            first = min(first, np.float64(i))
+        elif v != math.floor(v):
+            frac += 1.0
+        if not math.isnan(v):
+            mn = min(mn, v)
+            mx = max(mx, v)
+    if bad != 0.0:
+        cuda.atomic.add(buf, 0, bad)
+        cuda.atomic.min(buf, 1, first)
+    if mn != math.inf:
+        cuda.atomic.min(buf, 2, mn)
+    if mx != -math.inf:
+        cuda.atomic.max(buf, 3, mx)
+    if frac != 0.0:
+        cuda.atomic.add(buf, 4, frac)
+    if nan != 0.0:
+        cuda.atomic.add(buf, 6, nan)
+
+
+@cuda.jit
+def stats_rows(a, buf):  # pragma: no cover - compiled
+    """``buf[5] = max_i |sum_j a[i, j] - 1|`` (sums in float64, one thread per row); rows whose
+    error is NaN are counted in ``buf[7]`` instead."""
+    m, n = a.shape
+    for i in range(cuda.grid(1), m, cuda.gridsize(1)):
+        s = 0.0
+        for j in range(n):
+            s += np.float64(a[i, j])
+        e = abs(s - 1.0)
+        if math.isnan(e):
+            cuda.atomic.add(buf, 7, 1.0)
+        else:
+            cuda.atomic.max(buf, 5, e)
+
+
 # --------------------------------------------------------------------------- shared-memory kernels
 @lru_cache(maxsize=None)
 def kernels_for(dtype_name: str) -> SimpleNamespace:
@@ -182,11 +398,11 @@ def kernels_for(dtype_name: str) -> SimpleNamespace:
     ty = numba.from_dtype(np.dtype(dtype_name))
 
     @cuda.jit
-    def gemm(A, B, C, ta, tb, alpha, beta, use_beta):  # pragma: no cover - compiled
-        """``C = alpha op(A) op(B) (+ beta C if use_beta)``, ``op`` transposing when ``ta``/``tb``.
+    def gemm(A, B, C, ta, tb):  # pragma: no cover - compiled
+        """``C = op(A) op(B)``, ``op`` transposing when ``ta``/``tb``.
 
         The slow path, used where CuPy (cuBLAS) is not: a textbook TILE x TILE shared-memory
-        tiling, one thread per element of ``C``. ``C`` is read only when ``use_beta``."""
+        tiling, one thread per element of ``C``."""
         As = cuda.shared.array((TILE, TILE), ty)
         Bs = cuda.shared.array((TILE, TILE), ty)
         c = consts(C)
@@ -219,10 +435,7 @@ def kernels_for(dtype_name: str) -> SimpleNamespace:
                 acc += As[ty_, kk] * Bs[kk, tx]
             cuda.syncthreads()
         if row < M and col < N:
-            if use_beta:
-                C[row, col] = alpha * acc + beta * C[row, col]
-            else:
-                C[row, col] = alpha * acc
+            C[row, col] = acc
 
     @cuda.jit
     def colsum(d, out, coef, accumulate):  # pragma: no cover - compiled
@@ -278,5 +491,9 @@ def kernels_for(dtype_name: str) -> SimpleNamespace:
 #: The kernels that do not depend on a dtype at definition time.
 ELEMENTWISE: dict[str, Any] = {
     "bias_act": bias_act, "bias_softmax": bias_softmax, "slope_mul": slope_mul, "loss_rows": loss_rows,
-    "scale_add": scale_add, "momentum": momentum, "adam": adam, "count_nonfinite": count_nonfinite,
+    "sgd": sgd, "momentum": momentum, "adam": adam, "count_nonfinite": count_nonfinite,
+    "guard_scan": guard_scan, "guard_update": guard_update, "sum_squares": sum_squares,
+    "add_to_total": add_to_total, "one_hot": one_hot, "gather_rows": gather_rows,
+    "cast_flat": cast_flat, "cast_2d": cast_2d, "stats_init": stats_init, "stats_flat": stats_flat,
+    "stats_rows": stats_rows,
 }

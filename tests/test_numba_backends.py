@@ -73,14 +73,33 @@ def _every_primitive(k, dtype, rng, batch=7, n_in=5, n_out=4):
         yo, uo = made[f"y_{out_act}"], made[f"u_{out_act}"]
         made[f"loss_{loss}"], made[f"dout_{loss}"] = k.output_error(yo, uo, t, out_act, loss, 1.0, 0.0)
     made["dW"], made["db"] = k.weight_gradients(t, x)
-    k.sgd_update_from_delta(W, b, t, x, 0.1, 0.01)
+    # the same primitives into buffers, as a training step calls them
+    yb, ub, gb = k.zeros((batch, n_out), dtype), k.zeros((batch, n_out), dtype), k.zeros((batch, n_out), dtype)
+    value, dout = k.zeros((), dtype), k.zeros((batch, n_out), dtype)
+    k.layer_forward(x, W, b, "tanh", 0.0, False, y=yb)
+    k.layer_forward(x, W, b, "gelu", 0.0, True, y=yb, u=ub)
+    k.delta_backward(t, W2, yb, ub, "gelu", 0.0, out=gb)
+    k.output_error(yb, ub, t, "gelu", "huber", 1.0, 0.0, delta=dout, value=value)
+    made["y_buf"], made["u_buf"], made["g_buf"], made["value_buf"], made["dout_buf"] = yb, ub, gb, value, dout
+    guard = k.zeros((4,), np.float64)
+    k.guard_step(guard, value, made["dW"], 0.5)
+    k.sgd_update(W, made["dW"], 0.1, 0.01, guard)
+    k.sgd_update(b, made["db"], 0.1)
     made["W_sgd"], made["b_sgd"] = W, b
     v = k.zeros(W.shape, dtype)
-    k.momentum_update(W, made["dW"], v, 0.1, 0.9, True, 0.01)
+    k.momentum_update(W, made["dW"], v, 0.1, 0.9, True, 0.01, guard)
     made["v"] = v
     m2, v2 = k.zeros(W.shape, dtype), k.zeros(W.shape, dtype)
-    k.adam_update(W, made["dW"], m2, v2, 0.01, 0.9, 0.999, 1e-8, 3, 0.01)
+    k.adam_update(W, made["dW"], m2, v2, 0.01, 0.9, 0.999, 1e-8, 3, 0.01, guard)
     made["m_adam"], made["v_adam"], made["W_adam"] = m2, v2, W
+    labels = k.to_device(rng.integers(0, n_out, batch), np.int64)
+    made["one_hot"] = k.one_hot(labels, n_out, dtype)
+    made["gathered"] = k.gather_rows(x, k.to_device(np.arange(batch)[::-1].copy(), np.int64),
+                                     k.zeros((batch, n_in), dtype))
+    total = k.zeros((1,), np.float64)
+    k.add_sum_of_squares(total, W)
+    assert k.array_stats(x).dtype == np.float64
+    assert k.array_stats(labels)[4] == 0
     assert isinstance(k.all_finite(W), bool)
     return made
 
@@ -103,6 +122,8 @@ bad = {}
 arith = re.compile(r"=\s*(fadd|fsub|fmul|fdiv|frem|fneg|fpext|fcmp\s+\w+)\b[^;]*\bdouble\b")
 call = re.compile(r"call[^@]*\bdouble\b[^@]*@(\S+?)\(")
 for kern in k.KERNELS:
+    if kern in k.FLOAT64_KERNELS:  # float64 by design: the guard's tally, statistics of any dtype
+        continue
     for sig in kern.signatures:
         if "float32" not in str(sig):
             continue
@@ -116,7 +137,11 @@ print("RESULT", __import__("json").dumps({n: v[:3] for n, v in bad.items()}))
 
 def test_float32_cpu_kernels_do_no_float64_arithmetic():
     """No double arithmetic, no fpext, no double-returning math call in the float32 LLVM IR
-    (only the unboxing of Python float arguments, ``PyFloat_AsDouble``, which are then cast)."""
+    (only the unboxing of Python float arguments, ``PyFloat_AsDouble``, which are then cast).
+
+    ``numba_cpu.FLOAT64_KERNELS`` are left out: ``_guard_step`` keeps the float64 guard (its tally
+    widens the loss), the sum of squares is float64 by contract, and the statistics read arrays
+    of any dtype as float64."""
     with tempfile.TemporaryDirectory() as cache:  # fresh cache: cached code cannot be inspected
         out = _run_python(_IR_CHECK, {"NUMBA_CACHE_DIR": cache, "NUMBA_ENABLE_CUDASIM": "0"})
     assert out.returncode == 0, out.stderr[-3000:]
@@ -140,27 +165,44 @@ try:  # compile PTX without a GPU: name the target instead of asking the (absent
     from backprop.kernels import numba_cuda_kernels as K
 except Exception as exc:
     print("SKIP", repr(exc)[:300]); sys.exit(0)
-f32 = types.float32
+f32, f64 = types.float32, types.float64
 A2, A1, I, B = f32[:, ::1], f32[::1], types.int64, types.boolean
+G, FLAG = f64[::1], types.int32[::1]
 ks = K.kernels_for("float32")
 sigs = {
     "bias_act": (K.bias_act, (A2, A1, A2, I, f32, B)), "bias_softmax": (K.bias_softmax, (A2, A1, A2, B)),
     "slope_mul": (K.slope_mul, (A2, A2, A2, I, f32)), "loss_rows": (K.loss_rows, (A2, A2, A2, A2, A1, I, I, f32, f32)),
-    "scale_add": (K.scale_add, (A1, A1, f32, f32)), "momentum": (K.momentum, (A1, A1, A1, f32, f32, B, f32)),
-    "adam": (K.adam, (A1, A1, A1, A1, f32, f32, f32, f32, f32, f32)),
-    "count_nonfinite": (K.count_nonfinite, (A1, types.int32[::1])),
-    "gemm": (ks.gemm, (A2, A2, A2, B, B, f32, f32, B)), "colsum": (ks.colsum, (A2, A1, f32, B)),
+    "sgd": (K.sgd, (A1, A1, f32, f32, G)), "momentum": (K.momentum, (A1, A1, A1, f32, f32, B, f32, G)),
+    "adam": (K.adam, (A1, A1, A1, A1, f32, f32, f32, f32, f32, f32, G)),
+    "count_nonfinite": (K.count_nonfinite, (A1, FLAG)), "guard_scan": (K.guard_scan, (A1, G, FLAG)),
+    "one_hot": (K.one_hot, (types.int64[::1], A2)), "gather_rows": (K.gather_rows, (A2, types.int64[::1], A2)),
+    "gemm": (ks.gemm, (A2, A2, A2, B, B)), "colsum": (ks.colsum, (A2, A1, f32, B)),
     "mean": (ks.mean, (A1, A1)),
 }
+# compiled too, but float64 by design: the guard's tally, the sum of squares, the statistics (any
+# dtype read as float64), conversions between dtypes
+f64_sigs = {
+    "guard_update": (K.guard_update, (G, A1, FLAG, f64)), "stats_init": (K.stats_init, (G, I)),
+    "stats_flat": (K.stats_flat, (A1, G)), "stats_rows": (K.stats_rows, (A2, G)),
+    "cast_flat": (K.cast_flat, (f64[:], A1)), "cast_2d": (K.cast_2d, (f64[:, :], A2)),
+    "sum_squares": (K.sum_squares, (A1, G)), "add_to_total": (K.add_to_total, (G, G)),
+}
+# the updates read the float64 guard once per thread (a load and a compare); nothing else in f64
+GUARD_READ = re.compile(r"^(\.reg \.f64\b|ld\.global(\.nc)?\.f64\b|setp\.\w+\.f64\b)")
+guarded = ("sgd", "momentum", "adam", "guard_scan")
 bad = {}
-for name, (kern, sig) in sigs.items():
+for name, (kern, sig) in {**sigs, **f64_sigs}.items():
     try:
         ptx, _ = cuda.compile_ptx(kern.py_func, sig, cc=(9, 0))
     except Exception as exc:
         if name == "bias_act":
             print("SKIP", repr(exc)[:300]); sys.exit(0)
         raise
+    if name in f64_sigs:
+        continue
     f64 = [l.strip() for l in ptx.splitlines() if re.search(r"\.f64\b", l)]
+    if name in guarded:
+        f64 = [l for l in f64 if not GUARD_READ.match(l)]
     if f64:
         bad[name] = f64[:3]
 print("RESULT", __import__("json").dumps(bad))
@@ -168,7 +210,9 @@ print("RESULT", __import__("json").dumps(bad))
 
 
 def test_float32_cuda_kernels_compile_to_ptx_without_f64():
-    """Every CUDA kernel compiles for a real GPU (sm_90) in float32 with no f64 instruction.
+    """Every CUDA kernel compiles for a real GPU (sm_90), in float32 with no f64 instruction but the
+    read of the float64 guard (the guard's own kernel, the sum of squares, the statistics and the
+    dtype conversions are float64 by design).
 
     Needs no GPU, only NVVM (a CUDA toolkit); skipped where none is found."""
     pytest.importorskip("numba.cuda")
@@ -215,11 +259,38 @@ def test_cpu_kernels_write_every_element(threads, rng, batch, n_in, n_out):
     ref.adam_update(pr, g, mr, v2r, 0.01, 0.9, 0.999, 1e-8, 2, 0.0)
     for got, want in ((p, pr), (m, mr), (v2, v2r)):
         np.testing.assert_allclose(got, want, **tol)
-    Wk, bk, Wr, br = W.copy(), b.copy(), W.copy(), b.copy()
-    k.sgd_update_from_delta(Wk, bk, delta, x, 0.05, 0.1)
-    ref.sgd_update_from_delta(Wr, br, delta, x, 0.05, 0.1)
-    np.testing.assert_allclose(Wk, Wr, **tol)
-    np.testing.assert_allclose(bk, br, **tol)
+    for wd in (0.0, 0.1):
+        Wk, Wr = W.copy(), W.copy()
+        k.sgd_update(Wk, g, 0.05, wd)
+        ref.sgd_update(Wr, g, 0.05, wd)
+        np.testing.assert_allclose(Wk, Wr, **tol)
+    # the buffered forms write every element of NaN-poisoned buffers
+    y_buf, u_buf = np.full((batch, n_out), np.nan), np.full((batch, n_out), np.nan)
+    y, u = k.layer_forward(x, W, b, "tanh", 0.0, True, y=y_buf, u=u_buf)
+    assert y is y_buf and u is u_buf
+    y_ref, u_ref = ref.layer_forward(x, W, b, "tanh", 0.0, True)
+    np.testing.assert_allclose(y_buf, y_ref, **tol)
+    np.testing.assert_allclose(u_buf, u_ref, **tol)
+    g_buf = np.full((batch, n_in), np.nan)
+    assert k.delta_backward(delta, W, x, None, "identity", out=g_buf) is g_buf
+    np.testing.assert_allclose(g_buf, delta @ W, **tol)
+    t = rng.normal(size=(batch, n_out))
+    value, d_buf = np.full((), np.nan), np.full((batch, n_out), np.nan)
+    got_value, got_delta = k.output_error(y_buf, u_buf, t, "tanh", "mse", value=value, delta=d_buf)
+    assert got_value is value and got_delta is d_buf
+    rv, rd = ref.output_error(y_ref, u_ref, t, "tanh", "mse")
+    np.testing.assert_allclose(value, rv, **tol)
+    np.testing.assert_allclose(d_buf, rd, **tol)
+    idx = rng.integers(-batch, batch, batch)
+    out = np.full((batch, n_in), np.nan)
+    assert k.gather_rows(x, idx, out) is out
+    np.testing.assert_array_equal(out, x[idx])
+    onehot = np.full((batch, n_out), np.nan)
+    k.one_hot(idx % n_out, n_out, np.float64, out=onehot)
+    np.testing.assert_array_equal(onehot, np.eye(n_out)[idx % n_out])
+    a = rng.normal(size=(batch, n_in))
+    a.reshape(-1)[a.size // 2] = np.inf
+    np.testing.assert_allclose(k.array_stats(a), ref.array_stats(a), rtol=1e-12)
 
 
 @pytest.mark.parametrize("n", [2, 3, 7, 8, 9, 16, 17, 64])
@@ -390,3 +461,168 @@ def test_numba_cuda_float32_and_poisoned_buffers_under_simulator():
     rW, rb = ref.weight_gradients(delta, x)
     np.testing.assert_allclose(k.to_host(dW), rW, rtol=1e-12)
     np.testing.assert_allclose(k.to_host(db), rb, rtol=1e-12)
+
+
+# --------------------------------------------------------------------------- the contract's extras
+def test_sgd_update_from_delta_is_gone():
+    """The training step updates from the flat gradient buffer (``sgd_update``) now."""
+    from backprop.kernels import numba_cuda
+
+    assert not hasattr(numba_cpu, "sgd_update_from_delta")
+    assert not hasattr(numba_cuda, "sgd_update_from_delta")
+
+
+def test_numpy_compat_sets_row_stack_only_where_numpy_lacks_it(monkeypatch):
+    """NumPy 2.5 removed ``np.row_stack``, which numba-cuda 0.30 names when it compiles."""
+    from backprop.kernels import numba_cuda
+
+    monkeypatch.setattr(np, "row_stack", np.vstack, raising=False)  # restored (or removed) afterwards
+    monkeypatch.delattr(np, "row_stack")
+    numba_cuda.numpy_compat()
+    assert np.row_stack is np.vstack
+    present = object()
+    monkeypatch.setattr(np, "row_stack", present)
+    numba_cuda.numpy_compat()
+    assert np.row_stack is present
+
+
+def test_cpu_guard_skips_leave_state_bit_identical(rng):
+    k = numba_cpu
+    guard = k.zeros((4,), np.float64)
+    grads = rng.normal(size=10).astype(np.float32)
+    grads[3] = np.inf
+    k.guard_step(guard, np.array(1.5, np.float32), grads, 2.0)
+    np.testing.assert_array_equal(guard, [0.0, 1.0, 1.0, 0.0])
+    p, v, m = (rng.normal(size=10).astype(np.float32) for _ in range(3))
+    v2 = np.abs(v)
+    before = [a.copy() for a in (p, v, m, v2)]
+    k.sgd_update(p, grads, 0.1, 0.1, guard)
+    k.momentum_update(p, grads, v, 0.1, 0.9, True, 0.1, guard)
+    k.adam_update(p, grads, m, v2, 0.1, 0.9, 0.99, 1e-8, 1, 0.1, guard)
+    for a, b in zip((p, v, m, v2), before):
+        assert a.tobytes() == b.tobytes()
+    grads[3] = 0.0
+    k.guard_step(guard, np.array(1.5, np.float32), grads, 2.0)  # sticky: a finite step after a failure
+    np.testing.assert_array_equal(guard, [0.0, 2.0, 1.0, 0.0])
+
+
+def _fake_array_class():
+    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+    return FakeCUDAArray
+
+
+def test_numba_cuda_guard_is_read_on_the_device_only():
+    """Under the simulator each GPU thread is a Python thread: a read of the guard or of the loss
+    on the main thread is a host read, which guard_step and the updates must not make."""
+    import threading
+
+    b = _simulator_backend()
+    k = b.kernels
+    reads = []
+
+    class Spy(_fake_array_class()):
+        def __getitem__(self, idx):
+            if threading.current_thread() is threading.main_thread():
+                reads.append(idx)
+            return super().__getitem__(idx)
+
+        def copy_to_host(self, *args, **kwargs):
+            reads.append("copy_to_host")
+            return super().copy_to_host(*args, **kwargs)
+
+    rng = np.random.default_rng(3)
+    guard = Spy(np.zeros(4))
+    loss = Spy(np.array(0.75, np.float32))
+    p, g = k.to_device(rng.normal(size=(3, 2)), np.float32), k.to_device(rng.normal(size=(3, 2)), np.float32)
+    p0 = k.to_host(p)
+    k.guard_step(guard, loss, g, 2.0)
+    np.testing.assert_array_equal(guard._ary, [1.0, 1.0, 0.0, 1.5])
+    k.sgd_update(p, g, 0.1, 0.0, guard)
+    assert not np.array_equal(k.to_host(p), p0)
+    bad = k.to_device(np.where(np.arange(6).reshape(3, 2) == 4, np.nan, rng.normal(size=(3, 2))), np.float32)
+    k.guard_step(guard, loss, bad, 2.0)
+    np.testing.assert_array_equal(guard._ary, [0.0, 2.0, 2.0, 1.5])
+    v, m = k.to_device(rng.normal(size=(3, 2)), np.float32), k.to_device(rng.uniform(size=(3, 2)), np.float32)
+    before = [k.to_host(a).tobytes() for a in (p, v, m)]
+    k.sgd_update(p, bad, 0.1, 0.1, guard)
+    k.momentum_update(p, bad, v, 0.1, 0.9, False, 0.1, guard)
+    k.adam_update(p, bad, v, m, 0.1, 0.9, 0.99, 1e-8, 2, 0.1, guard)
+    assert [k.to_host(a).tobytes() for a in (p, v, m)] == before
+    k.guard_step(guard, loss, g, 2.0)  # the first failure sticks
+    np.testing.assert_array_equal(guard._ary, [0.0, 3.0, 2.0, 1.5])
+    assert reads == []
+
+
+def test_numba_cuda_buffered_step_allocates_no_device_array(monkeypatch):
+    b = _simulator_backend()
+    k = b.kernels
+    rng = np.random.default_rng(4)
+    dt = np.float32
+    x, W, bias = (k.to_device(rng.normal(size=s), dt) for s in ((4, 3), (2, 3), (2,)))
+    t = k.to_device(np.eye(2)[[0, 1, 1, 0]], dt)
+    y, u, delta, gx = (k.zeros(s, dt) for s in ((4, 2), (4, 2), (4, 2), (4, 3)))
+    value, dW, db = k.zeros((), dt), k.zeros((2, 3), dt), k.zeros((2,), dt)
+    guard, v = k.zeros((4,), np.float64), k.zeros((2, 3), dt)
+
+    def same(got, *want):
+        return len(got) == len(want) and all(a is b for a, b in zip(got, want))
+
+    def step():
+        assert same(k.layer_forward(x, W, bias, "gelu", 0.0, True, y=y, u=u), y, u)
+        assert same(k.layer_forward(x, W, bias, "tanh", 0.0, False, y=y, u=u), y, None)
+        assert same(k.output_error(y, u, t, "tanh", "mse", delta=delta, value=value), value, delta)
+        assert k.delta_backward(delta, W, x, None, "identity", out=gx) is gx
+        assert same(k.weight_gradients(delta, x, dW, db), dW, db)
+        k.guard_step(guard, value, dW)
+        k.sgd_update(W, dW, 0.1, 0.01, guard)
+        k.sgd_update(bias, db, 0.1)
+        k.momentum_update(W, dW, v, 0.1, 0.9, False, 0.0, guard)
+
+    step()  # makes the cached temporaries
+    made = []
+    for name in ("_empty", "zeros", "to_device"):
+        real = getattr(k, name)
+        monkeypatch.setattr(k, name, lambda *a, _real=real, _name=name, **kw: made.append(_name) or _real(*a, **kw))
+    step()
+    assert made == []
+    assert k.to_host(guard)[1] == 2.0
+
+
+def test_numba_cuda_array_stats_reads_back_once(monkeypatch):
+    b = _simulator_backend()
+    k = b.kernels
+    a = np.array([[0.25, 0.75, 0.0], [np.inf, 2.0, -1.5], [np.nan, 1.0, 3.0]])
+    cases = [a, a[:2], np.array([[0.5, 0.5], [1.0, 0.0]]), np.arange(6).reshape(2, 3), np.arange(5) - 2]
+    copies = []
+    cls = _fake_array_class()
+    real = cls.copy_to_host
+    monkeypatch.setattr(cls, "copy_to_host", lambda self, *x, **kw: copies.append(1) or real(self, *x, **kw))
+    for host in cases:
+        dt = np.float32 if host.dtype.kind == "f" else np.int64
+        dev = b.kernels.to_device(host, dt)
+        del copies[:]
+        got = k.array_stats(dev)
+        assert len(copies) == 1
+        np.testing.assert_allclose(got, ref.array_stats(host.astype(dt)), rtol=1e-6, equal_nan=True)
+
+
+def test_numba_cuda_arrays_owns_and_as_array_on_the_device(monkeypatch):
+    b = _simulator_backend()
+    k = b.kernels
+    assert k.device_memory_free() is None  # simulator
+    host = np.arange(24, dtype=np.float64).reshape(2, 3, 4)
+    d = k.to_device(host, np.float64)
+    assert k.owns(d) and not k.owns(host) and not k.owns([1.0])
+    assert k.as_array(d, np.float64) is d
+
+    def no_host(*args, **kwargs):
+        raise AssertionError("as_array went through the host")
+
+    monkeypatch.setattr(_fake_array_class(), "copy_to_host", no_host)
+    monkeypatch.setattr(k, "to_device", no_host)
+    for view, want in ((d, host), (d[:, :, ::2], host[:, :, ::2]), (d[1, :, 1:], host[1, :, 1:]),
+                       (d[0, 1, ::3], host[0, 1, ::3])):
+        got = k.as_array(view, np.float32)
+        assert k.owns(got) and got.dtype == np.float32 and got.is_c_contiguous() and got.shape == want.shape
+        np.testing.assert_array_equal(got._ary, want.astype(np.float32))
