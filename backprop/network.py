@@ -19,6 +19,7 @@ from .activations import Activation, ActivationLike, as_activation
 from .backend import Backend, get_backend, resolve_backend
 from .losses import HEADS, Loss, LossLike, as_loss, check_output_loss
 from .optimizers import Optimizer
+from . import step
 from .validation import check_inputs, check_targets
 
 if TYPE_CHECKING:
@@ -30,7 +31,7 @@ Array = Any
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or infinite; the parameters are those of the last finite step."""
+    """The loss or a gradient became NaN or infinite; the parameters are those of the last finite step."""
 
 
 @dataclass
@@ -163,53 +164,34 @@ class MLP:
 
     # ------------------------------------------------------------------ data
     def _inputs(self, X: Any) -> Array:
-        return self.backend.kernels.to_device(check_inputs(X, self.sizes[0], self.dtype), self.dtype)
+        return check_inputs(X, self.sizes[0], self.backend.kernels, self.dtype)
 
     def _targets(self, T: Any, batch: int) -> Array:
-        t = check_targets(T, self.sizes[-1], self.loss_fn.name, batch, self.dtype)
-        return self.backend.kernels.to_device(t, self.dtype)
+        return check_targets(T, self.sizes[-1], self.loss_fn.name, batch, self.backend.kernels, self.dtype)
 
     # ------------------------------------------------------------------ forward
     def forward(self, X: Any) -> Array:
-        """Forward pass ``x^l = f(W^l x^{l-1} + b^l)`` for ``l = 1..L``; returns ``x^L`` (backend array)."""
+        """Forward pass ``x^l = f(W^l x^{l-1} + b^l)`` for ``l = 1..L``; returns ``x^L``, a new array of the
+        backend (data already there is checked there, never copied to the host)."""
         return self.forward_device(self._inputs(X))
 
     def forward_device(self, x: Array) -> Array:
-        """Inference pass on a batch already on the backend (unchecked); nothing is kept for backward."""
-        k = self.backend.kernels
-        for layer in self.layers:
-            x, _ = k.layer_forward(x, layer.W, layer.b, layer.activation.name, layer.activation.alpha, False)
-        return x
+        """Inference pass on a batch already on the backend (unchecked); returns ``x^L`` in a new array."""
+        out = self.backend.kernels.zeros((x.shape[0], self.sizes[-1]), self.dtype)
+        return step.forward(self, step.workspace(self, x.shape[0]), x, keep=False, out=out)
 
     def predict(self, X: Any) -> np.ndarray:
         """The output ``x^L`` as a NumPy array."""
         return self.backend.kernels.to_host(self.forward(X))
-
-    def _forward_train(self, x: Array) -> list[tuple[Array, Array | None]]:
-        """Forward pass keeping what the backward pass needs: ``y`` per layer, ``u`` for GELU/SiLU
-        and for the output layer (whose logits the loss reads)."""
-        k = self.backend.kernels
-        cache = []
-        last = len(self.layers) - 1
-        for i, layer in enumerate(self.layers):
-            a = layer.activation
-            y, u = k.layer_forward(x, layer.W, layer.b, a.name, a.alpha, a.needs_u or i == last)
-            cache.append((y, u))
-            x = y
-        return cache
-
-    def _output_error(self, cache: list[tuple[Array, Array | None]], t: Array) -> tuple[Array, Array]:
-        y, u = cache[-1]
-        return self.backend.kernels.output_error(y, u, t, self.output.name, self.loss_fn.name,
-                                                 self.loss_fn.param, self.output.alpha)
 
     # ------------------------------------------------------------------ loss and gradients
     def loss(self, X: Any, T: Any) -> float:
         """Mean loss ``E`` over the samples of ``(X, T)``."""
         x = self._inputs(X)
         t = self._targets(T, x.shape[0])
-        value, _ = self._output_error(self._forward_train(x), t)
-        return float(self.backend.kernels.to_host(value))
+        ws = step.workspace(self, x.shape[0])
+        step.forward(self, ws, x)
+        return float(self.backend.kernels.to_host(step.output_error(self, ws, t)))
 
     def loss_and_grads(self, X: Any, T: Any) -> tuple[float, list[tuple[Array, Array]]]:
         """Mean loss and its gradients ``[(dE/dW^l, dE/db^l) for l = 1..L]`` by backpropagation."""
@@ -218,61 +200,51 @@ class MLP:
         return float(self.backend.kernels.to_host(value)), grads
 
     def loss_and_grads_device(self, x: Array, t: Array) -> tuple[Array, list[tuple[Array, Array]]]:
-        """:meth:`loss_and_grads` on a batch already on the backend (unchecked); the loss stays a 0-d array."""
-        k = self.backend.kernels
-        cache = self._forward_train(x)
-        value, delta = self._output_error(cache, t)
-        grads: list[tuple[Array, Array]] = [None] * len(self.layers)  # type: ignore[list-item]
-        for i in range(len(self.layers) - 1, -1, -1):
-            x_prev = cache[i - 1][0] if i > 0 else x
-            grads[i] = k.weight_gradients(delta, x_prev)
-            if i > 0:
-                delta = self._delta_backward(i, delta, cache)
-        return value, grads
-
-    def _delta_backward(self, i: int, delta: Array, cache: list[tuple[Array, Array | None]]) -> Array:
-        """``delta^{l-1} = f'(u^{l-1}) * (W^l)^T delta^l`` for layer index ``i`` (``l = i + 1``)."""
-        prev = self.layers[i - 1].activation
-        y_prev, u_prev = cache[i - 1]
-        return self.backend.kernels.delta_backward(delta, self.layers[i].W, y_prev, u_prev, prev.name, prev.alpha)
+        """:meth:`loss_and_grads` on a batch already on the backend (unchecked). The gradients are new
+        arrays (views into one flat buffer); the loss is the workspace's 0-d array, valid until the next
+        call on this batch size."""
+        ws = step.workspace(self, x.shape[0])
+        step.forward(self, ws, x)
+        value = step.output_error(self, ws, t)
+        _, dW, db = step.gradient_buffers(self.backend.kernels, self.dtype,
+                                          [(L.n_out, L.n_in) for L in self.layers])
+        step.backward(self, ws, x, dW, db)
+        return value, list(zip(dW, db))
 
     # ------------------------------------------------------------------ training
     def train_step(self, X: Any, T: Any, optimizer: Optimizer, graph: bool = False) -> float:
         """One forward pass, error, backward pass and update; returns the loss before the update.
 
-        Raises :class:`NonFiniteLossError`, leaving the parameters untouched, if the loss is not finite.
-        ``graph=True`` replays the step as a captured CUDA graph on backends that can capture one.
+        Raises :class:`NonFiniteLossError`, leaving the parameters and the optimizer's state untouched,
+        if the loss or a gradient is not finite. ``graph=True`` replays the step as a captured CUDA
+        graph on backends that can capture one.
         """
         x = self._inputs(X)
         t = self._targets(T, x.shape[0])
+        return self.train_step_device(x, t, optimizer, graph=graph)
+
+    def train_step_device(self, x: Array, t: Array, optimizer: Optimizer, graph: bool = False) -> float:
+        """:meth:`train_step` on a batch already on the backend (unchecked): one read of the result."""
+        ws = step.workspace(self, x.shape[0])
+        guard = step.Guard(self.backend.kernels)
         if graph:
             from .graph import graphed_train_step
 
-            return graphed_train_step(self, x, t, optimizer)
-        return self.train_step_device(x, t, optimizer)
+            graphed_train_step(self, ws, x, t, optimizer, guard)
+        else:
+            step.train_step(self, ws, x, t, optimizer, guard)
+        state = guard.read()
+        if state.failed:
+            optimizer.steps -= 1
+            raise NonFiniteLossError(self._failure(ws))
+        return state.loss_sum
 
-    def train_step_device(self, x: Array, t: Array, optimizer: Optimizer) -> float:
-        """:meth:`train_step` on a batch already on the backend (unchecked)."""
+    def _failure(self, ws: step.Workspace) -> str:
+        """Why a step was not applied (read only on that rare path)."""
         k = self.backend.kernels
-        cache = self._forward_train(x)
-        value, delta = self._output_error(cache, t)
-        loss = float(k.to_host(value))
-        if not np.isfinite(loss):
-            finite = all(k.all_finite(L.W) and k.all_finite(L.b) for L in self.layers)
-            raise NonFiniteLossError(
-                f"loss is {loss}; this step was not applied"
-                + ("" if finite else ", but the parameters already hold non-finite values (the previous update "
-                   "overflowed)")
-            )
-        optimizer.begin_step()
-        for i in range(len(self.layers) - 1, -1, -1):
-            layer = self.layers[i]
-            x_prev = cache[i - 1][0] if i > 0 else x
-            # delta^{l-1} reads the old W^l, so it is formed before W^l is updated
-            delta_prev = self._delta_backward(i, delta, cache) if i > 0 else None
-            optimizer.update_layer(k, layer, layer.W, layer.b, delta, x_prev)
-            delta = delta_prev
-        return loss
+        loss = float(k.to_host(ws.loss))
+        what = f"loss is {loss}" if not np.isfinite(loss) else f"a gradient is not finite (loss {loss:.6g})"
+        return f"{what}; this step was not applied"
 
     def fit(self, X: Any, T: Any, epochs: int = 10, batch_size: int = 32, optimizer: Optimizer | None = None,
             shuffle: bool = True, validation_data: tuple[Any, Any] | None = None, progress: bool = False,
@@ -310,6 +282,7 @@ class MLP:
         """A copy of this network whose arrays live on backend ``name``."""
         clone = MLP.__new__(MLP)
         clone.__dict__.update(self.__dict__)
+        clone.__dict__.pop("_workspaces", None)  # buffers of the other backend
         clone.backend = resolve_backend(name)
         clone.layers = [Layer(W, b, L.activation) for (W, b), L in zip(self.get_params(), self.layers)]
         k = clone.backend.kernels

@@ -1,8 +1,8 @@
-"""Optimizers: how one layer's error ``delta`` and input ``x_prev`` become a parameter update.
+"""Optimizers: how one layer's gradients ``dE/dW``, ``dE/db`` become a parameter update.
 
-Plain SGD updates ``W`` straight from ``delta`` and ``x_prev`` with no gradient buffer
-(``W <- W - eta delta^T x_prev``); momentum and Adam form the gradient once and apply one
-fused in-place kernel per parameter array. Weight decay (L2) applies to weights, not biases.
+Each update is one fused in-place kernel per parameter array, given the step's guard: a step
+whose loss or gradients are not finite changes neither the parameters nor the optimizer's state
+(see :mod:`backprop.step`). Weight decay (L2) applies to weights, not biases.
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ class Optimizer(ABC):
         return entry[1]
 
     @abstractmethod
-    def update_layer(self, kernels: ModuleType, owner: Any, W: Any, b: Any, delta: Any, x_prev: Any) -> None:
-        """Update ``W`` and ``b`` in place from the layer's ``delta`` and input ``x_prev``."""
+    def apply(self, kernels: ModuleType, owner: Any, W: Any, b: Any, dW: Any, db: Any, guard: Any = None) -> None:
+        """Update ``W`` and ``b`` in place from their gradients ``dW``, ``db`` (when ``guard`` allows)."""
 
 
 class SGD(Optimizer):
@@ -70,15 +70,15 @@ class SGD(Optimizer):
         return (f"SGD(lr={self.lr}, momentum={self.momentum}, nesterov={self.nesterov}, "
                 f"weight_decay={self.weight_decay})")
 
-    def update_layer(self, kernels: ModuleType, owner: Any, W: Any, b: Any, delta: Any, x_prev: Any) -> None:
+    def apply(self, kernels: ModuleType, owner: Any, W: Any, b: Any, dW: Any, db: Any, guard: Any = None) -> None:
         if self.momentum == 0:
-            kernels.sgd_update_from_delta(W, b, delta, x_prev, self.lr, self.weight_decay)
+            kernels.sgd_update(W, dW, self.lr, self.weight_decay, guard=guard)
+            kernels.sgd_update(b, db, self.lr, 0.0, guard=guard)
             return
-        s = self._slots(owner, kernels, W, b, ("grad", "velocity"))
-        kernels.weight_gradients(delta, x_prev, s["grad_W"], s["grad_b"])
-        kernels.momentum_update(W, s["grad_W"], s["velocity_W"], self.lr, self.momentum, self.nesterov,
-                                self.weight_decay)
-        kernels.momentum_update(b, s["grad_b"], s["velocity_b"], self.lr, self.momentum, self.nesterov, 0.0)
+        s = self._slots(owner, kernels, W, b, ("velocity",))
+        kernels.momentum_update(W, dW, s["velocity_W"], self.lr, self.momentum, self.nesterov, self.weight_decay,
+                                guard=guard)
+        kernels.momentum_update(b, db, s["velocity_b"], self.lr, self.momentum, self.nesterov, 0.0, guard=guard)
 
 
 class Adam(Optimizer):
@@ -100,10 +100,10 @@ class Adam(Optimizer):
         return (f"Adam(lr={self.lr}, beta1={self.beta1}, beta2={self.beta2}, eps={self.eps}, "
                 f"weight_decay={self.weight_decay})")
 
-    def update_layer(self, kernels: ModuleType, owner: Any, W: Any, b: Any, delta: Any, x_prev: Any) -> None:
-        s = self._slots(owner, kernels, W, b, ("grad", "m", "v"))
-        kernels.weight_gradients(delta, x_prev, s["grad_W"], s["grad_b"])
+    def apply(self, kernels: ModuleType, owner: Any, W: Any, b: Any, dW: Any, db: Any, guard: Any = None) -> None:
+        s = self._slots(owner, kernels, W, b, ("m", "v"))
         t = max(self.steps, 1)
-        kernels.adam_update(W, s["grad_W"], s["m_W"], s["v_W"], self.lr, self.beta1, self.beta2, self.eps, t,
-                            self.weight_decay)
-        kernels.adam_update(b, s["grad_b"], s["m_b"], s["v_b"], self.lr, self.beta1, self.beta2, self.eps, t, 0.0)
+        kernels.adam_update(W, dW, s["m_W"], s["v_W"], self.lr, self.beta1, self.beta2, self.eps, t,
+                            self.weight_decay, guard=guard)
+        kernels.adam_update(b, db, s["m_b"], s["v_b"], self.lr, self.beta1, self.beta2, self.eps, t, 0.0,
+                            guard=guard)

@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from .kernels import numpy_ref
 from .validation import check_inputs, check_positive
 
 __all__ = ["Perceptron"]
@@ -28,7 +29,7 @@ class Perceptron:
 
     def fit(self, X: Any, y: Any) -> Perceptron:
         X = np.asarray(X)
-        Xh = check_inputs(X, X.shape[1] if X.ndim == 2 else -1, np.float64)
+        Xh = check_inputs(X, X.shape[1] if X.ndim == 2 else -1, numpy_ref, np.float64)
         y = np.asarray(y, dtype=np.float64).ravel()
         if y.shape[0] != Xh.shape[0]:
             raise ValueError(f"y has {y.shape[0]} labels but X has {Xh.shape[0]} samples")
@@ -52,7 +53,7 @@ class Perceptron:
     def decision_function(self, X: Any) -> np.ndarray:
         if self.w is None:
             raise RuntimeError("call fit first")
-        return check_inputs(X, self.w.shape[0], np.float64) @ self.w + self.b
+        return check_inputs(X, self.w.shape[0], numpy_ref, np.float64) @ self.w + self.b
 
     def predict(self, X: Any) -> np.ndarray:
         """Labels ``+1`` where ``w . x + b > 0``, else ``-1``."""

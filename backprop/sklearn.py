@@ -42,7 +42,7 @@ from __future__ import annotations
 import numbers
 import sys
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -66,7 +66,9 @@ except ImportError:  # pragma: no cover - older scikit-learn
 from .activations import ACTIVATIONS
 from .backend import get_backend, resolve_backend
 from .network import MLP, NonFiniteLossError
+from . import step
 from .optimizers import SGD, Adam, Optimizer
+from .staging import Batches
 
 __all__ = ["MLPClassifier", "MLPRegressor"]
 
@@ -118,21 +120,6 @@ def _hidden_sizes(value: Any) -> list[int]:
         if s <= 0:
             raise ValueError(f"hidden_layer_sizes must be > 0, got {sizes}.")
     return [int(s) for s in sizes]
-
-
-def _sum_sq(arrays: Iterable[Any], kernels: Any) -> float:
-    """``sum ||W||^2`` over weight matrices of any backend, reduced where the arrays live when possible."""
-    total = 0.0
-    for W in arrays:
-        if isinstance(W, np.ndarray):
-            r = W.ravel()
-            total += float(np.dot(r, r))
-        elif type(W).__module__.startswith("cupy"):
-            total += float((W * W).sum())
-        else:
-            r = np.asarray(kernels.to_host(W)).ravel()
-            total += float(np.dot(r, r))
-    return total
 
 
 # --------------------------------------------------------------------------- base
@@ -223,12 +210,14 @@ class _BaseMLP(BaseEstimator):
         state = super().__getstate__()
         state.pop("_net", None)
         state.pop("_optimizer", None)
+        state.pop("_pushed", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._net = None
         self._optimizer = None
+        self._pushed = None
 
     def _build_net(self, layer_units: list[int], dtype: np.dtype) -> MLP:
         out, loss = self._head()
@@ -248,14 +237,29 @@ class _BaseMLP(BaseEstimator):
         if net is None:
             units = [self.coefs_[0].shape[0]] + [c.shape[1] for c in self.coefs_]
             net = self._net = self._build_net(units, np.dtype(self._fit_dtype))
-        net.set_params([(np.asarray(W).T, b) for W, b in zip(self.coefs_, self.intercepts_)])
+            self._pushed = None
+        if not self._in_sync():
+            net.set_params([(np.asarray(W).T, b) for W, b in zip(self.coefs_, self.intercepts_)])
+            self._remember_pushed()
         return net
+
+    def _in_sync(self) -> bool:
+        """Whether the network already holds ``coefs_``/``intercepts_`` (compared on the host: far cheaper
+        than copying them to the backend again at every ``predict``)."""
+        pushed = getattr(self, "_pushed", None)
+        current = list(self.coefs_) + list(self.intercepts_)
+        return pushed is not None and len(pushed) == len(current) and all(
+            np.shape(a) == b.shape and np.array_equal(a, b) for a, b in zip(current, pushed))
+
+    def _remember_pushed(self) -> None:
+        self._pushed = [np.array(a, copy=True) for a in list(self.coefs_) + list(self.intercepts_)]
 
     def _pull(self) -> None:
         """Copy the network's parameters into ``coefs_`` (``(n_in, n_out)``, as scikit-learn has them)."""
         params = self._net.get_params()
         self.coefs_ = [np.ascontiguousarray(W.T) for W, _ in params]
         self.intercepts_ = [b for _, b in params]
+        self._remember_pushed()
 
     def _forward(self, X: Any, net: MLP | None = None) -> np.ndarray:
         """Network output for validated ``X`` (dense or sparse), in chunks, as a NumPy array of ``X``'s
@@ -383,8 +387,8 @@ class _BaseMLP(BaseEstimator):
             batch_size = int(np.clip(self.batch_size, 1, n_samples))
 
         k = net.backend.kernels
-        dtype = net.dtype
-        sparse = sp.issparse(X_train)
+        # dense data goes to the backend once; sparse data is densified and copied a minibatch at a time
+        data = None if sp.issparse(X_train) else Batches(k, X_train, y_train, net.dtype)
         alpha = float(self.alpha)
         # scikit-learn reports the regression loss averaged over outputs (its gradient is that of the sum)
         scale = 1.0 if self._classifier else 1.0 / self.n_outputs_
@@ -398,19 +402,23 @@ class _BaseMLP(BaseEstimator):
             for _ in range(self.max_iter):
                 if self.shuffle:
                     sample_idx = _sk_shuffle(sample_idx, random_state=self._random_state)
-                accumulated = 0.0
-                for batch_slice in gen_batches(n_samples, batch_size):
-                    idx = sample_idx[batch_slice] if self.shuffle else batch_slice
-                    xb, tb = X_train[idx], y_train[idx]
-                    if sparse:
-                        xb = xb.toarray()
-                    B = tb.shape[0]
-                    batch_loss = net.train_step_device(
-                        k.to_device(xb, dtype), k.to_device(tb, dtype), self._prepare_step(opt, alpha, B)
-                    ) * scale
-                    if alpha:
-                        batch_loss += 0.5 * alpha * self._penalty_norm / B
-                    accumulated += batch_loss * B
+                order = sample_idx if self.shuffle else None
+                # the epoch runs without reading anything back: the losses and the L2 penalties of the steps
+                # are summed on the backend, and read once at its end
+                guard = step.Guard(k)
+                penalty = k.zeros((1,), np.float64)
+                steps_before = opt.steps
+                for B, xb, tb in self._minibatches(net, data, X_train, y_train, batch_size, order):
+                    self._prepare_step(opt, alpha, B, penalty)
+                    step.train_step(net, step.workspace(net, B), xb, tb, opt, guard, weight=B * scale)
+                state = guard.read()
+                if state.failed:
+                    opt.steps = steps_before + state.failed_step - 1
+                    raise NonFiniteLossError(f"at iteration {self.n_iter_ + 1}, step {state.failed_step}, the loss "
+                                             "or a gradient became non-finite; that step was not applied")
+                accumulated = state.loss_sum
+                if alpha:
+                    accumulated += 0.5 * alpha * float(k.to_host(penalty)[0])
                 self.n_iter_ += 1
                 self.loss_ = accumulated / n_samples
                 self.t_ += n_samples
@@ -451,8 +459,26 @@ class _BaseMLP(BaseEstimator):
         if early_stopping and self._best_params is not None:
             net.set_params(self._best_params)
 
-    def _prepare_step(self, opt: Optimizer, alpha: float, batch: int) -> Optimizer:
-        """Set the optimizer up for the next step so that it takes scikit-learn's step.
+    @staticmethod
+    def _minibatches(net: MLP, data: Batches | None, X: Any, y: np.ndarray, batch_size: int,
+                     order: np.ndarray | None) -> Iterator[tuple[int, Any, Any]]:
+        """``(rows, x, t)`` on the backend for each minibatch of an epoch, in scikit-learn's order."""
+        if data is not None:
+            def staging(rows: int) -> tuple[Any, Any]:
+                ws = step.workspace(net, rows)
+                return ws.x, ws.t
+
+            yield from data.epoch(batch_size, order, staging)
+            return
+        k = net.backend.kernels
+        for batch_slice in gen_batches(X.shape[0], batch_size):
+            idx = order[batch_slice] if order is not None else batch_slice
+            xb, tb = X[idx].toarray(), y[idx]
+            yield tb.shape[0], k.to_device(xb, net.dtype), k.to_device(tb, net.dtype)
+
+    def _prepare_step(self, opt: Optimizer, alpha: float, batch: int, penalty: Any) -> Optimizer:
+        """Set the optimizer up for the next step so that it takes scikit-learn's step, and add the step's
+        ``||W||^2`` (before the update) to ``penalty`` on the backend.
 
         L2: scikit-learn's penalty ``alpha / (2 B) ||W||^2`` on a batch of ``B`` is weight decay ``alpha / B``.
         Adam: scikit-learn steps ``lr sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + eps)``; backprop's kernel
@@ -463,7 +489,8 @@ class _BaseMLP(BaseEstimator):
         if isinstance(opt, Adam):
             opt.eps = float(self.epsilon) / np.sqrt(1.0 - float(self.beta_2) ** (opt.steps + 1))
         if alpha:
-            self._penalty_norm = _sum_sq((L.W for L in self._net.layers), self._net.backend.kernels)
+            for layer in self._net.layers:
+                self._net.backend.kernels.add_sum_of_squares(penalty, layer.W)
         return opt
 
     def _update_no_improvement_count(self, net: MLP, early_stopping: bool, X_val: Any, y_val: Any) -> None:

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .optimizers import SGD, Optimizer
+from . import step
+from .staging import Batches, fits_on_device
 from .validation import check_inputs, check_positive, check_targets
 
 if TYPE_CHECKING:
@@ -164,26 +166,41 @@ def _metrics(history: History, show_lr: bool) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------- evaluation
-def evaluate(net: MLP, X: np.ndarray, T: np.ndarray, batch_size: int = 4096) -> tuple[float, float | None]:
-    """Mean loss on ``(X, T)`` (host arrays, already checked) and accuracy for classification heads
-    (argmax for softmax, all outputs thresholded at 0.5 for sigmoid)."""
+def _batch_on_backend(kernels: Any, A: Any, lo: int, hi: int, dtype: np.dtype) -> Any:
+    """Rows ``lo:hi`` of a checked array, on the backend (a view when ``A`` already is there)."""
+    rows = A[lo:hi]
+    return rows if kernels.owns(A) else kernels.to_device(rows, dtype)
+
+
+def evaluate(net: MLP, X: Any, T: Any, batch_size: int = 4096) -> tuple[float, float | None]:
+    """Mean loss on ``(X, T)`` (checked arrays, on the backend or on the host) and accuracy for
+    classification heads (argmax for softmax, all outputs thresholded at 0.5 for sigmoid)."""
     k = net.backend.kernels
     total, correct = 0.0, 0
     classify = net.loss_fn.name in ("cross_entropy", "bce")
-    for start in range(0, X.shape[0], batch_size):
-        x = k.to_device(X[start:start + batch_size], net.dtype)
-        t_host = T[start:start + batch_size]
-        cache = net._forward_train(x)
-        value, _ = net._output_error(cache, k.to_device(t_host, net.dtype))
-        total += float(k.to_host(value)) * x.shape[0]
+    n = int(X.shape[0])
+    for lo in range(0, n, batch_size):
+        hi = min(lo + batch_size, n)
+        x = _batch_on_backend(k, X, lo, hi, net.dtype)
+        t = _batch_on_backend(k, T, lo, hi, net.dtype)
+        ws = step.workspace(net, hi - lo)
+        step.forward(net, ws, x)
+        total += float(k.to_host(step.output_error(net, ws, t))) * (hi - lo)
         if classify:
-            y = k.to_host(cache[-1][0])
+            y, t_host = k.to_host(ws.y[-1]), k.to_host(t)
             if net.loss_fn.name == "cross_entropy":
                 correct += int((y.argmax(1) == t_host.argmax(1)).sum())
             else:
                 correct += int(((y > 0.5) == (t_host > 0.5)).all(axis=1).sum())
-    n = X.shape[0]
     return total / n, (correct / n if classify else None)
+
+
+def _take_rows(kernels: Any, A: Any, idx: np.ndarray, dtype: np.dtype) -> Any:
+    """``A[idx]`` for a checked array, made where ``A`` lives."""
+    if not kernels.owns(A):
+        return A[idx]
+    out = kernels.zeros((len(idx), A.shape[1]), dtype)
+    return kernels.gather_rows(A, kernels.to_device(idx, np.int64), out)
 
 
 # --------------------------------------------------------------------------- fit
@@ -195,6 +212,21 @@ def _check_fraction(value: Any, name: str) -> float:
     if value >= 1:
         raise ValueError(f"{name} must lie in [0, 1), got {value}")
     return value
+
+
+def _failed_step_cause(net: MLP, data: Batches, order: np.ndarray | None, batch_size: int, failed: int) -> str:
+    """What went wrong in step ``failed`` of the epoch, found by running its forward pass again on the
+    unchanged parameters (only on this rare path)."""
+    lo = (failed - 1) * batch_size
+    rows = np.arange(lo, min(lo + batch_size, data.n)) if order is None else order[lo:lo + batch_size]
+    k = net.backend.kernels
+    x, t = _take_rows(k, data.X, rows, net.dtype), _take_rows(k, data.T, rows, net.dtype)
+    if not k.owns(x):
+        x, t = k.to_device(x, net.dtype), k.to_device(t, net.dtype)
+    ws = step.workspace(net, len(rows))
+    step.forward(net, ws, x)
+    loss = float(k.to_host(step.output_error(net, ws, t)))
+    return f"loss is {loss}" if not np.isfinite(loss) else f"a gradient is not finite (loss {loss:.6g})"
 
 
 def fit(net: MLP, X: Any, T: Any, *, epochs: int = 10, batch_size: int = 32, optimizer: Optimizer | None = None,
@@ -221,8 +253,12 @@ def fit(net: MLP, X: Any, T: Any, *, epochs: int = 10, batch_size: int = 32, opt
     - ``progress``: a tqdm bar with loss and validation metrics per epoch; ``None`` draws it only on an
       interactive terminal and never when the environment variable ``CI`` is set.
 
-    All data is checked before any parameter changes. If the loss becomes non-finite, training stops with
-    :class:`~backprop.network.NonFiniteLossError` naming the epoch and step; the failing step is not applied.
+    All data is checked before any parameter changes, and moved to the backend once (see
+    :mod:`backprop.staging`). The steps read nothing back: the loss is summed on the backend and read once
+    per epoch. If the loss or a gradient becomes non-finite, the update of that step and of every later one
+    is skipped on the backend, and at the end of the epoch training stops with
+    :class:`~backprop.network.NonFiniteLossError` naming the epoch and step; the parameters and the
+    optimizer's state are those from before the failing step.
     """
     from .callbacks import EarlyStopping
     from .network import NonFiniteLossError
@@ -241,8 +277,9 @@ def fit(net: MLP, X: Any, T: Any, *, epochs: int = 10, batch_size: int = 32, opt
         if not callable(cb):
             raise TypeError(f"callbacks must be callables cb(net, epoch, history), got {type(cb).__name__}")
 
-    Xh = check_inputs(X, net.sizes[0], net.dtype)
-    Th = check_targets(T, net.sizes[-1], net.loss_fn.name, Xh.shape[0], net.dtype)
+    k = net.backend.kernels
+    Xd = check_inputs(X, net.sizes[0], k, net.dtype, keep_host=True)
+    Td = check_targets(T, net.sizes[-1], net.loss_fn.name, Xd.shape[0], k, net.dtype, keep_host=True)
     rng = np.random.default_rng(net.seed if seed is None else seed)
     val = None
     if validation_data is not None:
@@ -250,19 +287,19 @@ def fit(net: MLP, X: Any, T: Any, *, epochs: int = 10, batch_size: int = 32, opt
             raise ValueError("pass validation_data or validation_split, not both")
         if not isinstance(validation_data, Sequence) or len(validation_data) != 2:
             raise TypeError("validation_data must be a pair (X_val, T_val)")
-        Xv = check_inputs(validation_data[0], net.sizes[0], net.dtype, "X_val")
-        val = (Xv, check_targets(validation_data[1], net.sizes[-1], net.loss_fn.name, Xv.shape[0], net.dtype,
-                                 "T_val"))
+        Xv = check_inputs(validation_data[0], net.sizes[0], k, net.dtype, "X_val", keep_host=True)
+        val = (Xv, check_targets(validation_data[1], net.sizes[-1], net.loss_fn.name, Xv.shape[0], k, net.dtype,
+                                 "T_val", keep_host=True))
     elif validation_split:
-        n_all = Xh.shape[0]
+        n_all = int(Xd.shape[0])
         n_val = int(round(n_all * validation_split))
         if n_val < 1 or n_val >= n_all:
             raise ValueError(f"validation_split={validation_split} of {n_all} samples leaves "
                              f"{n_val} for validation and {n_all - n_val} for training; both need at least one")
         perm = rng.permutation(n_all)
-        val = (Xh[perm[:n_val]], Th[perm[:n_val]])
+        val = (_take_rows(k, Xd, perm[:n_val], net.dtype), _take_rows(k, Td, perm[:n_val], net.dtype))
         keep = np.sort(perm[n_val:])
-        Xh, Th = Xh[keep], Th[keep]
+        Xd, Td = _take_rows(k, Xd, keep, net.dtype), _take_rows(k, Td, keep, net.dtype)
     if early_stopping:
         if val is None and monitor != "loss":
             raise ValueError("early_stopping=True needs validation data: pass validation_split or validation_data "
@@ -270,34 +307,40 @@ def fit(net: MLP, X: Any, T: Any, *, epochs: int = 10, batch_size: int = 32, opt
         callbacks.append(EarlyStopping(patience=patience, min_delta=min_delta, monitor=monitor,
                                        restore_best=restore_best))
 
-    k = net.backend.kernels
-    n = Xh.shape[0]
+    data = Batches(k, Xd, Td, net.dtype)
+    if val is not None and not k.owns(val[0]) and fits_on_device(k, val[0].nbytes + val[1].nbytes):
+        val = (k.to_device(val[0], net.dtype), k.to_device(val[1], net.dtype))
+    n = data.n
     history = History()
     for cb in callbacks:
         hook = getattr(cb, "on_train_begin", None)
         if hook is not None:
             hook(net, history)
     bar = _ProgressBar(epochs) if show else None
+
+    def staging(rows: int) -> tuple[Any, Any]:
+        ws = step.workspace(net, rows)
+        return ws.x, ws.t
+
     try:
         for epoch in range(1, epochs + 1):
             if schedule is not None:
                 optimizer.lr = check_positive(schedule(epoch - 1), "scheduled learning rate", allow_zero=True)
             start = time.perf_counter()
             order = rng.permutation(n) if shuffle else None
-            total = 0.0
-            for step, lo in enumerate(range(0, n, batch_size), start=1):
-                if order is None:
-                    xb, tb = Xh[lo:lo + batch_size], Th[lo:lo + batch_size]
-                else:
-                    idx = order[lo:lo + batch_size]
-                    xb, tb = Xh[idx], Th[idx]
-                try:
-                    total += net.train_step_device(k.to_device(xb, net.dtype), k.to_device(tb, net.dtype),
-                                                   optimizer) * xb.shape[0]
-                except NonFiniteLossError as exc:
-                    raise NonFiniteLossError(
-                        f"loss became non-finite at epoch {epoch}, step {step}: {exc} (try a smaller learning rate)"
-                    ) from None
+            guard = step.Guard(k)
+            steps_before = optimizer.steps
+            for rows, xb, tb in data.epoch(batch_size, order, staging):
+                step.train_step(net, step.workspace(net, rows), xb, tb, optimizer, guard, weight=rows)
+            state = guard.read()  # the one read of the epoch
+            if state.failed:
+                optimizer.steps = steps_before + state.failed_step - 1
+                raise NonFiniteLossError(
+                    f"loss became non-finite at epoch {epoch}, step {state.failed_step}: "
+                    f"{_failed_step_cause(net, data, order, batch_size, state.failed_step)}; this step was not "
+                    "applied and training stopped (try a smaller learning rate)"
+                )
+            total = state.loss_sum
             history.loss.append(total / n)
             history.lr.append(float(optimizer.lr))
             if val is not None:

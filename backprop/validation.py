@@ -1,5 +1,12 @@
 """Checks on user data: every problem becomes a ``ValueError``/``TypeError`` naming it,
-raised before any parameter changes."""
+raised before any parameter changes.
+
+Data is checked where it lives. An array the network's backend owns (a CuPy array for the cupy
+backend, a NumPy array for the CPU backends) is checked from its metadata and by reductions on
+the backend (:func:`~backprop.kernels.numpy_ref.array_stats`), with one small read, and is never
+copied to the host. Host data (a NumPy array or a list) for a GPU backend is checked on the host
+and moved once. A device array the backend does not own is refused with what to do instead.
+"""
 
 from __future__ import annotations
 
@@ -7,90 +14,157 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["check_inputs", "check_targets", "check_positive", "is_device_array"]
+from .kernels import numpy_ref as host
+from .kernels.contract import (
+    STAT_FIRST_NONFINITE,
+    STAT_MAX,
+    STAT_MIN,
+    STAT_NON_INTEGER,
+    STAT_NONFINITE,
+    STAT_ROW_SUM_ERROR,
+)
+
+__all__ = ["check_inputs", "check_positive", "check_targets"]
+
+Array = Any
 
 
-def is_device_array(a: Any) -> bool:
-    """True for arrays that live on a GPU (CuPy arrays, Numba device arrays)."""
-    return not isinstance(a, np.ndarray) and hasattr(a, "__cuda_array_interface__")
+def _is_device_array(a: Any) -> bool:
+    """True for objects that say they live on a GPU (the CUDA array interface or a DLPack device)."""
+    if isinstance(a, np.ndarray):
+        return False
+    if hasattr(a, "__cuda_array_interface__"):
+        return True
+    device = getattr(a, "__dlpack_device__", None)
+    if device is None:
+        return False
+    try:
+        return int(device()[0]) != 1  # 1 is kDLCPU
+    except Exception:  # noqa: BLE001 - not a DLPack producer after all
+        return False
 
 
-def _as_float_host(a: Any, name: str) -> np.ndarray:
+class _Data:
+    """An array with the module that owns it: the backend's kernels, or the host reference."""
+
+    def __init__(self, array: Array, kernels: Any, on_backend: bool) -> None:
+        self.array = array
+        self.kernels = kernels if on_backend else host
+        self.backend_kernels = kernels
+        self.on_backend = on_backend
+
+    def stats(self) -> np.ndarray:
+        return self.kernels.array_stats(self.array)
+
+    def to_backend(self, dtype: np.dtype, keep_host: bool = False) -> Array:
+        """The array on the backend, as ``dtype``: no copy when it already is one; moved once otherwise
+        (or, with ``keep_host``, left on the host as a C-contiguous array of ``dtype``)."""
+        if self.on_backend:
+            return self.backend_kernels.as_array(self.array, dtype)
+        if keep_host:
+            return np.ascontiguousarray(self.array, dtype=dtype)
+        return self.backend_kernels.to_device(self.array, dtype)
+
+
+def _read(a: Any, kernels: Any, name: str) -> _Data:
     if a is None:
         raise TypeError(f"{name} is None; expected an array")
-    if is_device_array(a):
-        a = np.asarray(a.get() if hasattr(a, "get") else a.copy_to_host())
-    try:
-        arr = np.asarray(a)
-    except Exception as exc:  # ragged lists and the like
-        raise ValueError(f"{name} cannot be read as an array: {exc}") from None
-    if arr.dtype == object or arr.dtype.kind not in "biuf":
-        raise TypeError(f"{name} must hold real numbers, got dtype {arr.dtype}")
-    return arr
+    if kernels.owns(a):
+        data = _Data(a, kernels, True)
+    elif _is_device_array(a):
+        raise TypeError(
+            f"{name} is a device array ({type(a).__name__}) that the network's backend ({kernels.NAME!r}) does not "
+            "own: an array of another library, or on another GPU than the current one. Move the data to the "
+            f"network's backend first (to the host for a CPU backend, e.g. cupy's {name}.get()), or move the "
+            "network to the data with net.to_backend(name)"
+        )
+    else:
+        try:
+            arr = np.asarray(a)
+        except Exception as exc:  # ragged lists and the like
+            raise ValueError(f"{name} cannot be read as an array: {exc}") from None
+        data = _Data(arr, kernels, kernels.owns(arr))
+    dtype = np.dtype(data.array.dtype)
+    if dtype == object or dtype.kind not in "biuf":
+        raise TypeError(f"{name} must hold real numbers, got dtype {dtype}")
+    return data
 
 
-def _check_finite(arr: np.ndarray, name: str) -> None:
-    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-        bad = np.argwhere(~np.isfinite(arr))[0]
+def _check_finite(stats: np.ndarray, shape: tuple[int, ...], name: str) -> None:
+    if stats[STAT_NONFINITE]:
+        first = np.unravel_index(int(stats[STAT_FIRST_NONFINITE]), shape)
         raise ValueError(
-            f"{name} holds non-finite values (NaN or inf), first at index {tuple(int(i) for i in bad)}"
+            f"{name} holds non-finite values (NaN or inf), first at index {tuple(int(i) for i in first)}"
         )
 
 
-def check_inputs(X: Any, n_features: int, dtype: np.dtype, name: str = "X") -> np.ndarray:
-    """Return ``X`` as a finite ``(batch, n_features)`` host array of ``dtype``."""
-    arr = _as_float_host(X, name)
-    if arr.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (batch, {n_features}), got shape {arr.shape}")
-    if arr.shape[0] == 0:
-        raise ValueError(f"{name} is empty: it has no samples")
-    if arr.shape[1] != n_features:
-        raise ValueError(f"{name} has {arr.shape[1]} features per sample, the network takes {n_features}")
-    _check_finite(arr, name)
-    out = np.ascontiguousarray(arr, dtype=dtype)
-    if not np.isfinite(out).all():
+def _check_range(stats: np.ndarray, dtype: np.dtype, name: str) -> None:
+    """Values of a wider float type that the network's dtype cannot hold."""
+    limit = float(np.finfo(dtype).max)
+    if stats[STAT_MAX] > limit or stats[STAT_MIN] < -limit:
         raise ValueError(f"{name} overflows {np.dtype(dtype).name}")
-    return out
 
 
-def check_targets(T: Any, n_outputs: int, loss: str, batch: int, dtype: np.dtype, name: str = "T") -> np.ndarray:
-    """Return targets as a finite ``(batch, n_outputs)`` host array of ``dtype``.
+def check_inputs(X: Any, n_features: int, kernels: Any, dtype: np.dtype, name: str = "X", *,
+                 keep_host: bool = False) -> Array:
+    """Return ``X`` as a finite ``(batch, n_features)`` array of ``dtype`` on the backend of ``kernels``
+    (``keep_host``: host data stays on the host, for the caller to move)."""
+    data = _read(X, kernels, name)
+    shape = tuple(data.array.shape)
+    if len(shape) != 2:
+        raise ValueError(f"{name} must be 2-D (batch, {n_features}), got shape {shape}")
+    if shape[0] == 0:
+        raise ValueError(f"{name} is empty: it has no samples")
+    if shape[1] != n_features:
+        raise ValueError(f"{name} has {shape[1]} features per sample, the network takes {n_features}")
+    stats = data.stats()
+    _check_finite(stats, shape, name)
+    _check_range(stats, dtype, name)
+    return data.to_backend(dtype, keep_host)
+
+
+def check_targets(T: Any, n_outputs: int, loss: str, batch: int, kernels: Any, dtype: np.dtype,
+                  name: str = "T", *, keep_host: bool = False) -> Array:
+    """Return targets as a finite ``(batch, n_outputs)`` array of ``dtype`` on the backend of ``kernels``
+    (``keep_host``: host data stays on the host, for the caller to move).
 
     For ``cross_entropy`` a 1-D array of integer class labels in ``[0, n_outputs)`` becomes one-hot
     rows; 2-D targets must be probability rows. For ``bce`` targets must lie in ``[0, 1]``.
     """
-    arr = _as_float_host(T, name)
+    data = _read(T, kernels, name)
+    arr = data.array
+    shape = tuple(arr.shape)
     if arr.size == 0:
         raise ValueError(f"{name} is empty: it has no targets")
-    if arr.shape[0] != batch:
-        raise ValueError(f"{name} has {arr.shape[0]} samples but X has {batch}")
-    _check_finite(arr, name)
-    if loss == "cross_entropy" and arr.ndim == 1:
-        if arr.dtype.kind == "f" and not np.all(arr == np.round(arr)):
+    if shape[0] != batch:
+        raise ValueError(f"{name} has {shape[0]} samples but X has {batch}")
+    if len(shape) == 1 and loss == "cross_entropy":
+        stats = data.stats()
+        _check_finite(stats, shape, name)
+        if stats[STAT_NON_INTEGER]:
             raise ValueError(f"{name}: class labels must be integers, got non-integer values")
-        labels = arr.astype(np.int64)
-        lo, hi = int(labels.min()), int(labels.max())
+        lo, hi = stats[STAT_MIN], stats[STAT_MAX]
         if lo < 0 or hi >= n_outputs:
             raise ValueError(
-                f"{name}: class labels must lie in [0, {n_outputs}), got values from {lo} to {hi}"
+                f"{name}: class labels must lie in [0, {n_outputs}), got values from {lo:g} to {hi:g}"
             )
-        onehot = np.zeros((batch, n_outputs), dtype=dtype)
-        onehot[np.arange(batch), labels] = 1
-        return onehot
-    if arr.ndim == 1 and n_outputs == 1:
-        arr = arr.reshape(-1, 1)
-    if arr.ndim != 2 or arr.shape[1] != n_outputs:
-        raise ValueError(f"{name} must have shape ({batch}, {n_outputs}), got {arr.shape}")
-    out = np.ascontiguousarray(arr, dtype=dtype)
-    if loss in ("bce", "cross_entropy") and (out.min() < 0 or out.max() > 1):
+        data.array = data.kernels.one_hot(arr, n_outputs, dtype)
+        return data.to_backend(dtype, keep_host)
+    if len(shape) == 1 and n_outputs == 1:
+        data.array = arr = arr.reshape(-1, 1)
+        shape = tuple(arr.shape)
+    if len(shape) != 2 or shape[1] != n_outputs:
+        raise ValueError(f"{name} must have shape ({batch}, {n_outputs}), got {shape}")
+    stats = data.stats()
+    _check_finite(stats, shape, name)
+    _check_range(stats, dtype, name)
+    if loss in ("bce", "cross_entropy") and (stats[STAT_MIN] < 0 or stats[STAT_MAX] > 1):
         raise ValueError(f"{name}: targets of {loss} must lie in [0, 1]")
     if loss == "cross_entropy":
-        sums = out.sum(axis=1, dtype=np.float64)
-        if not np.allclose(sums, 1.0, atol=1e-4 if out.dtype == np.float32 else 1e-8):
+        tol = 1e-4 if np.dtype(dtype) == np.float32 else 1e-8
+        if stats[STAT_ROW_SUM_ERROR] > tol:
             raise ValueError(f"{name}: cross_entropy targets must be one-hot or probability rows summing to 1")
-    if not np.isfinite(out).all():
-        raise ValueError(f"{name} overflows {np.dtype(dtype).name}")
-    return out
+    return data.to_backend(dtype, keep_host)
 
 
 def check_positive(value: Any, name: str, *, allow_zero: bool = False, integer: bool = False) -> Any:

@@ -1,0 +1,215 @@
+"""The training step, written once: forward pass keeping what backward needs, error at the output,
+backward pass into one flat gradient buffer, guarded update.
+
+    u^l = W^l x^{l-1} + b^l,  x^l = f(u^l)                 (forward)
+    delta^L = dE/du^L                                      (error at the output)
+    delta^{l-1} = f'(u^{l-1}) * (W^l)^T delta^l             (backward)
+    dE/dW^l = delta^l (x^{l-1})^T,  dE/db^l = sum delta^l   (gradients)
+    W^l <- W^l - eta dE/dW^l,  b^l <- b^l - eta dE/db^l     (update, by the optimizer)
+
+Every buffer lives in a :class:`Workspace`, allocated once per (network, batch size) and reused,
+so a steady-state step allocates nothing. The whole step reads nothing back to the host: a
+device-side guard (:func:`~backprop.kernels.numpy_ref.guard_step`) decides whether the update
+may be applied, and the updates of a step whose loss or gradients are not finite are skipped
+on the device, leaving the parameters and the optimizer's state bit for bit as they were.
+``MLP.train_step``, ``MLP.loss_and_grads``, ``fit``, evaluation and graph capture all run the
+functions of this module.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .kernels.contract import GUARD_FAILED, GUARD_LOSS_SUM, GUARD_SIZE, GUARD_STEPS
+
+if TYPE_CHECKING:
+    from .network import MLP
+    from .optimizers import Optimizer
+
+__all__ = ["Guard", "Workspace", "backward", "forward", "output_error", "train_step", "workspace"]
+
+Array = Any
+
+#: Workspaces kept per network (a training batch size, its last partial batch, evaluation, ...).
+MAX_WORKSPACES = 4
+
+
+class Workspace:
+    """The buffers of one step of ``net`` at batch size ``batch``, each made on first use.
+
+    ``y[l]``, ``u[l]``: each layer's output and (where the backward pass or the loss reads it)
+    pre-activation; ``delta[l]``: each layer's error; ``grads``: one flat buffer holding every
+    ``dE/dW^l`` and ``dE/db^l``, with ``dW[l]`` and ``db[l]`` views into it; ``loss``: the step's
+    mean loss, a 0-d array; ``x``, ``t``: staging buffers for a batch gathered on the backend.
+    An inference pass only ever makes ``y`` and ``u``.
+    """
+
+    def __init__(self, net: MLP, batch: int) -> None:
+        self._kernels = net.backend.kernels
+        self._dtype = net.dtype
+        self._net_sizes = net.sizes
+        self._shapes = [(L.n_out, L.n_in) for L in net.layers]
+        self.batch = batch
+        last = len(net.layers) - 1
+        k, dt = self._kernels, self._dtype
+        self.y: list[Array] = [k.zeros((batch, L.n_out), dt) for L in net.layers]
+        self.u: list[Array | None] = [k.zeros((batch, L.n_out), dt) if _keeps_u(net, i, last) else None
+                                      for i, L in enumerate(net.layers)]
+
+    @cached_property
+    def delta(self) -> list[Array]:
+        return [self._kernels.zeros(y.shape, self._dtype) for y in self.y]
+
+    @cached_property
+    def _gradients(self) -> tuple[Array, list[Array], list[Array]]:
+        return gradient_buffers(self._kernels, self._dtype, self._shapes)
+
+    @property
+    def grads(self) -> Array:
+        return self._gradients[0]
+
+    @property
+    def dW(self) -> list[Array]:
+        return self._gradients[1]
+
+    @property
+    def db(self) -> list[Array]:
+        return self._gradients[2]
+
+    @cached_property
+    def loss(self) -> Array:
+        return self._kernels.zeros((), self._dtype)
+
+    @cached_property
+    def x(self) -> Array:
+        return self._kernels.zeros((self.batch, self._net_sizes[0]), self._dtype)
+
+    @cached_property
+    def t(self) -> Array:
+        return self._kernels.zeros((self.batch, self._net_sizes[-1]), self._dtype)
+
+
+def _keeps_u(net: MLP, i: int, last: int) -> bool:
+    """Layer ``i`` keeps ``u`` when its slope needs it (GELU, SiLU) or the loss reads the logits."""
+    return net.layers[i].activation.needs_u or i == last
+
+
+def gradient_buffers(kernels: Any, dtype: Any, shapes: list[tuple[int, int]]) -> tuple[Array, list[Array], list[Array]]:
+    """One flat buffer for the gradients of layers with weights of ``shapes`` ``(n_out, n_in)``, and each
+    layer's ``dE/dW`` and ``dE/db`` views into it (one buffer, so that one reduction checks them all)."""
+    flat = kernels.zeros((sum(n_out * (n_in + 1) for n_out, n_in in shapes),), dtype)
+    dW, db, offset = [], [], 0
+    for n_out, n_in in shapes:
+        dW.append(flat[offset:offset + n_out * n_in].reshape(n_out, n_in))
+        offset += n_out * n_in
+        db.append(flat[offset:offset + n_out])
+        offset += n_out
+    return flat, dW, db
+
+
+def workspace(net: MLP, batch: int) -> Workspace:
+    """The workspace of ``net`` for ``batch`` rows, made on first use and kept (a few per network)."""
+    cache: OrderedDict[int, Workspace] | None = net.__dict__.get("_workspaces")
+    if cache is None:
+        cache = net.__dict__["_workspaces"] = OrderedDict()
+    ws = cache.get(batch)
+    if ws is None:
+        ws = cache[batch] = Workspace(net, batch)
+        while len(cache) > MAX_WORKSPACES:
+            cache.popitem(last=False)
+    else:
+        cache.move_to_end(batch)
+    return ws
+
+
+# --------------------------------------------------------------------------- the step
+def forward(net: MLP, ws: Workspace, x: Array, keep: bool = True, out: Array | None = None) -> Array:
+    """Forward pass ``x^l = f(W^l x^{l-1} + b^l)`` into the workspace; returns ``x^L``.
+
+    ``keep``: keep each layer's ``u`` where backward or the loss needs it. ``out``: where the last
+    layer writes (a fresh array handed to the caller), instead of the workspace.
+    """
+    k = net.backend.kernels
+    last = len(net.layers) - 1
+    for i, layer in enumerate(net.layers):
+        a = layer.activation
+        y = out if (i == last and out is not None) else ws.y[i]
+        keep_u = keep and ws.u[i] is not None
+        x, _ = k.layer_forward(x, layer.W, layer.b, a.name, a.alpha, keep_u, y=y, u=ws.u[i])
+    return x
+
+
+def output_error(net: MLP, ws: Workspace, t: Array) -> Array:
+    """Error at the output: the mean loss into ``ws.loss`` and ``delta^L = dE/du^L`` into the workspace."""
+    out = net.output
+    loss = net.loss_fn
+    value, _ = net.backend.kernels.output_error(ws.y[-1], ws.u[-1], t, out.name, loss.name, loss.param, out.alpha,
+                                                delta=ws.delta[-1], value=ws.loss)
+    return value
+
+
+def backward(net: MLP, ws: Workspace, x: Array, dW: list[Array] | None = None,
+             db: list[Array] | None = None) -> None:
+    """Backward pass from ``delta^L``: ``dE/dW^l = delta^l (x^{l-1})^T``, ``dE/db^l = sum delta^l``,
+    then ``delta^{l-1} = f'(u^{l-1}) * (W^l)^T delta^l``, for ``l = L..1``; the gradients go to the
+    workspace (or to ``dW``/``db``). No parameter changes."""
+    k = net.backend.kernels
+    dW = ws.dW if dW is None else dW
+    db = ws.db if db is None else db
+    for i in range(len(net.layers) - 1, -1, -1):
+        x_prev = ws.y[i - 1] if i > 0 else x
+        k.weight_gradients(ws.delta[i], x_prev, dW[i], db[i])
+        if i > 0:
+            prev = net.layers[i - 1].activation
+            k.delta_backward(ws.delta[i], net.layers[i].W, ws.y[i - 1], ws.u[i - 1], prev.name, prev.alpha,
+                             out=ws.delta[i - 1])
+
+
+def train_step(net: MLP, ws: Workspace, x: Array, t: Array, optimizer: Optimizer, guard: Guard,
+               weight: float = 1.0) -> None:
+    """One step on the batch ``(x, t)``: forward, error, backward, then the update, applied only when
+    the guard finds the loss and every gradient finite (see the module docstring). Nothing is read
+    back; ``guard`` keeps the tally (``weight * loss`` summed over the applied steps)."""
+    forward(net, ws, x)
+    loss = output_error(net, ws, t)
+    backward(net, ws, x)
+    k = net.backend.kernels
+    k.guard_step(guard.array, loss, ws.grads, weight)
+    optimizer.begin_step()
+    for layer, dW, db in zip(net.layers, ws.dW, ws.db):
+        optimizer.apply(k, layer, layer.W, layer.b, dW, db, guard.array)
+
+
+# --------------------------------------------------------------------------- the guard
+class Guard:
+    """The device-side status of a run of steps (see :func:`~backprop.kernels.numpy_ref.guard_step`):
+    how many steps ran, the first that was not finite, and the weighted sum of the losses.
+
+    Reading it (:meth:`read`) is the one copy to the host; a training loop does it once per epoch,
+    or a few times a second for a progress bar.
+    """
+
+    def __init__(self, kernels: Any) -> None:
+        self.kernels = kernels
+        self.array = kernels.zeros((GUARD_SIZE,), np.float64)
+
+    def read(self) -> GuardState:
+        """Copy the status to the host (waits for the queued steps)."""
+        return GuardState(np.array(self.kernels.to_host(self.array), dtype=np.float64))
+
+
+class GuardState:
+    """What a :class:`Guard` said when it was read."""
+
+    def __init__(self, values: np.ndarray) -> None:
+        self.steps = int(values[GUARD_STEPS])
+        self.failed_step = int(values[GUARD_FAILED])  # counting from 1; 0 when every step was finite
+        self.loss_sum = float(values[GUARD_LOSS_SUM])
+
+    @property
+    def failed(self) -> bool:
+        return self.failed_step > 0

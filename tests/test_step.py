@@ -1,0 +1,183 @@
+"""The one training step: workspaces reused, the guard inside fit, no copies of device data to the host."""
+
+from __future__ import annotations
+
+import re
+import tracemalloc
+
+import numpy as np
+import pytest
+
+import backprop as bp
+from backprop import step
+from backprop.step import Guard
+
+# a float32 net that diverges at lr 10 on targets of size 100 (within a few steps)
+DIVERGING = dict(sizes=[3, 8, 1], activation="relu", dtype="float32")
+
+
+def diverging_data(rng: np.random.Generator, n: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    return (rng.normal(size=(n, 3)) * 100).astype(np.float32), (rng.normal(size=(n, 1)) * 100).astype(np.float32)
+
+
+@pytest.mark.parametrize("opt", [lambda: bp.SGD(lr=10.0), lambda: bp.SGD(lr=10.0, momentum=0.9),
+                                 lambda: bp.Adam(lr=1e12)], ids=["sgd", "momentum", "adam"])
+@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+def test_fit_stops_at_the_failing_step_with_parameters_bit_identical(backend, rng, opt):
+    """Inside fit, with one read per epoch, the step that is not finite and every later one are skipped:
+    the parameters and the optimizer's state equal those of the same steps run one by one up to it."""
+    X, T = diverging_data(rng)
+    batch = 8
+    net = bp.MLP(DIVERGING["sizes"], activation="relu", dtype="float32", backend=backend.name, seed=3)
+    optimizer = opt()
+    with pytest.raises(bp.NonFiniteLossError, match=r"epoch (\d+), step (\d+)") as info:
+        net.fit(X, T, epochs=40, batch_size=batch, optimizer=optimizer, shuffle=False)
+    epoch, failed = (int(g) for g in re.search(r"epoch (\d+), step (\d+)", str(info.value)).groups())
+    per_epoch = len(X) // batch
+    applied = (epoch - 1) * per_epoch + failed - 1
+    assert optimizer.steps == applied
+
+    replay = bp.MLP(DIVERGING["sizes"], activation="relu", dtype="float32", backend=backend.name, seed=3)
+    replay_opt = opt()
+    for s in range(applied):
+        lo = (s % per_epoch) * batch
+        replay.train_step(X[lo:lo + batch], T[lo:lo + batch], replay_opt)
+    for (W, b), (W0, b0) in zip(net.get_params(), replay.get_params()):
+        np.testing.assert_array_equal(W, W0)
+        np.testing.assert_array_equal(b, b0)
+        assert np.isfinite(W).all() and np.isfinite(b).all()
+    lo = (applied % per_epoch) * batch
+    with pytest.raises(bp.NonFiniteLossError, match="not applied"):
+        replay.train_step(X[lo:lo + batch], T[lo:lo + batch], replay_opt)
+    assert replay_opt.steps == applied
+
+
+def test_fit_reads_the_guard_once_per_epoch(monkeypatch, rng):
+    reads = []
+    original = Guard.read
+    monkeypatch.setattr(Guard, "read", lambda self: reads.append(1) or original(self))
+    X = rng.normal(size=(100, 4))
+    y = rng.integers(0, 3, 100)
+    net = bp.MLP([4, 8, 3], head="multiclass", backend="numpy")
+    net.fit(X, y, epochs=3, batch_size=10)
+    assert len(reads) == 3
+
+
+def test_fit_loss_is_the_mean_over_the_epochs_steps(rng):
+    """The loss summed on the backend equals the mean of the per-step losses."""
+    X = rng.normal(size=(30, 4))
+    T = rng.normal(size=(30, 2))
+    a = bp.MLP([4, 6, 2], dtype="float64", backend="numpy", seed=1)
+    b = bp.MLP([4, 6, 2], dtype="float64", backend="numpy", seed=1)
+    history = a.fit(X, T, epochs=1, batch_size=8, shuffle=False, optimizer=bp.SGD(0.05))
+    opt = bp.SGD(0.05)
+    losses = [b.train_step(X[lo:lo + 8], T[lo:lo + 8], opt) * len(X[lo:lo + 8]) for lo in range(0, 30, 8)]
+    assert history.loss[0] == pytest.approx(sum(losses) / 30, rel=1e-12)
+
+
+def test_workspace_is_made_once_per_batch_size(backend, small):
+    net = bp.MLP([4, 5, 3], backend=backend.name)
+    assert step.workspace(net, 7) is step.workspace(net, 7)
+    assert step.workspace(net, 7) is not step.workspace(net, 6)
+    for b in range(10, 10 + step.MAX_WORKSPACES + 2):
+        step.workspace(net, b)
+    assert len(net.__dict__["_workspaces"]) == step.MAX_WORKSPACES
+
+
+def test_gradients_written_to_the_views_land_in_the_flat_buffer(backend, rng):
+    net = bp.MLP([4, 5, 3], backend=backend.name, dtype="float64")
+    k = backend.kernels
+    flat, dW, db = step.gradient_buffers(k, net.dtype, [(L.n_out, L.n_in) for L in net.layers])
+    assert [tuple(w.shape) for w in dW] == [(5, 4), (3, 5)] and [tuple(b.shape) for b in db] == [(5,), (3,)]
+    expected = []
+    for i, layer in enumerate(net.layers):
+        delta, x = rng.normal(size=(6, layer.n_out)), rng.normal(size=(6, layer.n_in))
+        k.weight_gradients(k.to_device(delta, net.dtype), k.to_device(x, net.dtype), dW[i], db[i])
+        expected += [(delta.T @ x).ravel(), delta.sum(axis=0)]
+    np.testing.assert_allclose(k.to_host(flat), np.concatenate(expected), rtol=1e-12)
+
+
+def _step_peak_bytes(net: bp.MLP, batch: int, optimizer: bp.Optimizer, rng: np.random.Generator) -> int:
+    """Peak of the memory traced during three steady-state steps at ``batch`` rows."""
+    k = net.backend.kernels
+    x = k.to_device(rng.normal(size=(batch, net.sizes[0])), net.dtype)
+    t = k.to_device(np.eye(net.sizes[-1])[rng.integers(0, net.sizes[-1], batch)], net.dtype)
+    ws = step.workspace(net, batch)
+    guard = Guard(k)
+    for _ in range(3):  # warm-up: workspace, optimizer state, scratch, compiled kernels
+        step.train_step(net, ws, x, t, optimizer, guard)
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(3):
+            step.train_step(net, ws, x, t, optimizer, guard)
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    assert not guard.read().failed
+    return peak
+
+
+@pytest.mark.parametrize("opt", [lambda: bp.SGD(0.01), lambda: bp.SGD(0.01, momentum=0.9, weight_decay=1e-4),
+                                 lambda: bp.Adam(1e-3, weight_decay=1e-4)], ids=["sgd", "momentum", "adam"])
+@pytest.mark.parametrize("act", ["relu", "tanh", "gelu", "leaky_relu", "softplus"])
+@pytest.mark.parametrize("name", ["numpy", "numba"])
+def test_a_steady_state_step_allocates_no_arrays(name, act, opt, rng):
+    """After warm-up a step allocates no array: what is traced is NumPy's bounded ufunc iteration buffers
+    (at most 8192 elements each) and a few Python objects, the same at 256 rows as at 4096, where a
+    single (batch, 10) temporary would add 160 KB."""
+    try:
+        small = bp.MLP([64, 128, 128, 10], activation=act, head="multiclass", backend=name)
+        large = bp.MLP([64, 128, 128, 10], activation=act, head="multiclass", backend=name)
+    except ValueError as exc:
+        pytest.skip(str(exc))
+    peak_small = _step_peak_bytes(small, 256, opt(), rng)
+    peak_large = _step_peak_bytes(large, 4096, opt(), rng)
+    assert peak_large < 128 * 1024, f"a steady-state step at 4096 rows allocated {peak_large} bytes"
+    assert peak_large - peak_small < 64 * 1024, (
+        f"what a step allocates grows with the batch: {peak_small} bytes at 256 rows, {peak_large} at 4096")
+
+
+# --------------------------------------------------------------------------- no copies to the host
+@pytest.fixture
+def host_copies(monkeypatch):
+    """Sizes (in elements) of every array the numba-cuda simulator copies from the device to the host."""
+    pytest.importorskip("numba")
+    from numba import config
+
+    if not config.ENABLE_CUDASIM:
+        pytest.skip("checks the copies of the CUDA simulator")
+    from numba.cuda.simulator.cudadrv import devicearray
+
+    sizes: list[int] = []
+    original = devicearray.FakeCUDAArray.copy_to_host
+
+    def spy(self, *args, **kwargs):
+        sizes.append(int(np.prod(self.shape)))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(devicearray.FakeCUDAArray, "copy_to_host", spy)
+    return sizes
+
+
+def test_public_methods_on_device_arrays_copy_no_array_to_the_host(host_copies, rng):
+    """forward, loss, loss_and_grads, train_step and fit on device arrays read back scalars and the few
+    numbers of a check (the guard, array_stats), never the data."""
+    try:
+        net = bp.MLP([5, 4, 3], head="multiclass", backend="numba-cuda", dtype="float32")
+    except ValueError as exc:
+        pytest.skip(str(exc))
+    k = net.backend.kernels
+    X = k.to_device(rng.normal(size=(12, 5)), np.float32)
+    labels = k.to_device(rng.integers(0, 3, 12).astype(np.float32), np.float32)
+    T = k.to_device(np.eye(3)[rng.integers(0, 3, 12)], np.float32)
+    host_copies.clear()
+    y = net.forward(X)
+    assert k.owns(y)
+    net.loss(X, labels)
+    net.loss_and_grads(X, T)
+    net.train_step(X, T, bp.SGD(0.1))
+    net.fit(X, labels, epochs=2, batch_size=4, optimizer=bp.SGD(0.1, momentum=0.9))
+    assert host_copies, "the spy saw no copy at all: it is not watching the right method"
+    assert max(host_copies) <= 8, f"copied arrays of {sorted(set(host_copies))} elements to the host"
