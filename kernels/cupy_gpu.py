@@ -1,18 +1,35 @@
 """CuPy backend: cuBLAS GEMMs plus one fused kernel per step, on an NVIDIA GPU.
 
-* Forward: ``u = x W^T`` by cuBLAS, then one kernel adds the bias and applies ``f`` in place
-  (``u`` is kept only when asked: GELU, SiLU, the output layer). Softmax is one row kernel.
-* Backward: ``delta W`` by cuBLAS, then one kernel multiplies by the slope, read from ``y``
-  (``phi(y)``) or, for GELU and SiLU, from ``u``.
-* Plain SGD: ``W <- (1 - eta lambda) W - eta delta^T x_prev`` is a single GEMM written straight
-  into ``W`` (``alpha = -eta``, ``beta = 1 - eta lambda``); ``b <- b - eta delta^T 1`` a single
-  GEMV. No gradient buffer, no separate update kernel.
-* Momentum and Adam: one fused in-place elementwise kernel per parameter array.
+It implements the contract of :mod:`backprop.kernels.contract` (the reference is
+:mod:`backprop.kernels.numpy_ref`); given the keyword output buffers, no primitive allocates.
+
+* Forward: ``u = x W^T`` by cuBLAS, into ``y`` (or into ``u`` when it is kept: GELU, SiLU, the
+  output layer), then one kernel adds the bias and applies ``f`` in place (or from ``u`` into
+  ``y``). Softmax is one row kernel.
+* Backward: ``delta W`` by cuBLAS into ``out``, then one kernel multiplies by the slope in place,
+  read from ``y`` (``phi(y)``) or, for GELU and SiLU, from ``u``. Gradients: ``delta^T x_prev`` by
+  one GEMM, ``delta^T 1`` by one GEMV, into the caller's views of its flat gradient buffer.
+* Updates: plain SGD, momentum and Adam are each one fused in-place elementwise kernel per
+  parameter array, reading a gradient buffer. Given the guard, they read ``guard[0]`` on the
+  device and leave the parameters and the optimizer state untouched unless it is ``1.0``.
+* Guard: :func:`guard_step` checks the loss and the whole flat gradient buffer on the device, in
+  two kernels (per-block counts of non-finite elements, then one block that adds them and keeps
+  the tally in the float64 guard). Nothing is read back to the host; :func:`add_sum_of_squares`
+  (an L2 penalty kept on the device) works the same way.
 * Output error: the loss value and the output delta in two kernels (the delta and per-block
   partial sums, then their sum), numerically stable: log-sum-exp with a row max for softmax +
   cross-entropy, the softplus form for sigmoid + BCE from the logits. Deterministic: no atomics.
-* :func:`capture_train_step` replays a whole training step as a CUDA graph (see
-  :mod:`backprop.kernels.cupy_graph`); :func:`set_tf32` lets float32 GEMMs use TF32 tensor cores.
+  Their small scratch buffers are cached per (device, shape, dtype) and never freed.
+* Data: :func:`array_stats` reduces on the device and reads back six numbers in one copy;
+  :func:`one_hot` is one kernel, :func:`gather_rows` one ``take``.
+* cuBLAS: through nvmath-python's bindings when they import (our own handle per device, bound to
+  CuPy's current stream, with an explicit workspace, so nothing is allocated behind our back),
+  else through ``cupy.cublas``. The row-major to column-major mapping is :func:`_gemm_plan`.
+* CUDA graphs: :func:`capture` records what a function issues (kernels, copies, cuBLAS calls) into a
+  graph, :func:`replay` launches it, :func:`copy_into` is a capturable copy; :mod:`backprop.graph`
+  builds the graph of a whole training step from them. Recording needs nvmath-python (CuPy 14's
+  cuBLAS wrappers refuse to run while a stream is being captured).
+* :func:`set_tf32` lets float32 GEMMs use TF32 tensor cores.
 
 The CUDA sources live in :mod:`backprop.kernels.cupy_sources` (importable without CuPy). Importing
 this module never fails for want of CuPy or a GPU: :func:`is_available` says why it cannot run.
@@ -21,11 +38,22 @@ this module never fails for want of CuPy or a GPU: :func:`is_available` says why
 from __future__ import annotations
 
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from . import cupy_sources as src
+from .contract import (
+    GUARD_SIZE,
+    STAT_FIRST_NONFINITE,
+    STAT_MAX,
+    STAT_MIN,
+    STAT_NON_INTEGER,
+    STAT_NONFINITE,
+    STAT_ROW_SUM_ERROR,
+    STATS_SIZE,
+)
 from .spec import ACTIVATIONS
 
 try:  # CuPy imports fine without a GPU; only its CUDA calls fail there
@@ -46,6 +74,11 @@ xp = _cupy
 #: Relative error of a float32 GEMM in TF32 mode (inputs rounded to a 10-bit mantissa), in the
 #: Frobenius norm, for well-scaled data: about 1e-3 (against about 1e-6 in full float32).
 TF32_RTOL = 2e-3
+
+#: cuBLAS's ``CUBLAS_TF32_TENSOR_OP_MATH`` (``cublasMath_t`` in cublas_api.h, value 3). CuPy 14's
+#: ``cupy_backends.cuda.libs.cublas`` does not export it (only ``CUBLAS_TENSOR_OP_MATH``), so the
+#: value is used whenever the attribute is missing.
+CUBLAS_TF32_TENSOR_OP_MATH = 3
 
 _lock = threading.Lock()
 _reason: str | None = None
@@ -119,6 +152,65 @@ def all_finite(a: Array) -> bool:
     return bool(_cupy.isfinite(a).all())
 
 
+def owns(a: Any) -> bool:
+    """True when ``a`` is a CuPy array on the current device."""
+    return _cupy is not None and isinstance(a, _cupy.ndarray) and a.device.id == _cupy.cuda.Device().id
+
+
+def as_array(a: Array, dtype: Any) -> Array:
+    """``a`` itself when it is a C-contiguous CuPy array of ``dtype`` on the current device, else a
+    converted C-contiguous copy made on the device (no trip through the host for a CuPy array)."""
+    if owns(a) and a.dtype == np.dtype(dtype) and a.flags.c_contiguous:
+        return a
+    return _cupy.ascontiguousarray(a, dtype=dtype)
+
+
+def device_memory_free() -> int:
+    """Bytes free on the current device (as the driver counts them; CuPy's pool may hold more)."""
+    return int(_cupy.cuda.runtime.memGetInfo()[0])
+
+
+def array_stats(a: Array) -> np.ndarray:
+    """The ``STAT_*`` facts about ``a`` (see :mod:`backprop.kernels.contract`), reduced on the device
+    into one small float64 array and read back with one copy."""
+    out = np.zeros(STATS_SIZE, dtype=np.float64)
+    out[STAT_FIRST_NONFINITE] = -1
+    flat = a.reshape(-1)
+    if flat.size == 0:
+        out[STAT_MIN] = out[STAT_MAX] = np.nan
+        return out
+    stats = _cupy.zeros(STATS_SIZE, dtype=np.float64)
+    if a.dtype.kind == "f":  # integer and boolean arrays are finite and whole by construction
+        finite = _cupy.isfinite(flat)
+        stats[STAT_NONFINITE] = flat.size - _cupy.count_nonzero(finite)
+        stats[STAT_FIRST_NONFINITE] = _cupy.argmin(finite)  # 0 when all are finite: fixed below
+        stats[STAT_NON_INTEGER] = _cupy.count_nonzero(flat != _cupy.floor(flat))
+    stats[STAT_MIN] = flat.min()
+    stats[STAT_MAX] = flat.max()
+    if a.ndim == 2 and a.shape[0]:
+        stats[STAT_ROW_SUM_ERROR] = _cupy.abs(a.sum(axis=1, dtype=np.float64) - 1).max()
+    out[...] = stats.get()
+    if out[STAT_NONFINITE] == 0:
+        out[STAT_FIRST_NONFINITE] = -1
+    return out
+
+
+def one_hot(labels: Array, n_classes: int, dtype: Any, out: Array | None = None) -> Array:
+    """Rows ``e_{labels[i]}`` of length ``n_classes``, one kernel writing every element of ``out``
+    (a label out of range gives a row of zeros)."""
+    labels = as_array(labels, np.int64).reshape(-1)
+    out = _buffer(out, (labels.shape[0], int(n_classes)), dtype, "out")
+    if out.size:
+        _ew("bp_one_hot")(labels, np.int64(n_classes), out)
+    return out
+
+
+def gather_rows(src: Array, idx: Array, out: Array) -> Array:
+    """``out[i] = src[idx[i]]`` (``idx`` an int64 CuPy array), on the device."""
+    _cupy.take(src, idx, axis=0, out=out)
+    return out
+
+
 # --------------------------------------------------------------------------- TF32
 def set_tf32(enabled: bool) -> None:
     """Let float32 GEMMs use TF32 tensor cores (Ampere and newer), or not (the default).
@@ -138,9 +230,183 @@ def tf32_enabled() -> bool:
 
 
 # --------------------------------------------------------------------------- cuBLAS
+# Every GEMM and GEMV goes through nvmath-python's cuBLAS bindings when they import: our own
+# handle per device, bound to CuPy's current stream with an explicit workspace, so that a GEMM
+# can be recorded into a CUDA graph (CuPy 14's ``cupy.cublas`` refuses any call while the
+# stream captures). Without nvmath-python, ``cupy.cublas`` does the work and :func:`capture`
+# refuses.
+
+#: cuBLAS's ``cublasOperation_t`` values (``nvmath.bindings.cublas.Operation.N`` / ``.T``).
+CUBLAS_OP_N = 0
+CUBLAS_OP_T = 1
+#: cuBLAS's ``CUBLAS_DEFAULT_MATH`` (``nvmath.bindings.cublas.Math.DEFAULT_MATH``).
+CUBLAS_DEFAULT_MATH = 0
+#: Bytes of the workspace given to cuBLAS (one per device for direct calls, one per captured graph):
+#: what cuBLAS itself takes by default on Hopper, and nothing is allocated behind our back.
+CUBLAS_WORKSPACE_BYTES = 32 * 2**20
+
+_NVMATH_HINT = ("pip install nvmath-python (nvmath-python[cu12] or [cu13] brings its CUDA libraries along); "
+                "CuPy's own cuBLAS wrappers refuse to run while a stream is being captured")
+
+
+class GemmPlan(NamedTuple):
+    """The cuBLAS (column-major) arguments of a row-major ``out = op(a) op(b)``.
+
+    A C-order ``(r, c)`` array is, read column-major, its transpose with leading dimension ``c``.
+    So ``out^T = op(b)^T op(a)^T`` is a column-major GEMM whose first operand is ``b`` and second
+    ``a`` (``swap``), with each one's own transpose flag: cuBLAS computes ``C (m x n, ldc) =
+    op_A(A) op_B(B)`` with ``A = b`` (``opA``, ``lda``), ``B = a`` (``opB``, ``ldb``), ``C = out``.
+    """
+
+    opA: int
+    opB: int
+    m: int
+    n: int
+    k: int
+    lda: int
+    ldb: int
+    ldc: int
+    swap: bool
+
+
+def _gemm_plan(transa: str, transb: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...],
+               out_shape: tuple[int, ...]) -> GemmPlan:
+    """cuBLAS arguments of ``out = op(a) op(b)`` for C-contiguous 2-D ``a``, ``b``, ``out`` (see :class:`GemmPlan`)."""
+    if transa not in ("N", "T") or transb not in ("N", "T"):
+        raise ValueError(f"transpose flags must be 'N' or 'T', got {transa!r}, {transb!r}")
+    if len(a_shape) != 2 or len(b_shape) != 2 or len(out_shape) != 2:
+        raise ValueError(f"GEMM operands must be 2-D, got {a_shape}, {b_shape} -> {out_shape}")
+    m, k = (a_shape[1], a_shape[0]) if transa == "T" else (a_shape[0], a_shape[1])
+    kb, n = (b_shape[1], b_shape[0]) if transb == "T" else (b_shape[0], b_shape[1])
+    if kb != k or tuple(out_shape) != (m, n):
+        raise ValueError(f"GEMM shapes do not match: op{transa}{tuple(a_shape)} x op{transb}{tuple(b_shape)} "
+                         f"-> {tuple(out_shape)}")
+    op = {"N": CUBLAS_OP_N, "T": CUBLAS_OP_T}
+    return GemmPlan(opA=op[transb], opB=op[transa], m=n, n=m, k=k,
+                    lda=max(1, b_shape[1]), ldb=max(1, a_shape[1]), ldc=max(1, n), swap=True)
+
+
+class GemvPlan(NamedTuple):
+    """The cuBLAS arguments of a row-major ``y = op(a) x``: the ``(r, c)`` C-order ``a`` read column-major
+    is ``a^T``, a ``c x r`` matrix with leading dimension ``c``, so the flag flips."""
+
+    op: int
+    m: int
+    n: int
+    lda: int
+
+
+def _gemv_plan(trans: str, a_shape: tuple[int, ...]) -> GemvPlan:
+    """cuBLAS arguments of ``y = op(a) x`` for a C-contiguous 2-D ``a`` (see :class:`GemvPlan`)."""
+    if trans not in ("N", "T") or len(a_shape) != 2:
+        raise ValueError(f"bad GEMV: op{trans} of shape {tuple(a_shape)}")
+    r, c = a_shape
+    return GemvPlan(op=CUBLAS_OP_T if trans == "N" else CUBLAS_OP_N, m=c, n=r, lda=max(1, c))
+
+
+_nvmath_lib: Any = None
+_nvmath_error: str | None = None
+
+
+def _nvmath_cublas() -> Any:
+    """``nvmath.bindings.cublas``, or ``None`` when it does not import (the reason is kept)."""
+    global _nvmath_lib, _nvmath_error
+    if _nvmath_lib is None and _nvmath_error is None:
+        try:
+            from nvmath.bindings import cublas as lib
+        except Exception as exc:  # ImportError, or its CUDA libraries missing
+            _nvmath_error = f"{type(exc).__name__}: {exc}"
+        else:
+            _nvmath_lib = lib
+    return _nvmath_lib
+
+
+class _Blas:
+    """Our cuBLAS handle on one device: the stream it is bound to (a pointer, cached), its workspace
+    for direct calls, its math mode (cached)."""
+
+    def __init__(self, lib: Any) -> None:
+        self.lib = lib
+        self.handle = lib.create()
+        self.workspace = _cupy.empty((CUBLAS_WORKSPACE_BYTES,), dtype=np.uint8)
+        self.stream: int | None = None
+        self.mode: int | None = None
+
+    def bind(self, stream_ptr: int, workspace: Array) -> None:
+        """Issue on ``stream_ptr`` with ``workspace`` (cuBLAS forgets a workspace when its stream is
+        set, so both are set together)."""
+        self.lib.set_stream(self.handle, stream_ptr)
+        self.lib.set_workspace(self.handle, workspace.data.ptr, workspace.nbytes)
+        self.stream = stream_ptr
+
+    def ready(self, dtype: Any) -> int:
+        """The handle, bound to CuPy's current stream and in the math mode ``_tf32`` says for ``dtype``."""
+        ptr = int(_cupy.cuda.get_current_stream().ptr)
+        if ptr != self.stream:
+            self.bind(ptr, self.workspace)
+        mode = _tf32_mode() if (_tf32 and np.dtype(dtype) == np.float32) else CUBLAS_DEFAULT_MATH
+        if mode != self.mode:
+            self.lib.set_math_mode(self.handle, mode)
+            self.mode = mode
+        return self.handle
+
+
+_blas_handles: dict[int, _Blas] = {}
+
+
+def _blas() -> _Blas | None:
+    """Our cuBLAS handle on the current device (made on first use), or ``None`` without nvmath-python (or
+    when its cuBLAS cannot make a handle: then ``cupy.cublas`` does the work and the reason is kept)."""
+    global _nvmath_lib, _nvmath_error
+    lib = _nvmath_cublas()
+    if lib is None:
+        return None
+    dev = _cupy.cuda.Device().id
+    blas = _blas_handles.get(dev)
+    if blas is None:
+        with _lock:
+            blas = _blas_handles.get(dev)
+            if blas is None:
+                try:
+                    blas = _blas_handles[dev] = _Blas(lib)
+                except Exception as exc:  # nvmath imports but cannot load or start cuBLAS
+                    _nvmath_lib, _nvmath_error = None, f"its cuBLAS cannot make a handle: {type(exc).__name__}: {exc}"
+                    return None
+    return blas
+
+
+def _tf32_mode() -> int:
+    """``CUBLAS_TF32_TENSOR_OP_MATH`` as nvmath names it, else cuBLAS's value."""
+    lib = _nvmath_cublas()
+    math = getattr(lib, "Math", None)
+    return int(getattr(math, "TF32_TENSOR_OP_MATH", CUBLAS_TF32_TENSOR_OP_MATH))
+
+
+_host_scalars: dict[tuple[str, float], np.ndarray] = {}
+
+
+def _host_scalar(value: float, dtype: Any) -> int:
+    """Host address of ``value`` as a ``dtype`` scalar (cuBLAS's alpha and beta in its default host
+    pointer mode, read when the call is issued). Cached and never freed."""
+    key = (np.dtype(dtype).char, float(value))
+    a = _host_scalars.get(key)
+    if a is None:
+        a = _host_scalars[key] = np.array([value], dtype=dtype)
+    return int(a.ctypes.data)
+
+
 def _check_pair(a: Array, b: Array) -> None:
     if a.dtype != b.dtype:
         raise TypeError(f"dtype mismatch: {a.dtype} and {b.dtype}")
+
+
+def _scale_empty(out: Array, beta: float) -> Array:
+    """``out = beta out`` for an empty sum (cuBLAS would reject the leading dimensions)."""
+    if beta == 0.0:
+        out.fill(0)
+    elif beta != 1.0:
+        out *= beta
+    return out
 
 
 def _gemm(transa: str, transb: str, a: Array, b: Array, out: Array, alpha: float = 1.0, beta: float = 0.0) -> Array:
@@ -149,12 +415,25 @@ def _gemm(transa: str, transb: str, a: Array, b: Array, out: Array, alpha: float
     if out.size == 0:
         return out
     k = a.shape[0] if transa == "T" else a.shape[1]
-    if k == 0:  # an empty sum: cuBLAS would reject the leading dimensions
-        if beta == 0.0:
-            out.fill(0)
-        elif beta != 1.0:
-            out *= beta
-        return out
+    if k == 0:
+        return _scale_empty(out, beta)
+    blas = _blas()
+    if blas is None:
+        return _cupy_gemm(transa, transb, a, b, out, alpha, beta)
+    if out.dtype != a.dtype or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous {a.dtype} array, got {out.dtype}")
+    a, b = _contiguous(a), _contiguous(b)
+    p = _gemm_plan(transa, transb, a.shape, b.shape, out.shape)
+    dt = out.dtype
+    fn = blas.lib.sgemm if dt == np.float32 else blas.lib.dgemm
+    first, second = (b, a) if p.swap else (a, b)
+    fn(blas.ready(dt), p.opA, p.opB, p.m, p.n, p.k, _host_scalar(alpha, dt), first.data.ptr, p.lda,
+       second.data.ptr, p.ldb, _host_scalar(beta, dt), out.data.ptr, p.ldc)
+    return out
+
+
+def _cupy_gemm(transa: str, transb: str, a: Array, b: Array, out: Array, alpha: float, beta: float) -> Array:
+    """The GEMM by ``cupy.cublas`` (without nvmath-python; it cannot be captured into a graph)."""
     import cupy.cublas
 
     if _tf32 and out.dtype == np.float32:
@@ -162,7 +441,7 @@ def _gemm(transa: str, transb: str, a: Array, b: Array, out: Array, alpha: float
 
         handle = _cupy.cuda.device.get_cublas_handle()
         mode = cublas.getMathMode(handle)
-        cublas.setMathMode(handle, cublas.CUBLAS_TF32_TENSOR_OP_MATH)
+        cublas.setMathMode(handle, getattr(cublas, "CUBLAS_TF32_TENSOR_OP_MATH", CUBLAS_TF32_TENSOR_OP_MATH))
         try:
             cupy.cublas.gemm(transa, transb, a, b, out=out, alpha=alpha, beta=beta)
         finally:
@@ -189,23 +468,64 @@ def _ones(n: int, dtype: Any) -> Array:
 
 
 def _bias_gemv(delta: Array, out: Array, alpha: float, beta: float) -> Array:
-    """``out = alpha delta^T 1 + beta out``: the sum over the batch, fused with the update."""
+    """``out = alpha delta^T 1 + beta out``: the sum over the batch."""
     if out.size == 0:
         return out
     if delta.shape[0] == 0:
-        if beta == 0.0:
-            out.fill(0)
-        elif beta != 1.0:
-            out *= beta
-        return out
-    import cupy.cublas
+        return _scale_empty(out, beta)
+    delta = _contiguous(delta)
+    ones = _ones(delta.shape[0], delta.dtype)
+    blas = _blas()
+    if blas is None:
+        import cupy.cublas
 
-    cupy.cublas.gemv("T", alpha, _contiguous(delta), _ones(delta.shape[0], delta.dtype), beta, out)
+        cupy.cublas.gemv("T", alpha, delta, ones, beta, out)
+        return out
+    if out.dtype != delta.dtype or not out.flags.c_contiguous or out.shape != (delta.shape[1],):
+        raise ValueError(f"out must be a C-contiguous {delta.dtype} array of shape ({delta.shape[1]},)")
+    p = _gemv_plan("T", delta.shape)
+    dt = delta.dtype
+    fn = blas.lib.sgemv if dt == np.float32 else blas.lib.dgemv
+    fn(blas.ready(dt), p.op, p.m, p.n, _host_scalar(alpha, dt), delta.data.ptr, p.lda, ones.data.ptr, 1,
+       _host_scalar(beta, dt), out.data.ptr, 1)
     return out
 
 
 def _contiguous(a: Array) -> Array:
     return a if a.flags.c_contiguous else _cupy.ascontiguousarray(a)
+
+
+def _buffer(buf: Array | None, shape: tuple[int, ...], dtype: Any, name: str) -> Array:
+    """``buf`` checked against what a primitive writes into it, or a new array when it is ``None``."""
+    if buf is None:
+        return _cupy.empty(shape, dtype=dtype)
+    if tuple(buf.shape) != tuple(shape) or buf.dtype != np.dtype(dtype) or not buf.flags.c_contiguous:
+        raise ValueError(f"{name} must be a C-contiguous {np.dtype(dtype)} array of shape {tuple(shape)}, "
+                         f"got {buf.dtype} {tuple(buf.shape)}{'' if buf.flags.c_contiguous else ' (not contiguous)'}")
+    return buf
+
+
+_scratch_cache: dict[tuple[int, str, tuple[int, ...], str], Array] = {}
+
+
+def _scratch(tag: str, shape: tuple[int, ...], dtype: Any) -> Array:
+    """A device scratch buffer for ``tag`` (its use), reused by every call with the same device, shape
+    and dtype; never handed out to callers. Never evicted: a captured CUDA graph may hold its address.
+    Calls on different streams at the same time would share it (the backend uses one stream)."""
+    key = (_cupy.cuda.Device().id, tag, tuple(shape), np.dtype(dtype).char)
+    buf = _scratch_cache.get(key)
+    if buf is None:
+        buf = _cupy.empty(shape, dtype=dtype)
+        _scratch_cache[key] = buf
+    return buf
+
+
+def _guard_bits(guard: Array) -> Array:
+    """The int64 view of the float64 guard the guarded kernels read (``guard[0]`` compared by its bits)."""
+    if guard.dtype != np.float64 or guard.shape != (GUARD_SIZE,) or not guard.flags.c_contiguous:
+        raise ValueError(f"guard must be a contiguous float64 array of shape ({GUARD_SIZE},), "
+                         f"got {guard.dtype} {tuple(guard.shape)}")
+    return guard.view(np.int64)
 
 
 # --------------------------------------------------------------------------- compiled kernels
@@ -249,42 +569,53 @@ def _check_act(act: str) -> None:
 
 # --------------------------------------------------------------------------- forward
 def layer_forward(
-    x: Array, W: Array, b: Array, act: str, alpha: float = 0.0, keep_u: bool = False
+    x: Array, W: Array, b: Array, act: str, alpha: float = 0.0, keep_u: bool = False, *,
+    y: Array | None = None, u: Array | None = None,
 ) -> tuple[Array, Array | None]:
-    """``u = x W^T + b``, ``y = f(u)``: one GEMM and one fused kernel. Returns ``(y, u if keep_u else None)``."""
+    """``u = x W^T + b``, ``y = f(u)``: one GEMM and one fused kernel. Returns ``(y, u if keep_u else None)``.
+
+    Without ``keep_u`` the GEMM writes into ``y`` and the bias and ``f`` are applied there in place
+    (``u`` is ignored); with it the GEMM writes into ``u``, which gets the bias, and ``f(u)`` goes
+    to ``y``. Either buffer is allocated when not given.
+    """
     _check_act(act)
     batch, n_out = x.shape[0], W.shape[0]
-    u = _cupy.empty((batch, n_out), dtype=W.dtype)
-    _gemm("N", "T", x, W, u)
-    if u.size == 0:  # nothing to activate
-        return (u.copy() if keep_u else u), (u if keep_u else None)
-    if act == "softmax":
-        y = _cupy.empty_like(u) if keep_u else u
-        grid = (batch + src.ROWS_PER_BLOCK - 1) // src.ROWS_PER_BLOCK
-        _raw("bp_softmax_forward", u.dtype)(
-            (grid,), (src.BLOCK,), (u, _contiguous(b), y, np.int64(batch), np.int64(n_out)))
-        return y, (u if keep_u else None)
-    a = _scalar(alpha, u.dtype)
+    shape = (batch, n_out)
     if keep_u:
-        y = _cupy.empty_like(u)
-        _ew(f"bp_fwd_keep_{act}")(b, a, u, y)
-        return y, u
-    _ew(f"bp_fwd_{act}")(b, a, u)
-    return u, None
+        u = _buffer(u, shape, W.dtype, "u")
+        y = _buffer(y, shape, W.dtype, "y")
+        z = u
+    else:
+        y = _buffer(y, shape, W.dtype, "y")
+        z = y
+    _gemm("N", "T", x, W, z)
+    if z.size == 0:  # nothing to activate
+        return y, (u if keep_u else None)
+    if act == "softmax":
+        grid = (batch + src.ROWS_PER_BLOCK - 1) // src.ROWS_PER_BLOCK
+        _raw("bp_softmax_forward", z.dtype)(
+            (grid,), (src.BLOCK,), (z, _contiguous(b), y, np.int64(batch), np.int64(n_out)))
+    elif keep_u:
+        _ew(f"bp_fwd_keep_{act}")(b, _scalar(alpha, z.dtype), u, y)
+    else:
+        _ew(f"bp_fwd_{act}")(b, _scalar(alpha, z.dtype), y)
+    return y, (u if keep_u else None)
 
 
 # --------------------------------------------------------------------------- backward
 def delta_backward(
-    delta: Array, W: Array, y_prev: Array, u_prev: Array | None, act_prev: str, alpha_prev: float = 0.0
+    delta: Array, W: Array, y_prev: Array, u_prev: Array | None, act_prev: str, alpha_prev: float = 0.0, *,
+    out: Array | None = None,
 ) -> Array:
-    """``delta^{l-1} = (delta W) * phi(y_prev)``: one GEMM and one fused kernel (none for identity)."""
+    """``delta^{l-1} = (delta W) * phi(y_prev)``: one GEMM into ``out`` and one fused kernel in place
+    (none for identity)."""
     _check_act(act_prev)
     if act_prev not in src.ACT_SLOPE:
         raise ValueError(f"activation {act_prev!r} has no elementwise slope")
     var, _ = src.ACT_SLOPE[act_prev]
     if var == "u" and u_prev is None:
         raise ValueError(f"{act_prev}'s slope needs the pre-activation u")
-    g = _cupy.empty((delta.shape[0], W.shape[1]), dtype=W.dtype)
+    g = _buffer(out, (delta.shape[0], W.shape[1]), W.dtype, "out")
     _gemm("N", "N", delta, W, g)
     if act_prev != "identity" and g.size:
         _ew(f"bp_slope_{act_prev}")(u_prev if var == "u" else y_prev, _scalar(alpha_prev, g.dtype), g)
@@ -295,40 +626,31 @@ def weight_gradients(
     delta: Array, x_prev: Array, dW: Array | None = None, db: Array | None = None
 ) -> tuple[Array, Array]:
     """``dE/dW = delta^T x_prev`` (GEMM) and ``dE/db = delta^T 1`` (GEMV), into ``dW``/``db`` when given."""
-    if dW is None:
-        dW = _cupy.empty((delta.shape[1], x_prev.shape[1]), dtype=delta.dtype)
-    if db is None:
-        db = _cupy.empty((delta.shape[1],), dtype=delta.dtype)
+    dW = _buffer(dW, (delta.shape[1], x_prev.shape[1]), delta.dtype, "dW")
+    db = _buffer(db, (delta.shape[1],), delta.dtype, "db")
     _gemm("T", "N", delta, x_prev, dW)
     _bias_gemv(delta, db, 1.0, 0.0)
     return dW, db
 
 
-def sgd_update_from_delta(
-    W: Array, b: Array, delta: Array, x_prev: Array, lr: float, weight_decay: float = 0.0
-) -> None:
-    """``W <- (1 - eta lambda) W - eta delta^T x_prev`` as one GEMM into ``W``; ``b <- b - eta delta^T 1``
-    as one GEMV into ``b``."""
-    _gemm("T", "N", delta, x_prev, W, alpha=-lr, beta=1.0 - lr * weight_decay)
-    _bias_gemv(delta, b, -lr, 1.0)
-
-
 # --------------------------------------------------------------------------- output error
 def output_error(
-    y: Array, u: Array, t: Array, output: str, loss: str, param: float = 0.0, alpha: float = 0.0
+    y: Array, u: Array | None, t: Array, output: str, loss: str, param: float = 0.0, alpha: float = 0.0, *,
+    delta: Array | None = None, value: Array | None = None,
 ) -> tuple[Array, Array]:
-    """The mean loss (a 0-d array) and ``delta^L``, in two kernels (see the module docstring)."""
+    """The mean loss (a 0-d array, ``value`` when given) and ``delta^L`` (into ``delta`` when given), in
+    two kernels (see the module docstring). Their scratch (per-row or per-block sums) is cached."""
     dtype = y.dtype
     batch = y.shape[0]
-    delta = _cupy.empty_like(y)
-    value = _cupy.empty((), dtype=dtype)
+    delta = _buffer(delta, y.shape, dtype, "delta")
+    value = _buffer(value, (), dtype, "value")
     y, t = _contiguous(y), _contiguous(t)
     if loss == "cross_entropy":
         if u is None:
             raise ValueError("cross_entropy needs the output logits u")
         u = _contiguous(u)
         rows, cols = y.shape
-        rowloss = _cupy.empty((rows,), dtype=dtype)
+        rowloss = _scratch("rowloss", (max(rows, 1),), dtype)
         grid = (rows + src.ROWS_PER_BLOCK - 1) // src.ROWS_PER_BLOCK
         if rows:
             _raw("bp_softmax_xent", dtype)(
@@ -346,7 +668,7 @@ def output_error(
     u = _contiguous(u) if u is not None else y  # not read when not needed
     n = y.size
     blocks = max(1, min((n + src.BLOCK - 1) // src.BLOCK, src.MAX_LOSS_BLOCKS))
-    partial = _cupy.empty((blocks,), dtype=dtype)
+    partial = _scratch("loss_partial", (blocks,), dtype)
     _raw(src.loss_kernel_name(output, loss), dtype)(
         (blocks,), (src.BLOCK,),
         (y, u, t, delta, partial, np.int64(n), _scalar(batch, dtype), _scalar(param, dtype), _scalar(alpha, dtype)))
@@ -354,39 +676,151 @@ def output_error(
     return value, delta
 
 
+def add_sum_of_squares(total: Array, a: Array) -> None:
+    """``total[0] += sum(a^2)`` on the device, no host read: per-block sums of squares in ``a``'s dtype,
+    then one block adds them and accumulates into the float64 ``(1,)`` array ``total`` in float64."""
+    if total.dtype != np.float64 or total.shape != (1,):
+        raise ValueError(f"total must be a float64 array of shape (1,), got {total.dtype} {tuple(total.shape)}")
+    a = _contiguous(a)
+    n = a.size
+    blocks = max(1, min((n + src.BLOCK - 1) // src.BLOCK, src.MAX_GUARD_BLOCKS))
+    partial = _scratch("squares_partial", (blocks,), a.dtype)
+    _raw("bp_sum_squares", a.dtype)((blocks,), (src.BLOCK,), (a, partial, np.int64(n)))
+    _raw("bp_add_to_total", a.dtype)((1,), (src.BLOCK,), (partial, np.int64(blocks), total))
+
+
+# --------------------------------------------------------------------------- guard
+def guard_step(guard: Array, loss: Array, grads: Array, weight: float = 1.0) -> None:
+    """The guard's verdict on this step, on the device (no host read): count the step; it is ok when no
+    earlier step failed and ``loss`` and every element of ``grads`` are finite, and then ``weight *
+    loss`` is added to the sum, else the first failing step's number is kept. Two kernels: per-block
+    counts of non-finite gradients (``bp_guard_scan``), then one block adds them and updates ``guard``
+    (``bp_guard_finish``). The per-block counts live in a cached scratch buffer."""
+    _guard_bits(guard)  # checks it
+    if loss.dtype != grads.dtype:
+        raise TypeError(f"dtype mismatch: loss {loss.dtype}, gradients {grads.dtype}")
+    grads = _contiguous(grads)
+    dtype = grads.dtype
+    n = grads.size
+    blocks = max(1, min((n + src.BLOCK - 1) // src.BLOCK, src.MAX_GUARD_BLOCKS))
+    partial = _scratch("guard_partial", (blocks,), dtype)
+    _raw("bp_guard_scan", dtype)((blocks,), (src.BLOCK,), (grads, partial, np.int64(n)))
+    _raw("bp_guard_finish", dtype)((1,), (src.BLOCK,),
+                                   (guard, _contiguous(loss), partial, np.int64(blocks), np.float64(weight)))
+
+
 # --------------------------------------------------------------------------- optimizers
+def _update(name: str, guard: Array | None, ins: tuple, outs: tuple) -> None:
+    """Launch update kernel ``name`` on ``ins`` (gradient and scalars) and ``outs`` (updated in place), or
+    its guarded variant, which reads ``guard[0]`` on the device and writes nothing unless it is 1.0."""
+    if guard is None:
+        _ew(name)(*ins, *outs)
+    else:
+        _ew(f"{name}_guarded")(*ins, _guard_bits(guard), *outs)
+
+
+def sgd_update(p: Array, g: Array, lr: float, weight_decay: float = 0.0, guard: Array | None = None) -> None:
+    """Plain SGD, in place, one fused kernel: ``p <- p - eta (g + lambda p)``."""
+    d = p.dtype
+    _update("bp_sgd", guard, (g, _scalar(lr, d), _scalar(weight_decay, d)), (p,))
+
+
 def momentum_update(
     p: Array, g: Array, v: Array, lr: float, momentum: float, nesterov: bool = False,
-    weight_decay: float = 0.0,
+    weight_decay: float = 0.0, guard: Array | None = None,
 ) -> None:
     """SGD with (Nesterov) momentum, in place, one fused kernel: ``v <- mu v + g'``, ``p <- p - eta v``
     (Nesterov: ``p <- p - eta (g' + mu v)``), ``g' = g + lambda p``."""
     d = p.dtype
-    _ew("bp_momentum")(g, _scalar(lr, d), _scalar(momentum, d), _scalar(weight_decay, d), np.int32(bool(nesterov)),
-                       p, v)
+    _update("bp_momentum", guard,
+            (g, _scalar(lr, d), _scalar(momentum, d), _scalar(weight_decay, d), np.int32(bool(nesterov))), (p, v))
 
 
 def adam_update(
     p: Array, g: Array, m: Array, v: Array, lr: float, beta1: float, beta2: float, eps: float,
-    step: int, weight_decay: float = 0.0,
+    step: int, weight_decay: float = 0.0, guard: Array | None = None,
 ) -> None:
     """Adam, in place, one fused kernel; bias corrections ``1 - beta^step`` computed on the host."""
     d = p.dtype
     c1 = 1 - beta1**step
     c2 = 1 - beta2**step
-    _ew("bp_adam")(g, _scalar(lr / c1, d), _scalar(beta1, d), _scalar(beta2, d), _scalar(1 - beta1, d),
-                   _scalar(1 - beta2, d), _scalar(c2, d), _scalar(eps, d), _scalar(weight_decay, d), p, m, v)
+    _update("bp_adam", guard,
+            (g, _scalar(lr / c1, d), _scalar(beta1, d), _scalar(beta2, d), _scalar(1 - beta1, d), _scalar(1 - beta2, d),
+             _scalar(c2, d), _scalar(eps, d), _scalar(weight_decay, d)), (p, m, v))
 
 
 # --------------------------------------------------------------------------- CUDA graphs
-def capture_train_step(net: Any, x: Array, t: Array, optimizer: Any) -> float:
-    """One training step of ``net`` replayed from a CUDA graph (``net.train_step(..., graph=True)``).
+def capture_unavailable_reason() -> str:
+    """Why :func:`capture` cannot record here ("" when it can)."""
+    reason = unavailable_reason()
+    if reason:
+        return reason
+    if _blas() is None:
+        return f"recording cuBLAS calls into a CUDA graph needs nvmath-python ({_nvmath_error}): {_NVMATH_HINT}"
+    return ""
 
-    See :func:`backprop.kernels.cupy_graph.capture_train_step`.
-    """
-    from .cupy_graph import capture_train_step as _capture
 
-    return _capture(net, x, t, optimizer)
+class CapturedGraph:
+    """A recorded CUDA graph and what it needs alive: the stream it was recorded on, the memory pool
+    that served anything allocated while recording (used by nothing else, so no later allocation
+    can take an address the graph writes), and the cuBLAS workspace its GEMMs use. The arrays the
+    recorded work reads and writes are the caller's to keep alive."""
+
+    __slots__ = ("graph", "stream", "pool", "workspace")
+
+    def __init__(self, graph: Any, stream: Any, pool: Any, workspace: Array) -> None:
+        self.graph, self.stream, self.pool, self.workspace = graph, stream, pool, workspace
+
+
+def _abandon(stream: Any) -> None:
+    """End a capture that failed half-way, ignoring the error an invalidated capture raises."""
+    try:
+        stream.end_capture()
+    except Exception:  # noqa: BLE001 - the original error is the one to report
+        pass
+
+
+def capture(fn: Callable[[], Any]) -> CapturedGraph:
+    """Record every kernel, copy and cuBLAS call ``fn()`` issues into a CUDA graph, without running
+    them, on a private non-blocking stream with its own memory pool (kept with the graph). Our
+    cuBLAS handle is bound to that stream, with a workspace of the graph's own, before the capture
+    begins. On an error the capture is ended and the error re-raised. ``fn`` must not read device
+    data back to the host (nothing runs while recording)."""
+    reason = capture_unavailable_reason()
+    if reason:
+        raise RuntimeError(f"cannot record a CUDA graph: {reason}")
+    blas = _blas()
+    assert blas is not None
+    workspace = _cupy.empty((CUBLAS_WORKSPACE_BYTES,), dtype=np.uint8)
+    pool = _cupy.cuda.MemoryPool()
+    stream = _cupy.cuda.Stream(non_blocking=True)
+    try:
+        with _cupy.cuda.using_allocator(pool.malloc), stream:
+            blas.bind(int(stream.ptr), workspace)
+            stream.begin_capture()
+            try:
+                fn()
+            except BaseException:
+                _abandon(stream)
+                raise
+            graph = stream.end_capture()
+    finally:
+        blas.stream = None  # the next direct call binds the current stream and the direct workspace
+    return CapturedGraph(graph, stream, pool, workspace)
+
+
+def replay(graph: CapturedGraph) -> None:
+    """Launch a graph made by :func:`capture` on the current stream."""
+    graph.graph.launch(_cupy.cuda.get_current_stream())
+
+
+def copy_into(dst: Array, src: Array) -> None:
+    """``dst[...] = src``: a device-to-device copy on the current stream (capturable) between arrays of
+    the same shape and dtype."""
+    if tuple(dst.shape) != tuple(src.shape) or dst.dtype != src.dtype:
+        raise ValueError(f"copy_into needs arrays of one shape and dtype, got {dst.dtype} {tuple(dst.shape)} "
+                         f"and {src.dtype} {tuple(src.shape)}")
+    _cupy.copyto(dst, src)
 
 
 def flop_count(sizes: list[int], batch: int) -> int:
@@ -396,20 +830,32 @@ def flop_count(sizes: list[int], batch: int) -> int:
 
 
 __all__ = [
+    "CUBLAS_TF32_TENSOR_OP_MATH",
     "IS_GPU",
     "NAME",
     "TF32_RTOL",
     "adam_update",
+    "add_sum_of_squares",
     "all_finite",
-    "capture_train_step",
+    "array_stats",
+    "as_array",
+    "capture",
+    "capture_unavailable_reason",
+    "copy_into",
     "delta_backward",
+    "device_memory_free",
     "flop_count",
+    "gather_rows",
+    "guard_step",
     "is_available",
     "layer_forward",
     "momentum_update",
+    "one_hot",
     "output_error",
+    "owns",
+    "replay",
     "set_tf32",
-    "sgd_update_from_delta",
+    "sgd_update",
     "synchronize",
     "tf32_enabled",
     "to_device",

@@ -14,6 +14,12 @@ The activation and loss formulas follow :mod:`backprop.kernels.numpy_ref` term b
   for GELU and SiLU, ``f'(u)`` of the pre-activation ``u``;
 * ``LOSS_BODY[loss]``: per element, the loss term ``l`` (summed, then divided by the batch) and the
   output delta ``d``, from ``y``, ``u``, ``t``, the Huber threshold ``k``, ``alpha`` and ``batch``.
+
+The guard (``guard_step`` and the ``*_guarded`` updates, see :mod:`backprop.kernels.contract`) is a
+float64 ``(4,)`` array on the device. The updates read ``guard[0]`` through an int64 view of it and
+compare its bits with those of ``1.0``, so that float32 kernels stay free of double instructions;
+only the one-thread float64 bookkeeping of ``bp_guard_finish`` and ``bp_add_to_total`` computes in
+double (:data:`F64_KERNELS`).
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ BLOCK = 256
 ROWS_PER_BLOCK = BLOCK // 32
 #: Most blocks of the elementwise-loss kernel (its partial sums are added by bp_sum_scale).
 MAX_LOSS_BLOCKS = 1024
+#: Most blocks of bp_guard_scan and bp_sum_squares (their per-block results are added by one block).
+MAX_GUARD_BLOCKS = 1024
 
 # --------------------------------------------------------------------------- device helpers
 MATH_PREAMBLE = r"""
@@ -77,6 +85,9 @@ __device__ __forceinline__ T bp_sign(T r) { return r > (T)0 ? (T)1 : (r < (T)0 ?
 
 /* numpy.clip(r, -k, k), NaN stays NaN */
 __device__ __forceinline__ T bp_clip(T r, T k) { return r < -k ? -k : (r > k ? k : r); }
+
+/* The bits of the double 1.0: guard[0] (read through an int64 view) says "apply this step". */
+#define BP_GUARD_OK_BITS 0x3FF0000000000000LL
 """ % {
     "selu_lambda": SELU_LAMBDA,
     "selu_alpha": SELU_ALPHA,
@@ -85,6 +96,12 @@ __device__ __forceinline__ T bp_clip(T r, T k) { return r < -k ? -k : (r > k ? k
 
 REDUCE_PREAMBLE = r"""
 __device__ __forceinline__ T bp_neg_inf() { return (T)__int_as_float(0xff800000); }
+
+/* Neither NaN nor infinite, from the exponent bits (no math header, and no fast-math folding). */
+__device__ __forceinline__ bool bp_finite(float v) { return (__float_as_int(v) & 0x7f800000) != 0x7f800000; }
+__device__ __forceinline__ bool bp_finite(double v) {
+    return (__double_as_longlong(v) & 0x7ff0000000000000LL) != 0x7ff0000000000000LL;
+}
 
 /* Butterfly reductions over the 32 lanes of a warp: every lane ends with the same bits. All 32
    lanes must call them (the kernels keep whole warps together). */
@@ -201,9 +218,31 @@ ADAM: ElementwiseSpec = (
     "p = p - lr_c1 * m / (sqrt(v / c2) + eps);",
 )
 
+SGD: ElementwiseSpec = (
+    "T g, T lr, T wd",
+    "T p",
+    "T gd = wd != (T)0 ? g + wd * p : g; "
+    "p = p - lr * gd;",
+)
+
+#: Row ``i / n_classes`` of ``out`` is ``e_{labels[row]}``: every element written, no fill first.
+ONE_HOT: ElementwiseSpec = (
+    "raw int64 labels, int64 n_classes",
+    "T out",
+    "out = labels[i / n_classes] == i % n_classes ? (T)1 : (T)0;",
+)
+
+
+def _guarded(spec: ElementwiseSpec) -> ElementwiseSpec:
+    """``spec``'s update, done only when the guard says so: ``guard`` is the int64 view of the float64
+    guard array, and an element is left unwritten (bit for bit as it was) unless ``guard[0] == 1.0``."""
+    in_params, out_params, operation = spec
+    return f"{in_params}, raw int64 guard", out_params, f"if (guard[0] == BP_GUARD_OK_BITS) {{ {operation} }}"
+
+
 #: Which in-params of each elementwise kernel are scalars (for the source test's wrapper).
 SCALAR_PARAMS = frozenset({"alpha", "lr", "mu", "wd", "nesterov", "lr_c1", "beta1", "beta2", "one_m_beta1",
-                           "one_m_beta2", "c2", "eps"})
+                           "one_m_beta2", "c2", "eps", "n_classes"})
 
 _ELEMENTWISE_ACTS = [n for n, s in ACTIVATIONS.items() if n in ACT_FORWARD]
 
@@ -215,8 +254,10 @@ def elementwise_kernels() -> dict[str, ElementwiseSpec]:
         specs[f"bp_fwd_keep_{act}"] = _forward_keep_u(act)
         specs[f"bp_fwd_{act}"] = _forward_in_place(act)
         specs[f"bp_slope_{act}"] = _slope(act)
-    specs["bp_momentum"] = MOMENTUM
-    specs["bp_adam"] = ADAM
+    for name, spec in (("bp_sgd", SGD), ("bp_momentum", MOMENTUM), ("bp_adam", ADAM)):
+        specs[name] = spec
+        specs[f"{name}_guarded"] = _guarded(spec)
+    specs["bp_one_hot"] = ONE_HOT
     return specs
 
 
@@ -286,6 +327,59 @@ extern "C" __global__ void bp_sum_scale(const T* x, long long n, T batch, T* out
 }
 """
 
+GUARD_SCAN = r"""
+/* partial[blockIdx.x] = how many of the block's elements of g[0:n] are NaN or infinite
+   (grid-stride loop; bp_guard_finish adds the partial counts). */
+extern "C" __global__ void bp_guard_scan(const T* g, T* partial, long long n) {
+    T bad = (T)0;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
+        bad += bp_finite(g[i]) ? (T)0 : (T)1;
+    bad = bp_block_sum(bad);
+    if (threadIdx.x == 0) partial[blockIdx.x] = bad;
+}
+"""
+
+GUARD_FINISH = r"""
+/* The guard's bookkeeping for one step, one block (see contract.guard_step): steps seen + 1; the
+   step is ok when no step failed before, the loss is finite and no partial count is nonzero; an ok
+   step adds weight * loss to the sum, a failing one records its number once (sticky). The
+   bookkeeping is in double, by thread 0 only. */
+extern "C" __global__ void bp_guard_finish(double* guard, const T* loss, const T* partial, long long blocks,
+                                           double weight) {
+    T bad = (T)0;
+    for (long long i = threadIdx.x; i < blocks; i += blockDim.x) bad += partial[i];
+    bad = bp_block_sum(bad);
+    if (threadIdx.x == 0) {
+        const T l = loss[0];
+        guard[1] = guard[1] + 1.0;
+        const bool ok = guard[2] == 0.0 && bad == (T)0 && bp_finite(l);
+        guard[0] = ok ? 1.0 : 0.0;
+        if (ok) guard[3] = guard[3] + weight * (double)l;
+        else if (guard[2] == 0.0) guard[2] = guard[1];
+    }
+}
+"""
+
+SUM_SQUARES = r"""
+/* partial[blockIdx.x] = the sum of a[i]^2 over the block's elements of a[0:n] (grid-stride loop). */
+extern "C" __global__ void bp_sum_squares(const T* a, T* partial, long long n) {
+    T acc = (T)0;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) acc += a[i] * a[i];
+    acc = bp_block_sum(acc);
+    if (threadIdx.x == 0) partial[blockIdx.x] = acc;
+}
+
+/* total[0] += sum(partial[0:blocks]), one block: the sum in T, the running total in double. */
+extern "C" __global__ void bp_add_to_total(const T* partial, long long blocks, double* total) {
+    T acc = (T)0;
+    for (long long i = threadIdx.x; i < blocks; i += blockDim.x) acc += partial[i];
+    acc = bp_block_sum(acc);
+    if (threadIdx.x == 0) total[0] = total[0] + (double)acc;
+}
+"""
+
 _LOSS_KERNEL = r"""
 /* %(output)s + %(loss)s: delta = d per element and, per block, the sum of the loss terms l into
    partial[blockIdx.x] (added by bp_sum_scale). Grid-stride loop over the n = rows * cols elements. */
@@ -326,7 +420,12 @@ def _loss_kernel(output: str, loss: str) -> str:
 
 
 #: Names of the kernels of the raw module.
-RAW_KERNELS = ("bp_softmax_forward", "bp_softmax_xent", "bp_sum_scale")
+RAW_KERNELS = ("bp_softmax_forward", "bp_softmax_xent", "bp_sum_scale", "bp_guard_scan", "bp_guard_finish",
+               "bp_sum_squares", "bp_add_to_total")
+
+#: Raw kernels that compute in double whatever ``T`` is: one thread's float64 bookkeeping (the guard,
+#: a running total).
+F64_KERNELS = frozenset({"bp_guard_finish", "bp_add_to_total"})
 
 
 def raw_kernel_names() -> list[str]:
@@ -335,7 +434,8 @@ def raw_kernel_names() -> list[str]:
 
 def raw_module_body() -> str:
     """Every raw kernel, without the typedef and preambles."""
-    return "\n".join([SOFTMAX_FORWARD, SOFTMAX_XENT, SUM_SCALE] + [_loss_kernel(o, loss) for o, loss in loss_pairs()])
+    return "\n".join([SOFTMAX_FORWARD, SOFTMAX_XENT, SUM_SCALE, GUARD_SCAN, GUARD_FINISH, SUM_SQUARES]
+                     + [_loss_kernel(o, loss) for o, loss in loss_pairs()])
 
 
 def raw_module_source(ctype: str) -> str:
@@ -352,14 +452,21 @@ __all__ = [
     "ADAM",
     "BLOCK",
     "CTYPES",
+    "F64_KERNELS",
+    "GUARD_FINISH",
+    "GUARD_SCAN",
     "LOSS_BODY",
     "MATH_PREAMBLE",
+    "MAX_GUARD_BLOCKS",
     "MAX_LOSS_BLOCKS",
     "MOMENTUM",
+    "ONE_HOT",
     "RAW_KERNELS",
     "REDUCE_PREAMBLE",
     "ROWS_PER_BLOCK",
     "SCALAR_PARAMS",
+    "SGD",
+    "SUM_SQUARES",
     "elementwise_kernels",
     "loss_kernel_name",
     "loss_pairs",

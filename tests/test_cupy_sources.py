@@ -34,26 +34,49 @@ CTYPES = ["float", "double"]
 _F64 = re.compile(r"\.f64|%fd")
 
 
-def _f64_instructions(ptx: str) -> list[str]:
+_ENTRY = re.compile(r"^\.(?:visible|weak|extern)?\s*\.entry\s+(\w+)\(", re.M)
+
+
+def _f64_instructions(ptx: str, allowed: frozenset[str] = S.F64_KERNELS) -> list[str]:
     """Lines of ``ptx`` that compute in double precision (declarations of module constants, such
-    as DBL_MAX from CuPy's headers, do not count)."""
-    return [line.strip() for line in ptx.splitlines()
+    as DBL_MAX from CuPy's headers, do not count), outside the kernels ``allowed`` to (the guard's
+    float64 bookkeeping)."""
+    starts = [(m.start(), m.group(1)) for m in _ENTRY.finditer(ptx)]
+    keep, pos = [], 0
+    for (start, name), nxt in zip(starts, starts[1:] + [(len(ptx), "")]):
+        keep.append(ptx[pos:start])
+        if name not in allowed:
+            keep.append(ptx[start:nxt[0]])
+        pos = nxt[0]
+    keep.append(ptx[pos:])
+    return [line.strip() for line in "".join(keep).splitlines()
             if _F64.search(line) and not line.lstrip().startswith((".global", ".const", ".extern", "//"))]
+
+
 _C_OF = {"T": "T", "int32": "int", "int64": "long long", "float32": "float", "float64": "double"}
+#: NumPy dtype of each C element type of a kernel pointer (``T`` is the emulated type).
+_NP_OF = {"double": np.float64, "float": np.float32, "long long": np.int64, "int": np.int32}
 
 
 # --------------------------------------------------------------------------- wrappers
 def _split(params: str) -> list[tuple[str, str]]:
-    return [tuple(p.split()) for p in params.split(",") if p.strip()]  # type: ignore[misc]
+    """``(type, name)`` of each parameter; a raw array's type keeps its marker: ``"raw int64"``."""
+    return [(" ".join(p.split()[:-1]), p.split()[-1]) for p in params.split(",") if p.strip()]
 
 
 def elementwise_wrapper(name: str, spec: S.ElementwiseSpec) -> str:
     """A ``__global__`` function running ``spec``'s operation the way CuPy's ElementwiseKernel does:
     each array parameter bound by reference to its element (``b``, the bias, broadcast along rows),
-    scalars passed by value, a grid-stride loop over ``_n`` elements."""
+    raw arrays passed whole, scalars passed by value, a grid-stride loop over ``_n`` elements whose
+    index is ``i`` (as in CuPy)."""
     in_params, out_params, operation = spec
     args, binds = [], []
     for typ, pname in _split(in_params):
+        if typ.startswith("raw "):  # the whole array, indexed by the operation (``guard[0]``)
+            ctype = _C_OF[typ.split()[1]]
+            args.append(f"const {ctype}* _raw_{pname}")
+            binds.append(f"const {ctype}* {pname} = _raw_{pname};")
+            continue
         ctype = _C_OF[typ]
         if pname in S.SCALAR_PARAMS:
             args.append(f"const {ctype} {pname}")
@@ -162,7 +185,9 @@ def test_cupy_generated_code_compiles_with_nvrtc():
             params = ins + outs + K._get_param_info("CIndexer _ind", False)
             infos = []
             for p in ins:
-                if p.name in S.SCALAR_PARAMS:
+                if p.raw:  # the whole (1-D) array, of the parameter's own dtype
+                    infos.append(K._ArgInfo(ndarray_kind, cupy.ndarray, p.dtype, 1, True, True))
+                elif p.name in S.SCALAR_PARAMS:
                     infos.append(K._ArgInfo(scalar_kind, _scalar.CScalar, p.dtype if p.dtype is not None else d,
                                             0, True, True))
                 else:
@@ -249,21 +274,26 @@ template <class F> void bp_launch(unsigned grid, unsigned block, F body) {
     }
 }
 
+inline int __float_as_int(float f) { int i; std::memcpy(&i, &f, 4); return i; }
+inline long long __double_as_longlong(double d) { long long i; std::memcpy(&i, &d, 8); return i; }
+
 static std::string bp_dir;
-static std::map<std::string, std::vector<T>> bp_buffers;
+static std::map<std::string, std::vector<unsigned char>> bp_buffers;  /* the bytes of each array */
 static std::map<std::string, double> bp_scalars;
 
-static T* bp_array(const std::string& name) {
+/* Array ``name`` from the directory, as elements of type E (the kernel parameter's type). */
+template <class E> E* bp_array(const std::string& name) {
     std::ifstream alias(bp_dir + "/" + name + ".alias");
-    if (alias) { std::string target; alias >> target; return bp_array(target); }
+    if (alias) { std::string target; alias >> target; return bp_array<E>(target); }
     auto it = bp_buffers.find(name);
-    if (it != bp_buffers.end()) return it->second.data();
+    if (it != bp_buffers.end()) return reinterpret_cast<E*>(it->second.data());
     std::ifstream f(bp_dir + "/" + name + ".bin", std::ios::binary | std::ios::ate);
     if (!f) { std::fprintf(stderr, "missing array %s\n", name.c_str()); std::exit(3); }
-    std::vector<T> v((size_t)f.tellg() / sizeof(T));
+    std::vector<unsigned char> v((size_t)f.tellg() + sizeof(double));  /* room, and aligned storage */
+    v.resize((size_t)f.tellg());
     f.seekg(0);
-    f.read(reinterpret_cast<char*>(v.data()), (std::streamsize)(v.size() * sizeof(T)));
-    return (bp_buffers[name] = std::move(v)).data();
+    f.read(reinterpret_cast<char*>(v.data()), (std::streamsize)v.size());
+    return reinterpret_cast<E*>((bp_buffers[name] = std::move(v)).data());
 }
 
 static double bp_scalar(const std::string& name) {
@@ -276,11 +306,21 @@ static void bp_save(const std::string& name) {
     if (alias) return;
     auto& v = bp_buffers.at(name);
     std::ofstream f(bp_dir + "/" + name + ".out", std::ios::binary);
-    f.write(reinterpret_cast<const char*>(v.data()), (std::streamsize)(v.size() * sizeof(T)));
+    f.write(reinterpret_cast<const char*>(v.data()), (std::streamsize)v.size());
 }
 """
 
 _SIG = re.compile(r'extern "C" __global__ void (\w+)\(([^)]*)\)')
+
+
+def _pointee(decl: str) -> str:
+    """The element type of a pointer parameter: ``const long long* g`` -> ``long long``."""
+    return " ".join(decl.replace("const", " ").replace("*", " ").split()[:-1])
+
+
+def signatures(source: str) -> dict[str, list[str]]:
+    """Each kernel's parameter declarations, whitespace normalized."""
+    return {n: [" ".join(p.split()) for p in ps.split(",")] for n, ps in _SIG.findall(source)}
 
 
 def _dispatch(source: str) -> str:
@@ -292,9 +332,9 @@ def _dispatch(source: str) -> str:
         for i, decl in enumerate(decls):
             pname = decl.replace("*", " ").split()[-1]
             if "*" in decl:  # arrays are read before the threads start (bp_array is not thread-safe)
-                ctype = decl.replace("const", "").replace("*", "").split()[0]
-                assert ctype == "T", decl
-                lets.append(f'T* a{i} = bp_array("{pname}");')
+                ctype = _pointee(decl)
+                assert ctype == "T" or ctype in _NP_OF, decl
+                lets.append(f'{ctype}* a{i} = bp_array<{ctype}>("{pname}");')
                 if not decl.startswith("const"):
                     saves.append(f'bp_save("{pname}");')
             else:
@@ -317,13 +357,17 @@ def _dispatch(source: str) -> str:
             + "\n".join(cases) + "\n    std::fprintf(stderr, \"unknown kernel\\n\");\n    return 1;\n}\n")
 
 
+def _emulated_kernels() -> str:
+    """Every kernel the emulator runs: the elementwise wrappers (``ew_<name>``) and the raw module."""
+    return "\n".join(elementwise_wrapper(n, s) for n, s in S.elementwise_kernels().items()) + S.raw_module_body()
+
+
 @functools.lru_cache(maxsize=None)
 def _emulator(ctype: str) -> str:
     """Build the emulator binary for ``ctype`` once per session; returns its path."""
     if CXX is None:
         pytest.skip("no C++ compiler")
-    kernels = "\n".join(elementwise_wrapper(n, s) for n, s in S.elementwise_kernels().items())
-    kernels += S.raw_module_body()
+    kernels = _emulated_kernels()
     source = (f"typedef {ctype} T;\n{EMULATOR}\n{S.MATH_PREAMBLE}\n{S.REDUCE_PREAMBLE}\n{kernels}\n"
               + _dispatch(kernels))
     out = Path(tempfile.mkdtemp(prefix=f"bp_emu_{ctype}_"))
@@ -344,18 +388,33 @@ class Emu:
         self.exe = _emulator(ctype)
         self.dtype = np.float32 if ctype == "float" else np.float64
 
+    def dtypes(self, kernel: str) -> dict:
+        """The NumPy dtype of each array parameter of ``kernel``: ``T`` is the emulated type."""
+        out = {}
+        for decl in _kernel_signatures()[kernel]:
+            if "*" in decl:
+                ctype = _pointee(decl)
+                out[decl.replace("*", " ").split()[-1]] = self.dtype if ctype == "T" else _NP_OF[ctype]
+        return out
+
     def __call__(self, kernel: str, grid: int, block: int, arrays: dict, scalars: dict,
                  aliases: dict | None = None, outputs: tuple[str, ...] = ()) -> dict:
+        dtypes = self.dtypes(kernel)
         with tempfile.TemporaryDirectory() as d:
             for name, a in arrays.items():
-                np.ascontiguousarray(a, dtype=self.dtype).tofile(os.path.join(d, name + ".bin"))
+                np.ascontiguousarray(a, dtype=dtypes[name]).tofile(os.path.join(d, name + ".bin"))
             for name, target in (aliases or {}).items():
                 Path(d, name + ".alias").write_text(target)
             Path(d, "scalars.txt").write_text("".join(f"{k} {float(v)!r}\n" for k, v in scalars.items()))
             proc = subprocess.run([self.exe, kernel, d, str(grid), str(block)], capture_output=True, text=True,
                                   timeout=120)
             assert proc.returncode == 0, f"{kernel}: {proc.stderr}"
-            return {name: np.fromfile(os.path.join(d, name + ".out"), dtype=self.dtype) for name in outputs}
+            return {name: np.fromfile(os.path.join(d, name + ".out"), dtype=dtypes[name]) for name in outputs}
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_signatures() -> dict[str, list[str]]:
+    return signatures(_emulated_kernels())
 
 
 def _tol(ctype: str) -> dict:
@@ -441,6 +500,108 @@ def test_emulated_adam(emu, rng, step):
     ref.adam_update(p, g, m, v, lr, b1, b2, eps, step, wd)
     for name, want in (("_raw_p", p), ("_raw_m", m), ("_raw_v", v)):
         np.testing.assert_allclose(got[name], want, **_tol(ct))
+
+
+def test_emulated_sgd(emu, rng):
+    ct = "float" if emu.dtype == np.float32 else "double"
+    p, g = (rng.normal(size=40).astype(emu.dtype).astype(np.float64) for _ in range(2))
+    for wd in (0.0, 0.01):
+        got = emu("ew_bp_sgd", 1, 32, {"_raw_g": g, "_raw_p": p}, {"lr": 0.1, "wd": wd, "_n": 40, "_ncols": 40},
+                  outputs=("_raw_p",))
+        want = p.copy()
+        ref.sgd_update(want, g, 0.1, wd)
+        np.testing.assert_allclose(got["_raw_p"], want, **_tol(ct))
+
+
+def _guard_bits(ok: float) -> np.ndarray:
+    """The int64 view of a guard whose guard[0] is ``ok``, as the backend passes it to the updates."""
+    return np.array([ok, 1.0, 0.0, 0.0]).view(np.int64)
+
+
+#: Each update kernel: its scalars and the arrays it updates in place.
+_UPDATES = {
+    "bp_sgd": ({"lr": 0.1, "wd": 0.01}, ("p",)),
+    "bp_momentum": ({"lr": 0.1, "mu": 0.9, "wd": 0.01, "nesterov": 1}, ("p", "v")),
+    "bp_adam": ({"lr_c1": 0.05, "beta1": 0.9, "beta2": 0.999, "one_m_beta1": 0.1, "one_m_beta2": 1e-3, "c2": 0.003,
+                 "eps": 1e-8, "wd": 0.01}, ("p", "m", "v")),
+}
+
+
+@pytest.mark.parametrize("kernel", sorted(_UPDATES))
+def test_emulated_guarded_updates(emu, rng, kernel):
+    """guard[0] == 1.0: exactly the unguarded update. Anything else (0, NaN, 2, -1, -0): every array
+    left bit for bit as it was."""
+    scalars, outs = _UPDATES[kernel]
+    n = 70  # more elements than threads: the grid-stride loop
+    arrays = {"_raw_g": rng.normal(size=n)}
+    for name in outs:
+        arrays[f"_raw_{name}"] = rng.uniform(size=n) if name == "v" else rng.normal(size=n)
+    scalars = {**scalars, "_n": n, "_ncols": n}
+    names = tuple(f"_raw_{o}" for o in outs)
+    plain = emu(f"ew_{kernel}", 1, 32, arrays, scalars, outputs=names)
+    for ok in (1.0, 0.0, np.nan, 2.0, -1.0, -0.0):
+        got = emu(f"ew_{kernel}_guarded", 1, 32, {**arrays, "_raw_guard": _guard_bits(ok)}, scalars, outputs=names)
+        for name in names:
+            before = arrays[name].astype(emu.dtype)
+            want = plain[name] if ok == 1.0 else before
+            np.testing.assert_array_equal(got[name].view(np.uint8), want.view(np.uint8), err_msg=f"{name}, ok={ok}")
+        if ok == 1.0:
+            assert not np.array_equal(got["_raw_p"], arrays["_raw_p"].astype(emu.dtype))
+
+
+def test_emulated_one_hot(emu, rng):
+    labels = rng.integers(0, 6, size=23)
+    got = emu("ew_bp_one_hot", 2, 32, {"_raw_labels": labels, "_raw_out": np.full(23 * 6, np.nan)},
+              {"n_classes": 6, "_n": 23 * 6, "_ncols": 23 * 6}, outputs=("_raw_out",))
+    np.testing.assert_array_equal(got["_raw_out"].reshape(23, 6), ref.one_hot(labels, 6, emu.dtype))
+
+
+def _emulated_guard_step(emu: Emu, guard: np.ndarray, loss: float, grads: np.ndarray, weight: float,
+                         grid: int, block: int) -> np.ndarray:
+    """bp_guard_scan on ``grid`` blocks, then bp_guard_finish, as guard_step launches them."""
+    part = emu("bp_guard_scan", grid, block, {"g": grads, "partial": np.full(grid, np.nan)}, {"n": grads.size},
+               outputs=("partial",))["partial"]
+    assert set(np.unique(part)) <= set(range(grads.size + 1))  # whole counts
+    return emu("bp_guard_finish", 1, S.BLOCK,
+               {"guard": guard, "loss": np.array([loss]), "partial": part},
+               {"blocks": grid, "weight": weight}, outputs=("guard",))["guard"]
+
+
+def test_emulated_guard_step(emu, rng):
+    """Several blocks of the scan, more elements than threads; the sequences of the contract: ok steps
+    add weight * loss, the first failing step is kept and stays (sticky), and a non-finite loss fails."""
+    n = 3 * 64 * 3 + 11
+    g = rng.normal(size=n)
+    bad = g.copy()
+    bad[n - 1] = np.nan
+    inf = g.copy()
+    inf[64] = np.inf
+    sequences = [
+        [(1.5, g), (2.0, bad), (0.25, g)],
+        [(1.0, inf), (1.0, g)],
+        [(1.0, g), (np.nan, g), (1.0, g)],
+        [(-np.inf, g)],
+        [(1.0, g), (3.0, g)],
+    ]
+    for seq in sequences:
+        guard, want = np.zeros(4), np.zeros(4)
+        for loss, grads in seq:
+            guard = _emulated_guard_step(emu, guard, loss, grads, 0.5, 3, 64)
+            ref.guard_step(want, np.asarray(loss, dtype=emu.dtype), grads.astype(emu.dtype), 0.5)
+            np.testing.assert_array_equal(guard, want)
+    empty = _emulated_guard_step(emu, np.zeros(4), 2.0, np.zeros(0), 1.0, 1, 32)
+    np.testing.assert_array_equal(empty, [1, 1, 0, 2])
+
+
+def test_emulated_sum_of_squares(emu, rng):
+    a = rng.normal(size=1000)
+    part = emu("bp_sum_squares", 3, 64, {"a": a, "partial": np.full(3, np.nan)}, {"n": a.size},
+               outputs=("partial",))["partial"]
+    total = emu("bp_add_to_total", 1, S.BLOCK, {"partial": part, "total": np.array([1.25])}, {"blocks": 3},
+                outputs=("total",))["total"]
+    want = np.array([1.25])
+    ref.add_sum_of_squares(want, a.astype(emu.dtype).astype(np.float64))
+    np.testing.assert_allclose(total, want, rtol=1e-6 if emu.dtype == np.float32 else 1e-13)
 
 
 @pytest.mark.parametrize("cols", [3, 45, 70])
@@ -543,4 +704,25 @@ def test_emulated_sum_scale_many_values(emu):
 def test_launch_configuration_constants():
     assert S.BLOCK % 32 == 0 and S.BLOCK <= 1024
     assert S.ROWS_PER_BLOCK * 32 == S.BLOCK
-    assert 1 <= S.MAX_LOSS_BLOCKS
+    assert 1 <= S.MAX_LOSS_BLOCKS and 1 <= S.MAX_GUARD_BLOCKS
+
+
+def test_guarded_kernels_read_the_guard_bits():
+    """Every update has a guarded twin that takes the int64 view of the guard and does nothing unless
+    guard[0] has the bits of 1.0; only the float64 bookkeeping kernels may compute in double."""
+    specs = S.elementwise_kernels()
+    for name in ("bp_sgd", "bp_momentum", "bp_adam"):
+        ins, outs, op = specs[f"{name}_guarded"]
+        assert ins == specs[name][0] + ", raw int64 guard" and outs == specs[name][1]
+        assert op.startswith("if (guard[0] == BP_GUARD_OK_BITS) {") and specs[name][2] in op
+    assert int(np.array(1.0).view(np.int64)) == 0x3FF0000000000000
+    assert "0x3FF0000000000000LL" in S.MATH_PREAMBLE
+    assert S.F64_KERNELS <= set(S.raw_kernel_names())
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found")
+def test_float_ptx_check_sees_double(tmp_path):
+    """The float32 PTX check works: it finds the double arithmetic of the allowed kernels when they are
+    not allowed, and none elsewhere."""
+    raw = _nvcc_ptx(S.raw_module_source("float"), tmp_path, "raw_float_f64")
+    assert _f64_instructions(raw, allowed=frozenset()) and not _f64_instructions(raw)
