@@ -1,20 +1,179 @@
-"""CUDA-graph replay of a whole training step, for backends that can capture one."""
+"""CUDA-graph replay of the training step (``net.train_step(..., graph=True)``).
+
+The step is :func:`backprop.step.train_step`, the same function an ordinary step runs, recorded
+once with the backend's capture primitives (``capture``, ``replay``, ``copy_into``; see
+:data:`backprop.kernels.contract.OPTIONAL`) and replayed afterwards. That removes the launch and
+Python overhead of its dozens of small kernels and GEMMs, and gives the same numbers, since the
+same kernels run in the same order on the same buffers.
+
+1. The first call for a key (below) runs an ordinary step, which creates the optimizer's state,
+   compiles the kernels and lets cuBLAS pick its algorithms. It then records, without running it,
+   ``train_step(net, ws, ws.x, ws.t, optimizer, graph_guard, weight)``: the workspace's staging
+   buffers stand for the batch and ``graph_guard`` is a guard owned by the graph. Recording does
+   not count as a step (``optimizer.steps`` is put back). Should it fail, a ``RuntimeWarning``
+   says why, and that key runs ordinary steps from then on.
+2. Later calls copy the batch into ``ws.x`` and ``ws.t`` (unless it is already there), the
+   caller's guard into ``graph_guard``, count the step (``optimizer.begin_step()``), replay, and
+   copy ``graph_guard`` back. So the caller's guard behaves as in an ordinary step: a step whose
+   loss or gradients are not finite changes nothing, the failure is sticky, the weighted loss is
+   summed, and one guard can serve a whole epoch. Nothing is read back to the host here.
+
+A graph holds the addresses of everything it touches, so its key is everything that decides
+them, or the numbers the kernels were given: the workspace, the batch's shapes and dtype, each
+layer's ``W`` and ``b`` arrays (by identity: ``set_params`` makes new ones), the optimizer (its
+type, identity, settings such as ``lr``, momentum and weight decay, and its state arrays:
+``optimizer.reset()`` drops them), the activations and the loss, the TF32 mode of backends that
+have one, and the step's weight. The graph keeps every one of those arrays alive, so no identity
+in a live key is ever reused. At most :data:`MAX_GRAPHS_PER_NET` graphs are kept per network,
+least recently used first out.
+
+Plain SGD, momentum and Nesterov momentum are supported. Adam is refused: its bias correction
+``1 - beta^t`` is a number given to the update kernel at every step, which a recorded graph
+would freeze at the step it was recorded in.
+"""
 
 from __future__ import annotations
 
+import warnings
+import weakref
+from collections import OrderedDict
+from numbers import Number
 from typing import TYPE_CHECKING, Any
+
+from . import step
+from .optimizers import SGD
 
 if TYPE_CHECKING:
     from .network import MLP
     from .optimizers import Optimizer
+    from .step import Guard, Workspace
 
-__all__ = ["graphed_train_step"]
+__all__ = ["MAX_GRAPHS_PER_NET", "check_graph_support", "clear", "graphed_train_step", "recorded"]
+
+#: Graphs kept per network (each holds the addresses of its workspace and parameters).
+MAX_GRAPHS_PER_NET = 4
+
+_NEEDS = ("capture", "replay", "copy_into")
 
 
-def graphed_train_step(net: MLP, x: Any, t: Any, optimizer: Optimizer) -> float:
-    """Run one training step of ``net`` as a captured graph (captured on first use per shape)."""
-    capture = getattr(net.backend.kernels, "capture_train_step", None)
-    if capture is None:
-        raise ValueError(f"backend {net.backend.name!r} cannot capture a training step as a CUDA graph; "
-                         "graph=True needs a GPU backend that supports it (cupy)")
-    return capture(net, x, t, optimizer)
+class _StepGraph:
+    """One recorded step and everything it reads or writes (kept alive with it)."""
+
+    def __init__(self, graph: Any, ws: Workspace, guard: Guard, keep: tuple) -> None:
+        self.graph = graph
+        self.ws = ws
+        self.guard = guard
+        self.keep = keep  # parameters, optimizer and its state: their identities are in the key
+
+    def run(self, kernels: Any, x: Any, t: Any, optimizer: Optimizer, guard: Guard) -> None:
+        if x is not self.ws.x:
+            kernels.copy_into(self.ws.x, x)
+        if t is not self.ws.t:
+            kernels.copy_into(self.ws.t, t)
+        kernels.copy_into(self.guard.array, guard.array)
+        optimizer.begin_step()
+        kernels.replay(self.graph)
+        kernels.copy_into(guard.array, self.guard.array)
+
+
+_graphs: weakref.WeakKeyDictionary[Any, OrderedDict[tuple, _StepGraph | None]] = weakref.WeakKeyDictionary()
+
+
+def check_graph_support(net: MLP, optimizer: Optimizer) -> Any:
+    """The network's kernels, if they can record this step (``ValueError`` otherwise)."""
+    k = net.backend.kernels
+    if not all(callable(getattr(k, name, None)) for name in _NEEDS):
+        raise ValueError(f"backend {net.backend.name!r} cannot record a training step as a CUDA graph; "
+                         "graph=True needs the cupy backend")
+    reason_fn = getattr(k, "capture_unavailable_reason", None)
+    reason = reason_fn() if callable(reason_fn) else ""
+    if reason:
+        raise ValueError(f"graph=True cannot record a CUDA graph on backend {net.backend.name!r}: {reason}")
+    if not isinstance(optimizer, SGD):
+        raise ValueError(
+            f"graph=True supports SGD (plain, momentum or Nesterov) only, not {type(optimizer).__name__}: "
+            "Adam's bias correction changes at every step and a recorded CUDA graph would freeze it; "
+            "train with graph=False")
+    return k
+
+
+def _state_arrays(optimizer: Optimizer, owners: list) -> tuple:
+    """The optimizer's state arrays (velocities) for the layers ``owners``, in a stable order; none
+    before its first step with them and after ``reset()``."""
+    return tuple(optimizer.state_arrays(owners))
+
+
+def _settings(optimizer: Optimizer) -> tuple:
+    """The optimizer's public numeric settings (``lr``, ``momentum``, ...), not its step count."""
+    return tuple(sorted((name, value) for name, value in vars(optimizer).items()
+                        if not name.startswith("_") and name != "steps" and isinstance(value, (Number, str))))
+
+
+def _key(net: MLP, ws: Workspace, x: Any, t: Any, optimizer: Optimizer, weight: float, kernels: Any) -> tuple:
+    layers = tuple((id(L.W), id(L.b), L.activation.name, L.activation.alpha) for L in net.layers)
+    state = tuple(id(a) for a in _state_arrays(optimizer, net.layers))
+    tf32 = getattr(kernels, "tf32_enabled", None)
+    return (id(ws), tuple(x.shape), tuple(t.shape), str(x.dtype), str(t.dtype), net.loss_fn.name, net.loss_fn.param,
+            layers, type(optimizer), id(optimizer), _settings(optimizer), state,
+            bool(tf32()) if callable(tf32) else None, float(weight))
+
+
+def _record(net: MLP, ws: Workspace, optimizer: Optimizer, weight: float, kernels: Any) -> _StepGraph:
+    """Record ``train_step`` on the workspace's staging buffers and a guard of the graph's own."""
+    x, t = ws.x, ws.t  # made now if new: outside the recording
+    guard = step.Guard(kernels)
+    steps = optimizer.steps
+    try:
+        graph = kernels.capture(lambda: step.train_step(net, ws, x, t, optimizer, guard, weight))
+    finally:
+        optimizer.steps = steps  # recording runs nothing
+    keep = (tuple((L.W, L.b) for L in net.layers), optimizer, _state_arrays(optimizer, net.layers))
+    return _StepGraph(graph, ws, guard, keep)
+
+
+def graphed_train_step(net: MLP, ws: Workspace, x: Any, t: Any, optimizer: Optimizer, guard: Guard,
+                       weight: float = 1.0) -> None:
+    """:func:`backprop.step.train_step` of ``net`` on ``(x, t)``, replayed from a CUDA graph (recorded by
+    the first call for its key, which runs an ordinary step). ``guard`` is used as by an ordinary step.
+
+    Raises ``ValueError``, before anything runs, on a backend that cannot record a graph and for an
+    optimizer other than :class:`~backprop.optimizers.SGD`.
+    """
+    k = check_graph_support(net, optimizer)
+    per_net = _graphs.get(net)
+    if per_net is None:
+        per_net = _graphs[net] = OrderedDict()
+    key = _key(net, ws, x, t, optimizer, weight, k)
+    if key in per_net:
+        per_net.move_to_end(key)
+        entry = per_net[key]
+        if entry is None:  # its recording failed (and warned): ordinary steps
+            step.train_step(net, ws, x, t, optimizer, guard, weight)
+        else:
+            entry.run(k, x, t, optimizer, guard)
+        return
+    step.train_step(net, ws, x, t, optimizer, guard, weight)
+    key = _key(net, ws, x, t, optimizer, weight, k)  # the optimizer's state exists now
+    try:
+        per_net[key] = _record(net, ws, optimizer, weight, k)
+    except Exception as exc:  # the step itself has run; go on without a graph for this key
+        warnings.warn(f"could not record the training step as a CUDA graph ({type(exc).__name__}: {exc}); "
+                      "this network runs ordinary steps for these shapes and settings", RuntimeWarning,
+                      stacklevel=3)
+        per_net[key] = None
+    per_net.move_to_end(key)
+    while len(per_net) > MAX_GRAPHS_PER_NET:
+        per_net.popitem(last=False)
+
+
+def clear(net: MLP | None = None) -> None:
+    """Drop the recorded graphs of ``net`` (of every network when ``None``), freeing what they hold."""
+    if net is None:
+        _graphs.clear()
+    else:
+        _graphs.pop(net, None)
+
+
+def recorded(net: MLP) -> int:
+    """How many step graphs are kept for ``net`` (keys whose recording failed not counted)."""
+    return sum(entry is not None for entry in _graphs.get(net, {}).values())

@@ -173,11 +173,13 @@ class MLP:
     def forward(self, X: Any) -> Array:
         """Forward pass ``x^l = f(W^l x^{l-1} + b^l)`` for ``l = 1..L``; returns ``x^L``, a new array of the
         backend (data already there is checked there, never copied to the host)."""
-        return self.forward_device(self._inputs(X))
+        x = self._inputs(X)
+        return self.forward_device(x, out=self.backend.kernels.zeros((x.shape[0], self.sizes[-1]), self.dtype))
 
-    def forward_device(self, x: Array) -> Array:
-        """Inference pass on a batch already on the backend (unchecked); returns ``x^L`` in a new array."""
-        out = self.backend.kernels.zeros((x.shape[0], self.sizes[-1]), self.dtype)
+    def forward_device(self, x: Array, out: Array | None = None) -> Array:
+        """Inference pass on a batch already on the backend (unchecked). Returns ``x^L`` in ``out`` when given,
+        else in the network's workspace for this batch size: no allocation, but overwritten by the next call
+        with as many rows."""
         return step.forward(self, step.workspace(self, x.shape[0]), x, keep=False, out=out)
 
     def predict(self, X: Any) -> np.ndarray:
@@ -194,22 +196,26 @@ class MLP:
         return float(self.backend.kernels.to_host(step.output_error(self, ws, t)))
 
     def loss_and_grads(self, X: Any, T: Any) -> tuple[float, list[tuple[Array, Array]]]:
-        """Mean loss and its gradients ``[(dE/dW^l, dE/db^l) for l = 1..L]`` by backpropagation."""
+        """Mean loss and its gradients ``[(dE/dW^l, dE/db^l) for l = 1..L]`` by backpropagation, in new
+        arrays of the backend."""
         x = self._inputs(X)
-        value, grads = self.loss_and_grads_device(x, self._targets(T, x.shape[0]))
-        return float(self.backend.kernels.to_host(value)), grads
-
-    def loss_and_grads_device(self, x: Array, t: Array) -> tuple[Array, list[tuple[Array, Array]]]:
-        """:meth:`loss_and_grads` on a batch already on the backend (unchecked). The gradients are new
-        arrays (views into one flat buffer); the loss is the workspace's 0-d array, valid until the next
-        call on this batch size."""
+        t = self._targets(T, x.shape[0])
         ws = step.workspace(self, x.shape[0])
         step.forward(self, ws, x)
         value = step.output_error(self, ws, t)
-        _, dW, db = step.gradient_buffers(self.backend.kernels, self.dtype,
-                                          [(L.n_out, L.n_in) for L in self.layers])
+        _, dW, db = step.gradient_buffers(self.backend.kernels, self.dtype, [(L.n_out, L.n_in) for L in self.layers])
         step.backward(self, ws, x, dW, db)
-        return value, list(zip(dW, db))
+        return float(self.backend.kernels.to_host(value)), list(zip(dW, db))
+
+    def loss_and_grads_device(self, x: Array, t: Array) -> tuple[Array, list[tuple[Array, Array]]]:
+        """:meth:`loss_and_grads` on a batch already on the backend (unchecked), with nothing allocated: the
+        loss (a 0-d array) and the gradients are the workspace's, overwritten by the next call with as many
+        rows."""
+        ws = step.workspace(self, x.shape[0])
+        step.forward(self, ws, x)
+        value = step.output_error(self, ws, t)
+        step.backward(self, ws, x)
+        return value, list(zip(ws.dW, ws.db))
 
     # ------------------------------------------------------------------ training
     def train_step(self, X: Any, T: Any, optimizer: Optimizer, graph: bool = False) -> float:
@@ -247,7 +253,7 @@ class MLP:
         return f"{what}; this step was not applied"
 
     def fit(self, X: Any, T: Any, epochs: int = 10, batch_size: int = 32, optimizer: Optimizer | None = None,
-            shuffle: bool = True, validation_data: tuple[Any, Any] | None = None, progress: bool = False,
+            shuffle: bool = True, validation_data: tuple[Any, Any] | None = None, progress: bool | None = False,
             **kwargs: Any) -> History:
         """Train by minibatch backpropagation; see :func:`backprop.training.fit`."""
         from .training import fit

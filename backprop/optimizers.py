@@ -47,6 +47,13 @@ class Optimizer(ABC):
             self._state[key] = entry
         return entry[1]
 
+    def state_arrays(self, owners: Any = None) -> list[Any]:
+        """The state arrays (velocities, moments) held for ``owners`` (for all when ``None``), in a stable
+        order; a captured CUDA graph keys on them."""
+        return [a for owner, slots in self._state.values()
+                if owners is None or any(owner is o for o in owners)
+                for _, a in sorted(slots.items())]
+
     @abstractmethod
     def apply(self, kernels: ModuleType, owner: Any, W: Any, b: Any, dW: Any, db: Any, guard: Any = None) -> None:
         """Update ``W`` and ``b`` in place from their gradients ``dW``, ``db`` (when ``guard`` allows)."""

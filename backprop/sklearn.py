@@ -272,8 +272,8 @@ class _BaseMLP(BaseEstimator):
             chunk = X[lo:lo + _PREDICT_CHUNK]
             if sp.issparse(chunk):
                 chunk = chunk.toarray()
-            y = np.asarray(k.to_host(net.forward_device(k.to_device(chunk, net.dtype))))
-            outs.append(y.astype(out_dtype, copy=False))
+            # a copy: forward_device returns the workspace's buffer, which the next chunk overwrites
+            outs.append(np.array(k.to_host(net.forward_device(k.to_device(chunk, net.dtype))), dtype=out_dtype))
         return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
     def _validate_X(self, X: Any) -> Any:

@@ -233,7 +233,8 @@ def fit(net: MLP, X: Any, T: Any, *, epochs: int = 10, batch_size: int = 32, opt
         shuffle: bool = True, validation_data: tuple[Any, Any] | None = None, progress: bool | None = False,
         callbacks: Iterable[Callback] = (), schedule: Callable[[int], float] | None = None,
         seed: int | None = None, validation_split: float = 0.0, early_stopping: bool = False,
-        patience: int = 10, min_delta: float = 0.0, monitor: str = "auto", restore_best: bool = True) -> History:
+        patience: int = 10, min_delta: float = 0.0, monitor: str = "auto", restore_best: bool = True,
+        graph: bool = False) -> History:
     """Train ``net`` for ``epochs`` passes over ``(X, T)`` in minibatches of ``batch_size``.
 
     - ``optimizer`` defaults to ``SGD(lr=0.01)``; L2 weight decay is the optimizer's ``weight_decay``.
@@ -252,6 +253,8 @@ def fit(net: MLP, X: Any, T: Any, *, epochs: int = 10, batch_size: int = 32, opt
       :mod:`backprop.callbacks`).
     - ``progress``: a tqdm bar with loss and validation metrics per epoch; ``None`` draws it only on an
       interactive terminal and never when the environment variable ``CI`` is set.
+    - ``graph=True``: each step replays a captured CUDA graph (see :mod:`backprop.graph`; the cupy backend,
+      SGD with or without momentum); the minibatch is gathered outside the graph.
 
     All data is checked before any parameter changes, and moved to the backend once (see
     :mod:`backprop.staging`). The steps read nothing back: the loss is summed on the backend and read once
@@ -307,6 +310,14 @@ def fit(net: MLP, X: Any, T: Any, *, epochs: int = 10, batch_size: int = 32, opt
         callbacks.append(EarlyStopping(patience=patience, min_delta=min_delta, monitor=monitor,
                                        restore_best=restore_best))
 
+    if not isinstance(graph, (bool, np.bool_)):
+        raise TypeError(f"graph must be True or False, got {graph!r}")
+    run_step = step.train_step
+    if graph:
+        from .graph import check_graph_support, graphed_train_step
+
+        check_graph_support(net, optimizer)
+        run_step = graphed_train_step
     data = Batches(k, Xd, Td, net.dtype)
     if val is not None and not k.owns(val[0]) and fits_on_device(k, val[0].nbytes + val[1].nbytes):
         val = (k.to_device(val[0], net.dtype), k.to_device(val[1], net.dtype))
@@ -331,7 +342,7 @@ def fit(net: MLP, X: Any, T: Any, *, epochs: int = 10, batch_size: int = 32, opt
             guard = step.Guard(k)
             steps_before = optimizer.steps
             for rows, xb, tb in data.epoch(batch_size, order, staging):
-                step.train_step(net, step.workspace(net, rows), xb, tb, optimizer, guard, weight=rows)
+                run_step(net, step.workspace(net, rows), xb, tb, optimizer, guard, weight=rows)
             state = guard.read()  # the one read of the epoch
             if state.failed:
                 optimizer.steps = steps_before + state.failed_step - 1
