@@ -166,8 +166,26 @@ def as_array(a: Array, dtype: Any) -> Array:
 
 
 def device_memory_free() -> int:
-    """Bytes free on the current device (as the driver counts them; CuPy's pool may hold more)."""
-    return int(_cupy.cuda.runtime.memGetInfo()[0])
+    """Bytes free for new arrays on the current device: what the driver has free plus the blocks CuPy's
+    memory pool holds unused."""
+    return int(_cupy.cuda.runtime.memGetInfo()[0]) + int(_cupy.get_default_memory_pool().free_bytes())
+
+
+def release_memory() -> None:
+    """Give the unused blocks of CuPy's memory pool back to the device."""
+    _cupy.get_default_memory_pool().free_all_blocks()
+
+
+def device_info() -> dict[str, Any]:
+    """Name, memory, compute capability and CUDA versions of the current device (for benchmark reports)."""
+    dev = _cupy.cuda.Device()
+    props = _cupy.cuda.runtime.getDeviceProperties(dev.id)
+    name = props.get("name", b"")
+    return {"name": name.decode() if isinstance(name, bytes) else str(name),
+            "memory_bytes": int(props.get("totalGlobalMem", 0)),
+            "compute_capability": dev.compute_capability,
+            "cuda_runtime": _cupy.cuda.runtime.runtimeGetVersion(),
+            "cuda_driver": _cupy.cuda.runtime.driverGetVersion()}
 
 
 def array_stats(a: Array) -> np.ndarray:
@@ -843,6 +861,7 @@ __all__ = [
     "capture_unavailable_reason",
     "copy_into",
     "delta_backward",
+    "device_info",
     "device_memory_free",
     "flop_count",
     "gather_rows",
@@ -853,6 +872,7 @@ __all__ = [
     "one_hot",
     "output_error",
     "owns",
+    "release_memory",
     "replay",
     "set_tf32",
     "sgd_update",

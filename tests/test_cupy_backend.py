@@ -617,8 +617,19 @@ def _make_fake_cupy() -> dict:
             _Fake.no_sync("synchronize")
 
     class _Pool:
+        released = 0
+
         def malloc(self, size):
             raise AssertionError("not used by the fake")
+
+        def free_bytes(self):  # CuPy's default pool: blocks held but unused
+            return 2**20
+
+        def free_all_blocks(self):
+            _Pool.released += 1
+
+    default_pool = _Pool()
+    cp.get_default_memory_pool = lambda: default_pool
 
     @__import__("contextlib").contextmanager
     def using_allocator(alloc=None):
@@ -1422,7 +1433,14 @@ def test_fake_owns_as_array_and_memory(fake, rng):
     assert c.flags.c_contiguous and k.owns(c)
     np.testing.assert_array_equal(host(k, c), host(k, a).T)
     free = k.device_memory_free()
-    assert isinstance(free, int) and free == 3 * 2**28
+    assert isinstance(free, int) and free == 3 * 2**28 + 2**20  # the driver's free memory and the pool's
+    import cupy
+
+    before = cupy.get_default_memory_pool().released
+    k.release_memory()
+    assert cupy.get_default_memory_pool().released == before + 1
+    info = k.device_info()
+    assert info["name"] == "CPU stand-in" and info["memory_bytes"] == 2**30 and info["compute_capability"] == "90"
 
 
 def _benchmark_not_the_tested_one() -> str:
