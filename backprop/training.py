@@ -172,12 +172,21 @@ def _batch_on_backend(kernels: Any, A: Any, lo: int, hi: int, dtype: np.dtype) -
     return rows if kernels.owns(A) else kernels.to_device(rows, dtype)
 
 
+#: How a classification head's prediction is scored (see ``count_correct`` in the kernels).
+_CORRECT_RULE = {"cross_entropy": "argmax", "bce": "threshold"}
+
+
 def evaluate(net: MLP, X: Any, T: Any, batch_size: int = 4096) -> tuple[float, float | None]:
     """Mean loss on ``(X, T)`` (checked arrays, on the backend or on the host) and accuracy for
-    classification heads (argmax for softmax, all outputs thresholded at 0.5 for sigmoid)."""
+    classification heads (argmax for softmax, all outputs thresholded at 0.5 for sigmoid).
+
+    Both are summed on the backend over the minibatches and read once at the end. A non-finite loss
+    gives ``nan``."""
     k = net.backend.kernels
-    total, correct = 0.0, 0
-    classify = net.loss_fn.name in ("cross_entropy", "bce")
+    rule = _CORRECT_RULE.get(net.loss_fn.name)
+    tally = step.Guard(k)  # sums rows * loss over the batches; its "gradients" are none
+    none = k.zeros((0,), net.dtype)
+    correct = k.zeros((1,), np.float64) if rule else None
     n = int(X.shape[0])
     for lo in range(0, n, batch_size):
         hi = min(lo + batch_size, n)
@@ -185,14 +194,12 @@ def evaluate(net: MLP, X: Any, T: Any, batch_size: int = 4096) -> tuple[float, f
         t = _batch_on_backend(k, T, lo, hi, net.dtype)
         ws = step.workspace(net, hi - lo)
         step.forward(net, ws, x)
-        total += float(k.to_host(step.output_error(net, ws, t))) * (hi - lo)
-        if classify:
-            y, t_host = k.to_host(ws.y[-1]), k.to_host(t)
-            if net.loss_fn.name == "cross_entropy":
-                correct += int((y.argmax(1) == t_host.argmax(1)).sum())
-            else:
-                correct += int(((y > 0.5) == (t_host > 0.5)).all(axis=1).sum())
-    return total / n, (correct / n if classify else None)
+        k.guard_step(tally.array, step.output_error(net, ws, t), none, float(hi - lo))
+        if rule:
+            k.count_correct(ws.y[-1], t, rule, correct)
+    state = tally.read()
+    loss = float("nan") if state.failed else state.loss_sum / n
+    return loss, (float(k.to_host(correct)[0]) / n if rule else None)
 
 
 def _take_rows(kernels: Any, A: Any, idx: np.ndarray, dtype: np.dtype) -> Any:

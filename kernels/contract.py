@@ -84,6 +84,10 @@ class KernelModule(Protocol):
                      alpha: float = 0.0, *, delta: Array | None = None,
                      value: Array | None = None) -> tuple[Array, Array]: ...
 
+    def count_correct(self, y: Array, t: Array, rule: str, total: Array) -> None:
+        """``total[0] +=`` the rows whose prediction ``y`` matches the target ``t``: by the position of the
+        row maximum (``rule="argmax"``) or in every column at the 0.5 threshold (``"threshold"``); on the
+        backend (``total`` a float64 ``(1,)`` array)."""
     def add_sum_of_squares(self, total: Array, a: Array) -> None:
         """``total[0] += sum(a^2)`` in float64, on the backend (``total`` a float64 ``(1,)`` array)."""
 

@@ -44,6 +44,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import cupy_sources as src
+from .numpy_ref import count_correct  # noqa: F401  (CuPy reductions on the device; no host read)
 from .contract import (
     GUARD_SIZE,
     STAT_FIRST_NONFINITE,
@@ -860,6 +861,7 @@ __all__ = [
     "capture",
     "capture_unavailable_reason",
     "copy_into",
+    "count_correct",
     "delta_backward",
     "device_info",
     "device_memory_free",

@@ -49,7 +49,7 @@ from numba import get_num_threads, njit, prange, set_num_threads, types
 from numba.extending import overload
 
 from . import numba_math as nm
-from .numpy_ref import synchronize, to_device, to_host, zeros  # noqa: F401  (arrays are NumPy arrays)
+from .numpy_ref import count_correct, synchronize, to_device, to_host, zeros  # noqa: F401  (arrays are NumPy arrays)
 
 NAME = "numba"
 IS_GPU = False

@@ -390,6 +390,19 @@ def one_hot(labels: Array, n_classes: int, dtype: Any, out: Array | None = None)
     return out
 
 
+def count_correct(y: Array, t: Array, rule: str, total: Array) -> None:
+    """``total[0] +=`` the rows of ``y`` whose prediction matches ``t`` (see the reference); one kernel,
+    one thread per row, no host read."""
+    if rule not in ("argmax", "threshold"):
+        raise ValueError(f"unknown rule {rule!r}; known: argmax, threshold")
+    s = _get()
+    m = y.shape[0]
+    if m:
+        dt = np.dtype(y.dtype).type
+        _launch(s.k.count_correct, s.k.blocks(m), s.k.TPB, _nb(y), _nb(t), rule == "threshold", dt(0.5),
+                _nb(total))
+
+
 def _rows(a: Array) -> Any:
     """A 2-D Numba view ``(len(a), -1)`` of a C-contiguous array."""
     if len(a.shape) == 2:

@@ -285,6 +285,32 @@ def one_hot(labels, out):  # pragma: no cover - compiled
 
 
 @cuda.jit
+def count_correct(y, t, threshold, half, total):  # pragma: no cover - compiled
+    """One thread per row: ``total[0] += 1`` when the row's prediction matches its target, by the
+    position of the row maximum (first one on ties), or with ``threshold`` at ``half`` in every column."""
+    i = cuda.grid(1)
+    if i >= y.shape[0]:
+        return
+    n = y.shape[1]
+    ok = True
+    if threshold:
+        for j in range(n):
+            if (y[i, j] > half) != (t[i, j] > half):
+                ok = False
+    else:
+        by = 0
+        bt = 0
+        for j in range(1, n):
+            if y[i, j] > y[i, by]:
+                by = j
+            if t[i, j] > t[i, bt]:
+                bt = j
+        ok = by == bt
+    if ok:
+        cuda.atomic.add(total, 0, 1.0)
+
+
+@cuda.jit
 def gather_rows(src, idx, out):  # pragma: no cover - compiled
     """``out[i, j] = src[idx[i], j]`` (2-D views; negative indices count from the end, indices out
     of range leave their row as it was: the caller checks them)."""

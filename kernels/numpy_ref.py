@@ -459,6 +459,25 @@ def guard_step(guard: Array, loss: Array, grads: Array, weight: float = 1.0) -> 
         guard[GUARD_FAILED] = guard[GUARD_STEPS]
 
 
+#: How a prediction is scored against its target, per row: the class of the row maximum, or every
+#: output against the 0.5 threshold.
+CORRECT_RULES = ("argmax", "threshold")
+
+
+def count_correct(y: Array, t: Array, rule: str, total: Array) -> None:
+    """``total[0] +=`` the number of rows ``i`` with ``argmax_j y_ij = argmax_j t_ij`` (``rule="argmax"``),
+    or with ``(y_ij > 1/2) = (t_ij > 1/2)`` for every ``j`` (``"threshold"``); ``total`` a float64
+    ``(1,)`` array (accuracy summed over the batches of an evaluation)."""
+    xm = array_module(y)
+    if rule == "argmax":
+        hits = xm.count_nonzero(y.argmax(axis=1) == t.argmax(axis=1))
+    elif rule == "threshold":
+        hits = xm.count_nonzero(((y > 0.5) == (t > 0.5)).all(axis=1))
+    else:
+        raise ValueError(f"unknown rule {rule!r}; known: {', '.join(CORRECT_RULES)}")
+    total += hits  # stays where the arrays live
+
+
 def add_sum_of_squares(total: Array, a: Array) -> None:
     """``total[0] += sum_ij a_ij^2``, summed in float64 into a float64 ``(1,)`` array (an L2 penalty
     ``||W||^2`` kept on the backend over many steps)."""

@@ -1389,6 +1389,29 @@ def test_fake_array_stats_reads_back_once(fake, rng, monkeypatch):
     assert reads == [(6,)]
 
 
+def test_fake_public_methods_on_device_arrays_read_back_no_array(fake, rng, monkeypatch):
+    """forward, loss, loss_and_grads, train_step and fit on CuPy arrays read back only scalars and the few
+    numbers of a check (the guard, array_stats): never the data (the no-copy promise)."""
+    from backprop import MLP, SGD
+
+    k = fake
+    sizes = []
+    real = _FakeArray.get
+    monkeypatch.setattr(_FakeArray, "get", lambda self: sizes.append(int(self.size)) or real(self))
+    net = MLP([6, 5, 3], activation="relu", head="multiclass", backend="cupy")
+    X = k.to_device(rng.normal(size=(20, 6)), np.float32)
+    labels = k.to_device(rng.integers(0, 3, 20), np.int64)
+    T = k.to_device(np.eye(3)[rng.integers(0, 3, 20)], np.float32)
+    y = net.forward(X)
+    assert k.owns(y)
+    net.loss(X, labels)
+    net.loss_and_grads(X, T)
+    net.train_step(X, T, SGD(0.1))
+    net.train_step(X, T, SGD(0.1, momentum=0.9), graph=True)
+    net.fit(X, labels, epochs=2, batch_size=8, optimizer=SGD(0.1, momentum=0.9), validation_data=(X, labels))
+    assert sizes and max(sizes) <= 8, f"read back arrays of {sorted(set(sizes))} elements"
+
+
 def test_fake_one_hot_and_gather_rows(fake, rng):
     k = fake
     labels = rng.integers(0, 4, size=11)

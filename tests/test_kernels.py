@@ -496,6 +496,29 @@ def test_one_hot(backend, small, rng, with_out, label_dtype, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rule", ["argmax", "threshold"])
+def test_count_correct_adds_the_matching_rows(backend, small, rng, rule, dtype):
+    batch, _, n = shapes(small)
+    y = rng.uniform(size=(batch, n))
+    t = np.eye(n)[rng.integers(0, n, batch)] if rule == "argmax" else (rng.uniform(size=(batch, n)) > 0.5) * 1.0
+    y[0] = t[0] * 0.5 + 0.3  # rows that match, whatever the draw
+    y[1] = 1 - t[1]  # ... and one that does not (threshold) or may not (argmax)
+    if rule == "argmax":
+        expected = int((y.argmax(1) == t.argmax(1)).sum())
+    else:
+        expected = int(((y > 0.5) == (t > 0.5)).all(axis=1).sum())
+    k = backend.kernels
+    total = k.to_device(np.array([2.0]), np.float64)  # adds to what is there
+    k.count_correct(k.to_device(y, dtype), k.to_device(t, dtype), rule, total)
+    assert host_copy(k, total)[0] == 2.0 + expected
+    total_ref = np.array([2.0])
+    ref.count_correct(y.astype(dtype), t.astype(dtype), rule, total_ref)
+    assert total_ref[0] == 2.0 + expected
+    with pytest.raises(ValueError, match="unknown rule"):
+        k.count_correct(k.to_device(y, dtype), k.to_device(t, dtype), "nearest", total)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_gather_rows_with_repeated_indices(backend, small, rng, dtype):
     n_src, batch, d = (6, 5, 3) if small else (80, 67, 29)
     src = rng.normal(size=(n_src, d))

@@ -186,6 +186,7 @@ f64_sigs = {
     "stats_flat": (K.stats_flat, (A1, G)), "stats_rows": (K.stats_rows, (A2, G)),
     "cast_flat": (K.cast_flat, (f64[:], A1)), "cast_2d": (K.cast_2d, (f64[:, :], A2)),
     "sum_squares": (K.sum_squares, (A1, G)), "add_to_total": (K.add_to_total, (G, G)),
+    "count_correct": (K.count_correct, (A2, A2, B, f32, G)),  # its float64 tally
 }
 # the updates read the float64 guard once per thread (a load and a compare); nothing else in f64
 GUARD_READ = re.compile(r"^(\.reg \.f64\b|ld\.global(\.nc)?\.f64\b|setp\.\w+\.f64\b)")
