@@ -231,6 +231,20 @@ def guard_update(guard, loss, flag, weight):  # pragma: no cover - compiled
             guard[2] = guard[1]
 
 
+@cuda.jit(device=True)
+def block_sum(sm, tid, value):  # pragma: no cover - compiled
+    """Sum ``value`` over the RED_T threads of a block into ``sm[0]`` (``sm`` a shared array of RED_T):
+    a shared-memory tree, in a fixed order (deterministic)."""
+    sm[tid] = value
+    cuda.syncthreads()
+    w = RED_T // 2
+    while w > 0:
+        if tid < w:
+            sm[tid] += sm[tid + w]
+        cuda.syncthreads()
+        w //= 2
+
+
 @cuda.jit
 def sum_squares(a, partial):  # pragma: no cover - compiled
     """``partial[block] = sum a[i]^2`` over the block's grid-stride share of the flat ``a``, in float64
@@ -241,14 +255,7 @@ def sum_squares(a, partial):  # pragma: no cover - compiled
     for i in range(cuda.grid(1), a.shape[0], cuda.gridsize(1)):
         v = np.float64(a[i])
         s += v * v
-    sm[tid] = s
-    cuda.syncthreads()
-    w = RED_T // 2
-    while w > 0:
-        if tid < w:
-            sm[tid] += sm[tid + w]
-        cuda.syncthreads()
-        w //= 2
+    block_sum(sm, tid, s)
     if tid == 0:
         partial[cuda.blockIdx.x] = sm[0]
 
@@ -261,14 +268,7 @@ def add_to_total(partial, total):  # pragma: no cover - compiled
     s = 0.0
     for i in range(tid, partial.shape[0], RED_T):
         s += partial[i]
-    sm[tid] = s
-    cuda.syncthreads()
-    w = RED_T // 2
-    while w > 0:
-        if tid < w:
-            sm[tid] += sm[tid + w]
-        cuda.syncthreads()
-        w //= 2
+    block_sum(sm, tid, s)
     if tid == 0:
         total[0] += sm[0]
 
@@ -500,14 +500,7 @@ def kernels_for(dtype_name: str) -> SimpleNamespace:
         s = c[nm.ZERO]
         for i in range(tid, x.shape[0], RED_T):
             s += x[i]
-        sm[tid] = s
-        cuda.syncthreads()
-        w = RED_T // 2
-        while w > 0:
-            if tid < w:
-                sm[tid] += sm[tid + w]
-            cuda.syncthreads()
-            w //= 2
+        block_sum(sm, tid, s)
         if tid == 0:
             out[0] = sm[0] / x.dtype.type(x.shape[0])
 

@@ -404,11 +404,7 @@ def output_error(
         xm.divide(r, batch, out=delta)
     elif loss == "bce":
         # softplus(u) - t u, the cross-entropy of sigmoid(u) against t
-        xm.abs(u, out=s)
-        xm.negative(s, out=s)
-        xm.exp(s, out=s)
-        xm.log1p(s, out=s)
-        s += xm.maximum(u, 0, out=_scratch(u, "aux"))
+        activate(u, "softplus", out=s)
         s -= xm.multiply(t, u, out=_scratch(u, "aux"))
         total = s.sum()
         xm.divide(r, batch, out=delta)
