@@ -53,8 +53,8 @@ class _Data:
         self.backend_kernels = kernels
         self.on_backend = on_backend
 
-    def stats(self) -> np.ndarray:
-        return self.kernels.array_stats(self.array)
+    def stats(self, integers: bool = False, row_sums: bool = False) -> np.ndarray:
+        return self.kernels.array_stats(self.array, integers=integers, row_sums=row_sums)
 
     def to_backend(self, dtype: np.dtype, keep_host: bool = False) -> Array:
         """The array on the backend, as ``dtype``: no copy when it already is one; moved once otherwise
@@ -139,7 +139,7 @@ def check_targets(T: Any, n_outputs: int, loss: str, batch: int, kernels: Any, d
     if shape[0] != batch:
         raise ValueError(f"{name} has {shape[0]} samples but X has {batch}")
     if len(shape) == 1 and loss == "cross_entropy":
-        stats = data.stats()
+        stats = data.stats(integers=True)
         _check_finite(stats, shape, name)
         if stats[STAT_NON_INTEGER]:
             raise ValueError(f"{name}: class labels must be integers, got non-integer values")
@@ -155,7 +155,7 @@ def check_targets(T: Any, n_outputs: int, loss: str, batch: int, kernels: Any, d
         shape = tuple(arr.shape)
     if len(shape) != 2 or shape[1] != n_outputs:
         raise ValueError(f"{name} must have shape ({batch}, {n_outputs}), got {shape}")
-    stats = data.stats()
+    stats = data.stats(row_sums=loss == "cross_entropy")
     _check_finite(stats, shape, name)
     _check_range(stats, dtype, name)
     if loss in ("bce", "cross_entropy") and (stats[STAT_MIN] < 0 or stats[STAT_MAX] > 1):

@@ -65,9 +65,10 @@ class KernelModule(Protocol):
     def zeros(self, shape: tuple[int, ...], dtype: Any) -> Array: ...
     def synchronize(self) -> None: ...
     def all_finite(self, a: Array) -> bool: ...
-    def array_stats(self, a: Array) -> np.ndarray:
+    def array_stats(self, a: Array, integers: bool = True, row_sums: bool = True) -> np.ndarray:
         """The ``STATS_SIZE`` float64 facts of the ``STAT_*`` layout about ``a``, reduced where ``a``
-        lives and read back in one copy."""
+        lives and read back in one copy; ``STAT_NON_INTEGER`` and ``STAT_ROW_SUM_ERROR`` are 0 unless
+        asked for (``integers``, ``row_sums``)."""
     def one_hot(self, labels: Array, n_classes: int, dtype: Any, out: Array | None = None) -> Array:
         """Rows ``e_{labels[i]}`` of length ``n_classes`` for whole-number labels in range."""
     def gather_rows(self, src: Array, idx: Array, out: Array) -> Array:

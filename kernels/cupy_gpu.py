@@ -189,9 +189,10 @@ def device_info() -> dict[str, Any]:
             "cuda_driver": _cupy.cuda.runtime.driverGetVersion()}
 
 
-def array_stats(a: Array) -> np.ndarray:
-    """The ``STAT_*`` facts about ``a`` (see :mod:`backprop.kernels.contract`), reduced on the device
-    into one small float64 array and read back with one copy."""
+def array_stats(a: Array, integers: bool = True, row_sums: bool = True) -> np.ndarray:
+    """The ``STAT_*`` facts about ``a`` (see :mod:`backprop.kernels.contract`; the non-integer count only
+    with ``integers``, the row sums only with ``row_sums``), reduced on the device into one small
+    float64 array and read back with one copy."""
     out = np.zeros(STATS_SIZE, dtype=np.float64)
     out[STAT_FIRST_NONFINITE] = -1
     flat = a.reshape(-1)
@@ -203,10 +204,11 @@ def array_stats(a: Array) -> np.ndarray:
         finite = _cupy.isfinite(flat)
         stats[STAT_NONFINITE] = flat.size - _cupy.count_nonzero(finite)
         stats[STAT_FIRST_NONFINITE] = _cupy.argmin(finite)  # 0 when all are finite: fixed below
-        stats[STAT_NON_INTEGER] = _cupy.count_nonzero(flat != _cupy.floor(flat))
+        if integers:
+            stats[STAT_NON_INTEGER] = _cupy.count_nonzero(flat != _cupy.floor(flat))
     stats[STAT_MIN] = flat.min()
     stats[STAT_MAX] = flat.max()
-    if a.ndim == 2 and a.shape[0]:
+    if row_sums and a.ndim == 2 and a.shape[0]:
         stats[STAT_ROW_SUM_ERROR] = _cupy.abs(a.sum(axis=1, dtype=np.float64) - 1).max()
     out[...] = stats.get()
     if out[STAT_NONFINITE] == 0:

@@ -14,7 +14,7 @@ saves an allocation); Numba fuses what NumPy does in several passes with tempora
   ``add_sum_of_squares``: one float64 reduction;
 * ``sgd_update`` / ``momentum_update`` / ``adam_update``: one fused pass each (skipped, without
   touching any state, when the guard says the step is not to be applied);
-* ``array_stats``, ``one_hot``, ``gather_rows``: one pass each.
+* ``one_hot``, ``gather_rows``: one pass each; ``array_stats`` is the reference's (NumPy reductions).
 
 With the keyword buffers of the contract (``y=``, ``u=``, ``out=``, ``delta=``, ``value=``,
 ``dW=``, ``db=``) a training step allocates no array: the GEMMs write into them (``out=``) and
@@ -49,7 +49,9 @@ from numba import get_num_threads, njit, prange, set_num_threads, types
 from numba.extending import overload
 
 from . import numba_math as nm
-from .numpy_ref import count_correct, synchronize, to_device, to_host, zeros  # noqa: F401  (arrays are NumPy arrays)
+# arrays are NumPy arrays: these primitives are the reference's (array_stats: NumPy's min and max decide
+# finiteness in two vectorised passes, faster than a Numba pass that also switches the thread count)
+from .numpy_ref import array_stats, count_correct, synchronize, to_device, to_host, zeros  # noqa: F401
 
 NAME = "numba"
 IS_GPU = False
@@ -537,84 +539,6 @@ def _guard_step(guard, loss, grads, weight):  # pragma: no cover - compiled
 
 
 @njit(**_JIT)
-def _stats(a, nthreads, out):  # pragma: no cover - compiled
-    """``out[:5]`` of ``array_stats`` for the flat array ``a`` (any numeric dtype, read as float64),
-    ``out[6]`` the number of NaNs (min and max are NaN then, as NumPy's). Blocks of elements are
-    reduced in parallel, then their partial results in order."""
-    n = a.shape[0]
-    nch = min(nthreads, max(1, n // 4096))
-    part = np.empty((nch, 6))
-    for ch in prange(nch):
-        lo = ch * n // nch
-        hi = (ch + 1) * n // nch
-        bad = 0.0
-        first = -1.0
-        nan = 0.0
-        frac = 0.0
-        mn = np.inf
-        mx = -np.inf
-        for i in range(lo, hi):
-            v = np.float64(a[i])
-            if math.isfinite(v):
-                if v != np.floor(v):
-                    frac += 1.0
-            else:
-                if first < 0.0:
-                    first = np.float64(i)
-                bad += 1.0
-                if v != v:
-                    nan += 1.0
-                    frac += 1.0
-            mn = v if v < mn else mn
-            mx = v if v > mx else mx
-        part[ch, 0] = bad
-        part[ch, 1] = first
-        part[ch, 2] = mn
-        part[ch, 3] = mx
-        part[ch, 4] = frac
-        part[ch, 5] = nan
-    out[0] = 0.0
-    out[1] = -1.0
-    out[2] = np.inf
-    out[3] = -np.inf
-    out[4] = 0.0
-    out[6] = 0.0
-    for ch in range(nch):
-        out[0] += part[ch, 0]
-        if out[1] < 0.0:
-            out[1] = part[ch, 1]
-        out[2] = min(out[2], part[ch, 2])
-        out[3] = max(out[3], part[ch, 3])
-        out[4] += part[ch, 4]
-        out[6] += part[ch, 5]
-
-
-@njit(**_JIT)
-def _row_sum_error(a, nthreads):  # pragma: no cover - compiled
-    """``max_i |sum_j a[i, j] - 1|``, summed in float64 (NaN when a row's error is NaN)."""
-    m, n = a.shape
-    nch = min(nthreads, max(1, (m * n) // 4096), m)
-    part = np.zeros(nch)
-    for ch in prange(nch):
-        lo = ch * m // nch
-        hi = (ch + 1) * m // nch
-        worst = 0.0
-        for i in range(lo, hi):
-            s = 0.0
-            for j in range(n):
-                s += np.float64(a[i, j])
-            e = abs(s - 1.0)
-            if e > worst or e != e:
-                worst = e if worst == worst else worst
-        part[ch] = worst
-    res = 0.0
-    for ch in range(nch):
-        if part[ch] > res or part[ch] != part[ch]:
-            res = part[ch] if res == res else res
-    return res
-
-
-@njit(**_JIT)
 def _add_sum_of_squares(total, a, nthreads):  # pragma: no cover - compiled
     """``total[0] += sum_i a[i]^2`` in float64 (blocks of elements in parallel, then in order)."""
     n = a.shape[0]
@@ -666,14 +590,14 @@ def _gather_rows(src, idx, out):  # pragma: no cover - compiled
 
 #: Every compiled kernel (the tests inspect their float32 code).
 KERNELS = (_all_finite, _bias_act, _slope_mul, _output_error, _colsum, _sgd, _momentum, _adam, _guard_step,
-           _add_sum_of_squares, _stats, _row_sum_error, _one_hot, _gather_rows)
+           _add_sum_of_squares, _one_hot, _gather_rows)
 #: Kernels that compute in float64 on purpose whatever their input's dtype, so the float32 check
 #: of the tests leaves them out: ``_guard_step`` keeps the float64 guard (step count, loss sum,
 #: the float32 loss widened to be added to it; its per-element scan of the gradients does no
 #: float64 arithmetic); ``_add_sum_of_squares`` sums in float64 as the contract says; the
 #: statistics read every element as float64 (they serve input checks, and integer arrays go
 #: through them too).
-FLOAT64_KERNELS = (_guard_step, _add_sum_of_squares, _stats, _row_sum_error)
+FLOAT64_KERNELS = (_guard_step, _add_sum_of_squares)
 
 
 # --------------------------------------------------------------------------- housekeeping
@@ -766,27 +690,6 @@ def as_array(a: Array, dtype: Any) -> Array:
     if isinstance(a, np.ndarray) and a.dtype == dtype and a.flags.c_contiguous:
         return a
     return np.asarray(a, dtype=dtype, order="C")  # not ascontiguousarray: it makes 0-d arrays 1-d
-
-
-def array_stats(a: Array) -> np.ndarray:
-    """The ``STAT_*`` facts about ``a`` (:mod:`backprop.kernels.contract`), float64: how many elements
-    are not finite and the flat index of the first (-1 for none), min, max (NaN when some element
-    is NaN, or for an empty array), how many are not whole numbers (NaN counts, +-inf does not),
-    and ``max_i |sum_j a[i, j] - 1|`` for a 2-D array (0 otherwise). Any numeric dtype; one
-    parallel pass, plus one over the rows for a 2-D array."""
-    a = np.asarray(a)
-    out = np.zeros(7, dtype=np.float64)
-    if a.size == 0:
-        out[1] = -1.0
-        out[2] = out[3] = np.nan
-        return out[:6]
-    flat = np.ascontiguousarray(a).reshape(-1)
-    _run(_stats, flat.size, flat, _threads(flat.size), out)
-    if out[6]:
-        out[2] = out[3] = np.nan
-    if a.ndim == 2:
-        out[5] = _row_sum_error(a, _threads(a.size))
-    return out[:6]
 
 
 def one_hot(labels: Array, n_classes: int, dtype: Any, out: Array | None = None) -> Array:

@@ -344,11 +344,12 @@ def all_finite(a: Array) -> bool:
     return not bool(flag.copy_to_host()[0])
 
 
-def array_stats(a: Array) -> np.ndarray:
+def array_stats(a: Array, integers: bool = True, row_sums: bool = True) -> np.ndarray:
     """The ``STAT_*`` facts about ``a`` (:mod:`backprop.kernels.contract`), float64: how many elements
     are not finite and the flat index of the first (-1 for none), min, max (NaN when some element
-    is NaN, or for an empty array), how many are not whole numbers (NaN counts, +-inf does not),
-    and ``max_i |sum_j a[i, j] - 1|`` for a 2-D array (0 otherwise). Any numeric dtype.
+    is NaN, or for an empty array), how many are not whole numbers (NaN counts, +-inf does not;
+    0 unless ``integers``), and ``max_i |sum_j a[i, j] - 1|`` for a 2-D array (0 otherwise, or
+    unless ``row_sums``). Any numeric dtype.
 
     Reduced on the device into one small float64 buffer (atomics merge the threads' partial
     results), read back with one copy."""
@@ -364,9 +365,11 @@ def array_stats(a: Array) -> np.ndarray:
     buf = _empty((s.k.STATS_BUFFER,), np.float64)
     _launch(s.k.stats_init, 1, 1, _nb(buf), n)
     _launch(s.k.stats_flat, s.k.blocks(n), s.k.TPB, _flat(a), _nb(buf))
-    if len(a.shape) == 2:
+    if row_sums and len(a.shape) == 2:
         _launch(s.k.stats_rows, s.k.blocks(a.shape[0]), s.k.TPB, _nb(a), _nb(buf))
     out = np.asarray(to_host(buf), dtype=np.float64)
+    if not integers:
+        out[4] = 0.0
     if out[1] >= n:
         out[1] = -1.0
     if out[s.k.STATS_NAN]:

@@ -124,10 +124,10 @@ def _scratch(like: Array, tag: str, dtype: Any = None, shape: tuple[int, ...] | 
     return buf
 
 
-def array_stats(a: Array) -> np.ndarray:
+def array_stats(a: Array, integers: bool = True, row_sums: bool = True) -> np.ndarray:
     """Facts about ``a`` for input checks, in the ``STAT_*`` layout of the contract: how many elements
-    are not finite and where the first is, min, max, how many are not whole numbers, and for a 2-D
-    array the largest ``|row sum - 1|``."""
+    are not finite and where the first is, min, max, and when asked how many are not whole numbers
+    (``integers``) and for a 2-D array the largest ``|row sum - 1|`` (``row_sums``)."""
     xm = array_module(a)
     out = np.zeros(STATS_SIZE, dtype=np.float64)
     out[STAT_FIRST_NONFINITE] = -1
@@ -135,16 +135,16 @@ def array_stats(a: Array) -> np.ndarray:
     if flat.size == 0:
         out[STAT_MIN] = out[STAT_MAX] = np.nan
         return out
-    if a.dtype.kind == "f":
-        finite = xm.isfinite(flat)
-        bad = int(flat.size - int(xm.count_nonzero(finite)))
-        out[STAT_NONFINITE] = bad
-        if bad:
-            out[STAT_FIRST_NONFINITE] = int(xm.argmin(finite))
-        out[STAT_NON_INTEGER] = int(xm.count_nonzero(flat != xm.floor(flat)))
     out[STAT_MIN] = float(flat.min())
     out[STAT_MAX] = float(flat.max())
-    if a.ndim == 2 and a.shape[0]:
+    # min and max are finite only when every element is (NaN and inf reach them): look closer only then
+    if a.dtype.kind == "f" and not (math.isfinite(out[STAT_MIN]) and math.isfinite(out[STAT_MAX])):
+        finite = xm.isfinite(flat)
+        out[STAT_NONFINITE] = int(flat.size - int(xm.count_nonzero(finite)))
+        out[STAT_FIRST_NONFINITE] = int(xm.argmin(finite))
+    if integers and a.dtype.kind == "f":
+        out[STAT_NON_INTEGER] = int(xm.count_nonzero(flat != xm.floor(flat)))
+    if row_sums and a.ndim == 2 and a.shape[0]:
         out[STAT_ROW_SUM_ERROR] = float(xm.abs(a.sum(axis=1, dtype=np.float64) - 1).max())
     return out
 

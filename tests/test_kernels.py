@@ -401,6 +401,22 @@ def test_guard_step_first_finite_step(backend, small, rng, dtype):
 
 # --------------------------------------------------------------------------- array_stats
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_array_stats_leaves_out_what_is_not_asked(backend, small, rng, dtype):
+    """Input checks ask only for finiteness and range: no non-integer count, no row sums."""
+    a = rng.normal(size=shapes(small)[:2]) + 0.25
+    a[0, 0] = np.nan
+    k = backend.kernels
+    full = host_copy(k, k.array_stats(k.to_device(a, dtype)))
+    lean = host_copy(k, k.array_stats(k.to_device(a, dtype), integers=False, row_sums=False))
+    assert full[STAT_NON_INTEGER] > 0 and full[STAT_ROW_SUM_ERROR] != 0
+    assert lean[STAT_NON_INTEGER] == 0 and lean[STAT_ROW_SUM_ERROR] == 0
+    keep = [STAT_NONFINITE, STAT_FIRST_NONFINITE]
+    np.testing.assert_array_equal(lean[keep], full[keep])
+    assert lean[STAT_NONFINITE] == 1 and lean[STAT_FIRST_NONFINITE] == 0
+    np.testing.assert_array_equal(ref.array_stats(a.astype(dtype), integers=False, row_sums=False)[keep], lean[keep])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["nan", "inf", "-inf", "mixed"])
 def test_array_stats_counts_nonfinite_and_finds_the_first(backend, small, rng, kind, dtype):
     a = rng.normal(size=(5, 3) if small else (41, 23))
