@@ -5,15 +5,16 @@
     python benchmarks/compare_train_step.py --backends numpy numba --cold     # JIT from scratch
 
 For each network the batch is put on the backend once; every backend then gets the same
-weights, the same batch and ``bp.SGD(lr=0.01)``. The first step of a backend is timed on its
-own (it includes JIT compilation, or loading Numba's cache) and reported separately; then
-``--warmup`` more steps, then ``--rounds`` rounds in which the backends take turns running
-``--steps`` steps each (interleaved, so drift in the machine's load hits all of them alike).
-Reported: the median (and min) over rounds of the time per step, and each backend's ratio to
-the first backend listed, both as a ratio of medians and as the median of the per-round ratios
-(each round times the backends back to back, so that ratio is robust to a machine whose load
-drifts). The load average is printed before and after: on a shared machine, compare only
-figures taken in one run.
+weights, the same batch and ``bp.SGD(lr=0.01)``. The timing is :func:`backprop.bench.timing.time_ops`:
+the first step of a backend is timed on its own (it includes JIT compilation, or loading Numba's
+cache) and reported separately; then ``--warmup`` more steps, then ``--rounds`` rounds in which the
+backends take turns running ``--steps`` steps each (default: enough for about 0.05 s; interleaved, so
+drift in the machine's load hits all of them alike), each bracketed by the backend's synchronisation.
+Reported: the median (and min) over rounds of the time per step, and each backend's ratio to the
+first backend listed, both as a ratio of medians and as the median of the per-round ratios (each
+round times the backends back to back, so that ratio is robust to a machine whose load drifts). The
+load average is printed before and after: on a shared machine, compare only figures taken in one run.
+``--json`` also writes the figures with the machine's description (:func:`backprop.bench.machine.machine_info`).
 
 ``--cold`` points ``NUMBA_CACHE_DIR`` at a fresh temporary folder before Numba is imported,
 so the first-step column shows real compile time rather than a cache load.
@@ -25,12 +26,9 @@ import argparse
 import atexit
 import json
 import os
-import platform
 import shutil
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -46,13 +44,6 @@ def parse_config(text: str) -> tuple[list[int], int]:
     """``784,256,256,10@256`` -> ([784, 256, 256, 10], 256)."""
     sizes, batch = text.split("@")
     return [int(s) for s in sizes.split(",")], int(batch)
-
-
-def load_average() -> str:
-    try:
-        return " ".join(f"{v:.2f}" for v in os.getloadavg())
-    except OSError:  # pragma: no cover - not on Windows
-        return "n/a"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,85 +63,66 @@ def main(argv: list[str] | None = None) -> int:
         cache = tempfile.mkdtemp(prefix="numba-cold-")
         atexit.register(shutil.rmtree, cache, ignore_errors=True)
         os.environ["NUMBA_CACHE_DIR"] = cache
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import backprop as bp
+    try:
+        import backprop as bp
+    except ImportError:  # a checkout that is not installed
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        import backprop as bp
+    from backprop.bench.machine import load_average, machine_info
+    from backprop.bench.timing import paired_ratio, time_ops
 
     configs = args.config or CONFIGS
     backends = [bp.set_backend(name) for name in args.backends]
-    print(f"python {platform.python_version()}, numpy {np.__version__}, cpu count {os.cpu_count()}, "
-          f"dtype {args.dtype}")
-    try:
+    machine = machine_info(backends)
+    print(f"python {machine['python']}, numpy {np.__version__}, cpu count {machine['cpu_count']}, dtype {args.dtype}")
+    if "numba" in sys.modules:
         import numba
 
         print(f"numba {numba.__version__}, threads {numba.get_num_threads()}, "
               f"cache {'fresh (cold)' if args.cold else 'default (may be warm)'}")
-    except ImportError:
-        pass
-    print(f"load average before: {load_average()}")
+    load_before = load_average()
+    print(f"load average before: {load_before}")
+
+    def sync() -> None:
+        for be in backends:
+            be.synchronize()
+
     results = []
     for sizes, batch in configs:
         rng = np.random.default_rng(0)
         X = rng.normal(size=(batch, sizes[0])).astype(args.dtype)
         T = np.eye(sizes[-1], dtype=args.dtype)[rng.integers(0, sizes[-1], batch)]
-        nets, data, first = {}, {}, {}
+        ops = {}
         for be in backends:
             net = bp.MLP(sizes, activation="relu", output="softmax", loss="cross_entropy", dtype=args.dtype,
                          seed=0, backend=be.name)
             k = be.kernels
             x, t = k.to_device(X, args.dtype), k.to_device(T, args.dtype)
-            opt = bp.SGD(lr=0.01)
-            be.synchronize()
-            t0 = time.perf_counter()
-            net.train_step_device(x, t, opt)
-            be.synchronize()
-            first[be.name] = time.perf_counter() - t0
-            for _ in range(args.warmup):
-                net.train_step_device(x, t, opt)
-            be.synchronize()
-            nets[be.name], data[be.name] = (net, opt), (x, t)
-        steps = args.steps
-        if steps <= 0:  # about 0.05 s per block on the slowest backend (median of 5 timed steps)
-            worst = 0.0
-            for be in backends:
-                net, opt = nets[be.name]
-                times = []
-                for _ in range(5):
-                    t0 = time.perf_counter()
-                    net.train_step_device(*data[be.name], opt)
-                    be.synchronize()
-                    times.append(time.perf_counter() - t0)
-                worst = max(worst, statistics.median(times))
-            steps = max(1, min(200, int(0.05 / max(worst, 1e-6))))
-        per_step: dict[str, list[float]] = {be.name: [] for be in backends}
-        for _ in range(args.rounds):
-            for be in backends:
-                net, opt = nets[be.name]
-                x, t = data[be.name]
-                be.synchronize()
-                t0 = time.perf_counter()
-                for _ in range(steps):
-                    net.train_step_device(x, t, opt)
-                be.synchronize()
-                per_step[be.name].append((time.perf_counter() - t0) / steps)
+            ops[be.name] = (lambda n, a, b, o: lambda: n.train_step_device(a, b, o))(net, x, t, bp.SGD(lr=0.01))
+        timings = time_ops(ops, repeats=args.rounds, warmup=args.warmup, min_sample_time=0.05,
+                           inner=args.steps or None, sync=sync)
         first_name = backends[0].name
-        base = statistics.median(per_step[first_name])
+        base = timings[first_name]
         label = f"{sizes} batch {batch}"
-        print(f"\n{label}: {args.rounds} rounds x {steps} steps")
+        steps = ", ".join(f"{name} {t.inner}" for name, t in timings.items())
+        print(f"\n{label}: {args.rounds} rounds; steps per round: {steps}")
         print(f"  {'backend':<12} {'median ms':>10} {'min ms':>9} {'ratio':>7} {'paired':>7} {'first step s':>13}")
-        for be in backends:
-            times = per_step[be.name]
-            med = statistics.median(times)
-            paired = statistics.median(a / b for a, b in zip(per_step[first_name], times))
-            print(f"  {be.name:<12} {med * 1e3:>10.3f} {min(times) * 1e3:>9.3f} {base / med:>6.2f}x "
-                  f"{paired:>6.2f}x {first[be.name]:>13.3f}")
-            results.append({"config": label, "backend": be.name, "median_ms": med * 1e3, "min_ms": min(times) * 1e3,
-                            "ratio": base / med, "paired_ratio": paired, "first_step_s": first[be.name],
-                            "steps_per_round": steps, "rounds": args.rounds})
-    print(f"\nload average after: {load_average()}")
+        for name, t in timings.items():
+            paired = paired_ratio(base, t)
+            print(f"  {name:<12} {t.median * 1e3:>10.3f} {t.min * 1e3:>9.3f} {base.median / t.median:>6.2f}x "
+                  f"{paired:>6.2f}x {t.first_call:>13.3f}")
+            results.append({"config": label, "backend": name, "median_ms": t.median * 1e3, "min_ms": t.min * 1e3,
+                            "ratio": base.median / t.median, "paired_ratio": paired, "first_step_s": t.first_call,
+                            "steps_per_round": t.inner, "rounds": args.rounds, "timing": t.to_dict()})
+    load_after = load_average()
+    print(f"\nload average after: {load_after}")
     print("ratio = median of the first backend listed / median of this one (above 1: faster); paired = median over "
           "rounds of the same ratio within a round (robust to load that drifts between rounds)")
     if args.json:
-        args.json.write_text(json.dumps({"load_average": load_average(), "results": results}, indent=2))
+        args.json.write_text(json.dumps({"command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
+                                         "machine": machine, "load_average": {"before": load_before,
+                                                                              "after": load_after},
+                                         "results": results}, indent=2))
     return 0
 
 

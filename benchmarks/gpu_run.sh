@@ -1,31 +1,43 @@
 #!/usr/bin/env bash
-# The GPU check of the cupy backend, in one call on a machine with a CUDA GPU and CuPy (PyTorch for
-# the comparison), no network needed:
+# The one prepared script for a session on a GPU machine (CUDA GPU, CuPy and/or numba-cuda; PyTorch for
+# the comparisons), no network needed:
 #
 #   bash benchmarks/gpu_run.sh [OUTDIR]        # OUTDIR: default $OUT, else bench-out
 #
-# 1. installs the project (editable, no dependencies; a symlink shim if that install fails),
-# 2. runs every test, the GPU ones included (-m "gpu or not gpu"): pytest.txt, junit.xml,
-# 3. times a training step against PyTorch eager: gpu_vs_torch.json / .md (benchmarks/gpu_vs_torch.py).
+# 1. env.txt: nvidia-smi, versions;
+# 2. installs the project: python3 -m pip install --no-deps --no-build-isolation -e . (install.txt; a
+#    symlink shim if that install fails);
+# 3. runs every test, the GPU ones included (-m "gpu or not gpu"): pytest.txt, junit.xml;
+# 4. runs benchmarks/gpu_vs_torch.py (backprop.bench.user_paths): one .json + .md per section, each written
+#    the moment the section ends, and gpu_vs_torch.json / .md summing them up; bench.txt.
 #
-# Everything lands in OUTDIR, with env.txt (nvidia-smi, versions). Exit status: non-zero if the
-# tests or the benchmark failed. Time limits (seconds) can be changed with TEST_TIMEOUT and
-# BENCH_TIMEOUT; PYTEST_ARGS replaces the test selection (default: tests/); BENCH_ARGS is passed on.
+# Everything lands in OUTDIR. The whole run keeps to a budget of BUDGET seconds (default 300): each phase
+# has its own limit (INSTALL_TIMEOUT 60, TEST_TIMEOUT 150, BENCH_TIMEOUT 150 by default) and never gets
+# more than what the budget has left; the benchmark stops starting sections 15 s before its limit
+# (--time-limit), so a section cut short is the only thing lost. PYTEST_ARGS replaces the test selection
+# (default: tests/); BENCH_ARGS is passed on to the benchmark (e.g. "--no-compile" or "--sections fit,step").
+# Exit status: non-zero if the tests or the benchmark failed or ran out of time.
 set -u
 cd "$(dirname "$0")/.."
 OUTDIR="${1:-${OUT:-bench-out}}"
 mkdir -p "$OUTDIR"
 PY="${PYTHON:-python3}"
+BUDGET="${BUDGET:-300}"
 start=$(date +%s)
+
+left() { echo $(( BUDGET - ($(date +%s) - start) )); }
+# limit PHASE_DEFAULT: the phase's own limit, capped by what the budget has left (at least 10 s)
+limit() { local l; l=$(left); [ "$1" -lt "$l" ] && l=$1; [ "$l" -lt 10 ] && l=10; echo "$l"; }
 
 {
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    echo "budget: ${BUDGET} s"
     nvidia-smi 2>&1 || echo "nvidia-smi not available"
-    "$PY" - <<'PYEOF'
+    timeout 60 "$PY" - <<'PYEOF'
 import importlib, platform
 print("python", platform.python_version())
-for name in ("numpy", "cupy", "torch", "numba", "numba_cuda", "pytest"):
+for name in ("numpy", "cupy", "torch", "numba", "numba_cuda", "pytest", "triton"):
     try:
         m = importlib.import_module(name)
         print(name, getattr(m, "__version__", "?"))
@@ -41,8 +53,9 @@ PYEOF
 } > "$OUTDIR/env.txt" 2>&1
 cat "$OUTDIR/env.txt"
 
-echo "== install"
-if "$PY" -m pip install --no-deps --no-build-isolation -e . > "$OUTDIR/install.txt" 2>&1; then
+echo "== install ($(left) s left)"
+if timeout "$(limit "${INSTALL_TIMEOUT:-60}")" "$PY" -m pip install --no-deps --no-build-isolation -e . \
+        > "$OUTDIR/install.txt" 2>&1; then
     echo "installed (editable)"
 else
     # the package maps backprop.kernels to ./kernels: rebuild that layout with symlinks
@@ -53,23 +66,25 @@ else
     export PYTHONPATH="$shim:$PWD${PYTHONPATH:+:$PYTHONPATH}"
     echo "editable install failed (see install.txt); using the shim $shim"
 fi
-"$PY" -c "from backprop.kernels import cupy_gpu as k; print('cupy backend available:', k.is_available(), k.unavailable_reason())"
+timeout 60 "$PY" -c "import backprop as bp; print('backends available:', bp.available_backends())"
 
-echo "== tests"
+echo "== tests ($(left) s left)"
 # shellcheck disable=SC2086
-timeout "${TEST_TIMEOUT:-400}" "$PY" -m pytest -q ${PYTEST_ARGS:-tests/} -m "gpu or not gpu" -p no:cacheprovider \
-    -rfEs --junitxml="$OUTDIR/junit.xml" > "$OUTDIR/pytest.txt" 2>&1
+timeout "$(limit "${TEST_TIMEOUT:-150}")" "$PY" -m pytest -q ${PYTEST_ARGS:-tests/} -m "gpu or not gpu" \
+    -p no:cacheprovider -rfEs --junitxml="$OUTDIR/junit.xml" > "$OUTDIR/pytest.txt" 2>&1
 test_rc=$?
 tail -n 60 "$OUTDIR/pytest.txt"
-[ "$test_rc" -eq 124 ] && echo "tests: stopped by TEST_TIMEOUT"
+[ "$test_rc" -eq 124 ] && echo "tests: stopped by their time limit"
 
-echo "== benchmark"
+bench_limit=$(limit "${BENCH_TIMEOUT:-150}")
+echo "== benchmark (limit ${bench_limit} s)"
 # shellcheck disable=SC2086
-timeout "${BENCH_TIMEOUT:-170}" "$PY" benchmarks/gpu_vs_torch.py --out "$OUTDIR" ${BENCH_ARGS:-} \
-    > "$OUTDIR/bench.txt" 2>&1
+timeout "$bench_limit" "$PY" benchmarks/gpu_vs_torch.py --out "$OUTDIR" --time-limit $(( bench_limit > 30 ? bench_limit - 15 : bench_limit / 2 )) \
+    --compile-budget 40 ${BENCH_ARGS:-} > "$OUTDIR/bench.txt" 2>&1
 bench_rc=$?
 cat "$OUTDIR/bench.txt"
-[ "$bench_rc" -eq 124 ] && echo "benchmark: stopped by BENCH_TIMEOUT"
+[ "$bench_rc" -eq 124 ] && echo "benchmark: stopped by its time limit (the sections written before are in $OUTDIR)"
 
 echo "== done in $(( $(date +%s) - start )) s: tests rc=$test_rc, benchmark rc=$bench_rc; files in $OUTDIR"
+ls -l "$OUTDIR"
 [ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]

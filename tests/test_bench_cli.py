@@ -90,6 +90,18 @@ def test_timer_counts_samples() -> None:
         assert timing.first_call > 0
 
 
+def test_timer_fixed_inner_and_paired_ratio() -> None:
+    from backprop.bench.timing import Timing, paired_ratio
+
+    calls = []
+    t = time_ops({"a": lambda: calls.append(1)}, repeats=2, warmup=0, inner=3)
+    assert t["a"].inner == 3 and len(calls) == 1 + 2 * 3  # the cold call, then 2 samples of 3
+    with pytest.raises(ValueError):
+        time_ops({"a": lambda: None}, repeats=1, inner=0)
+    # per-repeat ratios 2, 2, 10: the median of the pairs ignores the repeat that drifted
+    assert paired_ratio(Timing([2.0, 4.0, 10.0]), Timing([1.0, 2.0, 1.0])) == pytest.approx(2.0)
+
+
 def test_fd_gradient_matches_backprop() -> None:
     import backprop as bp
 
@@ -141,8 +153,11 @@ def test_cli_quick_end_to_end(tmp_path: Path) -> None:
         assert f["time"] > 0 and f["speedup"] > 1
         if f["measured"]:
             assert f["rel_error"] < 0.1  # float32 forward differences agree with backprop
+    assert res["batch"] == 256 and res["batch_default"]  # the CPU default
+    assert doc["config"]["batch"] is None and "4096 on a GPU" in doc["config"]["batch_rule"]
     md = (out / "report.md").read_text()
     assert "grad/fwd" in md and "Finite differences" in md
+    assert "numpy 256 (default on a CPU)" in md
     png = out / "scaling.png"
     try:
         import matplotlib  # noqa: F401
@@ -164,6 +179,37 @@ def test_cli_peer_missing_and_bad_usage(tmp_path: Path, monkeypatch: pytest.Monk
     assert main(["--backends", "nosuch", "--out", str(tmp_path)]) == 2
     assert main(["--sizes", "abc", "--out", str(tmp_path)]) == 2
     assert main(["--peers", "jax", "--out", str(tmp_path)]) == 2
+
+
+class _Stub:
+    def __init__(self, is_gpu: bool) -> None:
+        self.is_gpu = is_gpu
+
+
+def test_default_batch_depends_on_the_device() -> None:
+    """4096 on a GPU (large nets GEMM-bound there), 256 on a CPU; --batch overrides both."""
+    from backprop.bench import BenchConfig
+    from backprop.bench.cli import _config, build_parser
+
+    gpu, cpu = _Stub(True), _Stub(False)
+    cfg = BenchConfig()
+    assert cfg.batch is None and cfg.batch_for(gpu) == 4096 and cfg.batch_for(cpu) == 256
+    given = BenchConfig(batch=512)
+    assert given.batch_for(gpu) == 512 and given.batch_for(cpu) == 512
+    assert _config(build_parser().parse_args([])).batch is None
+    assert _config(build_parser().parse_args(["--batch", "64"])).batch_for(gpu) == 64
+    assert "4096 on a GPU backend" in build_parser().format_help()
+
+
+def test_explicit_batch_is_used(tmp_path: Path) -> None:
+    rc = main(["--backends", "numpy", "--sizes", "1e3,4e3", "--no-fd", "--repeats", "1", "--warmup", "0",
+               "--min-sample-time", "0", "--batch", "32", "--no-plot", "--no-progress", "--out", str(tmp_path)])
+    assert rc == 0
+    doc = json.loads((tmp_path / "results.json").read_text())
+    [res] = doc["backends"]
+    assert res["batch"] == 32 and not res["batch_default"] and doc["config"]["batch_rule"] == "--batch"
+    assert all(r["batch"] == 32 for r in res["sizes"])
+    assert "batch: numpy 32;" in (tmp_path / "report.md").read_text()
 
 
 def test_module_help_runs() -> None:

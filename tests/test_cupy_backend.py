@@ -1466,48 +1466,39 @@ def test_fake_owns_as_array_and_memory(fake, rng):
     assert info["name"] == "CPU stand-in" and info["memory_bytes"] == 2**30 and info["compute_capability"] == "90"
 
 
-def _benchmark_not_the_tested_one() -> str:
-    """Why this test does not fit benchmarks/gpu_vs_torch.py as it is now ("" when it does)."""
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_vs_torch.py"
-    text = path.read_text() if path.exists() else ""
-    if "class Case" not in text:
-        return "benchmarks/gpu_vs_torch.py was rewritten (no Case table any more): this test needs rewriting with it"
-    if "capture_train_step" in text:
-        return ("benchmarks/gpu_vs_torch.py still calls cupy_gpu.capture_train_step, which is gone: "
-                "the graph step is net.train_step_device(x, t, opt, graph=True)")
-    return ""
-
-
-@pytest.mark.skipif(bool(_benchmark_not_the_tested_one()), reason=_benchmark_not_the_tested_one() or "-")
 def test_fake_benchmark_script_runs(fake, tmp_path, monkeypatch):
-    """benchmarks/gpu_vs_torch.py end to end on tiny networks (no PyTorch): its timing, its report."""
-    import importlib.util
+    """benchmarks/gpu_vs_torch.py (backprop.bench.user_paths) on the CPU stand-in for CuPy, tiny nets, no
+    PyTorch: every device section runs (the graph one may say why not) and writes its JSON and Markdown."""
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_vs_torch.py"
-    spec = importlib.util.spec_from_file_location("gpu_vs_torch", path)
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "gpu_vs_torch", bench)
-    spec.loader.exec_module(bench)
-    monkeypatch.setattr(bench, "CASES", [
-        bench.Case("tiny", [6, 7, 3], 8, "tanh", "multiclass", graph=True),
-        bench.Case("gemm_bound", [8, 8, 8], 8, "relu", "regression", gemm_bound=True),
-    ])
-    monkeypatch.setattr(bench, "QUICK", {"tiny": 8, "gemm_bound": 8})
-    monkeypatch.setattr(bench, "median_step_ms",
-                        lambda step, sync, repeats, min_loop_s=0.2, warmup=3: (float(step() or 1.0), []))
-    rc = bench.main(["--out", str(tmp_path), "--repeats", "1", "--no-torch", "--gemm-size", "16", "--quick"])
+    from backprop.bench import user_paths as up
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # as if PyTorch were not installed
+    tiny = up.Case("tiny", (6, 7, 3), 8, "tanh", "multiclass", (6, 7, 3), 8)
+    bound = up.Case("gemm_bound", (8, 8, 8), 8, "relu", "regression", (8, 8, 8), 8, gemm_bound=True)
+    monkeypatch.setattr(up, "FIT", up.FitCase((6, 8, 3), 16, 16, (6, 8, 3), 16, 16))
+    monkeypatch.setattr(up, "API_CASES", [tiny])
+    monkeypatch.setattr(up, "STEP_CASES", [tiny, bound])
+    monkeypatch.setattr(up, "GRAPH_CASE", tiny)
+    monkeypatch.setattr(up, "TF32_CASE", bound)
+    rc = up.main(["--quick", "--backend", "cupy", "--sections", "fit,api,step,graph,tf32", "--out", str(tmp_path),
+                  "--repeats", "1", "--fit-repeats", "1", "--min-sample-time", "0", "--gemm-size", "16"])
+    doc = json.loads((tmp_path / "gpu_vs_torch.json").read_text())
+    by_name = {s["name"]: s for s in doc["sections"]}
+    assert [by_name[n]["status"] for n in ("fit", "api", "step", "tf32")] == ["ok"] * 4, \
+        {n: s.get("error") or s.get("reason") for n, s in by_name.items()}
+    assert by_name["graph"]["status"] in ("ok", "skipped"), by_name["graph"].get("error")
     assert rc == 0
-    report = json.loads((tmp_path / "gpu_vs_torch.json").read_text())
-    assert [r["case"] for r in report["results"]] == ["tiny", "gemm_bound"]
-    tiny, big = report["results"]
-    assert tiny["graph_ms"] is not None and tiny["torch_ms"] is None
-    assert big["backprop_fraction_of_gemm"] is not None and "tf32" in report
-    md = (tmp_path / "gpu_vs_torch.md").read_text()
-    assert "| tiny [6, 7, 3] | 8 |" in md and "PyTorch not measured" in md and "CPU stand-in" in md
+    step = by_name["step"]
+    assert [r[0] for r in step["tables"][0]["rows"]] == ["tiny", "gemm_bound"]
+    assert set(step["cases"]["tiny"]["timings"]) == {"backprop"}  # no PyTorch columns
+    assert step["cases"]["gemm_bound"]["fraction_of_gemm"] > 0
+    assert {"host", "device"} == set(by_name["fit"]["timings"])
+    assert len(by_name["api"]["targets"]) == 2 and by_name["tf32"]["settings"]["tf32_before"] is False
+    assert any(g["backend"] == "cupy" for g in doc["machine"]["gpus"])
+    md = (tmp_path / "step_vs_torch.md").read_text()
+    assert "| tiny | [6, 7, 3] | 8 |" in md and "PyTorch not measured" in md
+    assert (tmp_path / "graph_step.json").exists() and (tmp_path / "tf32.md").exists()
 
 
 def test_benchmark_script_help_without_a_gpu():

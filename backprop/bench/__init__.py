@@ -13,7 +13,13 @@ For each backend it times, over nets whose parameter count ``N`` spans several d
 and writes ``results.json`` (every raw timing, the machine and versions), ``report.md`` and
 ``scaling.png``. Modules: :mod:`.timing` (the timer), :mod:`.nets` (sizes, operation counts, memory),
 :mod:`.fd` (finite differences), :mod:`.sweep` (the measurements), :mod:`.fit` (power-law fits),
-:mod:`.peers` (PyTorch on the same nets), :mod:`.report`, :mod:`.plot`, :mod:`.machine`, :mod:`.cli`.
+:mod:`.peers` (PyTorch on the same nets: eager, ``torch.compile``, a whole epoch), :mod:`.report`,
+:mod:`.plot`, :mod:`.machine`, :mod:`.cli`.
+
+The benchmarks on the user's paths (``fit``, the public API on device arrays, the step against PyTorch
+eager and compiled, CUDA graphs, TF32, the CPU step against PyTorch; ``benchmarks/gpu_vs_torch.py``) are
+:mod:`.user_paths`, built on the same timer, machine description and peers, with :mod:`.sections`
+writing each section's JSON and Markdown as soon as it ends.
 """
 
 from __future__ import annotations

@@ -17,7 +17,16 @@ from .nets import parse_sizes
 from .peers import KNOWN_PEERS, TorchPeer, make_peer
 from .progress import Progress
 from .report import mark_fit_points, markdown_report, terminal_report, write_json
-from .sweep import DEFAULT_SIZES_CPU, DEFAULT_SIZES_GPU, QUICK_SIZES, BenchConfig, run_backend
+from .sweep import (
+    BATCH_RULE,
+    DEFAULT_BATCH_CPU,
+    DEFAULT_BATCH_GPU,
+    DEFAULT_SIZES_CPU,
+    DEFAULT_SIZES_GPU,
+    QUICK_SIZES,
+    BenchConfig,
+    run_backend,
+)
 
 __all__ = ["build_parser", "main"]
 
@@ -26,6 +35,15 @@ JSON_NAME, MD_NAME, PNG_NAME = "results.json", "report.md", "scaling.png"
 #: (normal, --quick) defaults of the options that --quick changes
 _QUICK = {"repeats": (7, 3), "warmup": (2, 1), "min_sample_time": (0.01, 0.002), "fd_max_n": (3e4, 5e3),
           "fd_repeats": (3, 1)}
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except ``None`` (those options say in words what they default to)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,15 +58,20 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(f"Sizes: comma-separated parameter counts (1e5), log ranges (1e3:1e7:17) or layer widths "
                 f"(784-256-10); counts become --depth square layers. Defaults: {DEFAULT_SIZES_CPU} on a CPU, "
                 f"{DEFAULT_SIZES_GPU} on a GPU, {QUICK_SIZES} with --quick; sizes that do not fit in memory are "
-                f"skipped. Example: backprop-bench --backends numpy --out bench-out"),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                f"skipped. Batch: {DEFAULT_BATCH_GPU} on a GPU backend, {DEFAULT_BATCH_CPU} on a CPU backend unless "
+                f"--batch is given (at batch {DEFAULT_BATCH_CPU} no size of the sweep is GEMM-bound on a large GPU, "
+                "and its exponent fit would fall back to the three largest sizes). "
+                "Example: backprop-bench --backends numpy --out bench-out"),
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("--backends", default="auto",
                    help="comma-separated backend names, or 'auto' for every available one (simulated ones skipped); "
                         f"known: {', '.join(BACKEND_MODULES)}")
     p.add_argument("--sizes", default=None, help="sweep specification (see below); default depends on the device")
     p.add_argument("--depth", type=int, default=3, help="weight layers of the nets built from a parameter count")
-    p.add_argument("--batch", type=int, default=256, help="batch size of the timed passes")
+    p.add_argument("--batch", type=int, default=None,
+                   help=f"batch size of the timed passes (default: {DEFAULT_BATCH_GPU} on a GPU backend, so that the "
+                        f"large nets are GEMM-bound; {DEFAULT_BATCH_CPU} on a CPU backend)")
     p.add_argument("--repeats", type=int, default=None, help="timed samples per measurement (default 7, quick 3)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up calls after the first (default 2, quick 1)")
     p.add_argument("--min-sample-time", type=float, default=None,
@@ -103,7 +126,8 @@ def _config(args: argparse.Namespace) -> BenchConfig:
 
 def _check(cfg: BenchConfig) -> None:
     for name in ("depth", "batch", "repeats", "fd_repeats"):
-        if getattr(cfg, name) < 1:
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     if cfg.warmup < 0:
         raise ValueError("--warmup must not be negative")
@@ -205,7 +229,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     doc: dict[str, Any] = {
         "schema": "backprop-bench/1",
         "command": "backprop-bench " + " ".join(shlex.quote(a) for a in argv),
-        "config": {**cfg.to_dict(), "threads": args.threads, "threads_limited": threads_info, "malloc": malloc},
+        "config": {**cfg.to_dict(), "batch_rule": BATCH_RULE if cfg.batch is None else "--batch",
+                   "threads": args.threads, "threads_limited": threads_info, "malloc": malloc},
         "machine": machine,
         "load_average": {"start": load_start, "end": load_average()},
         "cpu_pressure": {"start": pressure_start, "end": cpu_pressure()},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -11,8 +12,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-__all__ = ["blas_info", "cpu_name", "cpu_pressure", "load_average", "machine_info", "restore_threads", "set_threads",
-           "tune_malloc"]
+__all__ = ["blas_info", "cpu_name", "cpu_pressure", "load_average", "machine_info", "nvidia_smi", "restore_threads",
+           "set_threads", "tune_malloc"]
 
 _DISTRIBUTIONS = {
     "numpy": ("numpy",),
@@ -158,39 +159,43 @@ def _git_commit() -> str | None:
 
 
 def _gpus(backends: list[Any]) -> list[dict[str, Any]]:
+    """What each GPU backend says of its device (its optional ``device_info``), and its TF32 mode."""
     gpus = []
     for b in backends:
         if not getattr(b, "is_gpu", False):
             continue
         info: dict[str, Any] = {"backend": b.name}
-        tf32 = getattr(b.kernels, "tf32_enabled", None)
-        if callable(tf32):
-            try:
-                info["tf32"] = bool(tf32())
-            except Exception:  # noqa: BLE001
-                pass
         try:
-            if getattr(b.xp, "__name__", "") == "cupy":
-                cp = b.xp
-                dev = cp.cuda.Device()
-                props = cp.cuda.runtime.getDeviceProperties(dev.id)
-                name = props.get("name", b"")
-                info.update(name=name.decode() if isinstance(name, bytes) else str(name),
-                            memory_bytes=int(props.get("totalGlobalMem", 0)),
-                            compute_capability=dev.compute_capability,
-                            cuda_runtime=cp.cuda.runtime.runtimeGetVersion(),
-                            cuda_driver=cp.cuda.runtime.driverGetVersion())
-            else:
-                from numba import cuda
-
-                dev = cuda.get_current_device()
-                name = dev.name
-                info.update(name=name.decode() if isinstance(name, bytes) else str(name),
-                            compute_capability=".".join(map(str, dev.compute_capability)))
+            tf32 = getattr(b.kernels, "tf32_enabled", None)
+            if callable(tf32):
+                info["tf32"] = bool(tf32())
+            describe = getattr(b.kernels, "device_info", None)
+            if callable(describe):
+                info.update(describe())
         except Exception as exc:  # noqa: BLE001 - informational only
             info["error"] = str(exc)
         gpus.append(info)
     return gpus
+
+
+_SMI_FIELDS = ("name", "driver_version", "memory.total", "clocks.max.sm", "power.limit")
+
+
+def nvidia_smi() -> list[dict[str, str]]:
+    """What ``nvidia-smi`` says of each NVIDIA GPU (name, driver, memory, clock, power limit); empty
+    where there is no ``nvidia-smi`` or it fails. Independent of any backend."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return []
+    try:
+        out = subprocess.run([exe, f"--query-gpu={','.join(_SMI_FIELDS)}", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    if out.returncode != 0:
+        return []
+    return [dict(zip(_SMI_FIELDS, (f.strip() for f in line.split(",")))) for line in out.stdout.splitlines()
+            if line.strip()]
 
 
 def machine_info(backends: list[Any] | None = None) -> dict[str, Any]:
@@ -226,6 +231,7 @@ def machine_info(backends: list[Any] | None = None) -> dict[str, Any]:
         "versions": {k: _version(v) for k, v in _DISTRIBUTIONS.items()},
         "blas": blas_info(),
         "gpus": _gpus(backends or []),
+        "nvidia_smi": nvidia_smi(),
         "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                                             "NUMBA_NUM_THREADS", "BACKPROP_BACKEND", "CUDA_VISIBLE_DEVICES")
                 if k in os.environ},

@@ -163,22 +163,12 @@ def _host_available() -> int | None:
 
 def available_bytes(backend: Any) -> int | None:
     """Free memory where ``backend`` keeps its arrays (host RAM, or the GPU's); ``None`` if unknown."""
-    if not getattr(backend, "is_gpu", False):
+    free = getattr(backend.kernels, "device_memory_free", None)
+    if free is None:
         return _host_available()
-    xp = getattr(backend, "xp", None)
-    if getattr(xp, "__name__", "") == "cupy":
-        try:
-            pool = xp.get_default_memory_pool()
-            free, _total = xp.cuda.runtime.memGetInfo()
-            return int(free + pool.free_bytes())
-        except Exception:  # noqa: BLE001 - a probe: unknown is an answer
-            return None
     try:
-        from numba import cuda
-
-        free, _total = cuda.current_context().get_memory_info()
-        return int(free)
-    except Exception:  # noqa: BLE001
+        return free()
+    except Exception:  # noqa: BLE001 - a probe: unknown is an answer
         return None
 
 

@@ -62,7 +62,7 @@ def plot_results(doc: dict[str, Any], path: Path) -> str | None:
         fd = [f for f in res["finite_differences"] if f["status"] == "ok"]
         if fd:
             fit = res["fits"].get("finite_differences")
-            bt = f", batch {fd[0]['batch']}" if fd[0]["batch"] != cfg["batch"] else ""
+            bt = f", batch {fd[0]['batch']}" if fd[0]["batch"] != res.get("batch", cfg["batch"]) else ""
             color = _COLORS["finite_differences"]
             full = [f for f in fd if f["measured"]]
             if full:
@@ -116,7 +116,8 @@ def plot_results(doc: dict[str, Any], path: Path) -> str | None:
     ax_r.legend(fontsize=8, loc="upper right")
     m = doc["machine"]
     where = ", ".join(g.get("name", g["backend"]) for g in m.get("gpus", [])) or m["cpu"]
-    fig.suptitle(f"backprop {m['backprop']} · {where} · {cfg['dtype']}, batch {cfg['batch']} · {m['date'][:10]}",
+    batch = "/".join(sorted({str(r.get("batch", cfg["batch"])) for r in backends}))
+    fig.suptitle(f"backprop {m['backprop']} · {where} · {cfg['dtype']}, batch {batch} · {m['date'][:10]}",
                  fontsize=11)
     fig.savefig(path, dpi=110)
     return None

@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-__all__ = ["fmt_time", "markdown_report", "summary_lines", "terminal_report", "write_json"]
+__all__ = ["fmt_time", "machine_lines", "markdown_report", "summary_lines", "terminal_report", "write_json"]
 
 KAKADE_BOUND = 5.0
 _LEGEND = ("fit: * = in the exponent fit (GEMM-bound), ! = unsteady (interquartile range over 10% of the median); "
@@ -183,7 +183,7 @@ def terminal_report(doc: dict[str, Any]) -> str:
     for res in doc["backends"]:
         out.append("")
         out.append(f"== backend {res['backend']} ({'GPU' if res['is_gpu'] else 'CPU'}), {cfg['dtype']}, "
-                   f"batch {cfg['batch']}, median of {cfg['repeats']} (± half the interquartile range) ==")
+                   f"batch {_batch(res, cfg)}, median of {cfg['repeats']} (± half the interquartile range) ==")
         out += _table(*_main_rows(res, peers, markdown=False), markdown=False)
         out.append(_LEGEND)
         if peers:
@@ -207,36 +207,58 @@ def terminal_report(doc: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _batch(res: dict[str, Any], cfg: dict[str, Any]) -> str:
+    """The batch a backend was timed at, and whether the device chose it."""
+    batch = res.get("batch", cfg.get("batch"))
+    if res.get("batch_default"):
+        return f"{batch} (default on a {'GPU' if res['is_gpu'] else 'CPU'})"
+    return str(batch)
+
+
 def _psi(p: dict[str, float] | None) -> str:
     return f"{p.get('avg10')}/{p.get('avg60')}" if p else "-"
 
 
-def markdown_report(doc: dict[str, Any], plot_name: str | None) -> str:
-    cfg, m = doc["config"], doc["machine"]
-    peers = [p for p, info in doc.get("peers", {}).items() if info.get("status") == "ok"]
+def machine_lines(m: dict[str, Any], load: dict[str, Any] | None = None,
+                  pressure: dict[str, Any] | None = None) -> list[str]:
+    """Markdown bullets of what the figures were measured on (:func:`~backprop.bench.machine.machine_info`),
+    with the load average and CPU pressure at start and end when given."""
     v = {k: val for k, val in m["versions"].items() if val}
     blas = ", ".join(f"{b.get('internal_api')} {b.get('version') or ''} ({b.get('num_threads', '?')} threads)".strip()
                      for b in m.get("blas", [])) or "unknown"
-    la = doc.get("load_average", {})
-    ps = doc.get("cpu_pressure", {})
+    la, ps = load or {}, pressure or {}
     lines = [
-        "# backprop benchmark: the cost of the gradient",
-        "",
-        f"{m['date']} · backprop {m['backprop']}" + (f" ({m['git_commit']})" if m.get("git_commit") else ""),
-        "",
         f"- machine: {m['cpu']}, {m['cpu_count']} CPUs ({m['cpus_usable']} usable), "
         f"{(m['memory_bytes'] or 0) / 2**30:.0f} GiB; {m['platform']}; Python {m['python']}",
-        f"- load average (1, 5, 15 min) at start {la.get('start')}, at end {la.get('end')}"
+        f"- load average (1, 5, 15 min) at start {la.get('start', m.get('load_average'))}, at end {la.get('end')}"
         + (f"; CPU pressure (some avg10/avg60, %) at start {_psi(ps.get('start'))}, at end {_psi(ps.get('end'))}"
            if ps.get("start") else ""),
         "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
         f"- BLAS: {blas}",
     ]
     for g in m.get("gpus", []):
-        lines.append(f"- GPU ({g['backend']}): {g.get('name', '?')}")
+        extra = ", ".join(f"{k} {val}" for k, val in g.items() if k not in ("backend", "name"))
+        lines.append(f"- GPU ({g['backend']}): {g.get('name', '?')}" + (f" ({extra})" if extra else ""))
+    for g in m.get("nvidia_smi", []):
+        lines.append("- nvidia-smi: " + ", ".join(f"{k} {val}" for k, val in g.items()))
+    return lines
+
+
+def markdown_report(doc: dict[str, Any], plot_name: str | None) -> str:
+    cfg, m = doc["config"], doc["machine"]
+    peers = [p for p, info in doc.get("peers", {}).items() if info.get("status") == "ok"]
+    batches = ", ".join(f"{r['backend']} {_batch(r, cfg)}" for r in doc["backends"]) or str(cfg.get("batch"))
+    lines = [
+        "# backprop benchmark: the cost of the gradient",
+        "",
+        f"{m['date']} · backprop {m['backprop']}" + (f" ({m['git_commit']})" if m.get("git_commit") else ""),
+        "",
+        *machine_lines(m, doc.get("load_average"), doc.get("cpu_pressure")),
+    ]
     lines += [
         f"- command: `{doc['command']}`",
-        f"- {cfg['dtype']}, batch {cfg['batch']}, nets of {cfg['depth']} square layers (ReLU, identity output, "
+        f"- batch: {batches}; {cfg.get('batch_rule') or ''}",
+        f"- {cfg['dtype']}, nets of {cfg['depth']} square layers (ReLU, identity output, "
         f"MSE) unless listed otherwise; {cfg['repeats']} interleaved repeats after the first call and {cfg['warmup']} "
         "warm-up call(s), "
         f"each sample at least {cfg['min_sample_time'] * 1e3:g} ms; median ± half the interquartile range; "

@@ -34,12 +34,20 @@ from .peers import TorchPeer
 from .progress import Progress
 from .timing import Timing, time_ops, time_repeated
 
-__all__ = ["DEFAULT_SIZES_CPU", "DEFAULT_SIZES_GPU", "QUICK_SIZES", "BenchConfig", "run_backend"]
+__all__ = ["BATCH_RULE", "DEFAULT_BATCH_CPU", "DEFAULT_BATCH_GPU", "DEFAULT_SIZES_CPU", "DEFAULT_SIZES_GPU", "QUICK_SIZES",
+           "BenchConfig", "run_backend"]
 
 #: Default sweeps (parameter counts, 4 a decade on a CPU): about 1e3 to 1e7 on a CPU, to 1e9 on a GPU.
 DEFAULT_SIZES_CPU = "1e3:1e7:17"
 DEFAULT_SIZES_GPU = "1e3:1e9:19"
 QUICK_SIZES = "1e3:1e6:7"
+#: Default batches: on a GPU a batch of 256 leaves even the largest nets of the sweep bound by the fixed
+#: cost of the calls (no size was GEMM-bound on an H200 at 256; at 4096 the large ones were), so a GPU
+#: backend gets 4096 unless ``batch`` is given.
+DEFAULT_BATCH_CPU = 256
+DEFAULT_BATCH_GPU = 4096
+BATCH_RULE = (f"batch {DEFAULT_BATCH_GPU} on a GPU backend, {DEFAULT_BATCH_CPU} on a CPU backend "
+              "(the default; --batch sets one for all)")
 OPS = ("forward", "gradient", "step")
 
 
@@ -49,7 +57,7 @@ class BenchConfig:
 
     sizes: str | None = None
     depth: int = DEFAULT_DEPTH
-    batch: int = 256
+    batch: int | None = None  #: ``None``: :data:`DEFAULT_BATCH_GPU` on a GPU backend, :data:`DEFAULT_BATCH_CPU` on a CPU
     dtype: str = "float32"
     repeats: int = 7
     warmup: int = 2
@@ -74,17 +82,23 @@ class BenchConfig:
         spec = self.sizes or (QUICK_SIZES if self.quick else DEFAULT_SIZES_GPU if backend.is_gpu else DEFAULT_SIZES_CPU)
         return parse_sizes(spec, self.depth)
 
+    def batch_for(self, backend: Backend) -> int:
+        """The batch of the timed passes on ``backend``: ``batch`` when given, else by the device (see
+        :data:`BATCH_RULE`)."""
+        if self.batch is not None:
+            return self.batch
+        return DEFAULT_BATCH_GPU if backend.is_gpu else DEFAULT_BATCH_CPU
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def _release(backend: Backend) -> None:
+    """Free what the last size left behind, on the host and in the backend's memory pool (if it keeps one)."""
     gc.collect()
-    if getattr(backend.xp, "__name__", "") == "cupy":
-        try:
-            backend.xp.get_default_memory_pool().free_all_blocks()
-        except Exception:  # noqa: BLE001
-            pass
+    release = getattr(backend.kernels, "release_memory", None)
+    if release is not None:
+        release()
 
 
 def _data(backend: Backend, sizes: list[int], batch: int, dtype: str, seed: int) -> tuple[Any, ...]:
@@ -108,6 +122,7 @@ class _Runner:
     def __init__(self, backend: Backend, cfg: BenchConfig, progress: Progress, peers: list[TorchPeer]) -> None:
         self.backend = backend
         self.cfg = cfg
+        self.batch = cfg.batch_for(backend)
         self.progress = progress
         self.peers = peers
         self.messages: list[str] = []
@@ -148,12 +163,12 @@ class _Runner:
         cfg, backend = self.cfg, self.backend
         n = n_params(sizes)
         rec: dict[str, Any] = {
-            "sizes": sizes, "n_params": n, "batch": cfg.batch, "status": "ok", "message": "",
-            "flops": flop_counts(sizes, cfg.batch), "flop_ratio": flop_ratio(sizes),
-            "step_flop_ratio": step_flop_ratio(sizes, cfg.batch),
-            "est_bytes": estimate_bytes(sizes, cfg.batch, np.dtype(cfg.dtype).itemsize, peers=len(self.peers)),
+            "sizes": sizes, "n_params": n, "batch": self.batch, "status": "ok", "message": "",
+            "flops": flop_counts(sizes, self.batch), "flop_ratio": flop_ratio(sizes),
+            "step_flop_ratio": step_flop_ratio(sizes, self.batch),
+            "est_bytes": estimate_bytes(sizes, self.batch, np.dtype(cfg.dtype).itemsize, peers=len(self.peers)),
         }
-        skip = self.memory_check(sizes, cfg.batch)
+        skip = self.memory_check(sizes, self.batch)
         if skip:
             rec.update(status="skipped", message=skip)
             self.say(skip)
@@ -162,7 +177,7 @@ class _Runner:
         start = time.perf_counter()
         try:
             net = _net(backend, sizes, cfg)
-            x_host, t_host, x, t = _data(backend, sizes, cfg.batch, cfg.dtype, cfg.seed + 1)
+            x_host, t_host, x, t = _data(backend, sizes, self.batch, cfg.dtype, cfg.seed + 1)
             opt = SGD(lr=cfg.lr)
             params = net.get_params() if self.peers else None
             ops = {
@@ -241,16 +256,16 @@ class _Runner:
         batch ``(x, t)`` when given and the FD batch is the main one; builds its own otherwise."""
         cfg, backend = self.cfg, self.backend
         sizes, n = rec["sizes"], rec["n_params"]
-        batch = cfg.fd_batch or cfg.batch
+        batch = cfg.fd_batch or self.batch
         out: dict[str, Any] = {"sizes": sizes, "n_params": n, "batch": batch, "evaluations": n + 1,
                                "status": "ok", "message": "", "measured": False}
-        own = net is None or batch != cfg.batch
+        own = net is None or batch != self.batch
         try:
             if own:
                 net = _net(backend, sizes, cfg)
                 _, _, x, t = _data(backend, sizes, batch, cfg.dtype, cfg.seed + 1)
             assert net is not None
-            if batch == cfg.batch:
+            if batch == self.batch:
                 fwd, grad = rec["timings"]["forward"], rec["timings"]["gradient"]
             else:
                 same = time_ops({"forward": lambda: net.forward_device(x),
@@ -388,6 +403,8 @@ def run_backend(backend: Backend, cfg: BenchConfig, progress: Progress | None = 
     result = {
         "backend": backend.name,
         "is_gpu": backend.is_gpu,
+        "batch": runner.batch,
+        "batch_default": cfg.batch is None,
         "sizes": records,
         "finite_differences": fd_records,
         "fits": fits,

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Timing", "time_ops", "time_repeated"]
+__all__ = ["Timing", "paired_ratio", "time_ops", "time_repeated"]
 
 
 @dataclass
@@ -82,19 +82,21 @@ def time_ops(
     warmup: int = 2,
     min_sample_time: float = 0.01,
     max_inner: int = 100_000,
+    inner: int | None = None,
     sync: Callable[[], None] = lambda: None,
     clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, Timing]:
     """Time each function of ``ops``; returns one :class:`Timing` per name.
 
     1. one cold call of each, timed on its own (``first_call``: includes any JIT compilation);
-    2. ``warmup`` further calls of each, the fastest of which sets ``inner``, the number of calls
-       per sample (at least ``min_sample_time`` seconds a sample);
+    2. ``warmup`` further calls of each, the fastest of which sets the number of calls per sample (at
+       least ``min_sample_time`` seconds a sample), unless ``inner`` fixes it;
     3. ``repeats`` rounds, each taking one sample of every function in turn, with the garbage
        collector off.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
+    inner_fixed = inner
     first = {name: _timed(fn, 1, sync, clock) for name, fn in ops.items()}
     inner: dict[str, int] = {}
     for name, fn in ops.items():
@@ -102,6 +104,10 @@ def time_ops(
         for _ in range(max(0, warmup)):
             est = min(est, _timed(fn, 1, sync, clock))
         inner[name] = int(min(max_inner, max(1, math.ceil(min_sample_time / max(est, 1e-9)))))
+    if inner_fixed is not None:
+        if inner_fixed < 1:
+            raise ValueError(f"inner must be at least 1, got {inner_fixed}")
+        inner = {name: int(inner_fixed) for name in ops}
     samples: dict[str, list[float]] = {name: [] for name in ops}
     gc_was_enabled = gc.isenabled()
     gc.collect()
@@ -114,6 +120,13 @@ def time_ops(
         if gc_was_enabled:
             gc.enable()
     return {name: Timing(samples[name], inner[name], first[name]) for name in ops}
+
+
+def paired_ratio(num: Timing, den: Timing) -> float:
+    """Median over the repeats of ``num / den`` within a repeat: of two functions timed together by
+    :func:`time_ops`, robust to load that drifts between repeats (each repeat times them back to back)."""
+    pairs = [a / b for a, b in zip(num.samples, den.samples) if b > 0]
+    return float(np.median(pairs)) if pairs else math.nan
 
 
 def time_repeated(
