@@ -17,6 +17,13 @@
 # (--time-limit), so a section cut short is the only thing lost. PYTEST_ARGS replaces the test selection
 # (default: tests/); BENCH_ARGS is passed on to the benchmark (e.g. "--no-compile" or "--sections fit,step").
 # Exit status: non-zero if the tests or the benchmark failed or ran out of time.
+#
+# Wheels the machine lacks (nvmath-python for graph=True on CuPy, and its cuda-bindings, cuda-core,
+# cuda-pathfinder) may travel in .whl/ at the repository root; they are installed first into /tmp/site,
+# put on PYTHONPATH. Fetch them where pip reaches the index, e.g.
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#       -d .whl nvmath-python==1.0.0 cuda-bindings cuda-core cuda-pathfinder
 set -u
 cd "$(dirname "$0")/.."
 OUTDIR="${1:-${OUT:-bench-out}}"
@@ -52,6 +59,13 @@ except Exception as exc:  # noqa: BLE001
 PYEOF
 } > "$OUTDIR/env.txt" 2>&1
 cat "$OUTDIR/env.txt"
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+    echo "== wheels from .whl/"
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        > "$OUTDIR/wheels.txt" 2>&1 && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}" \
+        || echo "installing .whl/ failed (see wheels.txt); going on without them"
+fi
 
 echo "== install ($(left) s left)"
 if timeout "$(limit "${INSTALL_TIMEOUT:-60}")" "$PY" -m pip install --no-deps --no-build-isolation -e . \
