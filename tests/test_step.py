@@ -181,3 +181,34 @@ def test_public_methods_on_device_arrays_copy_no_array_to_the_host(host_copies, 
     net.fit(X, labels, epochs=2, batch_size=4, optimizer=bp.SGD(0.1, momentum=0.9))
     assert host_copies, "the spy saw no copy at all: it is not watching the right method"
     assert max(host_copies) <= 8, f"copied arrays of {sorted(set(host_copies))} elements to the host"
+
+
+@pytest.mark.parametrize("shuffle", [True, False], ids=["shuffled", "in_order"])
+def test_fit_streams_data_that_does_not_fit_the_device_and_trains_the_same(monkeypatch, rng, shuffle):
+    """Over the memory budget the training set stays on the host and goes over in chunks of whole
+    minibatches: the same minibatches, so the same parameters, as when it is kept on the device."""
+    from backprop import staging
+
+    X = rng.normal(size=(23, 4))
+    y = rng.integers(0, 3, 23)
+    try:
+        nets = [bp.MLP([4, 5, 3], head="multiclass", backend="numba-cuda", seed=1) for _ in range(2)]
+    except ValueError as exc:
+        pytest.skip(str(exc))
+    kept = nets[0].fit(X, y, epochs=1, batch_size=6, shuffle=shuffle, optimizer=bp.SGD(0.1, momentum=0.9))
+    made = []
+    monkeypatch.setattr(staging, "fits_on_device", lambda kernels, nbytes: False)
+    monkeypatch.setattr(staging, "STREAM_CHUNK_BYTES", 2 * 6 * (4 + 3) * 4)  # two minibatches a chunk
+    original = staging.Batches.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(staging.Batches, "__init__", spy)
+    streamed = nets[1].fit(X, y, epochs=1, batch_size=6, shuffle=shuffle, optimizer=bp.SGD(0.1, momentum=0.9))
+    assert made and not made[0].resident
+    assert streamed.loss == kept.loss
+    for (W, b), (W0, b0) in zip(nets[1].get_params(), nets[0].get_params()):
+        np.testing.assert_array_equal(W, W0)
+        np.testing.assert_array_equal(b, b0)
