@@ -21,15 +21,19 @@ same kernels run in the same order on the same buffers.
 A graph holds the addresses of everything it touches, so its key is everything that decides
 them, or the numbers the kernels were given: the workspace, the batch's shapes and dtype, each
 layer's ``W`` and ``b`` arrays (by identity: ``set_params`` makes new ones), the optimizer (its
-type, identity, settings such as ``lr``, momentum and weight decay, and its state arrays:
+type, identity, settings such as ``lr``, momentum, Adam's betas and ``eps``, and weight decay, and
+its state arrays:
 ``optimizer.reset()`` drops them), the activations and the loss, the TF32 mode of backends that
 have one, and the step's weight. The graph keeps every one of those arrays alive, so no identity
 in a live key is ever reused. At most :data:`MAX_GRAPHS_PER_NET` graphs are kept per network,
 least recently used first out.
 
-Plain SGD, momentum and Nesterov momentum are supported. Adam is refused: its bias correction
-``1 - beta^t`` is a number given to the update kernel at every step, which a recorded graph
-would freeze at the step it was recorded in.
+Plain SGD, momentum, Nesterov momentum and Adam are supported. Adam's bias corrections
+``1 - beta^t`` change at every step: they are device data (``Adam.prepare`` runs the
+``adam_corrections`` kernel, which counts the applied steps on the device and writes ``lr / c1``
+and ``c2`` for the update kernels to read), so the recorded graph computes them afresh at each
+replay; a step the guard refuses leaves that count as it was. Its key holds Adam's ``lr``,
+betas, ``eps`` and weight decay, and the count and corrections arrays.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from numbers import Number
 from typing import TYPE_CHECKING, Any
 
 from . import step
-from .optimizers import SGD
+from .optimizers import SGD, Adam
 
 if TYPE_CHECKING:
     from .network import MLP
@@ -89,17 +93,17 @@ def check_graph_support(net: MLP, optimizer: Optimizer) -> Any:
     reason = reason_fn() if callable(reason_fn) else ""
     if reason:
         raise ValueError(f"graph=True cannot record a CUDA graph on backend {net.backend.name!r}: {reason}")
-    if not isinstance(optimizer, SGD):
+    if not isinstance(optimizer, (SGD, Adam)):
         raise ValueError(
-            f"graph=True supports SGD (plain, momentum or Nesterov) only, not {type(optimizer).__name__}: "
-            "Adam's bias correction changes at every step and a recorded CUDA graph would freeze it; "
+            f"graph=True supports SGD (plain, momentum or Nesterov) and Adam, not {type(optimizer).__name__}: "
+            "a recorded CUDA graph would freeze any number the optimizer computes on the host per step; "
             "train with graph=False")
     return k
 
 
 def _state_arrays(optimizer: Optimizer, owners: list) -> tuple:
-    """The optimizer's state arrays (velocities) for the layers ``owners``, in a stable order; none
-    before its first step with them and after ``reset()``."""
+    """The optimizer's state arrays (velocities, moments, Adam's device step count and corrections) for
+    the layers ``owners``, in a stable order; none before its first step with them and after ``reset()``."""
     return tuple(optimizer.state_arrays(owners))
 
 
@@ -137,7 +141,7 @@ def graphed_train_step(net: MLP, ws: Workspace, x: Any, t: Any, optimizer: Optim
     the first call for its key, which runs an ordinary step). ``guard`` is used as by an ordinary step.
 
     Raises ``ValueError``, before anything runs, on a backend that cannot record a graph and for an
-    optimizer other than :class:`~backprop.optimizers.SGD`.
+    optimizer other than :class:`~backprop.optimizers.SGD` and :class:`~backprop.optimizers.Adam`.
     """
     k = check_graph_support(net, optimizer)
     per_net = _graphs.get(net)

@@ -11,6 +11,8 @@ from abc import ABC, abstractmethod
 from types import ModuleType
 from typing import Any
 
+import numpy as np
+
 from .validation import check_positive
 
 __all__ = ["SGD", "Adam", "Optimizer"]
@@ -29,6 +31,11 @@ class Optimizer(ABC):
     def begin_step(self) -> None:
         """Called once per training step, before the layers are updated."""
         self.steps += 1
+
+    def prepare(self, kernels: ModuleType, guard: Any, dtype: Any) -> None:
+        """Called once per training step by :func:`backprop.step.train_step`, after ``guard_step`` and
+        before the layers' :meth:`apply`: device work the whole step shares (Adam's bias corrections).
+        It must read nothing back to the host (a CUDA graph records it). The base does nothing."""
 
     def reset(self) -> None:
         """Forget all state (velocities, moments, the step count)."""
@@ -102,14 +109,52 @@ class Adam(Optimizer):
         self.beta1, self.beta2 = float(beta1), float(beta2)
         self.eps = check_positive(eps, "eps")
         self.weight_decay = check_positive(weight_decay, "weight_decay", allow_zero=True)
+        #: (id(kernels), dtype) -> (kernels, step count, bias corrections) on that backend's device
+        self._device: dict[tuple[int, str], tuple[Any, Any, Any]] = {}
+        self._corrections: Any = None  # the corrections of the current step, set by prepare
 
     def __repr__(self) -> str:
         return (f"Adam(lr={self.lr}, beta1={self.beta1}, beta2={self.beta2}, eps={self.eps}, "
                 f"weight_decay={self.weight_decay})")
 
+    def reset(self) -> None:
+        super().reset()
+        self._device.clear()
+        self._corrections = None
+
+    def _counter(self, kernels: ModuleType, dtype: Any) -> tuple[Any, Any]:
+        """The device step count (float64 ``(1,)``) and bias corrections (``(2,)`` of ``dtype``) for
+        ``kernels``' arrays, made on first use (per backend and dtype) with ``kernels.zeros``."""
+        key = (id(kernels), np.dtype(dtype).str)
+        entry = self._device.get(key)
+        if entry is None or entry[0] is not kernels:
+            entry = (kernels, kernels.zeros((1,), np.float64), kernels.zeros((2,), dtype))
+            self._device[key] = entry
+        return entry[1], entry[2]
+
+    def begin_step(self) -> None:
+        super().begin_step()
+        self._corrections = None
+
+    def prepare(self, kernels: ModuleType, guard: Any, dtype: Any) -> None:
+        """The step's bias corrections on the device (``kernels.adam_corrections``): the device count
+        goes up by one and ``corrections = (lr / (1 - beta1^t), 1 - beta2^t)``, unless the guard says
+        the step is not applied (then nothing changes, as the host's ``steps`` is put back)."""
+        count, corrections = self._counter(kernels, dtype)
+        kernels.adam_corrections(count, self.lr, self.beta1, self.beta2, corrections, guard=guard)
+        self._corrections = corrections
+
+    def state_arrays(self, owners: Any = None) -> list[Any]:
+        """The moments held for ``owners``, then the device step counts and corrections (every step
+        reads and writes them, whatever the layers)."""
+        return super().state_arrays(owners) + [a for _, *arrays in self._device.values() for a in arrays]
+
     def apply(self, kernels: ModuleType, owner: Any, W: Any, b: Any, dW: Any, db: Any, guard: Any = None) -> None:
         s = self._slots(owner, kernels, W, b, ("m", "v"))
-        t = max(self.steps, 1)
+        # the device corrections of this step (prepare), else the host count (an update without prepare)
+        t: Any = self._corrections
+        if t is None or t.dtype != W.dtype:
+            t = max(self.steps, 1)
         kernels.adam_update(W, dW, s["m_W"], s["v_W"], self.lr, self.beta1, self.beta2, self.eps, t,
                             self.weight_decay, guard=guard)
         kernels.adam_update(b, db, s["m_b"], s["v_b"], self.lr, self.beta1, self.beta2, self.eps, t, 0.0,

@@ -180,6 +180,7 @@ def train_step(net: MLP, ws: Workspace, x: Array, t: Array, optimizer: Optimizer
     k = net.backend.kernels
     k.guard_step(guard.array, loss, ws.grads, weight)
     optimizer.begin_step()
+    optimizer.prepare(k, guard.array, net.dtype)  # step-wide device work (Adam's bias corrections)
     for layer, dW, db in zip(net.layers, ws.dW, ws.db):
         optimizer.apply(k, layer, layer.W, layer.b, dW, db, guard.array)
 

@@ -98,8 +98,17 @@ class KernelModule(Protocol):
                    guard: Array | None = None) -> None: ...
     def momentum_update(self, p: Array, g: Array, v: Array, lr: float, momentum: float, nesterov: bool = False,
                         weight_decay: float = 0.0, guard: Array | None = None) -> None: ...
+    def adam_corrections(self, count: Array, lr: float, beta1: float, beta2: float, out: Array,
+                         guard: Array | None = None) -> None:
+        """Adam's bias corrections kept on the backend: unless ``guard`` says no, ``count[0] += 1`` (a
+        float64 ``(1,)`` array, the applied steps), ``t = count[0]``, ``out[0] = lr / (1 - beta1^t)``,
+        ``out[1] = 1 - beta2^t``, in float64 rounded to ``out``'s dtype (a ``(2,)`` array of the
+        parameters' dtype). One single-thread kernel on a GPU, no host read."""
     def adam_update(self, p: Array, g: Array, m: Array, v: Array, lr: float, beta1: float, beta2: float,
-                    eps: float, step: int, weight_decay: float = 0.0, guard: Array | None = None) -> None: ...
+                    eps: float, step: int | Array, weight_decay: float = 0.0, guard: Array | None = None) -> None:
+        """Adam in place; ``step`` the step number ``t`` (corrections from the host, from ``lr``) or the
+        ``out`` array of :meth:`adam_corrections` (``lr / c1`` and ``c2`` read on the device, ``lr``
+        ignored); both forms give the same bits for the same ``t``."""
 
 
 #: Names the API uses when a backend has them, and does without otherwise.

@@ -10,7 +10,8 @@ It implements the contract of :mod:`backprop.kernels.contract` (the reference is
   read from ``y`` (``phi(y)``) or, for GELU and SiLU, from ``u``. Gradients: ``delta^T x_prev`` by
   one GEMM, ``delta^T 1`` by one GEMV, into the caller's views of its flat gradient buffer.
 * Updates: plain SGD, momentum and Adam are each one fused in-place elementwise kernel per
-  parameter array, reading a gradient buffer. Given the guard, they read ``guard[0]`` on the
+  parameter array, reading a gradient buffer. Adam's bias corrections can live on the device
+  (:func:`adam_corrections`, one thread), so that a recorded CUDA graph replays them correctly. Given the guard, they read ``guard[0]`` on the
   device and leave the parameters and the optimizer state untouched unless it is ``1.0``.
 * Guard: :func:`guard_step` checks the loss and the whole flat gradient buffer on the device, in
   two kernels (per-block counts of non-finite elements, then one block that adds them and keeps
@@ -757,17 +758,40 @@ def momentum_update(
             (g, _scalar(lr, d), _scalar(momentum, d), _scalar(weight_decay, d), np.int32(bool(nesterov))), (p, v))
 
 
+def adam_corrections(count: Array, lr: float, beta1: float, beta2: float, out: Array,
+                     guard: Array | None = None) -> None:
+    """Adam's bias corrections kept on the device, one single-thread kernel (``bp_adam_corrections``), no
+    host read: unless ``guard`` says no, ``count[0] += 1`` (float64 ``(1,)``), ``t = count[0]``,
+    ``out[0] = lr / (1 - beta1^t)``, ``out[1] = 1 - beta2^t``, in double rounded to ``out``'s dtype."""
+    if count.dtype != np.float64 or tuple(count.shape) != (1,):
+        raise ValueError(f"count must be a float64 array of shape (1,), got {count.dtype} {tuple(count.shape)}")
+    if tuple(out.shape) != (2,):
+        raise ValueError(f"out must be an array of shape (2,), got {tuple(out.shape)}")
+    if guard is not None:
+        _guard_bits(guard)  # checks it
+    _raw("bp_adam_corrections", out.dtype)(
+        (1,), (32,), (count, out, count if guard is None else guard, np.int64(guard is not None),
+                      np.float64(lr), np.float64(beta1), np.float64(beta2)))
+
+
 def adam_update(
     p: Array, g: Array, m: Array, v: Array, lr: float, beta1: float, beta2: float, eps: float,
-    step: int, weight_decay: float = 0.0, guard: Array | None = None,
+    step: Any, weight_decay: float = 0.0, guard: Array | None = None,
 ) -> None:
-    """Adam, in place, one fused kernel; bias corrections ``1 - beta^step`` computed on the host."""
+    """Adam, in place, one fused kernel; bias corrections ``1 - beta^step`` computed on the host from an
+    int ``step``, or read on the device from the corrections array of :func:`adam_corrections`
+    (``bp_adam_device``; ``lr`` unused), the same bits either way."""
     d = p.dtype
-    c1 = 1 - beta1**step
-    c2 = 1 - beta2**step
-    _update("bp_adam", guard,
-            (g, _scalar(lr / c1, d), _scalar(beta1, d), _scalar(beta2, d), _scalar(1 - beta1, d), _scalar(1 - beta2, d),
-             _scalar(c2, d), _scalar(eps, d), _scalar(weight_decay, d)), (p, m, v))
+    tail = (_scalar(beta1, d), _scalar(beta2, d), _scalar(1 - beta1, d), _scalar(1 - beta2, d))
+    if isinstance(step, (int, np.integer)):
+        c1 = 1 - beta1**step
+        c2 = 1 - beta2**step
+        _update("bp_adam", guard,
+                (g, _scalar(lr / c1, d), *tail, _scalar(c2, d), _scalar(eps, d), _scalar(weight_decay, d)), (p, m, v))
+    else:
+        if step.dtype != d or tuple(step.shape) != (2,):
+            raise TypeError(f"Adam's corrections must be a (2,) array of {d}, got {step.dtype} {tuple(step.shape)}")
+        _update("bp_adam_device", guard, (g, step, *tail, _scalar(eps, d), _scalar(weight_decay, d)), (p, m, v))
 
 
 # --------------------------------------------------------------------------- CUDA graphs
@@ -855,6 +879,7 @@ __all__ = [
     "IS_GPU",
     "NAME",
     "TF32_RTOL",
+    "adam_corrections",
     "adam_update",
     "add_sum_of_squares",
     "all_finite",

@@ -18,8 +18,8 @@ The activation and loss formulas follow :mod:`backprop.kernels.numpy_ref` term b
 The guard (``guard_step`` and the ``*_guarded`` updates, see :mod:`backprop.kernels.contract`) is a
 float64 ``(4,)`` array on the device. The updates read ``guard[0]`` through an int64 view of it and
 compare its bits with those of ``1.0``, so that float32 kernels stay free of double instructions;
-only the one-thread float64 bookkeeping of ``bp_guard_finish`` and ``bp_add_to_total`` computes in
-double (:data:`F64_KERNELS`).
+only the one-thread float64 bookkeeping of ``bp_guard_finish``, ``bp_add_to_total`` and
+``bp_adam_corrections`` computes in double (:data:`F64_KERNELS`).
 """
 
 from __future__ import annotations
@@ -218,6 +218,16 @@ ADAM: ElementwiseSpec = (
     "p = p - lr_c1 * m / (sqrt(v / c2) + eps);",
 )
 
+#: Adam with its bias corrections read on the device from the ``(2,)`` array of ``bp_adam_corrections``
+#: (``corr[0] = lr / c1``, ``corr[1] = c2``): the update of :data:`ADAM`, term for term, so both give
+#: the same bits for the same step.
+ADAM_DEVICE: ElementwiseSpec = (
+    "T g, raw T corr, T beta1, T beta2, T one_m_beta1, T one_m_beta2, T eps, T wd",
+    "T p, T m, T v",
+    "const T lr_c1 = corr[0]; const T c2 = corr[1]; "
+    + ADAM[2],
+)
+
 SGD: ElementwiseSpec = (
     "T g, T lr, T wd",
     "T p",
@@ -254,7 +264,8 @@ def elementwise_kernels() -> dict[str, ElementwiseSpec]:
         specs[f"bp_fwd_keep_{act}"] = _forward_keep_u(act)
         specs[f"bp_fwd_{act}"] = _forward_in_place(act)
         specs[f"bp_slope_{act}"] = _slope(act)
-    for name, spec in (("bp_sgd", SGD), ("bp_momentum", MOMENTUM), ("bp_adam", ADAM)):
+    updates = (("bp_sgd", SGD), ("bp_momentum", MOMENTUM), ("bp_adam", ADAM), ("bp_adam_device", ADAM_DEVICE))
+    for name, spec in updates:
         specs[name] = spec
         specs[f"{name}_guarded"] = _guarded(spec)
     specs["bp_one_hot"] = ONE_HOT
@@ -380,6 +391,21 @@ extern "C" __global__ void bp_add_to_total(const T* partial, long long blocks, d
 }
 """
 
+ADAM_CORRECTIONS = r"""
+/* Adam's bias corrections kept on the device, one thread, in double on purpose (see
+   contract.adam_corrections): unless guarded and guard[0] != 1.0, count[0] += 1, t = count[0],
+   out[0] = lr / (1 - beta1^t), out[1] = 1 - beta2^t, each rounded to T. */
+extern "C" __global__ void bp_adam_corrections(double* count, T* out, const double* guard, long long guarded,
+                                               double lr, double beta1, double beta2) {
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+    if (guarded && guard[0] != 1.0) return;
+    const double t = count[0] + 1.0;
+    count[0] = t;
+    out[0] = (T)(lr / (1.0 - pow(beta1, t)));
+    out[1] = (T)(1.0 - pow(beta2, t));
+}
+"""
+
 _LOSS_KERNEL = r"""
 /* %(output)s + %(loss)s: delta = d per element and, per block, the sum of the loss terms l into
    partial[blockIdx.x] (added by bp_sum_scale). Grid-stride loop over the n = rows * cols elements. */
@@ -421,11 +447,11 @@ def _loss_kernel(output: str, loss: str) -> str:
 
 #: Names of the kernels of the raw module.
 RAW_KERNELS = ("bp_softmax_forward", "bp_softmax_xent", "bp_sum_scale", "bp_guard_scan", "bp_guard_finish",
-               "bp_sum_squares", "bp_add_to_total")
+               "bp_sum_squares", "bp_add_to_total", "bp_adam_corrections")
 
 #: Raw kernels that compute in double whatever ``T`` is: one thread's float64 bookkeeping (the guard,
-#: a running total).
-F64_KERNELS = frozenset({"bp_guard_finish", "bp_add_to_total"})
+#: a running total, Adam's step count and bias corrections).
+F64_KERNELS = frozenset({"bp_guard_finish", "bp_add_to_total", "bp_adam_corrections"})
 
 
 def raw_kernel_names() -> list[str]:
@@ -434,7 +460,7 @@ def raw_kernel_names() -> list[str]:
 
 def raw_module_body() -> str:
     """Every raw kernel, without the typedef and preambles."""
-    return "\n".join([SOFTMAX_FORWARD, SOFTMAX_XENT, SUM_SCALE, GUARD_SCAN, GUARD_FINISH, SUM_SQUARES]
+    return "\n".join([SOFTMAX_FORWARD, SOFTMAX_XENT, SUM_SCALE, GUARD_SCAN, GUARD_FINISH, SUM_SQUARES, ADAM_CORRECTIONS]
                      + [_loss_kernel(o, loss) for o, loss in loss_pairs()])
 
 
@@ -450,6 +476,8 @@ __all__ = [
     "ACT_FORWARD",
     "ACT_SLOPE",
     "ADAM",
+    "ADAM_CORRECTIONS",
+    "ADAM_DEVICE",
     "BLOCK",
     "CTYPES",
     "F64_KERNELS",

@@ -837,18 +837,35 @@ def momentum_update(
          dt(weight_decay))
 
 
+def adam_corrections(count: Array, lr: float, beta1: float, beta2: float, out: Array,
+                     guard: Array | None = None) -> None:
+    """Adam's bias corrections as backend data: unless ``guard`` says no, ``count[0] += 1``,
+    ``t = count[0]``, ``out[0] = lr / (1 - beta1^t)``, ``out[1] = 1 - beta2^t`` (float64, rounded to
+    ``out``'s dtype: what :func:`adam_update` computes from an int ``step``)."""
+    if _skipped(guard):
+        return
+    count[0] += 1.0
+    t = float(count[0])
+    dt = out.dtype.type
+    out[0] = dt(lr / (1.0 - beta1**t))
+    out[1] = dt(1.0 - beta2**t)
+
+
 def adam_update(
     p: Array, g: Array, m: Array, v: Array, lr: float, beta1: float, beta2: float, eps: float,
-    step: int, weight_decay: float = 0.0, guard: Array | None = None,
+    step: Any, weight_decay: float = 0.0, guard: Array | None = None,
 ) -> None:
     """Adam with bias corrections, in place, one fused pass: ``m <- b1 m + (1-b1) g'``,
     ``v <- b2 v + (1-b2) g'^2``, ``p <- p - eta m_hat / (sqrt(v_hat) + eps)`` with
-    ``g' = g + lambda p`` and corrections ``1 - b^step``; ``p``, ``m``, ``v`` untouched when
-    ``guard`` is given and ``guard[0] != 1``."""
+    ``g' = g + lambda p`` and corrections ``1 - b^step``; ``step`` an int, or the corrections array of
+    :func:`adam_corrections` (``lr`` then unused); ``p``, ``m``, ``v`` untouched when ``guard`` is
+    given and ``guard[0] != 1``."""
     if _skipped(guard):
         return
     dt = p.dtype.type
-    c1 = 1.0 - beta1**step
-    c2 = 1.0 - beta2**step
-    _run(_adam, p.size, _flat(p), _c(g).reshape(-1), _flat(m), _flat(v), dt(lr / c1), dt(c2), dt(beta1),
+    if isinstance(step, (int, np.integer)):
+        lr_c1, c2 = dt(lr / (1.0 - beta1**step)), dt(1.0 - beta2**step)
+    else:
+        lr_c1, c2 = dt(step[0]), dt(step[1])
+    _run(_adam, p.size, _flat(p), _c(g).reshape(-1), _flat(m), _flat(v), lr_c1, c2, dt(beta1),
          dt(beta2), dt(eps), dt(weight_decay))

@@ -621,19 +621,35 @@ def momentum_update(
                 bool(nesterov), dt(weight_decay), _guard(guard))
 
 
+def adam_corrections(count: Array, lr: float, beta1: float, beta2: float, out: Array,
+                     guard: Array | None = None) -> None:
+    """Adam's bias corrections on the device, one single-thread kernel, no host read: unless
+    ``guard`` says no, ``count[0] += 1`` (float64 ``(1,)``), ``t = count[0]``, ``out[0] = lr / (1 -
+    beta1^t)``, ``out[1] = 1 - beta2^t``, in float64 rounded to ``out``'s dtype."""
+    s = _get()
+    _launch(s.k.adam_corrections, 1, 1, _nb(count), _nb(out), float(lr), float(beta1), float(beta2),
+            _guard(guard))
+
+
 def adam_update(
     p: Array, g: Array, m: Array, v: Array, lr: float, beta1: float, beta2: float, eps: float,
-    step: int, weight_decay: float = 0.0, guard: Array | None = None,
+    step: Any, weight_decay: float = 0.0, guard: Array | None = None,
 ) -> None:
     """Adam with bias corrections, in place, one fused kernel: ``m <- b1 m + (1-b1) g'``,
     ``v <- b2 v + (1-b2) g'^2``, ``p <- p - eta m_hat / (sqrt(v_hat) + eps)`` with
-    ``g' = g + lambda p`` and corrections ``1 - b^step``; ``p``, ``m``, ``v`` untouched when
-    ``guard`` is given and ``guard[0] != 1`` (read on the device)."""
+    ``g' = g + lambda p`` and corrections ``1 - b^step``: ``step`` an int (corrections from the host)
+    or the corrections array of :func:`adam_corrections` (read on the device, ``lr`` unused); ``p``,
+    ``m``, ``v`` untouched when ``guard`` is given and ``guard[0] != 1`` (read on the device)."""
     s = _get()
     dt = np.dtype(p.dtype).type
     n = _size(p)
-    c1 = 1.0 - beta1**step
-    c2 = 1.0 - beta2**step
-    if n:
+    if not n:
+        return
+    if isinstance(step, (int, np.integer)):
+        c1 = 1.0 - beta1**step
+        c2 = 1.0 - beta2**step
         _launch(s.k.adam, s.k.blocks(n), s.k.TPB, _flat(p), _flat(g), _flat(m), _flat(v), dt(lr / c1), dt(c2),
+                dt(beta1), dt(beta2), dt(eps), dt(weight_decay), _guard(guard))
+    else:
+        _launch(s.k.adam_dev, s.k.blocks(n), s.k.TPB, _flat(p), _flat(g), _flat(m), _flat(v), _nb(step),
                 dt(beta1), dt(beta2), dt(eps), dt(weight_decay), _guard(guard))

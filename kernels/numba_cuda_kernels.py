@@ -174,12 +174,9 @@ def momentum(p, g, v, lr, mu, nesterov, wd, guard):  # pragma: no cover - compil
             p[i] -= lr * vi
 
 
-@cuda.jit
-def adam(p, g, m, v, lr_c1, c2, b1, b2, eps, wd, guard):  # pragma: no cover - compiled
-    """Adam: moments ``m``, ``v``; ``p <- p - (lr / c1) m / (sqrt(v / c2) + eps)``; nothing when
-    ``guard[0] != 1``."""
-    if guard[0] != 1.0:
-        return
+@cuda.jit(device=True)
+def _adam_body(p, g, m, v, lr_c1, c2, b1, b2, eps, wd):  # pragma: no cover - compiled
+    """The Adam update of this thread's elements (shared by both Adam kernels: the same bits)."""
     c = consts(p)
     for i in range(cuda.grid(1), p.shape[0], cuda.gridsize(1)):
         gd = g[i] + wd * p[i]
@@ -188,6 +185,36 @@ def adam(p, g, m, v, lr_c1, c2, b1, b2, eps, wd, guard):  # pragma: no cover - c
         m[i] = mi
         v[i] = vi
         p[i] -= lr_c1 * mi / (math.sqrt(vi / c2) + eps)
+
+
+@cuda.jit
+def adam(p, g, m, v, lr_c1, c2, b1, b2, eps, wd, guard):  # pragma: no cover - compiled
+    """Adam: moments ``m``, ``v``; ``p <- p - (lr / c1) m / (sqrt(v / c2) + eps)``; nothing when
+    ``guard[0] != 1``."""
+    if guard[0] != 1.0:
+        return
+    _adam_body(p, g, m, v, lr_c1, c2, b1, b2, eps, wd)
+
+
+@cuda.jit
+def adam_dev(p, g, m, v, corr, b1, b2, eps, wd, guard):  # pragma: no cover - compiled
+    """Adam with ``lr / c1 = corr[0]`` and ``c2 = corr[1]`` read on the device (from
+    ``adam_corrections``); nothing when ``guard[0] != 1``."""
+    if guard[0] != 1.0:
+        return
+    _adam_body(p, g, m, v, corr[0], corr[1], b1, b2, eps, wd)
+
+
+@cuda.jit
+def adam_corrections(count, out, lr, b1, b2, guard):  # pragma: no cover - compiled
+    """One thread, float64 on purpose: unless ``guard[0] != 1``, ``count[0] += 1``, ``t = count[0]``,
+    ``out[0] = lr / (1 - b1^t)``, ``out[1] = 1 - b2^t`` rounded to ``out``'s dtype."""
+    if cuda.grid(1) != 0 or guard[0] != 1.0:
+        return
+    t = count[0] + 1.0
+    count[0] = t
+    out[0] = lr / (1.0 - math.pow(b1, t))
+    out[1] = 1.0 - math.pow(b2, t)
 
 
 @cuda.jit
@@ -510,7 +537,8 @@ def kernels_for(dtype_name: str) -> SimpleNamespace:
 #: The kernels that do not depend on a dtype at definition time.
 ELEMENTWISE: dict[str, Any] = {
     "bias_act": bias_act, "bias_softmax": bias_softmax, "slope_mul": slope_mul, "loss_rows": loss_rows,
-    "sgd": sgd, "momentum": momentum, "adam": adam, "count_nonfinite": count_nonfinite,
+    "sgd": sgd, "momentum": momentum, "adam": adam, "adam_dev": adam_dev,
+    "adam_corrections": adam_corrections, "count_nonfinite": count_nonfinite,
     "guard_scan": guard_scan, "guard_update": guard_update, "sum_squares": sum_squares,
     "add_to_total": add_to_total, "one_hot": one_hot, "gather_rows": gather_rows,
     "cast_flat": cast_flat, "cast_2d": cast_2d, "stats_init": stats_init, "stats_flat": stats_flat,

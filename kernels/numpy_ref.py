@@ -520,18 +520,41 @@ def momentum_update(
     p -= step
 
 
+def adam_corrections(count: Array, lr: float, beta1: float, beta2: float, out: Array,
+                     guard: Array | None = None) -> None:
+    """Adam's bias corrections as backend data: unless ``guard`` says no, ``count[0] += 1``,
+    ``t = count[0]``, ``out[0] = lr / (1 - beta1^t)``, ``out[1] = 1 - beta2^t`` (float64, then
+    rounded to ``out``'s dtype: the numbers :func:`adam_update` computes from an int ``step``)."""
+    if _skipped(guard):
+        return
+    count[0] += 1
+    t = float(count[0])
+    dt = out.dtype.type
+    out[0] = dt(lr / (1.0 - beta1**t))
+    out[1] = dt(1.0 - beta2**t)
+
+
+def _corrections(p: Array, lr: float, beta1: float, beta2: float, step: Any) -> tuple[Any, Any]:
+    """``(lr / c1, c2)`` in ``p``'s dtype: from an int ``step``, or read from the ``(2,)`` array of
+    :func:`adam_corrections` (as 1-element arrays, no host read)."""
+    if isinstance(step, (int, np.integer)):
+        dt = p.dtype.type
+        return dt(lr / (1 - beta1**step)), dt(1 - beta2**step)
+    return step[0:1], step[1:2]
+
+
 def adam_update(
     p: Array, g: Array, m: Array, v: Array, lr: float, beta1: float, beta2: float, eps: float,
-    step: int, weight_decay: float = 0.0, guard: Array | None = None,
+    step: Any, weight_decay: float = 0.0, guard: Array | None = None,
 ) -> None:
     """Adam, in place: ``m <- b1 m + (1-b1) g``, ``v <- b2 v + (1-b2) g^2``,
-    ``p <- p - eta m_hat / (sqrt(v_hat) + eps)`` with bias corrections ``1 - b^step``."""
+    ``p <- p - eta m_hat / (sqrt(v_hat) + eps)`` with bias corrections ``1 - b^step``; ``step`` an
+    int, or the corrections array of :func:`adam_corrections` (then ``lr`` is not used)."""
     if _skipped(guard):
         return
     xm = array_module(p)
     gd = _with_decay(p, g, weight_decay)
-    c1 = 1 - beta1**step
-    c2 = 1 - beta2**step
+    lr_c1, c2 = _corrections(p, lr, beta1, beta2, step)
     t = _scratch(p, "step")
     m *= beta1
     m += xm.multiply(gd, 1 - beta1, out=t)
@@ -543,5 +566,5 @@ def adam_update(
     xm.sqrt(t, out=t)
     t += eps
     xm.divide(m, t, out=t)
-    t *= lr / c1
+    t *= lr_c1
     p -= t

@@ -483,7 +483,7 @@ class _EK:
         for (typ, pname), a in zip(self.ins + self.outs, args):
             if pname in raw:  # CuPy raises on a dtype mismatch of a typed parameter, raw or not
                 assert isinstance(a, np.ndarray), f"{self.name}: {pname} must be an array"
-                if a.dtype != np.dtype(typ.split()[1]):
+                if a.dtype != (T if typ.split()[1] == "T" else np.dtype(typ.split()[1])):
                     raise TypeError(f"{self.name}: {pname} is {a.dtype}, the kernel takes {typ}")
             elif isinstance(a, np.ndarray) and a.ndim > 0:
                 if typ == "T" and a.dtype != T:
@@ -984,18 +984,59 @@ def test_fake_graph_follows_settings_and_parameters(fake, rng, monkeypatch):
     assert og.steps == op.steps == 2  # counted since the reset
 
 
-def test_fake_graph_refuses_adam_before_running(fake, rng):
-    from backprop import Adam, graph
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
+def test_fake_graph_adam_equals_plain_adam_bit_for_bit(fake, rng, monkeypatch, dtype, weight_decay):
+    """Adam through a recorded graph: its bias corrections are device data (bp_adam_corrections in the
+    graph), so every replay uses its own step's; losses, parameters and step counts equal plain steps
+    bit for bit. A non-finite step in the middle is refused by both alike, leaving the device count
+    where it was (the later steps still agree)."""
+    from backprop import Adam, NonFiniteLossError, graph
 
-    net, _ = _fake_nets("tanh", "regression")
-    before, opt = net.get_params(), Adam()
-    X, T = _fake_batch(rng, "regression")
-    with pytest.raises(ValueError, match="graph=True supports SGD.*Adam"):
-        net.train_step(X, T, opt, graph=True)
-    assert opt.steps == 0 and graph.recorded(net) == 0
-    for (W0, b0), (W1, b1) in zip(before, net.get_params()):
-        np.testing.assert_array_equal(W1, W0)
-        np.testing.assert_array_equal(b1, b0)
+    plain, graphed = _fake_nets("tanh", "regression", dtype=dtype)
+    op = Adam(lr=5e-2, beta1=0.8, beta2=0.95, weight_decay=weight_decay)
+    og = Adam(lr=5e-2, beta1=0.8, beta2=0.95, weight_decay=weight_decay)
+    replays, captures = _count_calls(monkeypatch, fake, "replay"), _count_calls(monkeypatch, fake, "capture")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for i in range(6):
+            X, T = _fake_batch(rng, "regression")
+            if i == 3:
+                X[1, 1] = np.nan  # given on the device (host input is checked before any step)
+                x, t = fake.to_device(X, dtype), fake.to_device(T, dtype)
+                for net, opt, g in ((plain, op, False), (graphed, og, True)):
+                    with pytest.raises(NonFiniteLossError):
+                        net.train_step_device(x, t, opt, graph=g)
+                continue
+            assert graphed.train_step(X, T, og, graph=True) == plain.train_step(X, T, op)
+    assert len(captures) == 1 and len(replays) == 5 and graph.recorded(graphed) == 1
+    assert og.steps == op.steps == 5
+    _assert_same_params(plain, graphed)
+    count = [a for a in og.state_arrays() if a.shape == (1,)]
+    assert len(count) == 1 and host(fake, count[0]).tolist() == [5.0]
+    assert "bp_adam_corrections" in _Fake.launches and "bp_adam_device_guarded" in _Fake.launches
+
+
+def test_fake_adam_corrections_and_device_form(fake, rng):
+    """bp_adam_corrections (one thread, guarded or not) against the host numbers, and the update reading
+    them equal to the int form bit for bit."""
+    k = fake
+    for dt in (np.float32, np.float64):
+        count, corr = k.zeros((1,), np.float64), k.zeros((2,), dt)
+        p, g, m, v = (k.to_device(a, dt) for a in (rng.normal(size=(3, 4)), rng.normal(size=(3, 4)),
+                                                   rng.normal(size=(3, 4)), rng.uniform(size=(3, 4))))
+        q, n, w = (k.to_device(host(k, a), dt) for a in (p, m, v))
+        ok, bad = (k.to_device(np.array([x, 1.0, 0.0, 0.0]), np.float64) for x in (1.0, 0.0))
+        for t in (1, 2, 3):
+            k.adam_corrections(count, 1e-2, 0.9, 0.99, corr, guard=None if t == 1 else ok)
+            want = np.array([dt(1e-2 / (1 - 0.9**t)), dt(1 - 0.99**t)], dtype=dt)
+            np.testing.assert_array_equal(np.asarray(corr), want)
+            k.adam_update(p, g, m, v, 9.0, 0.9, 0.99, 1e-8, corr, 0.01, guard=ok)
+            k.adam_update(q, g, n, w, 1e-2, 0.9, 0.99, 1e-8, t, 0.01, guard=ok)
+            for a, b in ((p, q), (m, n), (v, w)):
+                np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
+        k.adam_corrections(count, 1e-2, 0.9, 0.99, corr, guard=bad)
+        assert np.asarray(count).tolist() == [3.0]
 
 
 def test_fake_graph_without_nvmath_refuses_clearly(fake_cupy_blas, rng):
@@ -1540,6 +1581,23 @@ def test_fake_fit_with_graphs_equals_fit_without(fake, rng, shuffle, momentum):
     for (W0, b0), (W1, b1) in zip(nets[0].get_params(), nets[1].get_params()):
         np.testing.assert_array_equal(W0, W1)
         np.testing.assert_array_equal(b0, b1)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-3])
+def test_fake_fit_with_graphs_and_adam_equals_fit_without(fake, rng, weight_decay):
+    """fit(graph=True) with Adam: the same parameters and loss history, bit for bit, as ordinary fit."""
+    from backprop import MLP, Adam
+    from backprop import graph as graphs
+
+    X = rng.normal(size=(21, 5))
+    y = rng.integers(0, 3, 21)
+    nets = [MLP([5, 7, 3], activation="tanh", head="multiclass", seed=2, backend="cupy") for _ in range(2)]
+    opts = [Adam(1e-2, weight_decay=weight_decay) for _ in range(2)]
+    histories = [net.fit(X, y, epochs=2, batch_size=8, optimizer=opt, graph=g)
+                 for net, opt, g in zip(nets, opts, (False, True))]
+    assert graphs.recorded(nets[1]) == 2
+    assert histories[0].loss == histories[1].loss and opts[0].steps == opts[1].steps == 6
+    _assert_same_params(nets[0], nets[1])
 
 
 # --------------------------------------------------------------------------- GPU
@@ -2104,13 +2162,35 @@ def test_graph_non_finite_loss_leaves_parameters(kg, rng):
 
 
 @gpu
-def test_graph_refuses_adam_on_a_network(kg, rng):
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_graph_adam_step_equals_normal_step(kg, rng, dtype):
+    """Adam (with weight decay) replayed from a graph: its device bias corrections advance at each
+    replay, so the run equals ordinary Adam steps (the same kernels on the same data: bit for bit)."""
     from backprop import Adam
 
-    (net, _) = _nets("tanh", "regression", "float32")
-    (X, T), = _batches(rng, "regression", 1)
-    with pytest.raises(ValueError, match="graph=True supports SGD"):
-        net.train_step(X, T, Adam(), graph=True)
+    plain, graphed = _nets("tanh", "multiclass", dtype)
+    opt = dict(lr=1e-2, beta1=0.8, beta2=0.95, weight_decay=1e-3)
+    _compare_runs(plain, graphed, Adam(**opt), Adam(**opt), _batches(rng, "multiclass", 6), dtype, rtol=0, atol=0)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_adam_device_corrections_on_the_gpu(kg, rng, dtype):
+    """adam_corrections on the GPU against the host's float64 numbers, and adam_update reading them
+    against the int form (bit for bit unless the GPU's pow differs from the host's in the last bit)."""
+    k = kg
+    count, corr = k.zeros((1,), np.float64), k.zeros((2,), dtype)
+    p, g, m, v = (k.to_device(rng.normal(size=(33, 17)), dtype) for _ in range(4))
+    v = abs(v)
+    q, n, w = p.copy(), m.copy(), v.copy()
+    for t in range(1, 6):
+        k.adam_corrections(count, 1e-2, 0.9, 0.999, corr)
+        want = np.array([dtype(1e-2 / (1 - 0.9**t)), dtype(1 - 0.999**t)])
+        np.testing.assert_allclose(host(k, corr), want, rtol=4 * np.finfo(dtype).eps, atol=0)
+        k.adam_update(p, g, m, v, 0.0, 0.9, 0.999, 1e-8, corr, 1e-3)
+        k.adam_update(q, g, n, w, 1e-2, 0.9, 0.999, 1e-8, t, 1e-3)
+        np.testing.assert_allclose(host(k, p), host(k, q), **tol(dtype))
+    assert host(k, count).tolist() == [5.0]
 
 
 @gpu

@@ -34,21 +34,23 @@ CTYPES = ["float", "double"]
 _F64 = re.compile(r"\.f64|%fd")
 
 
-_ENTRY = re.compile(r"^\.(?:visible|weak|extern)?\s*\.entry\s+(\w+)\(", re.M)
+_ENTRY = re.compile(r"^(?:\.(?:visible|weak|extern)\s+)?\.(entry|func)\s+(?:\([^)]*\)\s*)?(\w+)\s*\(", re.M)
 
 
 def _f64_instructions(ptx: str, allowed: frozenset[str] = S.F64_KERNELS) -> list[str]:
     """Lines of ``ptx`` that compute in double precision (declarations of module constants, such
     as DBL_MAX from CuPy's headers, do not count), outside the kernels ``allowed`` to (the guard's
-    float64 bookkeeping)."""
-    starts = [(m.start(), m.group(1)) for m in _ENTRY.finditer(ptx)]
-    keep, pos = [], 0
-    for (start, name), nxt in zip(starts, starts[1:] + [(len(ptx), "")]):
-        keep.append(ptx[pos:start])
-        if name not in allowed:
-            keep.append(ptx[start:nxt[0]])
-        pos = nxt[0]
-    keep.append(ptx[pos:])
+    float64 bookkeeping) and the device functions only they call (``pow`` of Adam's corrections)."""
+    starts = [(m.start(), m.group(1), m.group(2)) for m in _ENTRY.finditer(ptx)]
+    sections = [(name, kind, ptx[start:nxt[0]])
+                for (start, kind, name), nxt in zip(starts, starts[1:] + [(len(ptx), "", "")])]
+    callers: dict[str, set[str]] = {}
+    for name, kind, text in sections:
+        for callee in re.findall(r"\bcall(?:\.uni)?\s+(?:\([^)]*\),\s*)?(\w+)", text):
+            callers.setdefault(callee, set()).add(name)
+    ok = set(allowed) | {name for name, kind, _ in sections
+                         if kind == "func" and callers.get(name) and callers[name] <= set(allowed)}
+    keep = [ptx[:starts[0][0]] if starts else ptx] + [text for name, _, text in sections if name not in ok]
     return [line.strip() for line in "".join(keep).splitlines()
             if _F64.search(line) and not line.lstrip().startswith((".global", ".const", ".extern", "//"))]
 
@@ -500,6 +502,48 @@ def test_emulated_adam(emu, rng, step):
     ref.adam_update(p, g, m, v, lr, b1, b2, eps, step, wd)
     for name, want in (("_raw_p", p), ("_raw_m", m), ("_raw_v", v)):
         np.testing.assert_allclose(got[name], want, **_tol(ct))
+
+
+@pytest.mark.parametrize("step", [1, 7])
+def test_emulated_adam_device_equals_adam(emu, rng, step):
+    """bp_adam_device reading (lr / c1, c2) from its corrections array gives the bits of bp_adam given them
+    as scalars (guarded and not)."""
+    p, g, m = (rng.normal(size=40).astype(emu.dtype) for _ in range(3))
+    v = rng.uniform(size=40).astype(emu.dtype)
+    lr, b1, b2, eps, wd = 1e-2, 0.9, 0.999, 1e-8, 0.01
+    corr = np.array([lr / (1 - b1**step), 1 - b2**step]).astype(emu.dtype)
+    common = {"beta1": b1, "beta2": b2, "one_m_beta1": 1 - b1, "one_m_beta2": 1 - b2, "eps": eps, "wd": wd,
+              "_n": 40, "_ncols": 40}
+    arrays = {"_raw_g": g, "_raw_p": p, "_raw_m": m, "_raw_v": v}
+    outs = ("_raw_p", "_raw_m", "_raw_v")
+    want = emu("ew_bp_adam", 1, 32, arrays, {**common, "lr_c1": float(corr[0]), "c2": float(corr[1])}, outputs=outs)
+    got = emu("ew_bp_adam_device", 1, 32, {**arrays, "_raw_corr": corr}, common, outputs=outs)
+    guarded = emu("ew_bp_adam_device_guarded", 1, 32, {**arrays, "_raw_corr": corr, "_raw_guard": _guard_bits(1.0)},
+                  common, outputs=outs)
+    for name in outs:
+        np.testing.assert_array_equal(got[name].view(np.uint8), want[name].view(np.uint8), err_msg=name)
+        np.testing.assert_array_equal(guarded[name].view(np.uint8), want[name].view(np.uint8), err_msg=name)
+
+
+def test_emulated_adam_corrections(emu):
+    """One thread counts the step and writes (lr / (1 - b1^t), 1 - b2^t) rounded to T, as the host does;
+    with a guard whose first entry is not 1.0 nothing changes; other threads write nothing."""
+    lr, b1, b2 = 3e-3, 0.9, 0.999
+    count, out = np.array([4.0]), np.full(2, np.nan)
+    scal = {"lr": lr, "beta1": b1, "beta2": b2, "guarded": 0}
+    got = emu("bp_adam_corrections", 2, 64, {"count": count, "out": out, "guard": np.zeros(4)}, scal,
+              outputs=("count", "out"))
+    assert got["count"].tolist() == [5.0]
+    want = np.array([lr / (1 - b1**5.0), 1 - b2**5.0]).astype(emu.dtype)
+    np.testing.assert_array_equal(got["out"], want)
+    for ok, changed in ((0.0, False), (np.nan, False), (1.0, True)):
+        got = emu("bp_adam_corrections", 1, 32, {"count": count, "out": out, "guard": np.array([ok, 1.0, 0.0, 0.0])},
+                  {**scal, "guarded": 1}, outputs=("count", "out"))
+        assert got["count"].tolist() == ([5.0] if changed else [4.0])
+        if changed:
+            np.testing.assert_array_equal(got["out"], want)
+        else:
+            assert np.isnan(got["out"]).all()
 
 
 def test_emulated_sgd(emu, rng):

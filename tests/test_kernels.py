@@ -315,6 +315,62 @@ def test_adam_update(backend, small, rng, dtype, step):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_adam_corrections_count_and_guard(backend, dtype):
+    """count[0] += 1, out = (lr / (1 - b1^t), 1 - b2^t) rounded from float64 to the dtype, as the host
+    computes them for an int step; a failed guard changes nothing, an ok one counts."""
+    k = backend.kernels
+    lr, b1, b2 = 3e-3, 0.9, 0.999
+    count, out = k.zeros((1,), np.float64), k.zeros((2,), dtype)
+    dt = np.dtype(dtype).type
+    for t in range(1, 6):
+        k.adam_corrections(count, lr, b1, b2, out)
+        assert host_copy(k, count).tolist() == [float(t)]
+        want = np.array([dt(lr / (1 - b1**t)), dt(1 - b2**t)], dtype=dtype)
+        np.testing.assert_array_equal(host_copy(k, out).view(np.uint8), want.view(np.uint8), err_msg=f"t={t}")
+    before_count, before_out = host_copy(k, count), host_copy(k, out)
+    for ok in (0.0, np.nan, 2.0):
+        k.adam_corrections(count, lr, b1, b2, out, guard=_guard_with(k, ok))
+        np.testing.assert_array_equal(host_copy(k, count), before_count)
+        np.testing.assert_array_equal(host_copy(k, out).view(np.uint8), before_out.view(np.uint8))
+    k.adam_corrections(count, lr, b1, b2, out, guard=_guard_with(k, 1.0))
+    assert host_copy(k, count).tolist() == [6.0]
+    want = np.array([dt(lr / (1 - b1**6)), dt(1 - b2**6)], dtype=dtype)
+    np.testing.assert_array_equal(host_copy(k, out), want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+def test_adam_update_with_device_corrections_is_bit_identical(backend, small, rng, dtype, weight_decay):
+    """Over several steps (guarded and not), adam_update given the corrections array of
+    adam_corrections equals adam_update given the int step, bit for bit (lr ignored in the first)."""
+    k = backend.kernels
+    s = _optimizer_state(rng, small)
+    host_form = {n: k.to_device(a, dtype) for n, a in s.items()}
+    dev_form = {n: k.to_device(a, dtype) for n, a in s.items()}
+    count, corr = k.zeros((1,), np.float64), k.zeros((2,), dtype)
+    ok = _guard_with(k, 1.0)
+    for t in range(1, 6):
+        g = k.to_device(rng.normal(size=s["g"].shape), dtype)
+        guard = ok if t % 2 else None
+        k.adam_corrections(count, 2e-2, 0.9, 0.99, corr, guard=guard)
+        k.adam_update(host_form["p"], g, host_form["m"], host_form["v"], 2e-2, 0.9, 0.99, 1e-8, t, weight_decay,
+                      guard=guard)
+        k.adam_update(dev_form["p"], g, dev_form["m"], dev_form["v"], 123.0, 0.9, 0.99, 1e-8, corr, weight_decay,
+                      guard=guard)
+        for n in "pmv":
+            a, b = host_copy(k, dev_form[n]), host_copy(k, host_form[n])
+            np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8), err_msg=f"{n}, step {t}")
+    failed = _guard_with(k, 0.0)
+    before = {n: host_copy(k, dev_form[n]) for n in "pmv"}
+    k.adam_corrections(count, 2e-2, 0.9, 0.99, corr, guard=failed)
+    k.adam_update(dev_form["p"], g, dev_form["m"], dev_form["v"], 0.0, 0.9, 0.99, 1e-8, corr, weight_decay,
+                  guard=failed)
+    for n in "pmv":
+        np.testing.assert_array_equal(host_copy(k, dev_form[n]), before[n])
+    assert host_copy(k, count).tolist() == [5.0]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_update_with_ok_guard_equals_update_without_guard(backend, small, rng, optimizer, dtype):
     s = _optimizer_state(rng, small)

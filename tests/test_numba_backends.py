@@ -174,6 +174,7 @@ sigs = {
     "slope_mul": (K.slope_mul, (A2, A2, A2, I, f32)), "loss_rows": (K.loss_rows, (A2, A2, A2, A2, A1, I, I, f32, f32)),
     "sgd": (K.sgd, (A1, A1, f32, f32, G)), "momentum": (K.momentum, (A1, A1, A1, f32, f32, B, f32, G)),
     "adam": (K.adam, (A1, A1, A1, A1, f32, f32, f32, f32, f32, f32, G)),
+    "adam_dev": (K.adam_dev, (A1, A1, A1, A1, A1, f32, f32, f32, f32, G)),
     "count_nonfinite": (K.count_nonfinite, (A1, FLAG)), "guard_scan": (K.guard_scan, (A1, G, FLAG)),
     "one_hot": (K.one_hot, (types.int64[::1], A2)), "gather_rows": (K.gather_rows, (A2, types.int64[::1], A2)),
     "gemm": (ks.gemm, (A2, A2, A2, B, B)), "colsum": (ks.colsum, (A2, A1, f32, B)),
@@ -187,10 +188,11 @@ f64_sigs = {
     "cast_flat": (K.cast_flat, (f64[:], A1)), "cast_2d": (K.cast_2d, (f64[:, :], A2)),
     "sum_squares": (K.sum_squares, (A1, G)), "add_to_total": (K.add_to_total, (G, G)),
     "count_correct": (K.count_correct, (A2, A2, B, f32, G)),  # its float64 tally
+    "adam_corrections": (K.adam_corrections, (G, A1, f64, f64, f64, G)),  # one thread's float64 corrections
 }
 # the updates read the float64 guard once per thread (a load and a compare); nothing else in f64
 GUARD_READ = re.compile(r"^(\.reg \.f64\b|ld\.global(\.nc)?\.f64\b|setp\.\w+\.f64\b)")
-guarded = ("sgd", "momentum", "adam", "guard_scan")
+guarded = ("sgd", "momentum", "adam", "adam_dev", "guard_scan")
 bad = {}
 for name, (kern, sig) in {**sigs, **f64_sigs}.items():
     try:
@@ -212,8 +214,8 @@ print("RESULT", __import__("json").dumps(bad))
 
 def test_float32_cuda_kernels_compile_to_ptx_without_f64():
     """Every CUDA kernel compiles for a real GPU (sm_90), in float32 with no f64 instruction but the
-    read of the float64 guard (the guard's own kernel, the sum of squares, the statistics and the
-    dtype conversions are float64 by design).
+    read of the float64 guard (the guard's own kernel, the sum of squares, the statistics, the
+    dtype conversions and Adam's bias corrections are float64 by design).
 
     Needs no GPU, only NVVM (a CUDA toolkit); skipped where none is found."""
     pytest.importorskip("numba.cuda")
