@@ -51,7 +51,9 @@ from numba.extending import overload
 from . import numba_math as nm
 # arrays are NumPy arrays: these primitives are the reference's (array_stats: NumPy's min and max decide
 # finiteness in two vectorised passes, faster than a Numba pass that also switches the thread count)
-from .numpy_ref import array_stats, count_correct, synchronize, to_device, to_host, zeros  # noqa: F401
+from .numpy_ref import (  # noqa: F401
+    adam_corrections, array_stats, count_correct, synchronize, to_device, to_host, zeros,
+)
 
 NAME = "numba"
 IS_GPU = False
@@ -835,20 +837,6 @@ def momentum_update(
     dt = p.dtype.type
     _run(_momentum, p.size, _flat(p), _c(g).reshape(-1), _flat(v), dt(lr), dt(momentum), bool(nesterov),
          dt(weight_decay))
-
-
-def adam_corrections(count: Array, lr: float, beta1: float, beta2: float, out: Array,
-                     guard: Array | None = None) -> None:
-    """Adam's bias corrections as backend data: unless ``guard`` says no, ``count[0] += 1``,
-    ``t = count[0]``, ``out[0] = lr / (1 - beta1^t)``, ``out[1] = 1 - beta2^t`` (float64, rounded to
-    ``out``'s dtype: what :func:`adam_update` computes from an int ``step``)."""
-    if _skipped(guard):
-        return
-    count[0] += 1.0
-    t = float(count[0])
-    dt = out.dtype.type
-    out[0] = dt(lr / (1.0 - beta1**t))
-    out[1] = dt(1.0 - beta2**t)
 
 
 def adam_update(
