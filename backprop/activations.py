@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .kernels.spec import ACTIVATIONS, ActivationSpec
+from .validation import check_number
 
 __all__ = ["ACTIVATIONS", "Activation", "ActivationLike", "as_activation"]
 
@@ -33,9 +34,8 @@ class Activation:
                 f"unknown activation {self.name!r}; known: {', '.join(sorted(ACTIVATIONS))}"
             )
         object.__setattr__(self, "name", key)
-        alpha = ACTIVATIONS[key].default_alpha if self.alpha is None else float(self.alpha)
-        if alpha != alpha or alpha in (float("inf"), float("-inf")):
-            raise ValueError(f"activation {key!r}: alpha must be finite, got {alpha}")
+        alpha = ACTIVATIONS[key].default_alpha if self.alpha is None else self.alpha
+        alpha = check_number(alpha, f"activation {key!r}: alpha")
         if key == "leaky_relu" and not 0 <= alpha < 1:
             raise ValueError(f"leaky_relu slope alpha must lie in [0, 1), got {alpha}")
         if key == "elu" and alpha <= 0:
@@ -55,6 +55,10 @@ class Activation:
 ActivationLike = str | Activation
 
 
-def as_activation(a: ActivationLike) -> Activation:
-    """Accept a name or an :class:`Activation`."""
-    return a if isinstance(a, Activation) else Activation(a)
+def as_activation(a: ActivationLike, name: str = "activation") -> Activation:
+    """Accept a name or an :class:`Activation`; anything else is a ``TypeError`` naming ``name``."""
+    if isinstance(a, Activation):
+        return a
+    if not isinstance(a, str):
+        raise TypeError(f"{name} must be an activation name or a backprop.Activation, got {type(a).__name__}")
+    return Activation(a)

@@ -3,7 +3,10 @@
 A callback is any callable ``cb(net, epoch, history)``, run after each epoch (``epoch`` counts from 1);
 returning ``True`` stops training. A callback may also define ``on_train_begin(net, history)`` and
 ``on_train_end(net, history)``, which ``fit`` calls before the first epoch and after the last one (not when
-training ends with an exception).
+training ends with an exception), and ``check_setup(net, setup)``, which ``fit`` calls with the run's
+:class:`FitSetup` after checking the data and its own options and before ``on_train_begin``: a callback that
+cannot work in this run (a metric that will never be recorded, a path it cannot write) raises there, before
+any parameter changes.
 
 >>> import backprop as bp
 >>> net = bp.MLP([4, 8, 3], head="multiclass")
@@ -15,6 +18,8 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,13 +29,28 @@ if TYPE_CHECKING:
     from .network import MLP
     from .training import History
 
-__all__ = ["Callback", "Checkpoint", "EarlyStopping", "checkpoint", "early_stopping"]
+__all__ = ["Callback", "Checkpoint", "EarlyStopping", "FitSetup", "checkpoint", "early_stopping"]
 
 _METRICS = ("loss", "val_loss", "val_accuracy")
 
 
+@dataclass(frozen=True)
+class FitSetup:
+    """What a run of :func:`~backprop.training.fit` will record, given to ``check_setup`` hooks before the
+    first step: ``epochs``; ``validation``: whether ``val_loss`` is recorded; ``accuracy``: whether
+    ``val_accuracy`` is (validation data and a classification head); ``loss``: the network's loss."""
+
+    epochs: int
+    validation: bool
+    accuracy: bool
+    loss: str
+
+
 class Callback:
     """Base class (optional): override ``__call__`` and, if needed, the begin/end hooks."""
+
+    def check_setup(self, net: MLP, setup: FitSetup) -> None:
+        """Called once before the first step; raise ``ValueError``/``TypeError`` to refuse the run."""
 
     def on_train_begin(self, net: MLP, history: History) -> None:
         """Called once before the first epoch."""
@@ -67,6 +87,19 @@ class _Monitor:
         self.monitor = _check_monitor(monitor)
         self.min_delta = check_positive(min_delta, "min_delta", allow_zero=True)
         self.reset()
+
+    def check(self, setup: FitSetup, owner: str) -> None:
+        """Refuse a metric that the run described by ``setup`` will never record."""
+        if self.monitor in ("auto", "loss") or (self.monitor == "val_loss" and setup.validation):
+            return
+        if self.monitor == "val_accuracy" and setup.accuracy:
+            return
+        if not setup.validation:
+            why = "fit has no validation data; pass validation_data or validation_split"
+        else:
+            why = (f"no accuracy is recorded for loss {setup.loss!r} (classification heads only: cross_entropy, "
+                   "bce); monitor 'val_loss' instead")
+        raise ValueError(f"{owner} cannot monitor {self.monitor!r}: {why}")
 
     def reset(self) -> None:
         self.best: float | None = None
@@ -119,6 +152,9 @@ class EarlyStopping(Callback):
         return (f"EarlyStopping(patience={self.patience}, min_delta={self._monitor.min_delta}, "
                 f"monitor={self.monitor!r}, restore_best={self.restore_best})")
 
+    def check_setup(self, net: MLP, setup: FitSetup) -> None:
+        self._monitor.check(setup, "early stopping")
+
     def on_train_begin(self, net: MLP, history: History) -> None:
         self._monitor.reset()
         self._best_params = None
@@ -148,6 +184,9 @@ class Checkpoint(Callback):
 
     ``path`` may hold ``{epoch}`` (``"ckpt-{epoch:03d}.npz"``) to keep one file per save. Each save writes
     a temporary file next to ``path`` and renames it, so an interrupted save never leaves a broken file.
+    Before the first step ``fit`` checks that the directory of ``path`` can be created and written (a parent
+    that is a regular file is refused), and that ``best_only`` has a metric to watch: validation data, or
+    ``monitor="loss"`` explicitly.
     ``self.saved`` lists the paths written, ``self.best_epoch`` the epoch of the best save.
     """
 
@@ -172,6 +211,45 @@ class Checkpoint(Callback):
     def __repr__(self) -> str:
         return (f"Checkpoint({self.path!r}, every={self.every}, best_only={self.best_only}, "
                 f"monitor={self._monitor.monitor!r})")
+
+    def check_setup(self, net: MLP, setup: FitSetup) -> None:
+        if self.best_only:
+            if self._monitor.monitor == "auto" and not setup.validation:
+                raise ValueError("checkpoint(best_only=True) needs validation data to tell the best epoch: pass "
+                                 "validation_data or validation_split (or monitor='loss' to keep the epoch of "
+                                 "lowest training loss)")
+            self._monitor.check(setup, "checkpoint(best_only=True)")
+        self._check_writable(Path(self.path.format(epoch=1)))
+
+    @staticmethod
+    def _check_writable(target: Path) -> None:
+        """Refuse a path whose directory cannot be created or written; leaves no directory or file behind."""
+        created: list[Path] = []
+        try:
+            if target.is_dir():
+                raise ValueError(f"checkpoint path {target} is a directory; name a file in it, e.g. "
+                                 f"{target / 'net.npz'}")
+            ancestor = target.parent
+            missing = []
+            while not ancestor.exists() and ancestor != ancestor.parent:
+                missing.append(ancestor)
+                ancestor = ancestor.parent
+            if not ancestor.is_dir():
+                raise ValueError(f"checkpoint path {target}: its parent {ancestor} is a regular file, not a directory")
+            for d in reversed(missing):
+                d.mkdir()
+                created.append(d)
+            with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", suffix=".probe"):
+                pass
+        except OSError as exc:
+            raise ValueError(f"checkpoint path {target}: cannot create or write its directory {target.parent} "
+                             f"({exc.strerror or exc})") from None
+        finally:
+            for d in reversed(created):
+                try:
+                    d.rmdir()
+                except OSError:
+                    pass
 
     def on_train_begin(self, net: MLP, history: History) -> None:
         self._monitor.reset()

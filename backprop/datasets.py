@@ -13,6 +13,7 @@ big-endian uint32, then the data, big-endian, in C order. Files may be gzip-comp
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import zlib
 from pathlib import Path
@@ -75,14 +76,15 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
         raise IDXError(f"{path}: truncated header: {ndim} dimensions need {header} bytes, the file has {len(data)}")
     shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
     dtype = _IDX_TYPES[code]
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    count = math.prod(shape)  # Python integers: a huge header cannot overflow
+    expected = count * dtype.itemsize
     got = len(data) - header
     if got < expected:
         raise IDXError(f"{path}: truncated: shape {shape} of {dtype.name} needs {expected} data bytes, "
                        f"the file has {got}")
     if got > expected:
         raise IDXError(f"{path}: {got - expected} unexpected bytes after the data of shape {shape}")
-    arr = np.frombuffer(data, dtype=dtype, count=int(np.prod(shape, dtype=np.int64)), offset=header)
+    arr = np.frombuffer(data, dtype=dtype, count=count, offset=header)
     return arr.reshape(shape).astype(dtype.newbyteorder("="))
 
 

@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .validation import check_positive
+
 if TYPE_CHECKING:
     from .network import MLP
 
@@ -17,8 +19,9 @@ def numerical_grads(net: MLP, X: Any, T: Any, eps: float = 1e-5) -> list[tuple[n
 
     One pair of forward passes per parameter: O(N) passes of O(N) each, the naive O(N^2) gradient.
     The default step 1e-5 balances truncation (``eps^2``) against rounding (``1e-16 / eps``) in float64.
-    The network's parameters are restored exactly afterwards.
+    The network's parameters are restored exactly afterwards. ``eps`` must be positive and finite.
     """
+    eps = check_positive(eps, "eps")
     params = net.get_params()
     out = []
     try:
@@ -52,6 +55,7 @@ def gradcheck(net: MLP, X: Any, T: Any, eps: float = 1e-5) -> float:
     signs, from dividing rounding noise by zero); the result is the largest over all arrays. Use
     ``dtype="float64"`` networks: in float32 the differences themselves carry errors near 1e-3.
     """
+    eps = check_positive(eps, "eps")
     _, grads = net.loss_and_grads(X, T)
     k = net.backend.kernels
     pairs = []

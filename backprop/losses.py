@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .kernels.spec import FUSED_PAIRS, LOSSES, LossSpec
+from .validation import check_number
 
 __all__ = ["FUSED_PAIRS", "HEADS", "LOSSES", "Loss", "LossLike", "as_loss", "check_output_loss"]
 
@@ -34,7 +35,7 @@ class Loss:
         if key not in LOSSES:
             raise ValueError(f"unknown loss {self.name!r}; known: {', '.join(sorted(LOSSES))}")
         object.__setattr__(self, "name", key)
-        param = LOSSES[key].default_param if self.param is None else float(self.param)
+        param = LOSSES[key].default_param if self.param is None else check_number(self.param, f"loss {key!r}: param")
         if key == "huber" and not (param > 0 and param != float("inf")):
             raise ValueError(f"huber threshold must be positive and finite, got {param}")
         object.__setattr__(self, "param", param)
@@ -48,8 +49,12 @@ LossLike = str | Loss
 
 
 def as_loss(loss: LossLike) -> Loss:
-    """Accept a name or a :class:`Loss`."""
-    return loss if isinstance(loss, Loss) else Loss(loss)
+    """Accept a name or a :class:`Loss`; anything else is a ``TypeError`` naming the loss."""
+    if isinstance(loss, Loss):
+        return loss
+    if not isinstance(loss, str):
+        raise TypeError(f"loss must be a loss name or a backprop.Loss, got {type(loss).__name__}")
+    return Loss(loss)
 
 
 def check_output_loss(output: str, loss: str) -> None:

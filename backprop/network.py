@@ -9,7 +9,7 @@ backend that is.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +20,7 @@ from .backend import Backend, get_backend, resolve_backend
 from .losses import HEADS, Loss, LossLike, as_loss, check_output_loss
 from .optimizers import Optimizer
 from . import step
-from .validation import check_inputs, check_targets
+from .validation import check_inputs, check_optimizer, check_seed, check_targets
 
 if TYPE_CHECKING:
     from .training import History
@@ -62,6 +62,8 @@ def _init_weights(rng: np.random.Generator, n_out: int, n_in: int, scheme: str) 
 
 
 def _check_dtype(dtype: Any) -> np.dtype:
+    if dtype is None:  # np.dtype(None) would silently be float64
+        raise TypeError("dtype must be float32 or float64, got None")
     try:
         dt = np.dtype(dtype)
     except TypeError:
@@ -101,23 +103,29 @@ class MLP:
         n_hidden = len(sizes) - 2
         if isinstance(activation, (str, Activation)):
             hidden = [as_activation(activation)] * n_hidden
-        else:
-            hidden = [as_activation(a) for a in activation]
+        elif isinstance(activation, Iterable):
+            hidden = [as_activation(a, f"activation {i + 1}") for i, a in enumerate(activation)]
             if len(hidden) != n_hidden:
                 raise ValueError(f"{len(hidden)} activations given for {n_hidden} hidden layers")
+        else:
+            raise TypeError("activation must be an activation name, a backprop.Activation or a sequence of them "
+                            f"(one per hidden layer), got {type(activation).__name__}")
         for a in hidden:
             if not a.spec.hidden:
                 raise ValueError(f"activation {a.name!r} is for the output layer only")
         if head is not None:
+            if not isinstance(head, str):
+                raise TypeError(f"head must be a string, one of {', '.join(HEADS)}; got {type(head).__name__}")
             if head not in HEADS:
                 raise ValueError(f"unknown head {head!r}; known: {', '.join(HEADS)}")
             output, loss = HEADS[head]
-        out_act = as_activation(output)
+        out_act = as_activation(output, "output")
         self.loss_fn: Loss = as_loss(loss)
         check_output_loss(out_act.name, self.loss_fn.name)
         if out_act.name == "softmax" and sizes[-1] < 2:
             raise ValueError("a softmax output needs at least 2 units")
         self.dtype = _check_dtype(dtype)
+        seed = check_seed(seed)
         self.backend: Backend = get_backend() if backend is None else resolve_backend(backend)
         self.seed = seed
         rng = np.random.default_rng(seed)
@@ -231,6 +239,7 @@ class MLP:
 
     def train_step_device(self, x: Array, t: Array, optimizer: Optimizer, graph: bool = False) -> float:
         """:meth:`train_step` on a batch already on the backend (unchecked): one read of the result."""
+        check_optimizer(optimizer)
         ws = step.workspace(self, x.shape[0])
         guard = step.Guard(self.backend.kernels)
         if graph:

@@ -25,7 +25,7 @@ import numpy as np
 from .optimizers import SGD, Optimizer
 from . import step
 from .staging import Batches, fits_on_device
-from .validation import check_inputs, check_positive, check_targets
+from .validation import check_inputs, check_optimizer, check_positive, check_seed, check_targets
 
 if TYPE_CHECKING:
     from .network import MLP
@@ -238,7 +238,7 @@ def _failed_step_cause(net: MLP, data: Batches, order: np.ndarray | None, batch_
 
 def fit(net: MLP, X: Any, T: Any, *, epochs: int = 10, batch_size: int = 32, optimizer: Optimizer | None = None,
         shuffle: bool = True, validation_data: tuple[Any, Any] | None = None, progress: bool | None = False,
-        callbacks: Iterable[Callback] = (), schedule: Callable[[int], float] | None = None,
+        callbacks: Iterable[Callback] | None = (), schedule: Callable[[int], float] | None = None,
         seed: int | None = None, validation_split: float = 0.0, early_stopping: bool = False,
         patience: int = 10, min_delta: float = 0.0, monitor: str = "auto", restore_best: bool = True,
         graph: bool = False) -> History:
@@ -256,32 +256,38 @@ def fit(net: MLP, X: Any, T: Any, *, epochs: int = 10, batch_size: int = 32, opt
     - ``schedule(epoch) -> lr`` sets the learning rate at the start of each epoch (``epoch`` from 0; see
       :mod:`backprop.schedules`).
     - ``callbacks``: each ``cb(net, epoch, history)`` runs after each epoch (``epoch`` from 1); any returning
-      ``True`` stops training; ``on_train_begin`` / ``on_train_end`` methods are called if present (see
-      :mod:`backprop.callbacks`).
+      ``True`` stops training; ``check_setup`` / ``on_train_begin`` / ``on_train_end`` methods are called if
+      present (see :mod:`backprop.callbacks`). ``None`` means no callbacks.
     - ``progress``: a tqdm bar with loss and validation metrics per epoch; ``None`` draws it only on an
       interactive terminal and never when the environment variable ``CI`` is set.
     - ``graph=True``: each step replays a captured CUDA graph (see :mod:`backprop.graph`; the cupy backend,
       SGD with or without momentum); the minibatch is gathered outside the graph.
 
-    All data is checked before any parameter changes, and moved to the backend once (see
-    :mod:`backprop.staging`). The steps read nothing back: the loss is summed on the backend and read once
-    per epoch. If the loss or a gradient becomes non-finite, the update of that step and of every later one
+    All data, every option, every value of ``schedule`` (one call per epoch, all made before the first step)
+    and every callback's ``check_setup`` are checked before any parameter changes; the data is moved to the
+    backend once (see :mod:`backprop.staging`). The steps read nothing back: the loss is summed on the
+    backend and read once per epoch. If the loss or a gradient becomes non-finite, the update of that step and of every later one
     is skipped on the backend, and at the end of the epoch training stops with
     :class:`~backprop.network.NonFiniteLossError` naming the epoch and step; the parameters and the
     optimizer's state are those from before the failing step.
     """
-    from .callbacks import EarlyStopping
+    from .callbacks import EarlyStopping, FitSetup
     from .network import NonFiniteLossError
 
     epochs = check_positive(epochs, "epochs", integer=True)
     batch_size = check_positive(batch_size, "batch_size", integer=True)
-    optimizer = SGD(lr=0.01) if optimizer is None else optimizer
-    if not isinstance(optimizer, Optimizer):
-        raise TypeError(f"optimizer must be a backprop optimizer (SGD, Adam), got {type(optimizer).__name__}")
+    optimizer = SGD(lr=0.01) if optimizer is None else check_optimizer(optimizer)
     if schedule is not None and not callable(schedule):
         raise TypeError(f"schedule must be a callable epoch -> lr, got {type(schedule).__name__}")
+    seed = check_seed(seed)
     validation_split = _check_fraction(validation_split, "validation_split")
     show = progress_enabled(progress)
+    if callbacks is None:
+        callbacks = []
+    elif callable(callbacks) or isinstance(callbacks, (str, bytes)) or not isinstance(callbacks, Iterable):
+        hint = ": wrap a single callback in a list" if callable(callbacks) else ""
+        raise TypeError(f"callbacks must be a list of callables cb(net, epoch, history) (or None), got "
+                        f"{type(callbacks).__name__}{hint}")
     callbacks = list(callbacks)
     for cb in callbacks:
         if not callable(cb):
@@ -325,6 +331,16 @@ def fit(net: MLP, X: Any, T: Any, *, epochs: int = 10, batch_size: int = 32, opt
 
         check_graph_support(net, optimizer)
         run_step = graphed_train_step
+    lrs = None
+    if schedule is not None:  # every epoch's rate, checked before the first step
+        lrs = [check_positive(schedule(e), f"scheduled learning rate (epoch {e})", allow_zero=True)
+               for e in range(epochs)]
+    setup = FitSetup(epochs=epochs, validation=val is not None,
+                     accuracy=val is not None and net.loss_fn.name in _CORRECT_RULE, loss=net.loss_fn.name)
+    for cb in callbacks:
+        hook = getattr(cb, "check_setup", None)
+        if hook is not None:
+            hook(net, setup)
     data = Batches(k, Xd, Td, net.dtype)
     if val is not None and not k.owns(val[0]) and fits_on_device(k, val[0].nbytes + val[1].nbytes):
         val = (k.to_device(val[0], net.dtype), k.to_device(val[1], net.dtype))
@@ -342,8 +358,8 @@ def fit(net: MLP, X: Any, T: Any, *, epochs: int = 10, batch_size: int = 32, opt
 
     try:
         for epoch in range(1, epochs + 1):
-            if schedule is not None:
-                optimizer.lr = check_positive(schedule(epoch - 1), "scheduled learning rate", allow_zero=True)
+            if lrs is not None:
+                optimizer.lr = lrs[epoch - 1]
             start = time.perf_counter()
             order = rng.permutation(n) if shuffle else None
             guard = step.Guard(k)

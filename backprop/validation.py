@@ -24,7 +24,7 @@ from .kernels.contract import (
     STAT_ROW_SUM_ERROR,
 )
 
-__all__ = ["check_inputs", "check_positive", "check_targets"]
+__all__ = ["check_inputs", "check_number", "check_optimizer", "check_positive", "check_seed", "check_targets"]
 
 Array = Any
 
@@ -134,6 +134,9 @@ def check_targets(T: Any, n_outputs: int, loss: str, batch: int, kernels: Any, d
     data = _read(T, kernels, name)
     arr = data.array
     shape = tuple(arr.shape)
+    if not shape:
+        raise ValueError(f"{name} is a scalar; expected targets with one row (or class label) per sample of X, "
+                         f"shape ({batch},) or ({batch}, {n_outputs})")
     if arr.size == 0:
         raise ValueError(f"{name} is empty: it has no targets")
     if shape[0] != batch:
@@ -167,12 +170,48 @@ def check_targets(T: Any, n_outputs: int, loss: str, batch: int, kernels: Any, d
     return data.to_backend(dtype, keep_host)
 
 
-def check_positive(value: Any, name: str, *, allow_zero: bool = False, integer: bool = False) -> Any:
-    """Check a hyper-parameter: a finite number, positive (or non-negative), integer if asked."""
+def _check_real(value: Any, name: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+
+
+def check_number(value: Any, name: str) -> float:
+    """Check a real-valued parameter: a finite number (any sign); returns it as a ``float``."""
+    _check_real(value, name)
+    if not np.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return float(value)
+
+
+def check_positive(value: Any, name: str, *, allow_zero: bool = False, integer: bool = False) -> Any:
+    """Check a hyper-parameter: a finite number, positive (or non-negative), integer if asked."""
+    _check_real(value, name)
     if integer and not float(value).is_integer():
         raise TypeError(f"{name} must be an integer, got {value}")
     if not np.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"{name} must be {'non-negative' if allow_zero else 'positive'} and finite, got {value}")
     return int(value) if integer else float(value)
+
+
+def check_seed(seed: Any, name: str = "seed") -> int | None:
+    """Check a random seed: ``None`` (fresh entropy) or a non-negative integer."""
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"{name} must be None or a non-negative integer, got {type(seed).__name__}")
+    if seed < 0:
+        raise ValueError(f"{name} must be None or a non-negative integer, got {seed}")
+    return int(seed)
+
+
+def check_optimizer(optimizer: Any, name: str = "optimizer") -> Any:
+    """Check that ``optimizer`` is an optimizer instance (``SGD(...)``, ``Adam(...)``), not a name or a class."""
+    from .optimizers import Optimizer  # optimizers import this module
+
+    if isinstance(optimizer, Optimizer):
+        return optimizer
+    if isinstance(optimizer, type) and issubclass(optimizer, Optimizer):
+        raise TypeError(f"{name} must be an optimizer instance such as {optimizer.__name__}(lr=0.01), "
+                        f"got the class {optimizer.__name__} itself")
+    what = repr(optimizer) if isinstance(optimizer, str) or optimizer is None else type(optimizer).__name__
+    raise TypeError(f"{name} must be a backprop optimizer (SGD, Adam), got {what}")
