@@ -266,8 +266,8 @@ def fit(net: MLP, X: Any, T: Any, *, epochs: int = 10, batch_size: int = 32, opt
     All data, every option, every value of ``schedule`` (one call per epoch, all made before the first step)
     and every callback's ``check_setup`` are checked before any parameter changes; the data is moved to the
     backend once (see :mod:`backprop.staging`). The steps read nothing back: the loss is summed on the
-    backend and read once per epoch. If the loss or a gradient becomes non-finite, the update of that step and of every later one
-    is skipped on the backend, and at the end of the epoch training stops with
+    backend and read once per epoch. If the loss or a gradient becomes non-finite, the update of that step
+    and of every later one is skipped on the backend, and at the end of the epoch training stops with
     :class:`~backprop.network.NonFiniteLossError` naming the epoch and step; the parameters and the
     optimizer's state are those from before the failing step.
     """
