@@ -138,6 +138,16 @@ import types as _types
 
 from tests import test_cupy_sources as _src_tests
 from tests import test_graph as _colmajor
+from tests.test_kernels import _targets
+
+
+def _tf32_layer(k, rng):
+    """A 256 -> 128 layer at batch 64 on the backend in float32: the float64 ``u`` it should give, its
+    device inputs, and the ``u`` of an ordinary (TF32 off) float32 forward pass."""
+    x, W, b = rng.normal(size=(64, 256)), rng.normal(size=(128, 256)) / 16, rng.normal(size=128)
+    xd, Wd, bd = (k.to_device(a, np.float32) for a in (x, W, b))
+    _, u32 = k.layer_forward(xd, Wd, bd, "identity", 0.0, True)
+    return x @ W.T + b, (xd, Wd, bd), u32
 
 
 class _FakeArray(np.ndarray):
@@ -1184,10 +1194,7 @@ def test_fake_tf32_through_nvmath(fake, rng):
     from backprop import SGD, graph
 
     k = fake
-    x, W, b = rng.normal(size=(64, 256)), rng.normal(size=(128, 256)) / 16, rng.normal(size=128)
-    u_ref = x @ W.T + b
-    xd, Wd, bd = (k.to_device(a, np.float32) for a in (x, W, b))
-    _, u32 = k.layer_forward(xd, Wd, bd, "identity", 0.0, True)
+    u_ref, (xd, Wd, bd), u32 = _tf32_layer(k, rng)
     k.set_tf32(True)
     try:
         _, utf = k.layer_forward(xd, Wd, bd, "identity", 0.0, True)
@@ -1196,7 +1203,7 @@ def test_fake_tf32_through_nvmath(fake, rng):
         g = k.capture(lambda: k.layer_forward(xd, Wd, bd, "identity", 0.0, True, y=y_graph, u=u_graph))
     finally:
         k.set_tf32(False)
-    k.layer_forward(*(k.to_device(a, np.float64) for a in (x, W, b)), "identity")  # float64
+    k.layer_forward(*(k.to_device(host(k, a), np.float64) for a in (xd, Wd, bd)), "identity")  # float64
     assert _Fake.modes_set == [0, 3, 0]  # set when it changes, on the backend's own handle
     assert _Fake.math_mode == 0  # CuPy's handle never touched
     e32, etf = _rel_fro(host(k, u32), u_ref), _rel_fro(host(k, utf), u_ref)
@@ -1227,10 +1234,7 @@ def test_fake_tf32_within_documented_tolerance(fake_cupy_blas, rng, monkeypatch,
     else:
         assert not hasattr(_cublas_lib, "CUBLAS_TF32_TENSOR_OP_MATH")
     assert k.CUBLAS_TF32_TENSOR_OP_MATH == _CUBLAS_TF32
-    x, W, b = rng.normal(size=(64, 256)), rng.normal(size=(128, 256)) / 16, rng.normal(size=128)
-    u_ref = x @ W.T + b
-    xd, Wd, bd = (k.to_device(a, np.float32) for a in (x, W, b))
-    _, u32 = k.layer_forward(xd, Wd, bd, "identity", 0.0, True)
+    u_ref, (xd, Wd, bd), u32 = _tf32_layer(k, rng)
     k.set_tf32(True)
     try:
         _, utf = k.layer_forward(xd, Wd, bd, "identity", 0.0, True)
@@ -1759,14 +1763,6 @@ def test_poisoned_sgd_update(k, rng, dtype, weight_decay, poisoned_memory):
         k.sgd_update(Wd, k.to_device(g, dtype), 0.01, weight_decay)
     ref.sgd_update(W, g, 0.01, weight_decay)
     np.testing.assert_allclose(host(k, Wd), W, **tol(dtype))
-
-
-def _targets(rng, loss, batch, n):
-    if loss == "cross_entropy":
-        return np.eye(n)[rng.integers(0, n, batch)]
-    if loss == "bce":
-        return rng.uniform(size=(batch, n))
-    return rng.normal(size=(batch, n))
 
 
 @gpu
