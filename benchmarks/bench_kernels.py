@@ -100,11 +100,12 @@ def test_weight_gradients(benchmark: Any, backend: Backend, n: int) -> None:
 
 
 @pytest.mark.parametrize("n", WIDTHS)
-def test_sgd_update_from_delta(benchmark: Any, backend: Backend, n: int) -> None:
-    """Plain SGD straight from the error, in place: ``W -= lr delta^T x``, no gradient buffer."""
+def test_sgd_update(benchmark: Any, backend: Backend, n: int) -> None:
+    """Plain SGD on one ``n x n`` weight matrix from its gradient, in place, guarded as in a training step."""
     a, k = _arrays(backend, n), backend.kernels
-    _run(benchmark, backend, lambda: k.sgd_update_from_delta(a["W"], a["b"], a["delta"], a["x"], 1e-7, 0.0),
-         2 * BATCH * n * n + 2 * n * (n + 1), n)
+    g = k.to_device(np.full((n, n), 1e-3), DTYPE)
+    guard = k.to_device(np.array([1.0, 0.0, 0.0, 0.0]), np.float64)  # the step may be applied
+    _run(benchmark, backend, lambda: k.sgd_update(a["W"], g, 1e-7, 0.0, guard=guard), 0, n)
 
 
 @pytest.mark.parametrize("n", WIDTHS)
