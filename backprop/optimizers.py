@@ -1,8 +1,12 @@
 """Optimizers: how one layer's gradients ``dE/dW``, ``dE/db`` become a parameter update.
 
 Each update is one fused in-place kernel per parameter array, given the step's guard: a step
-whose loss or gradients are not finite changes neither the parameters nor the optimizer's state
-(see :mod:`backprop.step`). Weight decay (L2) applies to weights, not biases.
+whose loss or gradients are not finite, or whose update would leave a parameter or a state value
+that is not finite (an ``lr`` too large for the gradients), changes neither the parameters nor
+the optimizer's state (see :mod:`backprop.step`). Weight decay (L2) applies to weights, not biases.
+
+Hyper-parameters are checked whenever they are set (``opt.lr = ...`` between steps, as schedules
+do) and again, against the network's dtype, when a step uses them (:meth:`Optimizer.check`).
 """
 
 from __future__ import annotations
@@ -18,11 +22,45 @@ from .validation import check_positive
 __all__ = ["SGD", "Adam", "Optimizer"]
 
 
+def _fraction(value: Any, name: str) -> float:
+    """A number in ``[0, 1)`` (momentum, Adam's betas)."""
+    value = check_positive(value, name, allow_zero=True)
+    if value >= 1:
+        raise ValueError(f"{name} must lie in [0, 1), got {value}")
+    return value
+
+
+class Hyper:
+    """A hyper-parameter checked by ``check(value, name)`` each time it is set; it lives in the
+    instance's ``__dict__`` under its own name (so ``vars(opt)`` lists it)."""
+
+    def __init__(self, check: Any) -> None:
+        self.check = check
+        self.name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        return self if obj is None else obj.__dict__[self.name]
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj.__dict__[self.name] = self.check(value, self.name)
+
+
+def _positive(value: Any, name: str) -> float:
+    return check_positive(value, name)
+
+
+def _non_negative(value: Any, name: str) -> float:
+    return check_positive(value, name, allow_zero=True)
+
+
 class Optimizer(ABC):
     """Base class. ``lr`` may be changed between steps (learning-rate schedules do so)."""
 
-    lr: float
-    weight_decay: float
+    lr = Hyper(_positive)
+    weight_decay = Hyper(_non_negative)
 
     def __init__(self) -> None:
         self.steps = 0
@@ -36,6 +74,20 @@ class Optimizer(ABC):
         """Called once per training step by :func:`backprop.step.train_step`, after ``guard_step`` and
         before the layers' :meth:`apply`: device work the whole step shares (Adam's bias corrections).
         It must read nothing back to the host (a CUDA graph records it). The base does nothing."""
+
+    def finish(self, kernels: ModuleType, guard: Any) -> None:
+        """Called once per training step after every layer's :meth:`apply`: device work the whole step
+        shares once the updates are done (Adam counts the applied step). The base does nothing."""
+
+    def check(self, dtype: Any = None) -> None:
+        """Check every hyper-parameter again (a step is about to use them) and, given the parameters'
+        ``dtype``, that each survives the cast to it: ``lr`` neither 0 nor infinite there."""
+        for name, value in vars(self).items():
+            attr = getattr(type(self), name, None)
+            if isinstance(attr, Hyper):
+                attr.check(value, name)
+        if dtype is not None:
+            _representable(self.lr, "lr", dtype)
 
     def reset(self) -> None:
         """Forget all state (velocities, moments, the step count)."""
@@ -62,53 +114,71 @@ class Optimizer(ABC):
                 for _, a in sorted(slots.items())]
 
     @abstractmethod
-    def apply(self, kernels: ModuleType, owner: Any, W: Any, b: Any, dW: Any, db: Any, guard: Any = None) -> None:
-        """Update ``W`` and ``b`` in place from their gradients ``dW``, ``db`` (when ``guard`` allows)."""
+    def apply(self, kernels: ModuleType, owner: Any, W: Any, b: Any, dW: Any, db: Any, guard: Any = None,
+              probe: bool = False) -> None:
+        """Update ``W`` and ``b`` in place from their gradients ``dW``, ``db`` (when ``guard`` allows);
+        ``probe=True``: change nothing, but fail the step in ``guard`` if the update would leave a value
+        that is not finite (see :mod:`backprop.kernels.contract`)."""
+
+
+def _representable(value: float, name: str, dtype: Any) -> None:
+    """``value`` (positive) must stay positive and finite once cast to ``dtype``."""
+    dt = np.dtype(dtype)
+    with np.errstate(over="ignore", under="ignore"):
+        cast = float(dt.type(value))
+    if not (np.isfinite(cast) and cast > 0):
+        raise ValueError(f"{name}={value} is {cast} in {dt.name}: the parameters' dtype cannot hold it")
 
 
 class SGD(Optimizer):
     """Stochastic gradient descent, ``W <- W - eta dE/dW``, with optional (Nesterov) momentum."""
 
+    momentum = Hyper(_fraction)
+
     def __init__(self, lr: float = 0.01, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0):
         super().__init__()
-        self.lr = check_positive(lr, "lr")
-        self.momentum = check_positive(momentum, "momentum", allow_zero=True)
-        if self.momentum >= 1:
-            raise ValueError(f"momentum must lie in [0, 1), got {momentum}")
-        if nesterov and self.momentum == 0:
-            raise ValueError("nesterov momentum needs momentum > 0")
+        self.lr = lr
+        self.momentum = momentum
         self.nesterov = bool(nesterov)
-        self.weight_decay = check_positive(weight_decay, "weight_decay", allow_zero=True)
+        self.weight_decay = weight_decay
+        self.check()
+
+    def check(self, dtype: Any = None) -> None:
+        super().check(dtype)
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov momentum needs momentum > 0")
 
     def __repr__(self) -> str:
         return (f"SGD(lr={self.lr}, momentum={self.momentum}, nesterov={self.nesterov}, "
                 f"weight_decay={self.weight_decay})")
 
-    def apply(self, kernels: ModuleType, owner: Any, W: Any, b: Any, dW: Any, db: Any, guard: Any = None) -> None:
+    def apply(self, kernels: ModuleType, owner: Any, W: Any, b: Any, dW: Any, db: Any, guard: Any = None,
+              probe: bool = False) -> None:
         if self.momentum == 0:
-            kernels.sgd_update(W, dW, self.lr, self.weight_decay, guard=guard)
-            kernels.sgd_update(b, db, self.lr, 0.0, guard=guard)
+            kernels.sgd_update(W, dW, self.lr, self.weight_decay, guard=guard, probe=probe)
+            kernels.sgd_update(b, db, self.lr, 0.0, guard=guard, probe=probe)
             return
         s = self._slots(owner, kernels, W, b, ("velocity",))
         kernels.momentum_update(W, dW, s["velocity_W"], self.lr, self.momentum, self.nesterov, self.weight_decay,
-                                guard=guard)
-        kernels.momentum_update(b, db, s["velocity_b"], self.lr, self.momentum, self.nesterov, 0.0, guard=guard)
+                                guard=guard, probe=probe)
+        kernels.momentum_update(b, db, s["velocity_b"], self.lr, self.momentum, self.nesterov, 0.0, guard=guard,
+                                probe=probe)
 
 
 class Adam(Optimizer):
     """Adam (Kingma and Ba), with bias-corrected first and second moments."""
 
+    beta1 = Hyper(_fraction)
+    beta2 = Hyper(_fraction)
+    eps = Hyper(_positive)
+
     def __init__(self, lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
                  weight_decay: float = 0.0):
         super().__init__()
-        self.lr = check_positive(lr, "lr")
-        for name, beta in (("beta1", beta1), ("beta2", beta2)):
-            check_positive(beta, name, allow_zero=True)
-            if beta >= 1:
-                raise ValueError(f"{name} must lie in [0, 1), got {beta}")
-        self.beta1, self.beta2 = float(beta1), float(beta2)
-        self.eps = check_positive(eps, "eps")
-        self.weight_decay = check_positive(weight_decay, "weight_decay", allow_zero=True)
+        self.lr = lr
+        self.beta1, self.beta2 = beta1, beta2
+        self.eps = eps
+        self.weight_decay = weight_decay
         #: (id(kernels), dtype) -> (kernels, step count, bias corrections) on that backend's device
         self._device: dict[tuple[int, str], tuple[Any, Any, Any]] = {}
         self._corrections: Any = None  # the corrections of the current step, set by prepare
@@ -132,30 +202,43 @@ class Adam(Optimizer):
             self._device[key] = entry
         return entry[1], entry[2]
 
+    def check(self, dtype: Any = None) -> None:
+        """:meth:`Optimizer.check`, and ``eps`` must not round to 0 in ``dtype`` (a zero gradient would
+        then give ``0 / 0``)."""
+        super().check(dtype)
+        if dtype is not None:
+            _representable(self.eps, "eps", dtype)
+
     def begin_step(self) -> None:
         super().begin_step()
         self._corrections = None
 
     def prepare(self, kernels: ModuleType, guard: Any, dtype: Any) -> None:
-        """The step's bias corrections on the device (``kernels.adam_corrections``): the device count
-        goes up by one and ``corrections = (lr / (1 - beta1^t), 1 - beta2^t)``, unless the guard says
-        the step is not applied (then nothing changes, as the host's ``steps`` is put back)."""
+        """The step's bias corrections on the device (``kernels.adam_corrections``): ``corrections = (lr /
+        (1 - beta1^t), 1 - beta2^t)`` for ``t`` = the device's count of applied steps + 1."""
         count, corrections = self._counter(kernels, dtype)
-        kernels.adam_corrections(count, self.lr, self.beta1, self.beta2, corrections, guard=guard)
+        kernels.adam_corrections(count, self.lr, self.beta1, self.beta2, corrections)
         self._corrections = corrections
+
+    def finish(self, kernels: ModuleType, guard: Any) -> None:
+        """The device count goes up by one, unless the guard says the step was not applied (then nothing
+        changed, as the host's ``steps`` is put back)."""
+        if self._corrections is not None:
+            kernels.count_step(self._counter(kernels, self._corrections.dtype)[0], guard)
 
     def state_arrays(self, owners: Any = None) -> list[Any]:
         """The moments held for ``owners``, then the device step counts and corrections (every step
         reads and writes them, whatever the layers)."""
         return super().state_arrays(owners) + [a for _, *arrays in self._device.values() for a in arrays]
 
-    def apply(self, kernels: ModuleType, owner: Any, W: Any, b: Any, dW: Any, db: Any, guard: Any = None) -> None:
+    def apply(self, kernels: ModuleType, owner: Any, W: Any, b: Any, dW: Any, db: Any, guard: Any = None,
+              probe: bool = False) -> None:
         s = self._slots(owner, kernels, W, b, ("m", "v"))
         # the device corrections of this step (prepare), else the host count (an update without prepare)
         t: Any = self._corrections
         if t is None or t.dtype != W.dtype:
             t = max(self.steps, 1)
         kernels.adam_update(W, dW, s["m_W"], s["v_W"], self.lr, self.beta1, self.beta2, self.eps, t,
-                            self.weight_decay, guard=guard)
+                            self.weight_decay, guard=guard, probe=probe)
         kernels.adam_update(b, db, s["m_b"], s["v_b"], self.lr, self.beta1, self.beta2, self.eps, t, 0.0,
-                            guard=guard)
+                            guard=guard, probe=probe)

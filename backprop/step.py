@@ -10,8 +10,10 @@ backward pass into one flat gradient buffer, guarded update.
 Every buffer lives in a :class:`Workspace`, allocated once per (network, batch size) and reused,
 so a steady-state step allocates nothing. The whole step reads nothing back to the host: a
 device-side guard (:func:`~backprop.kernels.numpy_ref.guard_step`) decides whether the update
-may be applied, and the updates of a step whose loss or gradients are not finite are skipped
-on the device, leaving the parameters and the optimizer's state bit for bit as they were.
+may be applied: the loss and every gradient must be finite, and then every update is probed
+(computed without being written) before any is applied, so that an update which would itself
+overflow fails the step too. The updates of a failed step are skipped on the device, leaving
+the parameters and the optimizer's state bit for bit as they were.
 ``MLP.train_step``, ``MLP.loss_and_grads``, ``fit``, evaluation and graph capture all run the
 functions of this module.
 """
@@ -172,17 +174,23 @@ def backward(net: MLP, ws: Workspace, x: Array, dW: list[Array] | None = None,
 def train_step(net: MLP, ws: Workspace, x: Array, t: Array, optimizer: Optimizer, guard: Guard,
                weight: float = 1.0) -> None:
     """One step on the batch ``(x, t)``: forward, error, backward, then the update, applied only when
-    the guard finds the loss and every gradient finite (see the module docstring). Nothing is read
-    back; ``guard`` keeps the tally (``weight * loss`` summed over the applied steps)."""
+    the guard finds the loss and every gradient finite and no update would leave a value that is
+    not finite (see the module docstring). Nothing is read back; ``guard`` keeps the tally
+    (``weight * loss`` summed over the steps whose loss and gradients were finite)."""
     forward(net, ws, x)
     loss = output_error(net, ws, t)
     backward(net, ws, x)
     k = net.backend.kernels
-    k.guard_step(guard.array, loss, ws.grads, weight)
+    g = guard.array
+    k.guard_step(g, loss, ws.grads, weight)
     optimizer.begin_step()
-    optimizer.prepare(k, guard.array, net.dtype)  # step-wide device work (Adam's bias corrections)
-    for layer, dW, db in zip(net.layers, ws.dW, ws.db):
-        optimizer.apply(k, layer, layer.W, layer.b, dW, db, guard.array)
+    optimizer.prepare(k, g, net.dtype)  # step-wide device work (Adam's bias corrections)
+    layers = list(zip(net.layers, ws.dW, ws.db))
+    for layer, dW, db in layers:
+        optimizer.apply(k, layer, layer.W, layer.b, dW, db, g, probe=True)
+    for layer, dW, db in layers:
+        optimizer.apply(k, layer, layer.W, layer.b, dW, db, g)
+    optimizer.finish(k, g)  # step-wide device work after the updates (Adam counts the applied step)
 
 
 # --------------------------------------------------------------------------- the guard

@@ -15,7 +15,12 @@ Conventions shared by every primitive:
   returned; without them the primitive allocates. A training step that passes them allocates
   nothing;
 * ``guard`` is the ``(4,)`` float64 status array of :func:`guard_step`; an update given a guard
-  changes nothing (bit for bit) unless ``guard[0] == 1``.
+  changes nothing (bit for bit) unless ``guard[0] == 1``;
+* ``probe=True`` (updates, with a guard): write nothing but the guard. When the update would
+  leave a value that is not finite in ``p`` or in the optimizer's state, the step fails as if
+  its gradient were not finite (``guard[0] = 0``, ``guard[2] = guard[1]`` unless an earlier
+  step failed). A step probes every update before it applies any, so an update that itself
+  overflows is never applied; the probe computes what the update computes, term for term.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ Array = Any
 GUARD_OK = 0  #: 1.0 when the current step may be applied, else 0.0
 GUARD_STEPS = 1  #: steps seen since the guard was made
 GUARD_FAILED = 2  #: number (from 1) of the first step that was not finite; 0.0 while none was
-GUARD_LOSS_SUM = 3  #: sum of ``weight * loss`` over the applied steps
+GUARD_LOSS_SUM = 3  #: sum of ``weight * loss`` over the steps with finite loss and gradients (read while none failed)
 GUARD_SIZE = 4
 
 #: Layout of the host array returned by ``array_stats`` (float64, length ``STATS_SIZE``).
@@ -95,17 +100,20 @@ class KernelModule(Protocol):
     # ---------------------------------------------------------------- the guarded updates
     def guard_step(self, guard: Array, loss: Array, grads: Array, weight: float = 1.0) -> None: ...
     def sgd_update(self, p: Array, g: Array, lr: float, weight_decay: float = 0.0,
-                   guard: Array | None = None) -> None: ...
+                   guard: Array | None = None, probe: bool = False) -> None: ...
     def momentum_update(self, p: Array, g: Array, v: Array, lr: float, momentum: float, nesterov: bool = False,
-                        weight_decay: float = 0.0, guard: Array | None = None) -> None: ...
-    def adam_corrections(self, count: Array, lr: float, beta1: float, beta2: float, out: Array,
-                         guard: Array | None = None) -> None:
-        """Adam's bias corrections kept on the backend: unless ``guard`` says no, ``count[0] += 1`` (a
-        float64 ``(1,)`` array, the applied steps), ``t = count[0]``, ``out[0] = lr / (1 - beta1^t)``,
-        ``out[1] = 1 - beta2^t``, in float64 rounded to ``out``'s dtype (a ``(2,)`` array of the
-        parameters' dtype). One single-thread kernel on a GPU, no host read."""
+                        weight_decay: float = 0.0, guard: Array | None = None, probe: bool = False) -> None: ...
+    def adam_corrections(self, count: Array, lr: float, beta1: float, beta2: float, out: Array) -> None:
+        """Adam's bias corrections for the coming step, kept on the backend: ``t = count[0] + 1``
+        (``count`` a float64 ``(1,)`` array of the applied steps, left as it is), ``out[0] = lr / (1 -
+        beta1^t)``, ``out[1] = 1 - beta2^t``, in float64 rounded to ``out``'s dtype (a ``(2,)`` array of
+        the parameters' dtype). One single-thread kernel on a GPU, no host read."""
+    def count_step(self, count: Array, guard: Array | None = None) -> None:
+        """``count[0] += 1`` (a float64 ``(1,)`` array) unless ``guard`` says the step is not applied:
+        the device's count of applied steps (Adam's ``t``), advanced after the step's updates."""
     def adam_update(self, p: Array, g: Array, m: Array, v: Array, lr: float, beta1: float, beta2: float,
-                    eps: float, step: int | Array, weight_decay: float = 0.0, guard: Array | None = None) -> None:
+                    eps: float, step: int | Array, weight_decay: float = 0.0, guard: Array | None = None,
+                    probe: bool = False) -> None:
         """Adam in place; ``step`` the step number ``t`` (corrections from the host, from ``lr``) or the
         ``out`` array of :meth:`adam_corrections` (``lr / c1`` and ``c2`` read on the device, ``lr``
         ignored); both forms give the same bits for the same ``t``."""

@@ -732,51 +732,71 @@ def guard_step(guard: Array, loss: Array, grads: Array, weight: float = 1.0) -> 
 
 
 # --------------------------------------------------------------------------- optimizers
-def _update(name: str, guard: Array | None, ins: tuple, outs: tuple) -> None:
+def _update(name: str, guard: Array | None, ins: tuple, outs: tuple, probe: bool = False) -> None:
     """Launch update kernel ``name`` on ``ins`` (gradient and scalars) and ``outs`` (updated in place), or
-    its guarded variant, which reads ``guard[0]`` on the device and writes nothing unless it is 1.0."""
-    if guard is None:
+    its guarded variant, which reads ``guard[0]`` on the device and writes nothing unless it is 1.0, or
+    (``probe``) its raw ``_probe`` twin, which writes nothing but the guard's verdict."""
+    if probe:
+        if guard is None:
+            raise ValueError("probe=True needs the step's guard")
+        n = outs[0].size
+        if n:
+            blocks = max(1, min((n + src.BLOCK - 1) // src.BLOCK, src.MAX_GUARD_BLOCKS))
+            _raw(f"{name}_probe", outs[0].dtype)((blocks,), (src.BLOCK,),
+                                                 (*ins, *outs, _guard_bits(guard), np.int64(n)))
+    elif guard is None:
         _ew(name)(*ins, *outs)
     else:
         _ew(f"{name}_guarded")(*ins, _guard_bits(guard), *outs)
 
 
-def sgd_update(p: Array, g: Array, lr: float, weight_decay: float = 0.0, guard: Array | None = None) -> None:
+def sgd_update(p: Array, g: Array, lr: float, weight_decay: float = 0.0, guard: Array | None = None,
+               probe: bool = False) -> None:
     """Plain SGD, in place, one fused kernel: ``p <- p - eta (g + lambda p)``."""
     d = p.dtype
-    _update("bp_sgd", guard, (g, _scalar(lr, d), _scalar(weight_decay, d)), (p,))
+    _update("bp_sgd", guard, (g, _scalar(lr, d), _scalar(weight_decay, d)), (p,), probe)
 
 
 def momentum_update(
     p: Array, g: Array, v: Array, lr: float, momentum: float, nesterov: bool = False,
-    weight_decay: float = 0.0, guard: Array | None = None,
+    weight_decay: float = 0.0, guard: Array | None = None, probe: bool = False,
 ) -> None:
     """SGD with (Nesterov) momentum, in place, one fused kernel: ``v <- mu v + g'``, ``p <- p - eta v``
     (Nesterov: ``p <- p - eta (g' + mu v)``), ``g' = g + lambda p``."""
     d = p.dtype
     _update("bp_momentum", guard,
-            (g, _scalar(lr, d), _scalar(momentum, d), _scalar(weight_decay, d), np.int32(bool(nesterov))), (p, v))
+            (g, _scalar(lr, d), _scalar(momentum, d), _scalar(weight_decay, d), np.int32(bool(nesterov))), (p, v),
+            probe)
 
 
-def adam_corrections(count: Array, lr: float, beta1: float, beta2: float, out: Array,
-                     guard: Array | None = None) -> None:
-    """Adam's bias corrections kept on the device, one single-thread kernel (``bp_adam_corrections``), no
-    host read: unless ``guard`` says no, ``count[0] += 1`` (float64 ``(1,)``), ``t = count[0]``,
-    ``out[0] = lr / (1 - beta1^t)``, ``out[1] = 1 - beta2^t``, in double rounded to ``out``'s dtype."""
+def _check_count(count: Array) -> None:
     if count.dtype != np.float64 or tuple(count.shape) != (1,):
         raise ValueError(f"count must be a float64 array of shape (1,), got {count.dtype} {tuple(count.shape)}")
+
+
+def adam_corrections(count: Array, lr: float, beta1: float, beta2: float, out: Array) -> None:
+    """Adam's bias corrections for the coming step, kept on the device, one single-thread kernel
+    (``bp_adam_corrections``), no host read: ``t = count[0] + 1`` (float64 ``(1,)``, unchanged),
+    ``out[0] = lr / (1 - beta1^t)``, ``out[1] = 1 - beta2^t``, in double rounded to ``out``'s dtype."""
+    _check_count(count)
     if tuple(out.shape) != (2,):
         raise ValueError(f"out must be an array of shape (2,), got {tuple(out.shape)}")
+    _raw("bp_adam_corrections", out.dtype)(
+        (1,), (32,), (count, out, np.float64(lr), np.float64(beta1), np.float64(beta2)))
+
+
+def count_step(count: Array, guard: Array | None = None) -> None:
+    """``count[0] += 1`` on the device unless ``guard[0] != 1.0`` (``bp_count_step``, one thread)."""
+    _check_count(count)
     if guard is not None:
         _guard_bits(guard)  # checks it
-    _raw("bp_adam_corrections", out.dtype)(
-        (1,), (32,), (count, out, count if guard is None else guard, np.int64(guard is not None),
-                      np.float64(lr), np.float64(beta1), np.float64(beta2)))
+    _raw("bp_count_step", np.float64)((1,), (32,), (count, count if guard is None else guard,
+                                                    np.int64(guard is not None)))
 
 
 def adam_update(
     p: Array, g: Array, m: Array, v: Array, lr: float, beta1: float, beta2: float, eps: float,
-    step: Any, weight_decay: float = 0.0, guard: Array | None = None,
+    step: Any, weight_decay: float = 0.0, guard: Array | None = None, probe: bool = False,
 ) -> None:
     """Adam, in place, one fused kernel; bias corrections ``1 - beta^step`` computed on the host from an
     int ``step``, or read on the device from the corrections array of :func:`adam_corrections`
@@ -787,11 +807,13 @@ def adam_update(
         c1 = 1 - beta1**step
         c2 = 1 - beta2**step
         _update("bp_adam", guard,
-                (g, _scalar(lr / c1, d), *tail, _scalar(c2, d), _scalar(eps, d), _scalar(weight_decay, d)), (p, m, v))
+                (g, _scalar(lr / c1, d), *tail, _scalar(c2, d), _scalar(eps, d), _scalar(weight_decay, d)), (p, m, v),
+                probe)
     else:
         if step.dtype != d or tuple(step.shape) != (2,):
             raise TypeError(f"Adam's corrections must be a (2,) array of {d}, got {step.dtype} {tuple(step.shape)}")
-        _update("bp_adam_device", guard, (g, step, *tail, _scalar(eps, d), _scalar(weight_decay, d)), (p, m, v))
+        _update("bp_adam_device", guard, (g, step, *tail, _scalar(eps, d), _scalar(weight_decay, d)), (p, m, v),
+                probe)
 
 
 # --------------------------------------------------------------------------- CUDA graphs

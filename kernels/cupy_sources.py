@@ -15,11 +15,14 @@ The activation and loss formulas follow :mod:`backprop.kernels.numpy_ref` term b
 * ``LOSS_BODY[loss]``: per element, the loss term ``l`` (summed, then divided by the batch) and the
   output delta ``d``, from ``y``, ``u``, ``t``, the Huber threshold ``k``, ``alpha`` and ``batch``.
 
-The guard (``guard_step`` and the ``*_guarded`` updates, see :mod:`backprop.kernels.contract`) is a
-float64 ``(4,)`` array on the device. The updates read ``guard[0]`` through an int64 view of it and
-compare its bits with those of ``1.0``, so that float32 kernels stay free of double instructions;
-only the one-thread float64 bookkeeping of ``bp_guard_finish``, ``bp_add_to_total`` and
-``bp_adam_corrections`` computes in double (:data:`F64_KERNELS`).
+The guard (``guard_step``, the ``*_guarded`` updates and their ``*_probe`` twins, see
+:mod:`backprop.kernels.contract`) is a float64 ``(4,)`` array on the device. The updates read
+``guard[0]`` through an int64 view of it and compare its bits with those of ``1.0``, and the probes
+fail a step by writing its bits, so that float32 kernels stay free of double instructions; only
+the one-thread float64 bookkeeping of ``bp_guard_finish``, ``bp_add_to_total``,
+``bp_adam_corrections`` and ``bp_count_step`` computes in double (:data:`F64_KERNELS`). Each probe
+is generated from its update's ElementwiseKernel operation (:func:`probe_kernel`), so both compute
+the same terms.
 """
 
 from __future__ import annotations
@@ -101,6 +104,13 @@ __device__ __forceinline__ T bp_neg_inf() { return (T)__int_as_float(0xff800000)
 __device__ __forceinline__ bool bp_finite(float v) { return (__float_as_int(v) & 0x7f800000) != 0x7f800000; }
 __device__ __forceinline__ bool bp_finite(double v) {
     return (__double_as_longlong(v) & 0x7ff0000000000000LL) != 0x7ff0000000000000LL;
+}
+
+/* A probe's failing verdict, through the int64 bits of the guard (no double arithmetic): guard[0] =
+   0.0, and guard[2] = guard[1] unless a step failed before. Racing threads write the same values. */
+__device__ __forceinline__ void bp_fail_step(long long* guard) {
+    guard[0] = 0LL;
+    if (guard[2] == 0LL) guard[2] = guard[1];
 }
 
 /* Butterfly reductions over the 32 lanes of a warp: every lane ends with the same bits. All 32
@@ -264,8 +274,7 @@ def elementwise_kernels() -> dict[str, ElementwiseSpec]:
         specs[f"bp_fwd_keep_{act}"] = _forward_keep_u(act)
         specs[f"bp_fwd_{act}"] = _forward_in_place(act)
         specs[f"bp_slope_{act}"] = _slope(act)
-    updates = (("bp_sgd", SGD), ("bp_momentum", MOMENTUM), ("bp_adam", ADAM), ("bp_adam_device", ADAM_DEVICE))
-    for name, spec in updates:
+    for name, spec in UPDATES.items():
         specs[name] = spec
         specs[f"{name}_guarded"] = _guarded(spec)
     specs["bp_one_hot"] = ONE_HOT
@@ -392,19 +401,67 @@ extern "C" __global__ void bp_add_to_total(const T* partial, long long blocks, d
 """
 
 ADAM_CORRECTIONS = r"""
-/* Adam's bias corrections kept on the device, one thread, in double on purpose (see
-   contract.adam_corrections): unless guarded and guard[0] != 1.0, count[0] += 1, t = count[0],
-   out[0] = lr / (1 - beta1^t), out[1] = 1 - beta2^t, each rounded to T. */
-extern "C" __global__ void bp_adam_corrections(double* count, T* out, const double* guard, long long guarded,
-                                               double lr, double beta1, double beta2) {
+/* Adam's bias corrections for the coming step, kept on the device, one thread, in double on purpose
+   (see contract.adam_corrections): t = count[0] + 1 (count unchanged), out[0] = lr / (1 - beta1^t),
+   out[1] = 1 - beta2^t, each rounded to T. */
+extern "C" __global__ void bp_adam_corrections(const double* count, T* out, double lr, double beta1, double beta2) {
     if (blockIdx.x != 0 || threadIdx.x != 0) return;
-    if (guarded && guard[0] != 1.0) return;
     const double t = count[0] + 1.0;
-    count[0] = t;
     out[0] = (T)(lr / (1.0 - pow(beta1, t)));
     out[1] = (T)(1.0 - pow(beta2, t));
 }
 """
+
+COUNT_STEP = r"""
+/* count[0] += 1, one thread, unless guarded and guard[0] != 1.0 (the applied steps, in double). */
+extern "C" __global__ void bp_count_step(double* count, const double* guard, long long guarded) {
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+    if (guarded && guard[0] != 1.0) return;
+    count[0] = count[0] + 1.0;
+}
+"""
+
+#: The ElementwiseKernels that update parameters in place, each with a ``_guarded`` and a ``_probe`` twin.
+UPDATES: dict[str, ElementwiseSpec] = {"bp_sgd": SGD, "bp_momentum": MOMENTUM, "bp_adam": ADAM,
+                                       "bp_adam_device": ADAM_DEVICE}
+
+_C_PARAM = {"T": "T", "int32": "int", "int64": "long long"}
+
+
+def _params(params: str) -> list[tuple[str, str]]:
+    """``(type, name)`` of each ElementwiseKernel parameter; a raw array's type keeps ``"raw "``."""
+    return [(" ".join(p.split()[:-1]), p.split()[-1]) for p in params.split(",") if p.strip()]
+
+
+def probe_kernel(name: str, spec: ElementwiseSpec) -> str:
+    """Raw kernel ``<name>_probe``: update ``spec``'s operation run on copies of the elements it
+    updates, writing nothing but the guard (the int64 view of it): the step fails
+    (``bp_fail_step``) when a result is not finite; nothing when ``guard[0] != 1.0``. Its parameters
+    are the update's in-params, then its out-params (read only), then ``guard`` and ``n``."""
+    in_params, out_params, operation = spec
+    args, loads = [], []
+    for typ, pname in _params(in_params):
+        if typ.startswith("raw "):
+            args.append(f"const {_C_PARAM[typ.split()[1]]}* {pname}")
+        elif pname in SCALAR_PARAMS:
+            args.append(f"{_C_PARAM[typ]} {pname}")
+        else:
+            args.append(f"const {_C_PARAM[typ]}* {pname}_in")
+            loads.append(f"const {_C_PARAM[typ]} {pname} = {pname}_in[i];")
+    outs = [pname for _, pname in _params(out_params)]
+    for typ, pname in _params(out_params):
+        args.append(f"const {_C_PARAM[typ]}* {pname}_in")
+        loads.append(f"{_C_PARAM[typ]} {pname} = {pname}_in[i];")
+    finite = " && ".join(f"bp_finite({o})" for o in outs)
+    return (f'extern "C" __global__ void {name}_probe({", ".join(args)}, long long* guard, long long n) {{\n'
+            f"    if (guard[0] != BP_GUARD_OK_BITS) return;\n"
+            f"    const long long stride = (long long)gridDim.x * blockDim.x;\n"
+            f"    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {{\n"
+            f"        {' '.join(loads)}\n"
+            f"        {operation}\n"
+            f"        if (!({finite})) {{ bp_fail_step(guard); return; }}\n"
+            f"    }}\n}}\n")
+
 
 _LOSS_KERNEL = r"""
 /* %(output)s + %(loss)s: delta = d per element and, per block, the sum of the loss terms l into
@@ -447,11 +504,12 @@ def _loss_kernel(output: str, loss: str) -> str:
 
 #: Names of the kernels of the raw module.
 RAW_KERNELS = ("bp_softmax_forward", "bp_softmax_xent", "bp_sum_scale", "bp_guard_scan", "bp_guard_finish",
-               "bp_sum_squares", "bp_add_to_total", "bp_adam_corrections")
+               "bp_sum_squares", "bp_add_to_total", "bp_adam_corrections", "bp_count_step",
+               *(f"{name}_probe" for name in UPDATES))
 
 #: Raw kernels that compute in double whatever ``T`` is: one thread's float64 bookkeeping (the guard,
 #: a running total, Adam's step count and bias corrections).
-F64_KERNELS = frozenset({"bp_guard_finish", "bp_add_to_total", "bp_adam_corrections"})
+F64_KERNELS = frozenset({"bp_guard_finish", "bp_add_to_total", "bp_adam_corrections", "bp_count_step"})
 
 
 def raw_kernel_names() -> list[str]:
@@ -460,7 +518,8 @@ def raw_kernel_names() -> list[str]:
 
 def raw_module_body() -> str:
     """Every raw kernel, without the typedef and preambles."""
-    return "\n".join([SOFTMAX_FORWARD, SOFTMAX_XENT, SUM_SCALE, GUARD_SCAN, GUARD_FINISH, SUM_SQUARES, ADAM_CORRECTIONS]
+    return "\n".join([SOFTMAX_FORWARD, SOFTMAX_XENT, SUM_SCALE, GUARD_SCAN, GUARD_FINISH, SUM_SQUARES, ADAM_CORRECTIONS,
+                      COUNT_STEP] + [probe_kernel(name, spec) for name, spec in UPDATES.items()]
                      + [_loss_kernel(o, loss) for o, loss in loss_pairs()])
 
 
@@ -479,6 +538,7 @@ __all__ = [
     "ADAM_CORRECTIONS",
     "ADAM_DEVICE",
     "BLOCK",
+    "COUNT_STEP",
     "CTYPES",
     "F64_KERNELS",
     "GUARD_FINISH",
@@ -495,9 +555,11 @@ __all__ = [
     "SCALAR_PARAMS",
     "SGD",
     "SUM_SQUARES",
+    "UPDATES",
     "elementwise_kernels",
     "loss_kernel_name",
     "loss_pairs",
+    "probe_kernel",
     "raw_kernel_names",
     "raw_module_body",
     "raw_module_source",

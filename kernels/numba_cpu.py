@@ -52,7 +52,8 @@ from . import numba_math as nm
 # arrays are NumPy arrays: these primitives are the reference's (array_stats: NumPy's min and max decide
 # finiteness in two vectorised passes, faster than a Numba pass that also switches the thread count)
 from .numpy_ref import (  # noqa: F401
-    adam_corrections, array_stats, count_correct, synchronize, to_device, to_host, zeros,
+    adam_corrections, array_stats, count_correct, count_step, fail_step, probing, synchronize, to_device, to_host,
+    zeros,
 )
 
 NAME = "numba"
@@ -518,6 +519,53 @@ def _adam(p, g, m, v, lr_c1, c2, b1, b2, eps, wd):  # pragma: no cover - compile
 
 
 @njit(**_JIT)
+def _sgd_probe(p, g, lr, wd):  # pragma: no cover - compiled
+    """How many elements of :func:`_sgd`'s result would not be finite (nothing written)."""
+    c = _consts(p)
+    bad = 0
+    if wd == c[nm.ZERO]:
+        for i in prange(p.shape[0]):
+            if not math.isfinite(p[i] - lr * g[i]):
+                bad += 1
+    else:
+        for i in prange(p.shape[0]):
+            if not math.isfinite(p[i] - lr * (g[i] + wd * p[i])):
+                bad += 1
+    return bad
+
+
+@njit(**_JIT)
+def _momentum_probe(p, g, v, lr, mu, nesterov, wd):  # pragma: no cover - compiled
+    """How many elements of :func:`_momentum`'s ``v`` and ``p`` would not be finite (nothing written)."""
+    bad = 0
+    for i in prange(p.shape[0]):
+        gd = g[i] + wd * p[i]
+        vi = mu * v[i] + gd
+        if nesterov:
+            pi = p[i] - lr * (gd + mu * vi)
+        else:
+            pi = p[i] - lr * vi
+        if not (math.isfinite(vi) and math.isfinite(pi)):
+            bad += 1
+    return bad
+
+
+@njit(**_JIT)
+def _adam_probe(p, g, m, v, lr_c1, c2, b1, b2, eps, wd):  # pragma: no cover - compiled
+    """How many elements of :func:`_adam`'s ``m``, ``v`` and ``p`` would not be finite (nothing written)."""
+    c = _consts(p)
+    bad = 0
+    for i in prange(p.shape[0]):
+        gd = g[i] + wd * p[i]
+        mi = b1 * m[i] + (c[nm.ONE] - b1) * gd
+        vi = b2 * v[i] + (c[nm.ONE] - b2) * gd * gd
+        pi = p[i] - lr_c1 * mi / (np.sqrt(vi / c2) + eps)
+        if not (math.isfinite(mi) and math.isfinite(vi) and math.isfinite(pi)):
+            bad += 1
+    return bad
+
+
+@njit(**_JIT)
 def _guard_step(guard, loss, grads, weight):  # pragma: no cover - compiled
     """The guard's bookkeeping (``guard`` float64, ``loss`` a 1-element view of the 0-d loss):
     ``guard[1] += 1``; ok when no step failed yet, the loss and every gradient are finite;
@@ -591,7 +639,8 @@ def _gather_rows(src, idx, out):  # pragma: no cover - compiled
 
 
 #: Every compiled kernel (the tests inspect their float32 code).
-KERNELS = (_all_finite, _bias_act, _slope_mul, _output_error, _colsum, _sgd, _momentum, _adam, _guard_step,
+KERNELS = (_all_finite, _bias_act, _slope_mul, _output_error, _colsum, _sgd, _momentum, _adam, _sgd_probe,
+           _momentum_probe, _adam_probe, _guard_step,
            _add_sum_of_squares, _one_hot, _gather_rows)
 #: Kernels that compute in float64 on purpose whatever their input's dtype, so the float32 check
 #: of the tests leaves them out: ``_guard_step`` keeps the float64 guard (step count, loss sum,
@@ -679,6 +728,12 @@ def _flat(a: np.ndarray) -> np.ndarray:
 def _skipped(guard: Array | None) -> bool:
     """True when a guard says this step must not be applied (the guard is a host array here)."""
     return guard is not None and guard[0] != 1.0
+
+
+def _verdict(guard: Array, bad: int) -> None:
+    """A probe's verdict on the (host) guard: the step fails when ``bad`` results were not finite."""
+    if bad:
+        fail_step(guard)
 
 
 # --------------------------------------------------------------------------- arrays
@@ -816,18 +871,23 @@ def add_sum_of_squares(total: Array, a: Array) -> None:
     _run(_add_sum_of_squares, flat.size, total, flat, _threads(flat.size))
 
 
-def sgd_update(p: Array, g: Array, lr: float, weight_decay: float = 0.0, guard: Array | None = None) -> None:
+def sgd_update(p: Array, g: Array, lr: float, weight_decay: float = 0.0, guard: Array | None = None,
+               probe: bool = False) -> None:
     """Plain SGD, in place, one fused pass: ``p <- p - eta (g + lambda p)`` (skipped when ``guard``
-    is given and ``guard[0] != 1``)."""
+    is given and ``guard[0] != 1``; ``probe``: the same pass, writing only the guard's verdict)."""
     if _skipped(guard):
         return
     dt = p.dtype.type
-    _run(_sgd, p.size, _flat(p), _c(g).reshape(-1), dt(lr), dt(weight_decay))
+    args = (_flat(p), _c(g).reshape(-1), dt(lr), dt(weight_decay))
+    if probing(guard, probe):
+        _verdict(guard, _run(_sgd_probe, p.size, *args))
+    else:
+        _run(_sgd, p.size, *args)
 
 
 def momentum_update(
     p: Array, g: Array, v: Array, lr: float, momentum: float, nesterov: bool = False,
-    weight_decay: float = 0.0, guard: Array | None = None,
+    weight_decay: float = 0.0, guard: Array | None = None, probe: bool = False,
 ) -> None:
     """SGD with (Nesterov) momentum, in place, one fused pass: ``g' = g + lambda p``,
     ``v <- mu v + g'``, ``p <- p - eta v`` (Nesterov: ``p <- p - eta (g' + mu v)``); ``p`` and
@@ -835,13 +895,16 @@ def momentum_update(
     if _skipped(guard):
         return
     dt = p.dtype.type
-    _run(_momentum, p.size, _flat(p), _c(g).reshape(-1), _flat(v), dt(lr), dt(momentum), bool(nesterov),
-         dt(weight_decay))
+    args = (_flat(p), _c(g).reshape(-1), _flat(v), dt(lr), dt(momentum), bool(nesterov), dt(weight_decay))
+    if probing(guard, probe):
+        _verdict(guard, _run(_momentum_probe, p.size, *args))
+    else:
+        _run(_momentum, p.size, *args)
 
 
 def adam_update(
     p: Array, g: Array, m: Array, v: Array, lr: float, beta1: float, beta2: float, eps: float,
-    step: Any, weight_decay: float = 0.0, guard: Array | None = None,
+    step: Any, weight_decay: float = 0.0, guard: Array | None = None, probe: bool = False,
 ) -> None:
     """Adam with bias corrections, in place, one fused pass: ``m <- b1 m + (1-b1) g'``,
     ``v <- b2 v + (1-b2) g'^2``, ``p <- p - eta m_hat / (sqrt(v_hat) + eps)`` with
@@ -855,5 +918,9 @@ def adam_update(
         lr_c1, c2 = dt(lr / (1.0 - beta1**step)), dt(1.0 - beta2**step)
     else:
         lr_c1, c2 = dt(step[0]), dt(step[1])
-    _run(_adam, p.size, _flat(p), _c(g).reshape(-1), _flat(m), _flat(v), lr_c1, c2, dt(beta1),
-         dt(beta2), dt(eps), dt(weight_decay))
+    args = (_flat(p), _c(g).reshape(-1), _flat(m), _flat(v), lr_c1, c2, dt(beta1), dt(beta2), dt(eps),
+            dt(weight_decay))
+    if probing(guard, probe):
+        _verdict(guard, _run(_adam_probe, p.size, *args))
+    else:
+        _run(_adam, p.size, *args)

@@ -596,60 +596,80 @@ def _guard(guard: Array | None) -> Any:
     return _nb(_always() if guard is None else guard)
 
 
-def sgd_update(p: Array, g: Array, lr: float, weight_decay: float = 0.0, guard: Array | None = None) -> None:
+def _probe_or_update(kernel: str, probe: bool, guard: Array | None) -> tuple[Any, Any]:
+    """The kernel to launch (the update, or its ``_probe`` twin) and the guard to give it."""
+    if probe and guard is None:
+        raise ValueError("probe=True needs the step's guard")
+    s = _get()
+    return getattr(s.k, f"{kernel}_probe" if probe else kernel), _guard(guard)
+
+
+def sgd_update(p: Array, g: Array, lr: float, weight_decay: float = 0.0, guard: Array | None = None,
+               probe: bool = False) -> None:
     """Plain SGD, in place, one fused kernel: ``p <- p - eta (g + lambda p)``; the kernel does
-    nothing when ``guard`` is given and ``guard[0] != 1`` (read on the device)."""
+    nothing when ``guard`` is given and ``guard[0] != 1`` (read on the device); ``probe``: its twin
+    computes the result and only fails the step in ``guard`` if an element would not be finite."""
     s = _get()
     dt = np.dtype(p.dtype).type
     n = _size(p)
+    kernel, gd = _probe_or_update("sgd", probe, guard)
     if n:
-        _launch(s.k.sgd, s.k.blocks(n), s.k.TPB, _flat(p), _flat(g), dt(lr), dt(weight_decay), _guard(guard))
+        _launch(kernel, s.k.blocks(n), s.k.TPB, _flat(p), _flat(g), dt(lr), dt(weight_decay), gd)
 
 
 def momentum_update(
     p: Array, g: Array, v: Array, lr: float, momentum: float, nesterov: bool = False,
-    weight_decay: float = 0.0, guard: Array | None = None,
+    weight_decay: float = 0.0, guard: Array | None = None, probe: bool = False,
 ) -> None:
     """SGD with (Nesterov) momentum, in place, one fused kernel: ``g' = g + lambda p``,
     ``v <- mu v + g'``, ``p <- p - eta v`` (Nesterov: ``p <- p - eta (g' + mu v)``); ``p`` and
-    ``v`` untouched when ``guard`` is given and ``guard[0] != 1`` (read on the device)."""
+    ``v`` untouched when ``guard`` is given and ``guard[0] != 1`` (read on the device); ``probe``
+    as in :func:`sgd_update`."""
     s = _get()
     dt = np.dtype(p.dtype).type
     n = _size(p)
+    kernel, gd = _probe_or_update("momentum", probe, guard)
     if n:
-        _launch(s.k.momentum, s.k.blocks(n), s.k.TPB, _flat(p), _flat(g), _flat(v), dt(lr), dt(momentum),
-                bool(nesterov), dt(weight_decay), _guard(guard))
+        _launch(kernel, s.k.blocks(n), s.k.TPB, _flat(p), _flat(g), _flat(v), dt(lr), dt(momentum),
+                bool(nesterov), dt(weight_decay), gd)
 
 
-def adam_corrections(count: Array, lr: float, beta1: float, beta2: float, out: Array,
-                     guard: Array | None = None) -> None:
-    """Adam's bias corrections on the device, one single-thread kernel, no host read: unless
-    ``guard`` says no, ``count[0] += 1`` (float64 ``(1,)``), ``t = count[0]``, ``out[0] = lr / (1 -
-    beta1^t)``, ``out[1] = 1 - beta2^t``, in float64 rounded to ``out``'s dtype."""
+def adam_corrections(count: Array, lr: float, beta1: float, beta2: float, out: Array) -> None:
+    """Adam's bias corrections for the coming step on the device, one single-thread kernel, no host
+    read: ``t = count[0] + 1`` (float64 ``(1,)``, unchanged), ``out[0] = lr / (1 - beta1^t)``,
+    ``out[1] = 1 - beta2^t``, in float64 rounded to ``out``'s dtype."""
     s = _get()
-    _launch(s.k.adam_corrections, 1, 1, _nb(count), _nb(out), float(lr), float(beta1), float(beta2),
-            _guard(guard))
+    _launch(s.k.adam_corrections, 1, 1, _nb(count), _nb(out), float(lr), float(beta1), float(beta2))
+
+
+def count_step(count: Array, guard: Array | None = None) -> None:
+    """``count[0] += 1`` on the device unless ``guard[0] != 1`` (one single-thread kernel)."""
+    s = _get()
+    _launch(s.k.count_step, 1, 1, _nb(count), _guard(guard))
 
 
 def adam_update(
     p: Array, g: Array, m: Array, v: Array, lr: float, beta1: float, beta2: float, eps: float,
-    step: Any, weight_decay: float = 0.0, guard: Array | None = None,
+    step: Any, weight_decay: float = 0.0, guard: Array | None = None, probe: bool = False,
 ) -> None:
     """Adam with bias corrections, in place, one fused kernel: ``m <- b1 m + (1-b1) g'``,
     ``v <- b2 v + (1-b2) g'^2``, ``p <- p - eta m_hat / (sqrt(v_hat) + eps)`` with
     ``g' = g + lambda p`` and corrections ``1 - b^step``: ``step`` an int (corrections from the host)
     or the corrections array of :func:`adam_corrections` (read on the device, ``lr`` unused); ``p``,
-    ``m``, ``v`` untouched when ``guard`` is given and ``guard[0] != 1`` (read on the device)."""
+    ``m``, ``v`` untouched when ``guard`` is given and ``guard[0] != 1`` (read on the device);
+    ``probe`` as in :func:`sgd_update`."""
     s = _get()
     dt = np.dtype(p.dtype).type
     n = _size(p)
+    host_step = isinstance(step, (int, np.integer))
+    kernel, gd = _probe_or_update("adam" if host_step else "adam_dev", probe, guard)
     if not n:
         return
-    if isinstance(step, (int, np.integer)):
+    if host_step:
         c1 = 1.0 - beta1**step
         c2 = 1.0 - beta2**step
-        _launch(s.k.adam, s.k.blocks(n), s.k.TPB, _flat(p), _flat(g), _flat(m), _flat(v), dt(lr / c1), dt(c2),
-                dt(beta1), dt(beta2), dt(eps), dt(weight_decay), _guard(guard))
+        _launch(kernel, s.k.blocks(n), s.k.TPB, _flat(p), _flat(g), _flat(m), _flat(v), dt(lr / c1), dt(c2),
+                dt(beta1), dt(beta2), dt(eps), dt(weight_decay), gd)
     else:
-        _launch(s.k.adam_dev, s.k.blocks(n), s.k.TPB, _flat(p), _flat(g), _flat(m), _flat(v), _nb(step),
-                dt(beta1), dt(beta2), dt(eps), dt(weight_decay), _guard(guard))
+        _launch(kernel, s.k.blocks(n), s.k.TPB, _flat(p), _flat(g), _flat(m), _flat(v), _nb(step),
+                dt(beta1), dt(beta2), dt(eps), dt(weight_decay), gd)

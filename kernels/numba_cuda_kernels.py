@@ -206,15 +206,102 @@ def adam_dev(p, g, m, v, corr, b1, b2, eps, wd, guard):  # pragma: no cover - co
 
 
 @cuda.jit
-def adam_corrections(count, out, lr, b1, b2, guard):  # pragma: no cover - compiled
-    """One thread, float64 on purpose: unless ``guard[0] != 1``, ``count[0] += 1``, ``t = count[0]``,
+def adam_corrections(count, out, lr, b1, b2):  # pragma: no cover - compiled
+    """One thread, float64 on purpose: ``t = count[0] + 1`` (the coming step; ``count`` unchanged),
     ``out[0] = lr / (1 - b1^t)``, ``out[1] = 1 - b2^t`` rounded to ``out``'s dtype."""
-    if cuda.grid(1) != 0 or guard[0] != 1.0:
+    if cuda.grid(1) != 0:
         return
     t = count[0] + 1.0
-    count[0] = t
     out[0] = lr / (1.0 - math.pow(b1, t))
     out[1] = 1.0 - math.pow(b2, t)
+
+
+@cuda.jit
+def count_step(count, guard):  # pragma: no cover - compiled
+    """One thread: ``count[0] += 1`` unless ``guard[0] != 1`` (the applied steps)."""
+    if cuda.grid(1) != 0 or guard[0] != 1.0:
+        return
+    count[0] += 1.0
+
+
+@cuda.jit(device=True)
+def fail_step(guard):  # pragma: no cover - compiled
+    """A probe's failing verdict: ``guard[0] = 0``, and ``guard[2] = guard[1]`` unless a step failed
+    before. Threads that race here all write the same values."""
+    guard[0] = 0.0
+    if guard[2] == 0.0:
+        guard[2] = guard[1]
+
+
+@cuda.jit(device=True)
+def finite(v):  # pragma: no cover - compiled
+    return not (math.isnan(v) or math.isinf(v))
+
+
+@cuda.jit
+def sgd_probe(p, g, lr, wd, guard):  # pragma: no cover - compiled
+    """:func:`sgd`'s result computed and not written: the step fails in ``guard`` if an element would
+    not be finite; nothing when ``guard[0] != 1``."""
+    if guard[0] != 1.0:
+        return
+    c = consts(p)
+    for i in range(cuda.grid(1), p.shape[0], cuda.gridsize(1)):
+        if wd == c[nm.ZERO]:
+            pi = p[i] - lr * g[i]
+        else:
+            pi = p[i] - lr * (g[i] + wd * p[i])
+        if not finite(pi):
+            fail_step(guard)
+            return
+
+
+@cuda.jit
+def momentum_probe(p, g, v, lr, mu, nesterov, wd, guard):  # pragma: no cover - compiled
+    """:func:`momentum`'s ``v`` and ``p`` computed and not written: the step fails in ``guard`` if an
+    element would not be finite; nothing when ``guard[0] != 1``."""
+    if guard[0] != 1.0:
+        return
+    for i in range(cuda.grid(1), p.shape[0], cuda.gridsize(1)):
+        gd = g[i] + wd * p[i]
+        vi = mu * v[i] + gd
+        if nesterov:
+            pi = p[i] - lr * (gd + mu * vi)
+        else:
+            pi = p[i] - lr * vi
+        if not (finite(vi) and finite(pi)):
+            fail_step(guard)
+            return
+
+
+@cuda.jit(device=True)
+def _adam_probe_body(p, g, m, v, lr_c1, c2, b1, b2, eps, wd, guard):  # pragma: no cover - compiled
+    """:func:`_adam_body`'s ``m``, ``v`` and ``p`` computed and not written; the step fails in ``guard``
+    if an element would not be finite."""
+    c = consts(p)
+    for i in range(cuda.grid(1), p.shape[0], cuda.gridsize(1)):
+        gd = g[i] + wd * p[i]
+        mi = b1 * m[i] + (c[nm.ONE] - b1) * gd
+        vi = b2 * v[i] + (c[nm.ONE] - b2) * gd * gd
+        pi = p[i] - lr_c1 * mi / (math.sqrt(vi / c2) + eps)
+        if not (finite(mi) and finite(vi) and finite(pi)):
+            fail_step(guard)
+            return
+
+
+@cuda.jit
+def adam_probe(p, g, m, v, lr_c1, c2, b1, b2, eps, wd, guard):  # pragma: no cover - compiled
+    """The probe of :func:`adam`; nothing when ``guard[0] != 1``."""
+    if guard[0] != 1.0:
+        return
+    _adam_probe_body(p, g, m, v, lr_c1, c2, b1, b2, eps, wd, guard)
+
+
+@cuda.jit
+def adam_dev_probe(p, g, m, v, corr, b1, b2, eps, wd, guard):  # pragma: no cover - compiled
+    """The probe of :func:`adam_dev`; nothing when ``guard[0] != 1``."""
+    if guard[0] != 1.0:
+        return
+    _adam_probe_body(p, g, m, v, corr[0], corr[1], b1, b2, eps, wd, guard)
 
 
 @cuda.jit
@@ -537,8 +624,9 @@ def kernels_for(dtype_name: str) -> SimpleNamespace:
 #: The kernels that do not depend on a dtype at definition time.
 ELEMENTWISE: dict[str, Any] = {
     "bias_act": bias_act, "bias_softmax": bias_softmax, "slope_mul": slope_mul, "loss_rows": loss_rows,
-    "sgd": sgd, "momentum": momentum, "adam": adam, "adam_dev": adam_dev,
-    "adam_corrections": adam_corrections, "count_nonfinite": count_nonfinite,
+    "sgd": sgd, "momentum": momentum, "adam": adam, "adam_dev": adam_dev, "sgd_probe": sgd_probe,
+    "momentum_probe": momentum_probe, "adam_probe": adam_probe, "adam_dev_probe": adam_dev_probe,
+    "adam_corrections": adam_corrections, "count_step": count_step, "count_nonfinite": count_nonfinite,
     "guard_scan": guard_scan, "guard_update": guard_update, "sum_squares": sum_squares,
     "add_to_total": add_to_total, "one_hot": one_hot, "gather_rows": gather_rows,
     "cast_flat": cast_flat, "cast_2d": cast_2d, "stats_init": stats_init, "stats_flat": stats_flat,

@@ -490,48 +490,85 @@ def _with_decay(p: Array, g: Array, weight_decay: float) -> Array:
     return gd
 
 
-def sgd_update(p: Array, g: Array, lr: float, weight_decay: float = 0.0, guard: Array | None = None) -> None:
+def probing(guard: Array | None, probe: bool) -> bool:
+    """True for a probe (which needs a guard to report to)."""
+    if probe and guard is None:
+        raise ValueError("probe=True needs the step's guard")
+    return probe
+
+
+def fail_step(guard: Array) -> None:
+    """A probe's failing verdict, as for a step whose gradient is not finite: ``guard[0] = 0`` and,
+    unless an earlier step failed, ``guard[2] = guard[1]`` (the ``GUARD_*`` layout)."""
+    guard[GUARD_OK] = 0.0
+    if float(guard[GUARD_FAILED]) == 0:
+        guard[GUARD_FAILED] = guard[GUARD_STEPS]
+
+
+def _fail_unless_finite(guard: Array, *arrays: Array) -> None:
+    """The probe's verdict: the step fails (:func:`fail_step`) unless every element of ``arrays`` is finite."""
+    for a in arrays:
+        flat = a.reshape(-1)
+        if not array_module(a).isfinite(flat, out=_scratch(a, "finite", bool, (flat.size,))).all():
+            fail_step(guard)
+            return
+
+
+def sgd_update(p: Array, g: Array, lr: float, weight_decay: float = 0.0, guard: Array | None = None,
+               probe: bool = False) -> None:
     """Plain SGD, in place: ``p <- p - eta (g + lambda p)``."""
     if _skipped(guard):
         return
-    step = array_module(p).multiply(_with_decay(p, g, weight_decay), lr, out=_scratch(p, "step"))
+    xm = array_module(p)
+    with np.errstate(over="ignore", invalid="ignore"):
+        step = xm.multiply(_with_decay(p, g, weight_decay), lr, out=_scratch(p, "step"))
+        if probing(guard, probe):
+            _fail_unless_finite(guard, xm.subtract(p, step, out=_scratch(p, "new_p")))
+            return
     p -= step
 
 
 def momentum_update(
     p: Array, g: Array, v: Array, lr: float, momentum: float, nesterov: bool = False,
-    weight_decay: float = 0.0, guard: Array | None = None,
+    weight_decay: float = 0.0, guard: Array | None = None, probe: bool = False,
 ) -> None:
     """SGD with (Nesterov) momentum, in place: ``g' = g + lambda p``, ``v <- mu v + g'``,
     ``p <- p - eta v`` (Nesterov: ``p <- p - eta (g' + mu v)``)."""
     if _skipped(guard):
         return
     xm = array_module(p)
-    gd = _with_decay(p, g, weight_decay)
-    v *= momentum
-    v += gd
-    step = _scratch(p, "step")
-    if nesterov:
-        xm.multiply(v, momentum, out=step)
-        step += gd
-        step *= lr
-    else:
-        xm.multiply(v, lr, out=step)
+    dry = probing(guard, probe)
+    with np.errstate(over="ignore", invalid="ignore"):
+        gd = _with_decay(p, g, weight_decay)
+        v_new = xm.multiply(v, momentum, out=_scratch(v, "new_v") if dry else v)
+        v_new += gd
+        step = _scratch(p, "step")
+        if nesterov:
+            xm.multiply(v_new, momentum, out=step)
+            step += gd
+            step *= lr
+        else:
+            xm.multiply(v_new, lr, out=step)
+        if dry:
+            _fail_unless_finite(guard, v_new, xm.subtract(p, step, out=_scratch(p, "new_p")))
+            return
     p -= step
 
 
-def adam_corrections(count: Array, lr: float, beta1: float, beta2: float, out: Array,
-                     guard: Array | None = None) -> None:
-    """Adam's bias corrections as backend data: unless ``guard`` says no, ``count[0] += 1``,
-    ``t = count[0]``, ``out[0] = lr / (1 - beta1^t)``, ``out[1] = 1 - beta2^t`` (float64, then
-    rounded to ``out``'s dtype: the numbers :func:`adam_update` computes from an int ``step``)."""
-    if _skipped(guard):
-        return
-    count[0] += 1
-    t = float(count[0])
+def adam_corrections(count: Array, lr: float, beta1: float, beta2: float, out: Array) -> None:
+    """Adam's bias corrections for the coming step as backend data: ``t = count[0] + 1`` (``count``
+    unchanged), ``out[0] = lr / (1 - beta1^t)``, ``out[1] = 1 - beta2^t`` (float64, then rounded to
+    ``out``'s dtype: the numbers :func:`adam_update` computes from an int ``step``)."""
+    t = float(count[0]) + 1.0
     dt = out.dtype.type
     out[0] = dt(lr / (1.0 - beta1**t))
     out[1] = dt(1.0 - beta2**t)
+
+
+def count_step(count: Array, guard: Array | None = None) -> None:
+    """``count[0] += 1`` unless ``guard`` says the step is not applied (the applied steps, Adam's ``t``)."""
+    if not _skipped(guard):
+        count[0] += 1
 
 
 def _corrections(p: Array, lr: float, beta1: float, beta2: float, step: Any) -> tuple[Any, Any]:
@@ -545,7 +582,7 @@ def _corrections(p: Array, lr: float, beta1: float, beta2: float, step: Any) -> 
 
 def adam_update(
     p: Array, g: Array, m: Array, v: Array, lr: float, beta1: float, beta2: float, eps: float,
-    step: Any, weight_decay: float = 0.0, guard: Array | None = None,
+    step: Any, weight_decay: float = 0.0, guard: Array | None = None, probe: bool = False,
 ) -> None:
     """Adam, in place: ``m <- b1 m + (1-b1) g``, ``v <- b2 v + (1-b2) g^2``,
     ``p <- p - eta m_hat / (sqrt(v_hat) + eps)`` with bias corrections ``1 - b^step``; ``step`` an
@@ -553,18 +590,23 @@ def adam_update(
     if _skipped(guard):
         return
     xm = array_module(p)
-    gd = _with_decay(p, g, weight_decay)
-    lr_c1, c2 = _corrections(p, lr, beta1, beta2, step)
-    t = _scratch(p, "step")
-    m *= beta1
-    m += xm.multiply(gd, 1 - beta1, out=t)
-    v *= beta2
-    xm.multiply(gd, gd, out=t)
-    t *= 1 - beta2
-    v += t
-    xm.divide(v, c2, out=t)
-    xm.sqrt(t, out=t)
-    t += eps
-    xm.divide(m, t, out=t)
-    t *= lr_c1
+    dry = probing(guard, probe)
+    with np.errstate(over="ignore", invalid="ignore"):
+        gd = _with_decay(p, g, weight_decay)
+        lr_c1, c2 = _corrections(p, lr, beta1, beta2, step)
+        t = _scratch(p, "step")
+        m_new = xm.multiply(m, beta1, out=_scratch(m, "new_m") if dry else m)
+        m_new += xm.multiply(gd, 1 - beta1, out=t)
+        v_new = xm.multiply(v, beta2, out=_scratch(v, "new_v") if dry else v)
+        xm.multiply(gd, gd, out=t)
+        t *= 1 - beta2
+        v_new += t
+        xm.divide(v_new, c2, out=t)
+        xm.sqrt(t, out=t)
+        t += eps
+        xm.divide(m_new, t, out=t)
+        t *= lr_c1
+        if dry:
+            _fail_unless_finite(guard, m_new, v_new, xm.subtract(p, t, out=_scratch(p, "new_p")))
+            return
     p -= t

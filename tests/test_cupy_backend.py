@@ -1028,8 +1028,8 @@ def test_fake_graph_adam_equals_plain_adam_bit_for_bit(fake, rng, monkeypatch, d
 
 
 def test_fake_adam_corrections_and_device_form(fake, rng):
-    """bp_adam_corrections (one thread, guarded or not) against the host numbers, and the update reading
-    them equal to the int form bit for bit."""
+    """bp_adam_corrections (one thread, for count + 1) against the host numbers, bp_count_step (guarded or
+    not), and the update reading the corrections equal to the int form bit for bit."""
     k = fake
     for dt in (np.float32, np.float64):
         count, corr = k.zeros((1,), np.float64), k.zeros((2,), dt)
@@ -1038,15 +1038,41 @@ def test_fake_adam_corrections_and_device_form(fake, rng):
         q, n, w = (k.to_device(host(k, a), dt) for a in (p, m, v))
         ok, bad = (k.to_device(np.array([x, 1.0, 0.0, 0.0]), np.float64) for x in (1.0, 0.0))
         for t in (1, 2, 3):
-            k.adam_corrections(count, 1e-2, 0.9, 0.99, corr, guard=None if t == 1 else ok)
+            k.adam_corrections(count, 1e-2, 0.9, 0.99, corr)
             want = np.array([dt(1e-2 / (1 - 0.9**t)), dt(1 - 0.99**t)], dtype=dt)
             np.testing.assert_array_equal(np.asarray(corr), want)
             k.adam_update(p, g, m, v, 9.0, 0.9, 0.99, 1e-8, corr, 0.01, guard=ok)
             k.adam_update(q, g, n, w, 1e-2, 0.9, 0.99, 1e-8, t, 0.01, guard=ok)
+            k.count_step(count, None if t == 1 else ok)
             for a, b in ((p, q), (m, n), (v, w)):
                 np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
-        k.adam_corrections(count, 1e-2, 0.9, 0.99, corr, guard=bad)
+        k.count_step(count, bad)
         assert np.asarray(count).tolist() == [3.0]
+
+
+def test_fake_probes_launch_the_raw_twins(fake, rng):
+    """probe=True launches each update's raw _probe kernel, which writes nothing but the guard: a finite
+    update leaves the guard as it was, one that overflows fails the step; the device-corrections form of
+    Adam has its own probe."""
+    k = fake
+    for dt in (np.float32, np.float64):
+        big = float(np.finfo(dt).max)
+        p, v, m = (k.to_device(rng.uniform(size=(3, 4)), dt) for _ in range(3))
+        before = [host(k, a) for a in (p, v, m)]
+        corr = k.to_device(np.array([0.1, 0.5]), dt)
+        for grad, ok in ((rng.normal(size=(3, 4)), True), (np.full((3, 4), big), False)):
+            g = k.to_device(grad, dt)
+            for probe in (lambda gd: k.sgd_update(p, g, 10.0, guard=gd, probe=True),
+                          lambda gd: k.momentum_update(p, g, v, 10.0, 0.9, True, guard=gd, probe=True),
+                          lambda gd: k.adam_update(p, g, m, v, 0.1, 0.9, 0.99, 1e-8, 2, guard=gd, probe=True),
+                          lambda gd: k.adam_update(p, g, m, v, 0.1, 0.9, 0.99, 1e-8, corr, guard=gd, probe=True)):
+                guard = k.to_device(np.array([1.0, 4.0, 0.0, 2.5]), np.float64)
+                _Fake.launches.clear()
+                probe(guard)
+                assert len(_Fake.launches) == 1 and _Fake.launches[0].endswith("_probe")
+                assert host(k, guard).tolist() == ([1.0, 4.0, 0.0, 2.5] if ok else [0.0, 4.0, 4.0, 2.5])
+                for a, b in zip((p, v, m), before):
+                    np.testing.assert_array_equal(host(k, a), b)
 
 
 def test_fake_graph_without_nvmath_refuses_clearly(fake_cupy_blas, rng):

@@ -526,24 +526,22 @@ def test_emulated_adam_device_equals_adam(emu, rng, step):
 
 
 def test_emulated_adam_corrections(emu):
-    """One thread counts the step and writes (lr / (1 - b1^t), 1 - b2^t) rounded to T, as the host does;
-    with a guard whose first entry is not 1.0 nothing changes; other threads write nothing."""
+    """One thread writes (lr / (1 - b1^t), 1 - b2^t) for t = count + 1, rounded to T, as the host does, and
+    leaves count as it was; other threads write nothing."""
     lr, b1, b2 = 3e-3, 0.9, 0.999
     count, out = np.array([4.0]), np.full(2, np.nan)
-    scal = {"lr": lr, "beta1": b1, "beta2": b2, "guarded": 0}
-    got = emu("bp_adam_corrections", 2, 64, {"count": count, "out": out, "guard": np.zeros(4)}, scal,
-              outputs=("count", "out"))
-    assert got["count"].tolist() == [5.0]
+    got = emu("bp_adam_corrections", 2, 64, {"count": count, "out": out}, {"lr": lr, "beta1": b1, "beta2": b2},
+              outputs=("out",))
     want = np.array([lr / (1 - b1**5.0), 1 - b2**5.0]).astype(emu.dtype)
     np.testing.assert_array_equal(got["out"], want)
-    for ok, changed in ((0.0, False), (np.nan, False), (1.0, True)):
-        got = emu("bp_adam_corrections", 1, 32, {"count": count, "out": out, "guard": np.array([ok, 1.0, 0.0, 0.0])},
-                  {**scal, "guarded": 1}, outputs=("count", "out"))
-        assert got["count"].tolist() == ([5.0] if changed else [4.0])
-        if changed:
-            np.testing.assert_array_equal(got["out"], want)
-        else:
-            assert np.isnan(got["out"]).all()
+
+
+def test_emulated_count_step(emu):
+    """count + 1 unguarded or under a guard whose first entry is 1.0; anything else leaves it."""
+    for guarded, ok, want in ((0, 0.0, 5.0), (1, 1.0, 5.0), (1, 0.0, 4.0), (1, np.nan, 4.0), (1, 2.0, 4.0)):
+        got = emu("bp_count_step", 2, 32, {"count": np.array([4.0]), "guard": np.array([ok, 1.0, 0.0, 0.0])},
+                  {"guarded": guarded}, outputs=("count",))
+        assert got["count"].tolist() == [want], (guarded, ok)
 
 
 def test_emulated_sgd(emu, rng):
@@ -591,6 +589,66 @@ def test_emulated_guarded_updates(emu, rng, kernel):
             np.testing.assert_array_equal(got[name].view(np.uint8), want.view(np.uint8), err_msg=f"{name}, ok={ok}")
         if ok == 1.0:
             assert not np.array_equal(got["_raw_p"], arrays["_raw_p"].astype(emu.dtype))
+
+
+def _probe_args(kernel: str, arrays: dict) -> dict:
+    """The emulator's arrays of ``<kernel>_probe`` (``g_in``, ``p_in``, ... for ``_raw_g``, ``_raw_p``)."""
+    return {name.replace("_raw_", "") + "_in": a for name, a in arrays.items()}
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("kernel", sorted(_UPDATES))
+def test_emulated_probes(emu, rng, kernel):
+    """Each probe computes its update's results (from the same operation) and writes nothing but the
+    guard: a finite update leaves the guard as it was; one element whose update overflows, anywhere in
+    the grid-stride loop, fails the step (guard[0] = 0, guard[2] = guard[1]) unless a step failed
+    before (guard[2] kept); a guard that says no is not looked at. The reference agrees on each verdict."""
+    scalars, outs = _UPDATES[kernel]
+    n = 70
+    big = float(np.finfo(emu.dtype).max)
+    arrays = {"_raw_g": rng.normal(size=n)}
+    for name in outs:
+        arrays[f"_raw_{name}"] = rng.uniform(size=n) if name == "v" else rng.normal(size=n)
+    scalars = {**scalars, "n": n}
+    bad = {**arrays, "_raw_g": arrays["_raw_g"].copy()}
+    bad["_raw_g"][n - 3] = big  # g^2 overflows, or p - lr g with p near -big
+    bad["_raw_p"] = arrays["_raw_p"].copy()
+    bad["_raw_p"][n - 3] = -0.95 * big
+    for arrs, guard, want in ((arrays, [1.0, 3.0, 0.0, 0.5], [1.0, 3.0, 0.0, 0.5]),
+                              (bad, [1.0, 3.0, 0.0, 0.5], [0.0, 3.0, 3.0, 0.5]),
+                              (bad, [1.0, 3.0, 2.0, 0.5], [0.0, 3.0, 2.0, 0.5]),
+                              (bad, [0.0, 3.0, 2.0, 0.5], [0.0, 3.0, 2.0, 0.5])):
+        got = emu(f"{kernel}_probe", 2, 32, {**_probe_args(kernel, arrs), "guard": np.array(guard).view(np.int64)},
+                  scalars, outputs=("guard",))
+        assert got["guard"].view(np.float64).tolist() == want, (guard, want)
+    # the update itself, on the bad element, is indeed not finite (the reference's verdict too)
+    ref_guard = np.array([1.0, 3.0, 0.0, 0.5])
+    s = {name: bad[f"_raw_{name}"].astype(emu.dtype) for name in ("g", *outs)}
+    if kernel == "bp_sgd":
+        ref.sgd_update(s["p"], s["g"], scalars["lr"], scalars["wd"], guard=ref_guard, probe=True)
+    elif kernel == "bp_momentum":
+        ref.momentum_update(s["p"], s["g"], s["v"], scalars["lr"], scalars["mu"], True, scalars["wd"],
+                            guard=ref_guard, probe=True)
+    else:
+        corr = np.array([scalars["lr_c1"], scalars["c2"]], dtype=emu.dtype)
+        ref.adam_update(s["p"], s["g"], s["m"], s["v"], 0.0, scalars["beta1"], scalars["beta2"], scalars["eps"], corr,
+                        scalars["wd"], guard=ref_guard, probe=True)
+    assert ref_guard.tolist() == [0.0, 3.0, 3.0, 0.5]
+
+
+def test_emulated_adam_device_probe_reads_its_corrections(emu, rng):
+    """bp_adam_device_probe takes (lr / c1, c2) from its corrections array: a huge lr / c1 there fails the
+    step, a small one does not."""
+    n = 40
+    arrays = {"g_in": rng.normal(size=n), "p_in": rng.normal(size=n), "m_in": rng.normal(size=n),
+              "v_in": rng.uniform(size=n)}
+    common = {"beta1": 0.9, "beta2": 0.999, "one_m_beta1": 0.1, "one_m_beta2": 1e-3, "eps": 1e-8, "wd": 0.0, "n": n}
+    big = float(np.finfo(emu.dtype).max)
+    for lr_c1, want in ((0.01, [1.0, 1.0, 0.0, 0.0]), (big, [0.0, 1.0, 1.0, 0.0])):
+        got = emu("bp_adam_device_probe", 1, 32,
+                  {**arrays, "corr": np.array([lr_c1, 0.5]), "guard": np.array([1.0, 1.0, 0.0, 0.0]).view(np.int64)},
+                  common, outputs=("guard",))
+        assert got["guard"].view(np.float64).tolist() == want
 
 
 def test_emulated_one_hot(emu, rng):

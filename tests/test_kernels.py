@@ -315,27 +315,24 @@ def test_adam_update(backend, small, rng, dtype, step):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_adam_corrections_count_and_guard(backend, dtype):
-    """count[0] += 1, out = (lr / (1 - b1^t), 1 - b2^t) rounded from float64 to the dtype, as the host
-    computes them for an int step; a failed guard changes nothing, an ok one counts."""
+def test_adam_corrections_and_count_step(backend, dtype):
+    """adam_corrections: out = (lr / (1 - b1^t), 1 - b2^t) for t = count + 1, rounded from float64 to the
+    dtype as the host computes them for an int step, count unchanged; count_step counts unless the guard
+    says no."""
     k = backend.kernels
     lr, b1, b2 = 3e-3, 0.9, 0.999
     count, out = k.zeros((1,), np.float64), k.zeros((2,), dtype)
     dt = np.dtype(dtype).type
     for t in range(1, 6):
         k.adam_corrections(count, lr, b1, b2, out)
-        assert host_copy(k, count).tolist() == [float(t)]
+        assert host_copy(k, count).tolist() == [float(t - 1)]
         want = np.array([dt(lr / (1 - b1**t)), dt(1 - b2**t)], dtype=dtype)
         np.testing.assert_array_equal(host_copy(k, out).view(np.uint8), want.view(np.uint8), err_msg=f"t={t}")
-    before_count, before_out = host_copy(k, count), host_copy(k, out)
+        k.count_step(count, _guard_with(k, 1.0) if t % 2 else None)
+    assert host_copy(k, count).tolist() == [5.0]
     for ok in (0.0, np.nan, 2.0):
-        k.adam_corrections(count, lr, b1, b2, out, guard=_guard_with(k, ok))
-        np.testing.assert_array_equal(host_copy(k, count), before_count)
-        np.testing.assert_array_equal(host_copy(k, out).view(np.uint8), before_out.view(np.uint8))
-    k.adam_corrections(count, lr, b1, b2, out, guard=_guard_with(k, 1.0))
-    assert host_copy(k, count).tolist() == [6.0]
-    want = np.array([dt(lr / (1 - b1**6)), dt(1 - b2**6)], dtype=dtype)
-    np.testing.assert_array_equal(host_copy(k, out), want)
+        k.count_step(count, _guard_with(k, ok))
+        assert host_copy(k, count).tolist() == [5.0]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -352,19 +349,21 @@ def test_adam_update_with_device_corrections_is_bit_identical(backend, small, rn
     for t in range(1, 6):
         g = k.to_device(rng.normal(size=s["g"].shape), dtype)
         guard = ok if t % 2 else None
-        k.adam_corrections(count, 2e-2, 0.9, 0.99, corr, guard=guard)
+        k.adam_corrections(count, 2e-2, 0.9, 0.99, corr)
         k.adam_update(host_form["p"], g, host_form["m"], host_form["v"], 2e-2, 0.9, 0.99, 1e-8, t, weight_decay,
                       guard=guard)
         k.adam_update(dev_form["p"], g, dev_form["m"], dev_form["v"], 123.0, 0.9, 0.99, 1e-8, corr, weight_decay,
                       guard=guard)
+        k.count_step(count, guard)
         for n in "pmv":
             a, b = host_copy(k, dev_form[n]), host_copy(k, host_form[n])
             np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8), err_msg=f"{n}, step {t}")
     failed = _guard_with(k, 0.0)
     before = {n: host_copy(k, dev_form[n]) for n in "pmv"}
-    k.adam_corrections(count, 2e-2, 0.9, 0.99, corr, guard=failed)
+    k.adam_corrections(count, 2e-2, 0.9, 0.99, corr)
     k.adam_update(dev_form["p"], g, dev_form["m"], dev_form["v"], 0.0, 0.9, 0.99, 1e-8, corr, weight_decay,
                   guard=failed)
+    k.count_step(count, failed)
     for n in "pmv":
         np.testing.assert_array_equal(host_copy(k, dev_form[n]), before[n])
     assert host_copy(k, count).tolist() == [5.0]
@@ -398,6 +397,89 @@ def test_update_with_failed_guard_leaves_state_bit_identical(backend, small, rng
     for n in "pmv":
         assert np.array_equal(host_copy(k, dev[n]), before[n]), f"{optimizer} changed {n} under a failed guard"
     assert np.array_equal(host_copy(k, guard), guard_before)
+
+
+def _apply_optimizer_probe(k, name, s, guard, corrections=None) -> None:
+    """:func:`_apply_optimizer`'s update as a probe (Adam from the device corrections when given)."""
+    if name == "sgd":
+        k.sgd_update(s["p"], s["g"], 0.05, 0.01, guard=guard, probe=True)
+    elif name in ("momentum", "nesterov"):
+        k.momentum_update(s["p"], s["g"], s["v"], 0.1, 0.9, name == "nesterov", 0.01, guard=guard, probe=True)
+    else:
+        step = 3 if corrections is None else corrections
+        k.adam_update(s["p"], s["g"], s["m"], s["v"], 1e-2, 0.9, 0.999, 1e-8, step, 0.01, guard=guard, probe=True)
+
+
+def _overflowing_state(rng, small, optimizer, dtype) -> dict[str, np.ndarray]:
+    """A state whose update overflows at one element (finite inputs, a result that is not)."""
+    s = _optimizer_state(rng, small)
+    big = float(np.finfo(dtype).max)
+    i = (1, 2)
+    if optimizer == "adam":  # g^2 overflows in v
+        s["g"][i] = big / 2
+    else:  # p - lr g overflows: p and -lr g both near the largest number
+        s["p"][i], s["g"][i] = big * 0.99, -big
+    return s
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_probe_writes_nothing_and_passes_a_finite_update(backend, small, rng, optimizer, dtype):
+    """A probe of a finite update leaves every array and the guard bit for bit as they were, and the
+    update it stands for is then applied as without a probe."""
+    k = backend.kernels
+    s = _optimizer_state(rng, small)
+    dev = {n: k.to_device(a, dtype) for n, a in s.items()}
+    guard = _guard_with(k, 1.0)
+    before = {n: host_copy(k, a) for n, a in dev.items()}
+    guard_before = host_copy(k, guard)
+    corr = None
+    if optimizer == "adam" and backend.name != "numpy":  # the device form too
+        corr = k.zeros((2,), dtype)
+        k.adam_corrections(k.to_device(np.array([2.0]), np.float64), 1e-2, 0.9, 0.999, corr)
+    _apply_optimizer_probe(k, optimizer, dev, guard, corr)
+    for n in "pgmv":
+        np.testing.assert_array_equal(host_copy(k, dev[n]).view(np.uint8), before[n].view(np.uint8), err_msg=n)
+    np.testing.assert_array_equal(host_copy(k, guard), guard_before)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the CUDA simulator's NumPy scalars
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_probe_of_an_overflowing_update_fails_the_step(backend, small, rng, optimizer, dtype):
+    """Finite parameters, gradients and state whose update overflows at one element: the probe fails the
+    step (ok = 0, the step's number recorded) and changes nothing else; the guarded update then changes
+    nothing. A second failure keeps the first failing step's number."""
+    k = backend.kernels
+    s = _overflowing_state(rng, small, optimizer, dtype)
+    dev = {n: k.to_device(a, dtype) for n, a in s.items()}
+    before = {n: host_copy(k, a) for n, a in dev.items()}
+    assert all(np.isfinite(a).all() for a in before.values())
+    want = np.zeros(GUARD_SIZE)
+    want[GUARD_OK], want[GUARD_STEPS], want[GUARD_FAILED], want[GUARD_LOSS_SUM] = 0.0, 2.0, 2.0, 1.5
+    guard = _guard_with(k, 1.0)
+    _apply_optimizer_probe(k, optimizer, dev, guard)
+    np.testing.assert_array_equal(host_copy(k, guard), want)
+    _apply_optimizer(k, optimizer, dev, guard=guard)
+    for n in "pgmv":
+        np.testing.assert_array_equal(host_copy(k, dev[n]).view(np.uint8), before[n].view(np.uint8), err_msg=n)
+    # the reference agrees that this update is not finite
+    ref_state = {n: a.astype(dtype) for n, a in s.items()}
+    with np.errstate(over="ignore", invalid="ignore"):
+        _apply_optimizer(ref, optimizer, ref_state)
+    assert not all(np.isfinite(ref_state[n]).all() for n in "pmv")
+    # an earlier failure is kept: a guard that failed at step 1 stays so
+    older = np.array([1.0, 2.0, 1.0, 1.5])
+    guard = k.to_device(older, np.float64)
+    _apply_optimizer_probe(k, optimizer, dev, guard)
+    np.testing.assert_array_equal(host_copy(k, guard), [0.0, 2.0, 1.0, 1.5])
+
+
+def test_probe_needs_a_guard(backend):
+    k = backend.kernels
+    p = k.to_device(np.ones(3), np.float64)
+    with pytest.raises(ValueError, match="probe=True needs the step's guard"):
+        k.sgd_update(p, p, 0.1, probe=True)
 
 
 # --------------------------------------------------------------------------- guard_step

@@ -175,6 +175,10 @@ sigs = {
     "sgd": (K.sgd, (A1, A1, f32, f32, G)), "momentum": (K.momentum, (A1, A1, A1, f32, f32, B, f32, G)),
     "adam": (K.adam, (A1, A1, A1, A1, f32, f32, f32, f32, f32, f32, G)),
     "adam_dev": (K.adam_dev, (A1, A1, A1, A1, A1, f32, f32, f32, f32, G)),
+    "sgd_probe": (K.sgd_probe, (A1, A1, f32, f32, G)),
+    "momentum_probe": (K.momentum_probe, (A1, A1, A1, f32, f32, B, f32, G)),
+    "adam_probe": (K.adam_probe, (A1, A1, A1, A1, f32, f32, f32, f32, f32, f32, G)),
+    "adam_dev_probe": (K.adam_dev_probe, (A1, A1, A1, A1, A1, f32, f32, f32, f32, G)),
     "count_nonfinite": (K.count_nonfinite, (A1, FLAG)), "guard_scan": (K.guard_scan, (A1, G, FLAG)),
     "one_hot": (K.one_hot, (types.int64[::1], A2)), "gather_rows": (K.gather_rows, (A2, types.int64[::1], A2)),
     "gemm": (ks.gemm, (A2, A2, A2, B, B)), "colsum": (ks.colsum, (A2, A1, f32, B)),
@@ -188,11 +192,15 @@ f64_sigs = {
     "cast_flat": (K.cast_flat, (f64[:], A1)), "cast_2d": (K.cast_2d, (f64[:, :], A2)),
     "sum_squares": (K.sum_squares, (A1, G)), "add_to_total": (K.add_to_total, (G, G)),
     "count_correct": (K.count_correct, (A2, A2, B, f32, G)),  # its float64 tally
-    "adam_corrections": (K.adam_corrections, (G, A1, f64, f64, f64, G)),  # one thread's float64 corrections
+    "adam_corrections": (K.adam_corrections, (G, A1, f64, f64, f64)),  # one thread's float64 corrections
+    "count_step": (K.count_step, (G, G)),  # one thread's float64 count
 }
-# the updates read the float64 guard once per thread (a load and a compare); nothing else in f64
-GUARD_READ = re.compile(r"^(\.reg \.f64\b|ld\.global(\.nc)?\.f64\b|setp\.\w+\.f64\b)")
-guarded = ("sgd", "momentum", "adam", "adam_dev", "guard_scan")
+# the updates read the float64 guard once per thread (a load and a compare), and the probes write their
+# verdict into it (stores, and the copy of guard[1] into guard[2]); nothing else in f64
+GUARD_READ = re.compile(r"^(\.reg \.f64\b|ld\.global(\.nc)?\.f64\b|setp\.\w+\.f64\b|st\.global\.f64\b|"
+                        r"mov\.f64\b)")
+guarded = ("sgd", "momentum", "adam", "adam_dev", "guard_scan", "sgd_probe", "momentum_probe", "adam_probe",
+           "adam_dev_probe")
 bad = {}
 for name, (kern, sig) in {**sigs, **f64_sigs}.items():
     try:
