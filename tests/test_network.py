@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import io
+import os
+import re
+import warnings
+import zipfile
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import backprop as bp
+from backprop.backend import resolve_backend
 from backprop.kernels import ACTIVATIONS, LOSSES
 
 HIDDEN = [n for n, s in ACTIVATIONS.items() if s.hidden and n != "step"]
@@ -292,3 +299,310 @@ def test_divergence_stops_with_epoch_and_step_and_keeps_last_finite_params(rng):
     for (W, b), (W0, b0) in zip(net.get_params(), before):
         np.testing.assert_array_equal(W, W0)
         np.testing.assert_array_equal(b, b0)
+
+
+# ----------------------------------------------------------------------------- no silent corruption: parameters
+CPU = [n for n in bp.available_backends() if not resolve_backend(n).is_gpu]
+
+
+def _assert_params_equal(net, before):
+    for (W, b), (W0, b0) in zip(net.get_params(), before):
+        assert W.dtype == W0.dtype and W.tobytes() == W0.tobytes()
+        assert b.dtype == b0.dtype and b.tobytes() == b0.tobytes()
+
+
+def _replace(params, layer, which, value):
+    """``params`` with ``W`` (``which`` 0) or ``b`` (1) of ``layer`` (0-based) replaced by ``value``."""
+    out = [list(p) for p in params]
+    out[layer][which] = value(out[layer][which]) if callable(value) else value
+    return [tuple(p) for p in out]
+
+
+@pytest.mark.parametrize("name", CPU)
+@pytest.mark.parametrize("make,error,match", [
+    (lambda p: _replace(p, 0, 0, lambda W: W.astype(np.complex128)), TypeError,
+     r"layer 1: W must hold real numbers, got complex128"),
+    (lambda p: _replace(p, 1, 1, lambda b: b.astype(str)), TypeError, r"layer 2: b must hold real numbers, got <U"),
+    (lambda p: _replace(p, 0, 0, lambda W: W.astype(object)), TypeError,
+     "layer 1: W must hold real numbers, got object"),
+    (lambda p: _replace(p, 0, 1, lambda b: b > 0), TypeError, "layer 1: b must hold real numbers, got bool"),
+    (lambda p: _replace(p, 0, 0, lambda W: np.full(W.shape, 1e39)), ValueError,
+     r"layer 1: W has values that are not finite in float32 \(first at index \(0, 0\): 1e\+39\)"),
+    (lambda p: _replace(p, 1, 1, lambda b: np.where(np.arange(b.size) == 1, np.nan, b)), ValueError,
+     r"layer 2: b has values that are not finite in float32 \(first at index \(1,\): nan\)"),
+    (lambda p: _replace(p, 1, 0, lambda W: -np.inf * np.ones(W.shape)), ValueError,
+     "layer 2: W has values that are not finite"),
+    (lambda p: _replace(p, 0, 0, [[1.0, 2.0], [3.0]]), ValueError, "layer 1: W cannot be read as an array"),
+    (lambda p: _replace(p, 0, 0, np.ones((3, 4))), ValueError, r"layer 1: expected W \(4, 3\)"),
+    (lambda p: {0: p[0], 1: p[1]}, TypeError, r"params must be a sequence of \(W, b\) pairs"),
+    (lambda p: "Wb", TypeError, r"params must be a sequence of \(W, b\) pairs"),
+    (lambda p: [p[0][0], p[1]], TypeError, r"layer 1: expected a \(W, b\) pair, got ndarray"),
+    (lambda p: [p[0] + (p[0][1],), p[1]], TypeError, r"layer 1: expected a \(W, b\) pair, got tuple of length 3"),
+    (lambda p: p[:1], ValueError, r"expected 2 \(W, b\) pairs, got 1"),
+])
+def test_set_params_refuses_hostile_arrays_before_any_change(name, make, error, match):
+    """Kinds are refused by name before any cast (no ComplexWarning, no numpy error), values are checked
+    after the cast to the network's dtype, and a refusal in layer 2 leaves layer 1 untouched."""
+    net = bp.MLP([3, 4, 2], activation="tanh", dtype="float32", seed=1, backend=name)
+    before = net.get_params()
+    params = [(W * 2 + 1, b + 1) for W, b in before]  # differ from the network's, so a partial update shows
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(error, match=match):
+            net.set_params(make(params))
+    _assert_params_equal(net, before)
+
+
+@pytest.mark.parametrize("name", CPU)
+def test_set_params_checks_finiteness_in_the_networks_dtype(name):
+    """1e39 is finite in float64 but not in float32; float32's largest value and integers are fine."""
+    big = [(np.full((2, 3), 1e39), np.zeros(2))]
+    net64 = bp.MLP([3, 2], dtype="float64", backend=name)
+    net64.set_params(big)
+    assert net64.get_params()[0][0][0, 0] == 1e39
+    net32 = bp.MLP([3, 2], dtype="float32", backend=name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the overflowing cast warns nothing
+        with pytest.raises(ValueError, match="not finite in float32"):
+            net32.set_params(big)
+        net32.set_params([(np.full((2, 3), float(np.finfo(np.float32).max)), np.arange(2, dtype=np.int64))])
+    W, b = net32.get_params()[0]
+    assert W.dtype == np.float32 and W[0, 0] == np.finfo(np.float32).max and b.tolist() == [0.0, 1.0]
+
+
+# ----------------------------------------------------------------------------- no silent corruption: files
+def _saved_net(tmp_path, name="numpy", dtype="float32", seed=7):
+    net = bp.MLP([3, 4, 2], activation="tanh", head="multiclass", dtype=dtype, seed=seed, backend=name)
+    path = tmp_path / "net.npz"
+    net.save(path)
+    return net, path
+
+
+def _members(path):
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+def _rewrite(path, **changes):
+    """Rewrite ``path`` with members replaced (``None`` removes one)."""
+    arrays = _members(path)
+    arrays.update(changes)
+    with open(path, "wb") as fh:
+        np.savez(fh, **{k: v for k, v in arrays.items() if v is not None})
+
+
+def _npy_member(header: dict, data: bytes) -> bytes:
+    """A ``.npy`` file with any header (a lying one included) and any data."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, header)
+    return buf.getvalue() + data
+
+
+def _no_build(monkeypatch):
+    """Make building a network fail the test: load must refuse the file before it builds anything."""
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("load built a network from a file it should have refused")
+    monkeypatch.setattr(bp.MLP, "__init__", refuse)
+
+
+def _flip(path, offset):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name", CPU)
+@pytest.mark.parametrize("seed", [7, 0, None, 2**70 + 3])
+def test_seed_round_trips_and_fit_after_load_is_reproducible(tmp_path, rng, name, seed):
+    net, path = _saved_net(tmp_path, name, seed=seed)
+    back = bp.MLP.load(path, backend=name)
+    assert back.seed == net.seed
+    if seed is None:
+        return
+    X, T = rng.normal(size=(40, 3)), rng.integers(0, 2, 40)
+    net.fit(X, T, epochs=3, batch_size=8, optimizer=bp.SGD(lr=0.1))
+    back.fit(X, T, epochs=3, batch_size=8, optimizer=bp.SGD(lr=0.1))
+    _assert_params_equal(back, net.get_params())
+
+
+def test_file_of_the_previous_format_without_seed_loads(tmp_path):
+    net, path = _saved_net(tmp_path)
+    _rewrite(path, seed=None)
+    back = bp.MLP.load(path, backend="numpy")
+    assert back.seed is None and back.sizes == net.sizes
+    _assert_params_equal(back, net.get_params())
+
+
+def test_missing_file_is_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        bp.MLP.load(tmp_path / "absent.npz")
+
+
+def test_save_writes_exactly_the_path_given(tmp_path):
+    net = bp.MLP([3, 2], seed=3, backend="numpy")
+    net.save(tmp_path / "weights.bin")
+    assert os.listdir(tmp_path) == ["weights.bin"]
+    assert bp.MLP.load(tmp_path / "weights.bin").seed == 3
+
+
+def test_failed_save_leaves_the_previous_file_intact(tmp_path, monkeypatch):
+    net, path = _saved_net(tmp_path)
+    before = path.read_bytes()
+
+    def broken_savez(fh, **arrays):
+        fh.write(b"PK\x03\x04 half a file")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(np, "savez", broken_savez)
+    net.set_params([(W + 1, b) for W, b in net.get_params()])
+    with pytest.raises(OSError, match="No space left"):
+        net.save(path)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["net.npz"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("damage,match", [
+    (lambda p: p.write_bytes(b""), "the file is empty"),
+    (lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]), "damaged: a truncated or corrupt zip"),
+    (lambda p: p.write_bytes(p.read_bytes()[:-10]), "damaged: a truncated or corrupt zip"),
+    (lambda p: p.write_bytes(b"sizes = [3, 4, 2]\n"), r"not a zip archive \(\.npz\)"),
+    (lambda p: np.save(open(p, "wb"), np.ones(3)), "a single .npy array, not an .npz archive"),
+    (lambda p: _rewrite(p, W1=None), "missing W1"),
+    (lambda p: _rewrite(p, activations=None), "missing activations"),
+    (lambda p: _rewrite(p, sizes=np.array([3.0, 4.0, 2.0])), "sizes must hold integers, got float64"),
+    (lambda p: _rewrite(p, sizes=np.array(3)), r"sizes must be a 1-D array of integers, got shape \(\)"),
+    (lambda p: _rewrite(p, sizes=np.array([3])), "at least 2 positive layer widths"),
+    (lambda p: _rewrite(p, sizes=np.array([3, 0, 2])), "at least 2 positive layer widths"),
+    (lambda p: _rewrite(p, sizes=np.array([3, 5, 2])), r"W0 must be shape \(5, 3\), got shape \(4, 3\)"),
+    (lambda p: _rewrite(p, W0=np.ones((4, 3), dtype=complex)), "W0 must hold real numbers, got complex128"),
+    (lambda p: _rewrite(p, b1=np.array(["1", "2"])), "b1 must hold real numbers, got <U1"),
+    (lambda p: _rewrite(p, W1=np.full((2, 4), 1e39)),
+     r"W1 has values that are not finite in float32 \(first at index \(0, 0\): 1e\+39\)"),
+    (lambda p: _rewrite(p, b0=np.array([0.0, np.nan, 0.0, 0.0])), "b0 has values that are not finite in float32"),
+    (lambda p: _rewrite(p, dtype=np.array("int32")), "dtype must be float32 or float64, got int32"),
+    (lambda p: _rewrite(p, activations=np.array(["swish2", "softmax"])), "unknown activation 'swish2'"),
+    (lambda p: _rewrite(p, alphas=np.array([np.nan, 0.0])), "alpha must be finite"),
+    (lambda p: _rewrite(p, loss=np.array(["hinge"])), r"loss must be a string, got shape \(1,\)"),
+    (lambda p: _rewrite(p, loss_param=np.array(1 + 1j)), "loss_param must hold real numbers"),
+    (lambda p: _rewrite(p, seed=np.array([-1])), "seed words must be non-negative"),
+    (lambda p: _rewrite(p, seed=np.array([1.5])), "seed must hold integers, got float64"),
+])
+def test_damaged_or_foreign_files_are_named_value_errors(tmp_path, monkeypatch, damage, match):
+    _, path = _saved_net(tmp_path)
+    damage(path)
+    _no_build(monkeypatch)
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))} is not a saved backprop network: .*{match}"):
+        bp.MLP.load(path)
+
+
+def test_configuration_the_network_refuses_names_the_file(tmp_path):
+    """An output/loss pair that makes no sense is refused by the constructor, before it allocates anything."""
+    _, path = _saved_net(tmp_path)
+    _rewrite(path, activations=np.array(["tanh", "tanh"]))
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))} is not a saved backprop network: .*does not go"):
+        bp.MLP.load(path)
+
+
+def test_crc_damage_inside_a_member_is_found(tmp_path, monkeypatch):
+    net, path = _saved_net(tmp_path)
+    W0 = net.get_params()[0][0]
+    _flip(path, path.read_bytes().index(W0.tobytes()) + 5)
+    _no_build(monkeypatch)
+    with pytest.raises(ValueError, match="damaged: CRC check failed for W0"):
+        bp.MLP.load(path)
+
+
+def test_object_arrays_are_refused_without_unpickling(tmp_path, monkeypatch):
+    _, path = _saved_net(tmp_path)
+    arrays = _members(path)
+    arrays["W0"] = np.array([_Trap()] * 12, dtype=object).reshape(4, 3)
+    with open(path, "wb") as fh:
+        np.savez(fh, **arrays)  # allow_pickle: this member is a pickle
+    _no_build(monkeypatch)
+    with pytest.raises(ValueError, match="W0 must hold real numbers, got object"):
+        bp.MLP.load(path)
+    assert not _SPRUNG
+
+
+_SPRUNG: list[int] = []
+
+
+def _spring() -> None:
+    _SPRUNG.append(1)
+
+
+class _Trap:
+    def __reduce__(self):
+        return _spring, ()
+
+
+@pytest.mark.parametrize("sizes", [[12000, 12000], [10**6, 10**6]])
+def test_huge_sizes_without_weights_build_nothing(tmp_path, monkeypatch, sizes):
+    """A 1.5 KB file claiming [12000, 12000] (1.6 GB) or [1e6, 1e6] (7 TiB) is refused before anything is
+    built or allocated."""
+    _, path = _saved_net(tmp_path)
+    arrays = _members(path)
+    arrays.update(sizes=np.array(sizes), activations=np.array(["identity"]), alphas=np.zeros(1),
+                  loss=np.array("mse"))
+    for key in ("W0", "b0", "W1", "b1"):
+        del arrays[key]
+    with open(path, "wb") as fh:
+        np.savez(fh, **arrays)
+    assert path.stat().st_size < 2000
+    _no_build(monkeypatch)
+    with pytest.raises(ValueError, match="missing W0"):
+        bp.MLP.load(path)
+
+
+def _zip_with(path, members: dict[str, bytes], compress=zipfile.ZIP_STORED):
+    with zipfile.ZipFile(path, "w", compression=compress) as zf:
+        for key, data in members.items():
+            zf.writestr(f"{key}.npy", data)
+
+
+def _one_layer_members(n_in, n_out, W_npy: bytes) -> dict[str, bytes]:
+    def npy(a):
+        buf = io.BytesIO()
+        np.save(buf, a)
+        return buf.getvalue()
+
+    return {"sizes": npy(np.array([n_in, n_out])), "activations": npy(np.array(["identity"])),
+            "alphas": npy(np.zeros(1)), "loss": npy(np.array("mse")), "loss_param": npy(np.array(1.0)),
+            "dtype": npy(np.array("float64")), "W0": W_npy, "b0": npy(np.zeros(n_out))}
+
+
+@pytest.mark.parametrize("n", [4, 10**6])
+def test_lying_npy_header_is_refused_before_reading(tmp_path, monkeypatch, n):
+    """A member whose header claims more data than the member holds allocates nothing."""
+    header = {"descr": "<f8", "fortran_order": False, "shape": (n, 3)}
+    path = tmp_path / "lying.npz"
+    _zip_with(path, _one_layer_members(3, n, _npy_member(header, b"\0" * 8)))
+    _no_build(monkeypatch)
+    with pytest.raises(ValueError, match=rf"damaged: W0 declares shape \({n}, 3\) of float64 but holds 8 bytes"):
+        bp.MLP.load(path)
+
+
+def test_zip_bomb_claims_are_refused_before_reading(tmp_path, monkeypatch):
+    """A deflated member whose directory entry claims far more bytes than its compressed data can hold."""
+    n = 10**5
+    header = {"descr": "<f8", "fortran_order": False, "shape": (n, 3)}
+    path = tmp_path / "bomb.npz"
+    _zip_with(path, _one_layer_members(3, n, _npy_member(header, b"\0" * 64)), zipfile.ZIP_DEFLATED)
+    data = bytearray(path.read_bytes())
+    central = data.rindex(b"PK\x01\x02", 0, data.rindex(b"W0.npy"))
+    data[central + 24:central + 28] = (0xFFFF_FFF0).to_bytes(4, "little")  # uncompressed size: 4 GB
+    path.write_bytes(bytes(data))
+    _no_build(monkeypatch)
+    with pytest.raises(ValueError, match="damaged: the zip directory gives W0 4294967280 bytes from"):
+        bp.MLP.load(path)
+
+
+def test_compressed_and_fortran_order_files_load(tmp_path):
+    """What np.savez_compressed writes, or Fortran-ordered or big-endian arrays, still loads exactly."""
+    net, path = _saved_net(tmp_path, dtype="float64")
+    arrays = _members(path)
+    arrays["W0"] = np.asfortranarray(arrays["W0"])
+    arrays["W1"] = arrays["W1"].astype(">f8")
+    np.savez_compressed(tmp_path / "c.npz", **arrays)
+    back = bp.MLP.load(tmp_path / "c.npz", backend="numpy")
+    _assert_params_equal(back, net.get_params())

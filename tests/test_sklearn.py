@@ -323,3 +323,41 @@ def test_regressor_refuses_poisson_and_partial_fit_refuses_early_stopping():
         MLPRegressor(early_stopping=True).partial_fit(X, y)
     with pytest.raises(ValueError, match="classes must be passed"):
         MLPClassifier().partial_fit(X, y > 0)
+
+
+# --------------------------------------------------------------------------- no silent corruption
+@pytest.mark.parametrize("name", [n for n in available_backends() if not resolve_backend(n).is_gpu])
+@pytest.mark.parametrize("cls", [MLPClassifier, MLPRegressor])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_float32_model_refuses_float64_input_that_overflows_float32(name, cls, sparse):
+    """1e39 is finite in float64 X but infinite in the float32 network: refused, not NaN predictions."""
+    X, y = make_classification(40, 4, random_state=0)
+    est = cls(hidden_layer_sizes=(5,), max_iter=3, dtype="float32", random_state=0, backend=name).fit(X, y)
+    bad = X.copy()
+    bad[25, 2] = -1e39
+    bad = sp.csr_matrix(bad) if sparse else bad
+    methods = [est.predict] + ([est.predict_proba, est.predict_log_proba] if cls is MLPClassifier else [])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for method in methods:
+            with pytest.raises(ValueError, match=r"X has values that are not finite in float32 \(first at row 25, "
+                                                 r"column 2: -1e\+39\)"):
+                method(bad)
+    ok = X.copy()
+    ok[0, 0] = np.finfo(np.float32).max  # the largest float32 is finite after the cast: accepted
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the network itself may overflow on it
+        assert est.predict(sp.csr_matrix(ok) if sparse else ok).shape[0] == 40
+
+
+def test_float32_model_checks_every_prediction_chunk(monkeypatch):
+    """The row named is the row of X, in whichever chunk it falls."""
+    import backprop.sklearn as bsk
+
+    monkeypatch.setattr(bsk, "_PREDICT_CHUNK", 16)
+    X, y = make_regression(40, 3, random_state=0)
+    reg = MLPRegressor(hidden_layer_sizes=(4,), max_iter=2, dtype="float32", random_state=0,
+                       backend="numpy").fit(X, y)
+    X[37, 1] = 1e300
+    with pytest.raises(ValueError, match="first at row 37, column 1: 1e\\+300"):
+        reg.predict(X)
