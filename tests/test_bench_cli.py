@@ -227,3 +227,162 @@ def test_sizes_that_do_not_fit_are_skipped_not_fatal() -> None:
     res = run_backend(resolve_backend("numpy"), cfg)
     assert [r["status"] for r in res["sizes"]] == ["skipped", "skipped"]
     assert all("GiB free" in r["message"] for r in res["sizes"]) and res["errors"] == 0
+
+
+# --------------------------------------------------------------------------- options checked up front
+
+#: Bad values, each refused before any work starts and before anything is written (exit status 2, the last
+#: line of stderr naming the option, no traceback). The first element is the option the error must name;
+#: {file} is an existing regular file, {dir} the test's folder, {taken} a folder whose results.json is a folder.
+BAD_OPTIONS: list[list[str]] = [
+    ["--backends", "nosuch"],
+    ["--backends", "numpy,auto"],
+    ["--sizes", "inf"],
+    ["--sizes", "nan"],
+    ["--sizes", "1e3,-1e3"],
+    ["--sizes", "1e400"],
+    ["--sizes", "1e3:inf"],
+    ["--sizes", "1e3:1e400"],
+    ["--sizes", "1e7:1e3"],
+    ["--sizes", "1e3:1e7:0"],
+    ["--sizes", "1e3:1e7:100000000"],
+    ["--sizes", "784-0-10"],
+    ["--sizes", "784-256-1e3"],
+    ["--sizes", "1e20"],
+    ["--sizes", "abc"],
+    ["--sizes", ","],
+    ["--depth", "0"],
+    ["--depth", "100000"],
+    ["--depth", "two"],
+    ["--batch", "0"],
+    ["--batch", "1.5"],
+    ["--batch", "99999999999"],
+    ["--repeats", "0"],
+    ["--warmup", "-1"],
+    ["--min-sample-time", "nan"],
+    ["--min-sample-time", "inf"],
+    ["--min-sample-time", "-0.1"],
+    ["--min-sample-time", "1e300"],
+    ["--dtype", "float16"],
+    ["--out", "{file}"],
+    ["--out", "{file}/x"],
+    ["--out", "{file}/x/y"],
+    ["--out", ""],
+    ["--out", "{dir}/" + "x" * 300],
+    ["--out", "{taken}"],
+    ["--fd-max-n", "nan"],
+    ["--fd-max-n", "-1"],
+    ["--fd-batch", "0"],
+    ["--fd-repeats", "0"],
+    ["--fd-time-limit", "nan"],
+    ["--fd-time-limit", "-5"],
+    ["--fd-time-limit", "0"],
+    ["--fit-min-n", "nan"],
+    ["--fit-min-n", "inf"],
+    ["--fit-min-n", "0"],
+    ["--overhead-factor", "nan"],
+    ["--overhead-factor", "-1"],
+    ["--peers", "jax"],
+    ["--threads", "-1"],
+    ["--threads", "0"],
+    ["--threads", "1e9"],
+    ["--lr", "inf"],
+    ["--lr", "nan"],
+    ["--lr", "0"],
+    ["--lr", "-1"],
+    ["--lr", "1e-50"],  # 0 in float32, the default --dtype
+    ["--lr", "1e39"],  # inf in float32
+    ["--lr", "1e-320", "--dtype", "float64"],  # subnormal in float64
+    ["--seed", "-1"],
+    ["--seed", "1.5"],
+    ["--seed", str(2**64)],
+    ["--retries", "-1"],
+    ["--retries", "x"],
+]
+
+
+def _must_not_run(name: str):
+    def fail(*args, **kwargs):
+        raise AssertionError(f"{name} ran although an option was bad")
+
+    return fail
+
+
+def _snapshot(root: Path) -> list[tuple[str, bytes | None]]:
+    return sorted((str(p.relative_to(root)), p.read_bytes() if p.is_file() else None) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("argv", BAD_OPTIONS, ids=lambda a: " ".join(a)[:60])
+def test_bad_option_is_refused_up_front(argv: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    import backprop.bench.cli as cli
+
+    afile = tmp_path / "afile"
+    afile.write_text("not a directory")
+    taken = tmp_path / "taken"
+    (taken / "results.json").mkdir(parents=True)
+    argv = [a.format(file=afile, dir=tmp_path, taken=taken) for a in argv]
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "out")]
+    monkeypatch.chdir(tmp_path)  # where a relative --out would land
+    for name in ("run_backend", "tune_malloc", "set_threads", "make_peer", "machine_info", "_backends"):
+        monkeypatch.setattr(cli, name, _must_not_run(name))
+    before = _snapshot(tmp_path)
+    rc = main(argv + ["--no-progress", "--no-plot"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"backprop-bench: error: argument {argv[0]}"), last
+    assert _snapshot(tmp_path) == before  # nothing created, nothing written
+
+
+def test_good_options_pass_the_checks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every option at an edge of what it accepts parses and passes the checks; nothing is created."""
+    from backprop.bench.cli import MAX_SEED, _check, _config, build_parser, check_args
+
+    parser = build_parser()
+    out = tmp_path / "new" / "dir"
+    args = parser.parse_args([
+        "--backends", "numpy", "--sizes", "1e3:1e7:5,784-256-10,1,1e15", "--depth", "1", "--batch", "1",
+        "--repeats", "1", "--warmup", "0", "--min-sample-time", "0", "--dtype", "float64", "--out", str(out),
+        "--no-fd", "--fd-max-n", "0", "--no-fd-extrapolation", "--fd-batch", "1", "--fd-repeats", "1",
+        "--fd-time-limit", "0.5", "--fit-min-n", "1e4", "--overhead-factor", "0.5", "--peers", "torch",
+        "--threads", "1", "--lr", "1e-300", "--seed", str(MAX_SEED), "--retries", "0", "--no-malloc-tune",
+        "--no-plot", "--no-progress", "--quick",
+    ])
+    check_args(parser, args)
+    _check(_config(args))
+    assert (args.depth, args.batch, args.warmup, args.min_sample_time, args.seed) == (1, 1, 0, 0.0, MAX_SEED)
+    assert not (tmp_path / "new").exists()
+    monkeypatch.chdir(tmp_path)
+    defaults = parser.parse_args([])  # the defaults pass too, with the default --out not there yet
+    check_args(parser, defaults)
+    assert defaults.out == "bench-out" and defaults.lr == 1e-7 and not (tmp_path / "bench-out").exists()
+    check_args(parser, parser.parse_args(["--out", str(tmp_path)]))  # an existing directory is fine
+
+
+def test_out_that_cannot_be_created_after_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """Should the directory still fail to be created (the file system changed since the check), the run
+    stops there with status 2, before any timing."""
+    import backprop.bench.cli as cli
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    monkeypatch.setattr(cli, "out_problem", lambda out: None)
+    monkeypatch.setattr(cli, "run_backend", _must_not_run("run_backend"))
+    rc = main(["--backends", "numpy", "--no-malloc-tune", "--no-progress", "--out", str(afile / "x")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("backprop-bench: error: argument --out: cannot create")
+
+
+def test_bad_option_exit_status_of_the_command(tmp_path: Path) -> None:
+    """The command itself (not only main()) exits with status 2 and one error line, no traceback."""
+    proc = subprocess.run([sys.executable, "-m", "backprop.bench", "--sizes", "inf", "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and not proc.stdout
+    assert proc.stderr.strip().splitlines()[-1].startswith("backprop-bench: error: argument --sizes: ")
+    assert not (tmp_path / "o").exists()

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ..backend import Backend, available_backends, resolve_backend
 from ..kernels import BACKEND_MODULES
 from .machine import cpu_pressure, load_average, machine_info, restore_threads, set_threads, tune_malloc
-from .nets import parse_sizes
+from .nets import DEFAULT_DEPTH, n_params, parse_sizes
 from .peers import KNOWN_PEERS, TorchPeer, make_peer
 from .progress import Progress
 from .report import mark_fit_points, markdown_report, terminal_report, write_json
@@ -46,6 +50,202 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+# --------------------------------------------------------------------------- checked option values
+# Every option is checked here, before any work starts and before anything is written: argparse reports
+# a bad value as "backprop-bench: error: argument --name: ..." and exits with status 2.
+
+#: Largest value of the integer options (a C ``int``: thread counts, batch dimensions and loop counts go
+#: to C libraries).
+MAX_INT = 2**31 - 1
+#: Largest number of weight layers (``--depth``, or the widths of one explicit net).
+MAX_LAYERS = 10_000
+#: Largest parameter count of a net in ``--sizes`` (far beyond any memory; such sizes are skipped).
+MAX_PARAMS = 1e15
+#: Largest number of sizes in one log range of ``--sizes``.
+MAX_RANGE_POINTS = 10_000
+#: Largest ``--threads``.
+MAX_THREADS = 4096
+#: Largest ``--min-sample-time``, seconds (a sample loops at most 100000 calls anyway).
+MAX_SAMPLE_TIME = 3600.0
+#: Largest ``--seed`` (``seed + 1`` seeds the data; both stay within a signed 64-bit integer).
+MAX_SEED = 2**63 - 2
+
+
+def _bad(msg: str) -> argparse.ArgumentTypeError:
+    return argparse.ArgumentTypeError(msg)
+
+
+def _float_type(*, minimum: float, open_min: bool = False, maximum: float | None = None,
+                name: str = "number") -> Callable[[str], float]:
+    """An argparse ``type``: a finite float ``> minimum`` (``open_min``) or ``>= minimum``, at most ``maximum``."""
+    op = ">" if open_min else ">="
+    want = f"a finite number {op} {minimum:g}" + (f" and <= {maximum:g}" if maximum is not None else "")
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except (TypeError, ValueError):
+            raise _bad(f"must be {want}, got {text!r}") from None
+        if not math.isfinite(value) or (value <= minimum if open_min else value < minimum) or \
+                (maximum is not None and value > maximum):
+            raise _bad(f"must be {want}, got {text!r}")
+        return value
+
+    parse.__name__ = name
+    return parse
+
+
+def _int_type(*, minimum: int, maximum: int = MAX_INT, name: str = "integer") -> Callable[[str], int]:
+    """An argparse ``type``: an integer from ``minimum`` to ``maximum``."""
+    want = f"an integer from {minimum} to {maximum}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except (TypeError, ValueError):
+            raise _bad(f"must be {want}, got {text!r}") from None
+        if not minimum <= value <= maximum:
+            raise _bad(f"must be {want}, got {text!r}")
+        return value
+
+    parse.__name__ = name
+    return parse
+
+
+positive_float = _float_type(minimum=0.0, open_min=True, name="positive_float")
+non_negative_float = _float_type(minimum=0.0, name="non_negative_float")
+positive_int = _int_type(minimum=1, name="positive_int")
+non_negative_int = _int_type(minimum=0, name="non_negative_int")
+depth_int = _int_type(minimum=1, maximum=MAX_LAYERS, name="depth")
+threads_int = _int_type(minimum=1, maximum=MAX_THREADS, name="threads")
+seed_int = _int_type(minimum=0, maximum=MAX_SEED, name="seed")
+sample_time_float = _float_type(minimum=0.0, maximum=MAX_SAMPLE_TIME, name="seconds")
+_param_count = _float_type(minimum=1.0, maximum=MAX_PARAMS, name="parameter_count")
+_range_points = _int_type(minimum=1, maximum=MAX_RANGE_POINTS, name="count")
+_width = _int_type(minimum=1, name="width")
+
+
+def size_spec(text: str) -> str:
+    """``--sizes``: parameter counts, log ranges and layer widths (see :func:`~backprop.bench.nets.parse_sizes`),
+    each finite and bounded; returned unchanged (the sweep parses it with the chosen ``--depth``)."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise _bad(f"no sizes in {text!r}")
+    for item in items:
+        try:
+            if ":" in item:
+                parts = item.split(":")
+                if len(parts) > 3:
+                    raise _bad("a log range is lo:hi or lo:hi:count")
+                lo, hi = _param_count(parts[0]), _param_count(parts[1])
+                if lo > hi:
+                    raise _bad(f"a log range runs upwards, lo <= hi, got {lo:g} > {hi:g}")
+                if len(parts) == 3:
+                    _range_points(parts[2])
+            elif "-" in item.lstrip("-"):
+                widths = [_width(w) for w in item.split("-")]
+                if len(widths) > MAX_LAYERS + 1:
+                    raise _bad(f"at most {MAX_LAYERS} layers, got {len(widths) - 1}")
+                if n_params(widths) > MAX_PARAMS:
+                    raise _bad(f"the net has {n_params(widths):.3g} parameters, more than {MAX_PARAMS:g}")
+            else:
+                _param_count(item)
+        except argparse.ArgumentTypeError as exc:
+            raise _bad(f"cannot read size {item!r}: {exc} (use a parameter count from 1 to {MAX_PARAMS:g} "
+                       "such as 1e5, a log range such as 1e3:1e7:13, or layer widths such as 784-256-10)") from None
+    try:
+        parse_sizes(text, DEFAULT_DEPTH)
+    except (ValueError, OverflowError) as exc:
+        raise _bad(str(exc)) from None
+    return text
+
+
+def backend_list(text: str) -> str:
+    """``--backends``: ``auto`` (or ``all``, or nothing) or comma-separated known backend names; whether each
+    works on this machine is found out when the run starts (before anything is written)."""
+    key = text.strip().lower()
+    if key in ("auto", "all", ""):
+        return text
+    names = [n.strip().lower() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in BACKEND_MODULES]
+    if unknown:
+        raise _bad(f"unknown backend(s) {', '.join(map(repr, unknown))}; "
+                   f"known: {', '.join(BACKEND_MODULES)} or 'auto'")
+    return text
+
+
+def peer_list(text: str) -> str:
+    """``--peers``: comma-separated names of :data:`~backprop.bench.peers.KNOWN_PEERS` (or nothing)."""
+    unknown = [p.strip() for p in text.split(",") if p.strip() and p.strip() not in KNOWN_PEERS]
+    if unknown:
+        raise _bad(f"unknown peer(s) {', '.join(map(repr, unknown))}; known: {', '.join(KNOWN_PEERS)}")
+    return text
+
+
+def out_dir(text: str) -> str:
+    """``--out``: a non-empty path (whether it can be used is checked after parsing, by :func:`out_problem`)."""
+    if not text.strip():
+        raise _bad("must be a directory path, got an empty string")
+    if "\0" in text:
+        raise _bad(f"must be a directory path, got {text!r} (a NUL character)")
+    return text
+
+
+def out_problem(out: str) -> str | None:
+    """Why ``out`` cannot be the output directory (an existing non-directory, a parent that is a file, a
+    directory that cannot be written or created, a result file name taken by a directory), or ``None``.
+    Creates nothing."""
+    path = Path(out)
+    if os.path.isdir(path):
+        for name in (JSON_NAME, MD_NAME, PNG_NAME):
+            target = path / name
+            if os.path.lexists(target) and not os.path.isfile(target):
+                return f"{target} exists and is not a regular file: the results cannot be written there"
+        if not os.access(path, os.W_OK | os.X_OK):
+            return f"the directory {out} is not writable"
+        return None
+    if os.path.lexists(path):
+        what = "a broken symbolic link" if not os.path.exists(path) else "not a directory"
+        return f"{out} exists and is {what}; --out names the directory of {JSON_NAME}, {MD_NAME} and {PNG_NAME}"
+    missing = [path.name]
+    parent = path.parent
+    while not os.path.lexists(parent) and parent != parent.parent:
+        missing.append(parent.name)
+        parent = parent.parent
+    if not os.path.isdir(parent):
+        what = "a broken symbolic link" if os.path.lexists(parent) and not os.path.exists(parent) else \
+            "not a directory" if os.path.lexists(parent) else "missing"
+        return f"cannot create the directory {out}: {parent} is {what}"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot create the directory {out}: {parent} is not writable"
+    try:
+        name_max = int(os.pathconf(parent, "PC_NAME_MAX"))
+    except (OSError, ValueError):
+        name_max = 255
+    long = [m for m in missing if len(os.fsencode(m)) > name_max]
+    if long:
+        return f"cannot create the directory {out}: a name longer than {name_max} bytes ({long[0][:40]}...)"
+    return None
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The checks that involve more than one option, or the file system: ``parser.error`` (exit status 2)
+    naming the option, before any work starts and before anything is written."""
+    if args.sizes is not None:
+        try:
+            parse_sizes(args.sizes, args.depth)
+        except (ValueError, OverflowError) as exc:
+            parser.error(f"argument --sizes: {exc} (with --depth {args.depth})")
+    dtype = np.dtype(args.dtype)
+    info = np.finfo(dtype)
+    if not float(info.tiny) <= args.lr <= float(info.max):
+        parser.error(f"argument --lr: {args.lr:g} is not a normal {dtype.name} number (--dtype): use a value from "
+                     f"{float(info.tiny):g} to {float(info.max):g}")
+    why = out_problem(args.out)
+    if why:
+        parser.error(f"argument --out: {why}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="backprop-bench",
@@ -64,44 +264,52 @@ def build_parser() -> argparse.ArgumentParser:
                 "Example: backprop-bench --backends numpy --out bench-out"),
         formatter_class=_HelpFormatter,
     )
-    p.add_argument("--backends", default="auto",
+    p.add_argument("--backends", type=backend_list, default="auto",
                    help="comma-separated backend names, or 'auto' for every available one (simulated ones skipped); "
                         f"known: {', '.join(BACKEND_MODULES)}")
-    p.add_argument("--sizes", default=None, help="sweep specification (see below); default depends on the device")
-    p.add_argument("--depth", type=int, default=3, help="weight layers of the nets built from a parameter count")
-    p.add_argument("--batch", type=int, default=None,
+    p.add_argument("--sizes", type=size_spec, default=None,
+                   help="sweep specification (see below); default depends on the device")
+    p.add_argument("--depth", type=depth_int, default=DEFAULT_DEPTH,
+                   help="weight layers of the nets built from a parameter count")
+    p.add_argument("--batch", type=positive_int, default=None,
                    help=f"batch size of the timed passes (default: {DEFAULT_BATCH_GPU} on a GPU backend, so that the "
                         f"large nets are GEMM-bound; {DEFAULT_BATCH_CPU} on a CPU backend)")
-    p.add_argument("--repeats", type=int, default=None, help="timed samples per measurement (default 7, quick 3)")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up calls after the first (default 2, quick 1)")
-    p.add_argument("--min-sample-time", type=float, default=None,
+    p.add_argument("--repeats", type=positive_int, default=None,
+                   help="timed samples per measurement (default 7, quick 3)")
+    p.add_argument("--warmup", type=non_negative_int, default=None,
+                   help="warm-up calls after the first (default 2, quick 1)")
+    p.add_argument("--min-sample-time", type=sample_time_float, default=None,
                    help="seconds each sample lasts at least, looping small calls (default 0.01, quick 0.002)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    p.add_argument("--out", default="bench-out", help="output directory for results.json, report.md, scaling.png")
+    p.add_argument("--out", type=out_dir, default="bench-out",
+                   help="output directory for results.json, report.md, scaling.png")
     p.add_argument("--quick", action="store_true", help="a small sweep that finishes well under a minute")
     p.add_argument("--no-fd", action="store_true", help="skip the finite-difference baseline")
-    p.add_argument("--fd-max-n", type=float, default=None,
+    p.add_argument("--fd-max-n", type=non_negative_float, default=None,
                    help="largest N at which the finite-difference gradient is run in full, all N + 1 passes "
                         "(default 3e4, quick 5e3); above, one pass is timed and multiplied by N + 1")
     p.add_argument("--no-fd-extrapolation", action="store_true",
                    help="finite differences only where run in full (no per-pass estimate at larger N)")
-    p.add_argument("--fd-batch", type=int, default=None, help="batch for finite differences (default: --batch)")
-    p.add_argument("--fd-repeats", type=int, default=None, help="finite-difference runs per size (default 3, quick 1)")
-    p.add_argument("--fd-time-limit", type=float, default=30.0,
+    p.add_argument("--fd-batch", type=positive_int, default=None,
+                   help="batch for finite differences (default: --batch)")
+    p.add_argument("--fd-repeats", type=positive_int, default=None,
+                   help="finite-difference runs per size (default 3, quick 1)")
+    p.add_argument("--fd-time-limit", type=positive_float, default=30.0,
                    help="run the finite differences in full only where one run is predicted to take at most this "
                         "many seconds; also the time budget for repeating a run")
-    p.add_argument("--fit-min-n", type=float, default=None,
+    p.add_argument("--fit-min-n", type=positive_float, default=None,
                    help="fit the exponents over N >= this (default: the GEMM-bound sizes, see --overhead-factor)")
-    p.add_argument("--overhead-factor", type=float, default=30.0,
+    p.add_argument("--overhead-factor", type=positive_float, default=30.0,
                    help="a size is GEMM-bound when its forward time is at least this multiple of the fixed per-call "
                         "overhead (forward time of a width-1 net at batch 1)")
-    p.add_argument("--peers", default="", help=f"other frameworks to time on the same nets: {', '.join(KNOWN_PEERS)}")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--peers", type=peer_list, default="",
+                   help=f"other frameworks to time on the same nets: {', '.join(KNOWN_PEERS)}")
+    p.add_argument("--threads", type=threads_int, default=None,
                    help="limit BLAS/OpenMP/Numba (and PyTorch) threads (default: the libraries' own choice)")
-    p.add_argument("--lr", type=float, default=1e-7, help="SGD learning rate of the timed training steps (tiny: "
-                                                          "thousands of steps must not diverge)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the data")
-    p.add_argument("--retries", type=int, default=1,
+    p.add_argument("--lr", type=positive_float, default=1e-7,
+                   help="SGD learning rate of the timed training steps (tiny: thousands of steps must not diverge)")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the weights and the data")
+    p.add_argument("--retries", type=non_negative_int, default=1,
                    help="time a size again (keeping the steadier attempt) when a median's interquartile range "
                         "exceeds 10%% of it, as other work on the machine causes")
     p.add_argument("--no-malloc-tune", action="store_true",
@@ -213,7 +421,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         peers.append(peer)
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # out_problem looked before; the file system can still refuse (or change since)
+        print(f"backprop-bench: error: argument --out: cannot create the directory {out}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 2
     load_start, pressure_start = load_average(), cpu_pressure()
     busy = _busy(load_start, pressure_start)
     if busy:
@@ -244,16 +457,21 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         mark_fit_points(res)
 
     png: str | None = None
-    if not args.no_plot:
-        from .plot import plot_results
+    try:
+        if not args.no_plot:
+            from .plot import plot_results
 
-        why = plot_results(doc, out / PNG_NAME)
-        if why:
-            print(f"plot skipped: {why}", file=sys.stderr)
-        else:
-            png = PNG_NAME
-    write_json(out / JSON_NAME, doc)
-    (out / MD_NAME).write_text(markdown_report(doc, png))
+            why = plot_results(doc, out / PNG_NAME)
+            if why:
+                print(f"plot skipped: {why}", file=sys.stderr)
+            else:
+                png = PNG_NAME
+        write_json(out / JSON_NAME, doc)
+        (out / MD_NAME).write_text(markdown_report(doc, png))
+    except OSError as exc:  # e.g. the disk filled up during the run
+        print(terminal_report(doc))
+        print(f"backprop-bench: error: argument --out: cannot write the results to {out}: {exc}", file=sys.stderr)
+        return 1
     print(terminal_report(doc))
     written = [JSON_NAME, MD_NAME] + ([PNG_NAME] if png else [])
     print(f"\nwrote {', '.join(str(out / n) for n in written)} ({duration:.0f} s)")
@@ -265,7 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(argv)  # every option's value is checked by its type ...
+        check_args(parser, args)  # ... and what involves several options or the file system, here
     except SystemExit as exc:  # --help, or a usage error argparse has already reported
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
     try:
