@@ -30,9 +30,10 @@ least recently used first out.
 
 Plain SGD, momentum, Nesterov momentum and Adam are supported. Adam's bias corrections
 ``1 - beta^t`` change at every step: they are device data (``Adam.prepare`` runs the
-``adam_corrections`` kernel, which counts the applied steps on the device and writes ``lr / c1``
-and ``c2`` for the update kernels to read), so the recorded graph computes them afresh at each
-replay; a step the guard refuses leaves that count as it was. Its key holds Adam's ``lr``,
+``adam_corrections`` kernel, which writes ``lr / c1`` and ``c2`` for the coming step from the
+device's count of applied steps, and ``Adam.finish`` runs ``count_step``, which advances that
+count after the updates), so the recorded graph computes them afresh at each replay; a step the
+guard refuses, in its checks or in its probes, leaves that count as it was. Its key holds Adam's ``lr``,
 betas, ``eps`` and weight decay, and the count and corrections arrays.
 """
 

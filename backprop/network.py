@@ -32,7 +32,8 @@ Array = Any
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss or a gradient became NaN or infinite; the parameters are those of the last finite step."""
+    """A training step was not finite (its loss, a gradient, or the update itself, which would have overflowed);
+    the parameters and the optimizer's state are those after the last finite step."""
 
 
 @dataclass
@@ -231,7 +232,8 @@ class MLP:
         """One forward pass, error, backward pass and update; returns the loss before the update.
 
         Raises :class:`NonFiniteLossError`, leaving the parameters and the optimizer's state untouched,
-        if the loss or a gradient is not finite. ``graph=True`` replays the step as a captured CUDA
+        if the loss or a gradient is not finite, or if the update would make a parameter or the optimizer's
+        state overflow (an ``lr`` too large for the gradients). ``graph=True`` replays the step as a captured CUDA
         graph on backends that can capture one.
         """
         x = self._inputs(X)
@@ -240,7 +242,7 @@ class MLP:
 
     def train_step_device(self, x: Array, t: Array, optimizer: Optimizer, graph: bool = False) -> float:
         """:meth:`train_step` on a batch already on the backend (unchecked): one read of the result."""
-        check_optimizer(optimizer)
+        check_optimizer(optimizer, dtype=self.dtype)
         ws = step.workspace(self, x.shape[0])
         guard = step.Guard(self.backend.kernels)
         if graph:
@@ -252,15 +254,8 @@ class MLP:
         state = guard.read()
         if state.failed:
             optimizer.steps -= 1
-            raise NonFiniteLossError(self._failure(ws))
+            raise NonFiniteLossError(f"{step.failure_cause(self, ws, x, t, optimizer)}; this step was not applied")
         return state.loss_sum
-
-    def _failure(self, ws: step.Workspace) -> str:
-        """Why a step was not applied (read only on that rare path)."""
-        k = self.backend.kernels
-        loss = float(k.to_host(ws.loss))
-        what = f"loss is {loss}" if not np.isfinite(loss) else f"a gradient is not finite (loss {loss:.6g})"
-        return f"{what}; this step was not applied"
 
     def fit(self, X: Any, T: Any, epochs: int = 10, batch_size: int = 32, optimizer: Optimizer | None = None,
             shuffle: bool = True, validation_data: tuple[Any, Any] | None = None, progress: bool | None = False,

@@ -57,9 +57,10 @@ def _non_negative(value: Any, name: str) -> float:
 
 
 class Optimizer(ABC):
-    """Base class. ``lr`` may be changed between steps (learning-rate schedules do so)."""
+    """Base class. ``lr`` may be changed between steps (learning-rate schedules do so; 0 makes a step
+    that changes nothing); the constructors want it positive."""
 
-    lr = Hyper(_positive)
+    lr = Hyper(_non_negative)
     weight_decay = Hyper(_non_negative)
 
     def __init__(self) -> None:
@@ -122,11 +123,11 @@ class Optimizer(ABC):
 
 
 def _representable(value: float, name: str, dtype: Any) -> None:
-    """``value`` (positive) must stay positive and finite once cast to ``dtype``."""
+    """``value`` (non-negative) must stay finite, and positive when it is, once cast to ``dtype``."""
     dt = np.dtype(dtype)
     with np.errstate(over="ignore", under="ignore"):
         cast = float(dt.type(value))
-    if not (np.isfinite(cast) and cast > 0):
+    if not (np.isfinite(cast) and (cast > 0 or value == 0)):
         raise ValueError(f"{name}={value} is {cast} in {dt.name}: the parameters' dtype cannot hold it")
 
 
@@ -137,7 +138,7 @@ class SGD(Optimizer):
 
     def __init__(self, lr: float = 0.01, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0):
         super().__init__()
-        self.lr = lr
+        self.lr = check_positive(lr, "lr")
         self.momentum = momentum
         self.nesterov = bool(nesterov)
         self.weight_decay = weight_decay
@@ -175,7 +176,7 @@ class Adam(Optimizer):
     def __init__(self, lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
                  weight_decay: float = 0.0):
         super().__init__()
-        self.lr = lr
+        self.lr = check_positive(lr, "lr")
         self.beta1, self.beta2 = beta1, beta2
         self.eps = eps
         self.weight_decay = weight_decay

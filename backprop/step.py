@@ -32,7 +32,8 @@ if TYPE_CHECKING:
     from .network import MLP
     from .optimizers import Optimizer
 
-__all__ = ["Guard", "Workspace", "backward", "forward", "output_error", "train_step", "workspace"]
+__all__ = ["Guard", "Workspace", "backward", "failure_cause", "forward", "output_error", "train_step",
+           "workspace"]
 
 Array = Any
 
@@ -191,6 +192,23 @@ def train_step(net: MLP, ws: Workspace, x: Array, t: Array, optimizer: Optimizer
     for layer, dW, db in layers:
         optimizer.apply(k, layer, layer.W, layer.b, dW, db, g)
     optimizer.finish(k, g)  # step-wide device work after the updates (Adam counts the applied step)
+
+
+def failure_cause(net: MLP, ws: Workspace, x: Array, t: Array, optimizer: Optimizer) -> str:
+    """Why the guard refused the step on the batch ``(x, t)``: its forward and backward passes run again
+    on the unchanged parameters (only on this rare path, with two reads), and the first of these that
+    holds is named: the loss is not finite, a gradient is not finite, or else the update itself would
+    have overflowed."""
+    k = net.backend.kernels
+    forward(net, ws, x)
+    loss = float(k.to_host(output_error(net, ws, t)))
+    if not np.isfinite(loss):
+        return f"the loss is {loss}"
+    backward(net, ws, x)
+    if not k.all_finite(ws.grads):
+        return f"a gradient is not finite (loss {loss:.6g})"
+    return (f"the update would have made a parameter or the optimizer's state overflow (loss {loss:.6g}, "
+            f"lr={optimizer.lr:g}, gradients finite): the learning rate is too large for these gradients")
 
 
 # --------------------------------------------------------------------------- the guard

@@ -221,19 +221,16 @@ def _check_fraction(value: Any, name: str) -> float:
     return value
 
 
-def _failed_step_cause(net: MLP, data: Batches, order: np.ndarray | None, batch_size: int, failed: int) -> str:
-    """What went wrong in step ``failed`` of the epoch, found by running its forward pass again on the
-    unchanged parameters (only on this rare path)."""
+def _failed_step_cause(net: MLP, data: Batches, order: np.ndarray | None, batch_size: int, failed: int,
+                       optimizer: Optimizer) -> str:
+    """What went wrong in step ``failed`` of the epoch (:func:`backprop.step.failure_cause`)."""
     lo = (failed - 1) * batch_size
     rows = np.arange(lo, min(lo + batch_size, data.n)) if order is None else order[lo:lo + batch_size]
     k = net.backend.kernels
     x, t = _take_rows(k, data.X, rows, net.dtype), _take_rows(k, data.T, rows, net.dtype)
     if not k.owns(x):
         x, t = k.to_device(x, net.dtype), k.to_device(t, net.dtype)
-    ws = step.workspace(net, len(rows))
-    step.forward(net, ws, x)
-    loss = float(k.to_host(step.output_error(net, ws, t)))
-    return f"loss is {loss}" if not np.isfinite(loss) else f"a gradient is not finite (loss {loss:.6g})"
+    return step.failure_cause(net, step.workspace(net, len(rows)), x, t, optimizer)
 
 
 def fit(net: MLP, X: Any, T: Any, *, epochs: int = 10, batch_size: int = 32, optimizer: Optimizer | None = None,
@@ -276,7 +273,7 @@ def fit(net: MLP, X: Any, T: Any, *, epochs: int = 10, batch_size: int = 32, opt
 
     epochs = check_positive(epochs, "epochs", integer=True)
     batch_size = check_positive(batch_size, "batch_size", integer=True)
-    optimizer = SGD(lr=0.01) if optimizer is None else check_optimizer(optimizer)
+    optimizer = check_optimizer(SGD(lr=0.01) if optimizer is None else optimizer, dtype=net.dtype)
     if schedule is not None and not callable(schedule):
         raise TypeError(f"schedule must be a callable epoch -> lr, got {type(schedule).__name__}")
     seed = check_seed(seed)
@@ -360,6 +357,7 @@ def fit(net: MLP, X: Any, T: Any, *, epochs: int = 10, batch_size: int = 32, opt
         for epoch in range(1, epochs + 1):
             if lrs is not None:
                 optimizer.lr = lrs[epoch - 1]
+            optimizer.check(net.dtype)  # callbacks may have changed its settings
             start = time.perf_counter()
             order = rng.permutation(n) if shuffle else None
             guard = step.Guard(k)
@@ -369,10 +367,10 @@ def fit(net: MLP, X: Any, T: Any, *, epochs: int = 10, batch_size: int = 32, opt
             state = guard.read()  # the one read of the epoch
             if state.failed:
                 optimizer.steps = steps_before + state.failed_step - 1
+                cause = _failed_step_cause(net, data, order, batch_size, state.failed_step, optimizer)
                 raise NonFiniteLossError(
-                    f"loss became non-finite at epoch {epoch}, step {state.failed_step}: "
-                    f"{_failed_step_cause(net, data, order, batch_size, state.failed_step)}; this step was not "
-                    "applied and training stopped (try a smaller learning rate)"
+                    f"training stopped at epoch {epoch}, step {state.failed_step}: {cause}; this step was not "
+                    "applied (try a smaller learning rate)"
                 )
             total = state.loss_sum
             history.loss.append(total / n)

@@ -5,6 +5,7 @@ section, the time limit, and the PyTorch twin where PyTorch is installed."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -150,6 +151,229 @@ def test_script_runs_and_rejects_bad_usage(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "cpu_step_vs_torch.md").exists() and "wrote 1 section(s)" in proc.stdout
     assert user_paths.main(["--sections", "nosuch", "--out", str(tmp_path)]) == 2
+
+
+# --------------------------------------------------------------------------- checked options
+PROG = "python benchmarks/gpu_vs_torch.py"
+
+#: a bad value of every option that takes one; "{file}" is a regular file, "{dir}" the (temporary) working
+#: directory, "{taken}" a folder whose summary file name is taken by a directory
+BAD_OPTIONS = [
+    ["--out", "{file}"],
+    ["--out", "{file}/x"],
+    ["--out", "{file}/x/y"],
+    ["--out", ""],
+    ["--out", "  "],
+    ["--out", "{dir}/" + "x" * 300],
+    ["--out", "{taken}"],
+    ["--out", "{taken}", "--sections", "cpu"],  # the summary file is written whichever sections run
+    ["--sections", "nosuch"],
+    ["--sections", "fit,nosuch"],
+    ["--sections", ""],
+    ["--sections", " , "],
+    ["--backend", "nosuch"],
+    ["--backend", ""],
+    ["--backend", "numpy,numba"],
+    ["--cpu-backends", "nosuch"],
+    ["--cpu-backends", "numpy,nosuch"],
+    ["--cpu-backends", ""],
+    ["--cpu-backends", "auto"],
+    ["--repeats", "0"],
+    ["--repeats", "-1"],
+    ["--repeats", "1.5"],
+    ["--repeats", "nan"],
+    ["--repeats", str(2**31)],
+    ["--fit-repeats", "0"],
+    ["--fit-repeats", "-3"],
+    ["--fit-repeats", "inf"],
+    ["--cpu-repeats", "0"],
+    ["--cpu-repeats", "x"],
+    ["--min-sample-time", "nan"],
+    ["--min-sample-time", "inf"],
+    ["--min-sample-time", "-0.01"],
+    ["--min-sample-time", "1e300"],
+    ["--compile-budget", "nan"],
+    ["--compile-budget", "inf"],
+    ["--compile-budget", "-1"],
+    ["--gemm-size", "0"],
+    ["--gemm-size", "-64"],
+    ["--gemm-size", "1e3"],
+    ["--threads", "0"],
+    ["--threads", "-1"],
+    ["--threads", "5000"],
+    ["--threads", "nan"],
+    ["--time-limit", "0"],
+    ["--time-limit", "-1"],
+    ["--time-limit", "nan"],
+    ["--time-limit", "inf"],
+]
+
+
+def _must_not_run(name: str):
+    def fail(*args, **kwargs):
+        raise AssertionError(f"{name} ran although it should not have")
+
+    return fail
+
+
+class _Reached(Exception):
+    """Raised in place of the first piece of work: the options passed every check."""
+
+
+def _guard(monkeypatch: pytest.MonkeyPatch, *, reach: list | None = None) -> None:
+    """Every function that would do work fails the test when called; with ``reach``, building the run's
+    ``Context`` (the first work) records the options in ``reach`` and raises :class:`_Reached` instead."""
+    for key, (stem, title, _) in list(user_paths.SECTIONS.items()):
+        monkeypatch.setitem(user_paths.SECTIONS, key, (stem, title, _must_not_run(f"section {key}")))
+    for name in ("time_ops", "SectionWriter", "machine_info", "set_threads", "TorchPeer", "_cpu_backends",
+                 "resolve_backend"):
+        monkeypatch.setattr(user_paths, name, _must_not_run(name))
+    if reach is None:
+        monkeypatch.setattr(user_paths, "Context", _must_not_run("Context"))
+    else:
+        def first_work(args):
+            reach.append(args)
+            raise _Reached
+
+        monkeypatch.setattr(user_paths, "Context", first_work)
+
+
+def _snapshot(root: Path) -> list[tuple[str, bytes | None]]:
+    return sorted((str(p.relative_to(root)), p.read_bytes() if p.is_file() else None) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("argv", BAD_OPTIONS, ids=lambda a: " ".join(a)[:60])
+def test_bad_option_is_refused_up_front(argv: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """Status 2 and one last line naming the option, no traceback, nothing created, no work done."""
+    afile = tmp_path / "afile"
+    afile.write_text("not a directory")
+    taken = tmp_path / "taken"
+    (taken / "gpu_vs_torch.json").mkdir(parents=True)
+    argv = [a.format(file=afile, dir=tmp_path, taken=taken) for a in argv]
+    monkeypatch.chdir(tmp_path)  # where the default --out, bench-out, would land
+    monkeypatch.delenv("OUT", raising=False)
+    _guard(monkeypatch)
+    before = _snapshot(tmp_path)
+    rc = user_paths.main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"{PROG}: error: argument {argv[0]}: "), last
+    assert _snapshot(tmp_path) == before  # nothing created, nothing written
+
+
+def test_unknown_names_list_the_known_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from backprop.kernels import BACKEND_MODULES
+
+    _guard(monkeypatch)
+    for option, known in (("--sections", list(user_paths.SECTIONS)), ("--backend", list(BACKEND_MODULES)),
+                          ("--cpu-backends", list(BACKEND_MODULES))):
+        assert user_paths.main([option, "nosuch", "--out", str(tmp_path / "o")]) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "'nosuch'" in last and "known: " + ", ".join(known) in last, last
+
+
+def test_out_that_is_not_writable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """A folder, or a summary file in it, that cannot be written is refused (write access is simulated as
+    denied, so that the test holds when run as root too)."""
+    _guard(monkeypatch)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    (locked / "gpu_vs_torch.md").write_text("old")
+    real_access = os.access
+    denied: set[Path] = set()
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) not in denied and real_access(path, mode))
+    cases = [({locked / "gpu_vs_torch.md"}, locked, "gpu_vs_torch.md exists and is not writable"),
+             ({locked}, locked, "is not writable"),
+             ({locked}, locked / "new", "cannot create the directory")]
+    for deny, out, why in cases:
+        denied.clear()
+        denied.update(deny)
+        assert user_paths.main(["--out", str(out), "--sections", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith(f"{PROG}: error: argument --out: ") and why in last, last
+    assert not (locked / "new").exists() and (locked / "gpu_vs_torch.md").read_text() == "old"
+
+
+GOOD_EDGES = [
+    # the smallest values that make sense; names in any case, with spaces, repeated
+    ["--repeats", "1", "--fit-repeats", "1", "--cpu-repeats", "1", "--min-sample-time", "0", "--compile-budget", "0",
+     "--gemm-size", "1", "--threads", "1", "--time-limit", "1e-9", "--sections", " CPU , fit,cpu",
+     "--backend", " NumPy ", "--cpu-backends", "numba, NUMPY,numpy", "--out", "{dir}/new/nested/dir"],
+    # the largest
+    ["--repeats", str(2**31 - 1), "--fit-repeats", str(2**31 - 1), "--cpu-repeats", str(2**31 - 1),
+     "--min-sample-time", "3600", "--compile-budget", "1e300", "--gemm-size", str(2**31 - 1), "--threads", "4096",
+     "--time-limit", "1e300", "--backend", "auto", "--out", "{dir}"],
+    # every flag, and the defaults (the default --out, bench-out, not there yet)
+    ["--quick", "--no-torch", "--no-compile", "--no-tf32"],
+]
+
+
+@pytest.mark.parametrize("argv", GOOD_EDGES, ids=["smallest", "largest", "defaults"])
+def test_good_options_pass_the_checks(argv: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """Every option at an edge of what it accepts passes the checks (main goes on to its first piece of
+    work, replaced here); nothing runs and nothing is created."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("OUT", raising=False)
+    reached: list = []
+    _guard(monkeypatch, reach=reached)
+    (tmp_path / "gpu_vs_torch.md").write_text("an earlier run's summary: overwritten, not refused")
+    before = _snapshot(tmp_path)
+    with pytest.raises(_Reached):
+        user_paths.main([a.format(dir=tmp_path) for a in argv])
+    assert capsys.readouterr().err == ""
+    assert _snapshot(tmp_path) == before
+    (args,) = reached
+    if "--sections" in argv:  # normalised: stripped, lower-case, each once, in the order given
+        assert (args.sections, args.backend, args.cpu_backends) == ("cpu,fit", "numpy", "numba,numpy")
+        assert (args.repeats, args.min_sample_time, args.compile_budget, args.time_limit) == (1, 0.0, 0.0, 1e-9)
+    if "--quick" in argv:
+        assert args.out == "bench-out" and args.sections == ",".join(user_paths.SECTIONS)
+        assert args.cpu_backends == "numpy,numba" and args.backend == "auto" and args.compile_budget == 120.0
+
+
+def test_out_from_the_environment_is_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """The default of --out, $OUT, is checked as if given."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    monkeypatch.setenv("OUT", str(afile))
+    _guard(monkeypatch)
+    assert user_paths.main([]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"{PROG}: error: argument --out: ")
+
+
+def test_out_that_cannot_be_created_after_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """Should the folder still fail to be created (the file system changed since the check), the run stops
+    there with status 2, before any section."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    monkeypatch.setattr(user_paths, "out_problem", lambda out, names: None)
+    for key, (stem, title, _) in list(user_paths.SECTIONS.items()):
+        monkeypatch.setitem(user_paths.SECTIONS, key, (stem, title, _must_not_run(f"section {key}")))
+    rc = user_paths.main(["--out", str(afile / "x"), "--no-torch", "--sections", "cpu", "--cpu-backends", "numpy"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(f"{PROG}: error: argument --out: cannot create")
+
+
+def test_bad_option_exit_status_of_the_script(tmp_path: Path) -> None:
+    """The script itself (not only main()) exits with status 2 and one error line, no traceback."""
+    script = ROOT / "benchmarks" / "gpu_vs_torch.py"
+    proc = subprocess.run([sys.executable, str(script), "--time-limit", "nan", "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and not proc.stdout
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"{PROG}: error: argument --time-limit: ")
+    assert not (tmp_path / "o").exists()
 
 
 # --------------------------------------------------------------------------- the PyTorch twin

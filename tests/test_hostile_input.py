@@ -9,6 +9,9 @@ import warnings
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 
 import backprop as bp
 from backprop import callbacks
@@ -219,3 +222,186 @@ def test_read_idx_overflowing_header_names_the_file(tmp_path):
     path.write_bytes(bytes([0, 0, 0x0E, 3]) + np.array([0xFFFFFFFF] * 3, dtype=">u4").tobytes() + b"\0" * 16)
     with pytest.raises(IDXError, match="huge-idx3-ubyte.*truncated"):
         read_idx(path)
+
+
+# --------------------------------------------------------------------------- class 1: parameters stay finite or unchanged
+def _state(net: bp.MLP, opt: bp.optimizers.Optimizer) -> list[bytes]:
+    """The bytes of every parameter and optimizer state array: velocities, moments, Adam's device step
+    count (not its bias corrections: scratch that each step writes afresh), and the host's step count."""
+    k = net.backend.kernels
+    arrays = [a for L in net.layers for a in (L.W, L.b)] + bp.optimizers.Optimizer.state_arrays(opt, net.layers)
+    if isinstance(opt, bp.Adam):
+        arrays += [count for _, count, _ in opt._device.values()]
+    return [np.array(k.to_host(a)).tobytes() for a in arrays] + [str(opt.steps).encode()]
+
+
+HUGE_LR = {"float32": 3e38, "float64": 1e308}
+OPTIMIZERS = {
+    "sgd": lambda lr: bp.SGD(lr=lr),
+    "momentum": lambda lr: bp.SGD(lr=lr, momentum=0.9),
+    "nesterov": lambda lr: bp.SGD(lr=lr, momentum=0.9, nesterov=True),
+    "adam": lambda lr: bp.Adam(lr=lr),
+}
+
+
+def _float32_only_when_simulated(backend, dtype: str) -> None:
+    if backend.is_simulated and dtype != "float32":
+        pytest.skip("slow under the CUDA simulator: float32 runs there, and test_kernels probes both dtypes")
+
+
+#: The CUDA simulator computes with NumPy scalars, which warn where a GPU computes inf and NaN silently.
+SIMULATOR_WARNINGS = pytest.mark.filterwarnings("ignore:(overflow|invalid value) encountered:RuntimeWarning")
+
+
+@SIMULATOR_WARNINGS
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("opt_name", sorted(OPTIMIZERS))
+def test_an_update_that_overflows_is_not_applied(backend, dtype, opt_name):
+    """lr = the dtype's largest number and inputs whose gradients exceed 1: the first update itself overflows
+    (finite loss and gradients). train_step raises, naming the update and lr, and the parameters and the
+    optimizer's state (moments, step counts) are bit for bit those of the last good step; fit stops at
+    that step the same way."""
+    _float32_only_when_simulated(backend, dtype)
+    X, y, _ = _data(8)
+    X = X * 100.0
+    net = bp.MLP([3, 5, 2], head="multiclass", backend=backend.name, dtype=dtype, seed=0)
+    opt = OPTIMIZERS[opt_name](0.01)
+    net.train_step(X, y, opt)  # a good step first: state to keep
+    before = _state(net, opt)
+    opt.lr = float(np.finfo(dtype).max)
+    with pytest.raises(bp.NonFiniteLossError, match=r"update would have made .* overflow .*lr=.*not applied"):
+        net.train_step(X, y, opt)
+    assert _state(net, opt) == before
+    fresh = bp.MLP([3, 5, 2], head="multiclass", backend=backend.name, dtype=dtype, seed=0)
+    with pytest.raises(bp.NonFiniteLossError, match=r"epoch 1, step 1: the update would have made"):
+        fresh.fit(X, y, epochs=2, batch_size=4, optimizer=OPTIMIZERS[opt_name](float(np.finfo(dtype).max)),
+                  shuffle=False)
+    _assert_unchanged(fresh, bp.MLP([3, 5, 2], head="multiclass", backend=backend.name, dtype=dtype,
+                                    seed=0).get_params())
+
+
+@SIMULATOR_WARNINGS
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("opt_name", sorted(OPTIMIZERS))
+def test_huge_lr_stops_with_the_last_good_parameters(backend, dtype, opt_name):
+    """The issue's lr (3e38 in float32, 1e308 in float64): whichever step first fails (its update, or the loss
+    of the parameters a huge finite update left), the parameters and the optimizer's state are those before
+    it, and finite."""
+    _float32_only_when_simulated(backend, dtype)
+    X, y, _ = _data(8)
+    net = bp.MLP([3, 5, 2], head="multiclass", backend=backend.name, dtype=dtype, seed=0)
+    opt = OPTIMIZERS[opt_name](0.01)
+    net.train_step(X, y, opt)  # the optimizer's state exists
+    opt.lr = HUGE_LR[dtype]
+    with pytest.raises(bp.NonFiniteLossError, match="not applied"):
+        for _ in range(20):
+            before = _state(net, opt)
+            net.train_step(X, y, opt)
+    assert _state(net, opt) == before
+    assert all(np.isfinite(p).all() for pair in net.get_params() for p in pair)
+
+
+SETTINGS = [
+    ("lr", float("nan"), ValueError), ("lr", -1.0, ValueError), ("lr", float("inf"), ValueError),
+    ("lr", "0.1", TypeError), ("momentum", 1.5, ValueError), ("momentum", -0.1, ValueError),
+    ("weight_decay", float("nan"), ValueError), ("weight_decay", -1e-3, ValueError),
+]
+ADAM_SETTINGS = [("beta1", 1.0, ValueError), ("beta2", float("nan"), ValueError), ("eps", 0.0, ValueError),
+                 ("eps", -1e-8, ValueError), ("lr", None, TypeError)]
+
+
+@pytest.mark.parametrize("name, value, exc", SETTINGS + [("adam-" + n, v, e) for n, v, e in ADAM_SETTINGS])
+def test_hyper_parameters_are_checked_when_set(name, value, exc):
+    opt = bp.Adam(lr=0.01) if name.startswith("adam-") else bp.SGD(lr=0.01, momentum=0.5)
+    name = name.removeprefix("adam-")
+    old = getattr(opt, name)
+    with pytest.raises(exc, match=name):
+        setattr(opt, name, value)
+    assert getattr(opt, name) == old
+
+
+def test_lr_zero_may_be_set_between_steps():
+    X, y, _ = _data()
+    net = _classifier()
+    opt = bp.SGD(lr=0.1)
+    opt.lr = 0.0  # a schedule's last value: a step that changes nothing
+    before = net.get_params()
+    net.train_step(X, y, opt)
+    _assert_unchanged(net, before)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: bp.Adam(lr=1e-3, eps=1e-300), r"eps=1e-300 is 0.0 in float32"),
+    (lambda: bp.SGD(lr=1e39), r"lr=1e\+39 is inf in float32"),
+    (lambda: bp.Adam(lr=1e-50), r"lr=1e-50 is 0.0 in float32"),
+])
+def test_hyper_parameters_the_dtype_cannot_hold_are_refused_when_used(backend, make, match):
+    X, y, _ = _data()
+    net = bp.MLP([3, 5, 2], head="multiclass", backend=backend.name, dtype="float32", seed=0)
+    before = net.get_params()
+    for call in (lambda opt: net.train_step(X, y, opt), lambda opt: net.fit(X, y, epochs=1, optimizer=opt)):
+        opt = make()
+        with pytest.raises(ValueError, match=match):
+            call(opt)
+        assert opt.steps == 0
+    _assert_unchanged(net, before)
+    net64 = bp.MLP([3, 5, 2], head="multiclass", backend=backend.name, dtype="float64", seed=0)
+    net64.train_step(X, y, make())  # float64 holds them
+
+
+def test_settings_bypassing_the_setters_are_checked_when_used():
+    X, y, _ = _data()
+    net = _classifier()
+    before = net.get_params()
+    opt = bp.SGD(lr=0.1, momentum=0.5, nesterov=True)
+    opt.momentum = 0.0  # nesterov without momentum: only the pair is wrong
+    with pytest.raises(ValueError, match="nesterov"):
+        net.train_step(X, y, opt)
+    opt = bp.SGD(lr=0.1)
+    opt.__dict__["lr"] = float("nan")
+    with pytest.raises(ValueError, match="lr"):
+        net.fit(X, y, epochs=1, optimizer=opt)
+    _assert_unchanged(net, before)
+
+
+# --------------------------------------------------------------------------- property: finite or unchanged
+#: Ordinary numbers and the hostile ones: NaN, infinities, the edges of float32 and float64.
+HOSTILE = st.one_of(st.floats(-10, 10), st.floats(allow_nan=True, allow_infinity=True),
+                    st.sampled_from([0.0, -0.0, 5e-324, 1e-300, 1e-45, 3e38, -3.4e38, 1e39, 1e300, 1.7e308]))
+HOSTILE_LR = st.one_of(st.floats(1e-6, 10.0), HOSTILE, st.integers(-3, 3), st.sampled_from(["0.1", None]))
+
+
+@SIMULATOR_WARNINGS
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+@pytest.mark.parametrize("backend_name", ["numpy", "numba"])
+def test_parameters_end_bit_identical_or_finite(backend_name, data):
+    """Random hostile arrays and hyper-parameters into train_step and fit: whatever is raised (a named
+    ValueError/TypeError, or NonFiniteLossError), the parameters afterwards are either bit for bit what they
+    were, or finite; the optimizer's state is finite."""
+    dtype = data.draw(st.sampled_from(["float32", "float64"]), label="dtype")
+    n = data.draw(st.integers(1, 6), label="rows")
+    X = data.draw(arrays(np.float64, (n, 3), elements=HOSTILE), label="X")
+    T = data.draw(arrays(np.float64, (n, 1), elements=HOSTILE), label="T")
+    kind = data.draw(st.sampled_from(sorted(OPTIMIZERS)), label="optimizer")
+    net = bp.MLP([3, 4, 1], head="regression", backend=backend_name, dtype=dtype, seed=0)
+    before = net.get_params()
+    opt = None
+    try:
+        opt = OPTIMIZERS[kind](0.01)
+        setattr(opt, "lr", data.draw(HOSTILE_LR, label="lr"))
+        if data.draw(st.booleans(), label="fit"):
+            net.fit(X, T, epochs=2, batch_size=data.draw(st.integers(1, 4), label="batch"), optimizer=opt,
+                    shuffle=False)
+        else:
+            net.train_step(X, T, opt)
+        event("trained")
+    except (ValueError, TypeError, bp.NonFiniteLossError) as exc:
+        event(type(exc).__name__)
+    after = net.get_params()
+    same = all(W0.tobytes() == W1.tobytes() and b0.tobytes() == b1.tobytes()
+               for (W0, b0), (W1, b1) in zip(before, after))
+    assert same or all(np.isfinite(a).all() for pair in after for a in pair)
+    if opt is not None:
+        k = net.backend.kernels
+        assert all(np.isfinite(k.to_host(a)).all() for a in bp.optimizers.Optimizer.state_arrays(opt))

@@ -345,6 +345,6 @@ def test_non_finite_loss_names_epoch_step_and_cause(rng):
     X = rng.normal(size=(64, 3)) * 100
     T = rng.normal(size=(64, 1)) * 100
     net = bp.MLP([3, 8, 1], activation="relu", dtype="float32", backend="numpy")
-    with pytest.raises(bp.NonFiniteLossError, match=r"epoch \d+, step \d+: loss is (nan|inf)") as info:
+    with pytest.raises(bp.NonFiniteLossError, match=r"epoch \d+, step \d+: the loss is (nan|inf)") as info:
         net.fit(X, T, epochs=50, batch_size=8, optimizer=bp.SGD(lr=10.0), shuffle=False)
     assert "smaller learning rate" in str(info.value)

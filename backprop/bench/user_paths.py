@@ -41,8 +41,9 @@ import shlex
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -51,6 +52,15 @@ from ..backend import Backend, resolve_backend
 from ..kernels import BACKEND_MODULES
 from ..network import MLP
 from ..optimizers import SGD
+from .cli import (
+    non_negative_float,
+    out_dir,
+    positive_float,
+    positive_int,
+    sample_time_float,
+    threads_int,
+)
+from .cli import out_problem as _creatable
 from .machine import machine_info, restore_threads, set_threads
 from .nets import flop_counts
 from .peers import TorchPeer
@@ -58,7 +68,7 @@ from .sections import SectionWriter, SkipSection
 from .timing import Timing, paired_ratio, time_ops
 
 __all__ = ["API_CASES", "CPU_CASES", "FIT", "GRAPH_CASE", "SECTIONS", "STEP_CASES", "TF32_CASE", "Case", "FitCase",
-           "build_parser", "main"]
+           "build_parser", "check_args", "main", "out_problem"]
 
 DTYPE = np.float32
 SUMMARY = "gpu_vs_torch"
@@ -644,36 +654,116 @@ SECTIONS: dict[str, tuple[str, str, Callable[[Context], dict[str, Any]]]] = {
 
 
 # --------------------------------------------------------------------------- command line
+# Every option is checked before any work starts and before anything is written: a bad value is reported
+# as "<prog>: error: argument --name: ..." and main returns 2. The numeric checkers are those of
+# backprop-bench (:mod:`backprop.bench.cli`); the lists of names and the output folder are checked here.
+
+
+def _names(text: str, known: Iterable[str], what: str, *, also: str = "") -> list[str]:
+    """The comma-separated names of ``text``, stripped, lower-cased, each once (first place kept); an
+    ``ArgumentTypeError`` listing the known ones for an unknown name or none at all."""
+    known = list(known)
+    listed = f"known: {', '.join(known)}{also}"
+    names = list(dict.fromkeys(n.strip().lower() for n in text.split(",") if n.strip()))
+    if not names:
+        raise argparse.ArgumentTypeError(f"no {what} in {text!r}; {listed}")
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(map(repr, unknown))}; {listed}")
+    return names
+
+
+def section_list(text: str) -> str:
+    """``--sections``: comma-separated keys of :data:`SECTIONS`, run in the order given (a repeated one once)."""
+    return ",".join(_names(text, SECTIONS, "section(s)"))
+
+
+def device_backend(text: str) -> str:
+    """``--backend``: ``auto`` or one known backend name (whether it works here is found out when the run
+    starts; sections 1-5 are then skipped with the reason)."""
+    key = text.strip().lower()
+    if key == "auto":
+        return key
+    if key not in BACKEND_MODULES:
+        raise argparse.ArgumentTypeError(f"unknown backend {text!r}; known: {', '.join(BACKEND_MODULES)} or 'auto'")
+    return key
+
+
+def cpu_backend_list(text: str) -> str:
+    """``--cpu-backends``: comma-separated known backend names (a GPU one, or one that does not work here, is
+    skipped by section 6 with the reason)."""
+    return ",".join(_names(text, BACKEND_MODULES, "backend(s)"))
+
+
+def out_names(sections: str) -> list[str]:
+    """The files a run of ``sections`` (as :func:`section_list` returns them) writes in ``--out``."""
+    stems = [SECTIONS[key][0] for key in sections.split(",") if key in SECTIONS] + [SUMMARY]
+    return [f"{stem}{ext}" for stem in stems for ext in (".json", ".md")]
+
+
+def out_problem(out: str, names: Iterable[str]) -> str | None:
+    """Why ``out`` cannot be the output folder of files ``names`` (an existing non-directory, a parent that
+    is a file, a folder that cannot be written or created, a file name taken by something that cannot be
+    written), or ``None``. Creates nothing."""
+    path = Path(out)
+    if os.path.isdir(path):
+        for name in names:
+            target = path / name
+            if os.path.lexists(target):
+                if not os.path.isfile(target):
+                    return f"{target} exists and is not a regular file: the results cannot be written there"
+                if not os.access(target, os.W_OK):
+                    return f"{target} exists and is not writable"
+        if not os.access(path, os.W_OK | os.X_OK):
+            return f"the directory {out} is not writable"
+        return None
+    if os.path.lexists(path):
+        what = "a broken symbolic link" if not os.path.exists(path) else "not a directory"
+        return f"{out} exists and is {what}; --out names the folder of the section files and {SUMMARY}.json/.md"
+    return _creatable(out)  # missing: whether it can be created (backprop-bench's check; it creates nothing)
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What the option types cannot check alone (the output folder, against the files the chosen sections
+    write): ``parser.error`` naming the option (exit status 2), before any work starts."""
+    why = out_problem(args.out, out_names(args.sections))
+    if why:
+        parser.error(f"argument --out: {why}")
+
+
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     doc = __doc__ or ""
     p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0], epilog=doc.split("\n\n", 1)[-1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=os.environ.get("OUT") or "bench-out",
+    p.add_argument("--out", type=out_dir, default=os.environ.get("OUT") or "bench-out",
                    help="folder of the results: one .json and .md per section and gpu_vs_torch.json/.md, the "
                         "summary (default: $OUT, else bench-out)")
-    p.add_argument("--sections", default=",".join(SECTIONS),
+    p.add_argument("--sections", type=section_list, default=",".join(SECTIONS),
                    help=f"comma-separated sections to run, in this order: {','.join(SECTIONS)} (default: all)")
-    p.add_argument("--backend", default="auto",
+    p.add_argument("--backend", type=device_backend, default="auto",
                    help="backend of sections 1-5 (default auto: the first GPU backend that works here; a CPU backend "
-                        "may be named to try those sections on the CPU)")
-    p.add_argument("--cpu-backends", default="numpy,numba", help="backends of section 6 (default numpy,numba)")
-    p.add_argument("--repeats", type=int, default=None,
+                        f"may be named to try those sections on the CPU); known: {', '.join(BACKEND_MODULES)}")
+    p.add_argument("--cpu-backends", type=cpu_backend_list, default="numpy,numba",
+                   help=f"backends of section 6 (default numpy,numba); known: {', '.join(BACKEND_MODULES)}")
+    p.add_argument("--repeats", type=positive_int, default=None,
                    help="interleaved samples per measurement (default 7, quick 2)")
-    p.add_argument("--fit-repeats", type=int, default=None, help="timed epochs after the warm-up (default 3, quick 1)")
-    p.add_argument("--cpu-repeats", type=int, default=None,
+    p.add_argument("--fit-repeats", type=positive_int, default=None,
+                   help="timed epochs after the warm-up (default 3, quick 1)")
+    p.add_argument("--cpu-repeats", type=positive_int, default=None,
                    help="interleaved rounds of section 6 (default 21, quick 2)")
-    p.add_argument("--min-sample-time", type=float, default=None,
+    p.add_argument("--min-sample-time", type=sample_time_float, default=None,
                    help="seconds a sample lasts at least, looping short calls (default 0.05, quick 0.002)")
     p.add_argument("--quick", action="store_true", help="tiny nets and data: a smoke test of a few seconds")
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile in section 3")
-    p.add_argument("--compile-budget", type=float, default=120.0,
+    p.add_argument("--compile-budget", type=non_negative_float, default=120.0,
                    help="seconds of torch.compile compilation after which later nets skip it (default 120)")
     p.add_argument("--no-tf32", action="store_true", help="skip section 5 (TF32)")
-    p.add_argument("--gemm-size", type=int, default=None, help="n of the n^3 reference GEMM (default 4096, quick 64)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--gemm-size", type=positive_int, default=None,
+                   help="n of the n^3 reference GEMM (default 4096, quick 64)")
+    p.add_argument("--threads", type=threads_int, default=None,
                    help="limit BLAS/OpenMP/Numba and PyTorch threads (default: the libraries' own choice)")
-    p.add_argument("--time-limit", type=float, default=None,
+    p.add_argument("--time-limit", type=positive_float, default=None,
                    help="seconds after which no further section starts (those left are recorded as skipped)")
     return p
 
@@ -687,15 +777,11 @@ def main(argv: list[str] | None = None, prog: str = "python benchmarks/gpu_vs_to
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(prog)
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:
+        args = parser.parse_args(argv)  # every option's value is checked by its type ...
+        check_args(parser, args)  # ... and the output folder, against the files the sections write, here
+    except SystemExit as exc:  # --help, or a usage error argparse has already reported
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
-    keys = [s.strip() for s in args.sections.split(",") if s.strip()]
-    unknown = [s for s in keys if s not in SECTIONS]
-    if unknown:
-        print(f"{parser.prog}: error: unknown section(s) {', '.join(unknown)}; known: {', '.join(SECTIONS)}",
-              file=sys.stderr)
-        return 2
+    keys = args.sections.split(",")
     start = time.perf_counter()
     try:
         ctx = Context(args)
@@ -709,11 +795,17 @@ def main(argv: list[str] | None = None, prog: str = "python benchmarks/gpu_vs_to
         device = ctx.device.name if ctx.device else "none: " + ctx.device_reason
         torch_info = (", ".join(f"{k} {v}" for k, v in ctx.peer.info().items() if k != "status") if ctx.peer
                       else f"not measured: {ctx.peer_reason}")
-        writer = SectionWriter(args.out, title="backprop on the user's paths, against PyTorch",
-                               command=prog + "".join(" " + shlex.quote(a) for a in argv), machine=machine,
-                               summary=SUMMARY, deadline=None if args.time_limit is None else start + args.time_limit,
-                               preamble=[f"- device backend (sections 1-5): {device}", f"- PyTorch: {torch_info}",
-                                         f"- quick: {ctx.quick}; repeats {ctx.repeats}"])
+        try:
+            writer = SectionWriter(args.out, title="backprop on the user's paths, against PyTorch",
+                                   command=prog + "".join(" " + shlex.quote(a) for a in argv), machine=machine,
+                                   summary=SUMMARY,
+                                   deadline=None if args.time_limit is None else start + args.time_limit,
+                                   preamble=[f"- device backend (sections 1-5): {device}", f"- PyTorch: {torch_info}",
+                                             f"- quick: {ctx.quick}; repeats {ctx.repeats}"])
+        except OSError as exc:  # out_problem looked before; the file system can still refuse (or change since)
+            print(f"{parser.prog}: error: argument --out: cannot create the directory {args.out}: "
+                  f"{exc.strerror or exc}", file=sys.stderr)
+            return 2
         for key in keys:
             stem, title, fn = SECTIONS[key]
             writer.run(key, title, _bound(fn, ctx), stem=stem)
