@@ -224,7 +224,7 @@ def test_read_idx_overflowing_header_names_the_file(tmp_path):
         read_idx(path)
 
 
-# --------------------------------------------------------------------------- class 1: parameters stay finite or unchanged
+# --------------------------------------------------------------------------- class 1: finite or unchanged
 def _state(net: bp.MLP, opt: bp.optimizers.Optimizer) -> list[bytes]:
     """The bytes of every parameter and optimizer state array: velocities, moments, Adam's device step
     count (not its bias corrections: scratch that each step writes afresh), and the host's step count."""
