@@ -433,8 +433,8 @@ class _BaseMLP(BaseEstimator):
                 state = guard.read()
                 if state.failed:
                     opt.steps = steps_before + state.failed_step - 1
-                    raise NonFiniteLossError(f"at iteration {self.n_iter_ + 1}, step {state.failed_step}, the loss "
-                                             "or a gradient became non-finite; that step was not applied")
+                    raise NonFiniteLossError(f"at iteration {self.n_iter_ + 1}, step {state.failed_step}, the loss, "
+                                             "a gradient or the update was not finite; that step was not applied")
                 accumulated = state.loss_sum
                 if alpha:
                     accumulated += 0.5 * alpha * float(k.to_host(penalty)[0])
