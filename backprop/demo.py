@@ -75,7 +75,7 @@ def _load(dataset: str, args: argparse.Namespace) -> tuple[np.ndarray, np.ndarra
         from sklearn.model_selection import train_test_split
     except ImportError:
         raise SystemExit("backprop-demo digits needs scikit-learn (its bundled digits data set): "
-                         "pip install 'backprop[sklearn]'") from None
+                         "pip install 'backprop-kernels[sklearn]'") from None
     X, y = load_digits(return_X_y=True)
     X = (X / 16.0).astype(args.dtype)
     X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=0.25, random_state=args.seed, stratify=y)
@@ -124,7 +124,7 @@ def _train_sklearn(X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray,
         from sklearn.exceptions import ConvergenceWarning
         from sklearn.neural_network import MLPClassifier
     except ImportError:
-        raise SystemExit("--compare-sklearn needs scikit-learn: pip install 'backprop[sklearn]'") from None
+        raise SystemExit("--compare-sklearn needs scikit-learn: pip install 'backprop-kernels[sklearn]'") from None
     best = float("inf")
     for _ in range(args.repeat):
         clf = MLPClassifier(hidden_layer_sizes=tuple(cfg["hidden"]), activation="relu", solver="adam",

@@ -77,7 +77,7 @@ class History:
             import matplotlib  # noqa: F401
             from matplotlib.figure import Figure
         except ImportError as exc:  # pragma: no cover - matplotlib is in the test extras
-            raise ImportError("History.plot needs matplotlib: pip install 'backprop[plot]'") from exc
+            raise ImportError("History.plot needs matplotlib: pip install 'backprop-kernels[plot]'") from exc
         if not self.loss:
             raise ValueError("nothing to plot: the history holds no epochs")
         if path is None:

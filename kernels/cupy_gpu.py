@@ -91,7 +91,7 @@ _tf32 = False
 def _probe() -> str:
     if _cupy is None:
         return (f"CuPy is not installed ({_IMPORT_ERROR}); install the CUDA extra, "
-                "pip install 'backprop[cuda12]' or 'backprop[cuda13]'")
+                "pip install 'backprop-kernels[cuda12]' or 'backprop-kernels[cuda13]'")
     try:
         n = _cupy.cuda.runtime.getDeviceCount()
     except Exception as exc:

@@ -81,7 +81,7 @@ def is_available() -> bool:
     try:
         cuda = _numba_cuda()
     except ImportError as exc:
-        _reason = f"numba-cuda is not installed ({exc}); pip install 'backprop[cuda12]'"
+        _reason = f"numba-cuda is not installed ({exc}); pip install 'backprop-kernels[cuda12]'"
         return False
     if is_simulated():
         return True

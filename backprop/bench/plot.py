@@ -1,6 +1,6 @@
 """The figure: time against N on log-log axes with the fitted slopes, and the ratios against N.
 
-matplotlib is optional (``pip install backprop[bench]``); without it the plot is skipped with a message.
+matplotlib is optional (``pip install backprop-kernels[bench]``); without it the plot is skipped with a message.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def plot_results(doc: dict[str, Any], path: Path) -> str | None:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        return "matplotlib is not installed: no plot (pip install matplotlib, or backprop[bench])"
+        return "matplotlib is not installed: no plot (pip install matplotlib, or backprop-kernels[bench])"
     cfg = doc["config"]
     backends = [b for b in doc["backends"] if any(r["status"] == "ok" for r in b["sizes"])]
     if not backends:
