@@ -14,6 +14,7 @@ from .losses import HEADS, LOSSES, Loss
 from .network import MLP, Layer, NonFiniteLossError
 from .optimizers import SGD, Adam, Optimizer
 from .perceptron import Perceptron
+from .threads import get_num_threads, limit_threads, set_num_threads
 from .training import History
 
 __version__ = "0.1.0"
@@ -38,8 +39,11 @@ __all__ = [
     "datasets",
     "schedules",
     "get_backend",
+    "get_num_threads",
     "gradcheck",
+    "limit_threads",
     "numerical_grads",
     "set_backend",
+    "set_num_threads",
     "use_backend",
 ]

@@ -10,7 +10,9 @@ import sys
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+from ..threads import _limit as _limit_threads
 
 __all__ = ["blas_info", "cpu_name", "cpu_pressure", "load_average", "machine_info", "nvidia_smi", "restore_threads",
            "set_threads", "tune_malloc"]
@@ -96,30 +98,15 @@ def blas_info() -> list[dict[str, Any]]:
         return []
 
 
-_RESTORE: list[Any] = []
+_RESTORE: list[Callable[[], None]] = []
 
 
 def set_threads(n: int) -> list[str]:
-    """Limit BLAS/OpenMP pools (threadpoolctl) and Numba to ``n`` threads; returns what was limited.
-    :func:`restore_threads` undoes it."""
-    done = []
-    try:
-        from threadpoolctl import threadpool_limits
-
-        _RESTORE.append(threadpool_limits(n).restore_original_limits)
-        done.append("BLAS/OpenMP via threadpoolctl")
-    except ImportError:
-        pass
-    if "numba" in sys.modules:
-        try:
-            import numba
-
-            before = numba.get_num_threads()
-            numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
-            _RESTORE.append(lambda: numba.set_num_threads(before))
-            done.append("numba")
-        except Exception:  # noqa: BLE001
-            pass
+    """Limit BLAS/OpenMP pools (threadpoolctl, when installed) and Numba (when installed) to ``n`` threads;
+    returns what was limited. :func:`restore_threads` undoes it. One implementation with
+    :func:`backprop.set_num_threads` (:mod:`backprop.threads`), which it calls with ``strict=False``."""
+    done, restore = _limit_threads(n, strict=False)
+    _RESTORE.append(restore)
     return done
 
 
