@@ -1,12 +1,14 @@
 """Per-epoch hooks for :func:`backprop.training.fit`: early stopping and checkpointing.
 
-A callback is any callable ``cb(net, epoch, history)``, run after each epoch (``epoch`` counts from 1);
-returning ``True`` stops training. A callback may also define ``on_train_begin(net, history)`` and
-``on_train_end(net, history)``, which ``fit`` calls before the first epoch and after the last one (not when
-training ends with an exception), and ``check_setup(net, setup)``, which ``fit`` calls with the run's
-:class:`FitSetup` after checking the data and its own options and before ``on_train_begin``: a callback that
-cannot work in this run (a metric that will never be recorded, a path it cannot write) raises there, before
-any parameter changes.
+A callback is any callable ``cb(net, epoch, history)``, run after each epoch with the number of the epoch
+just completed (epochs count from 1, as everywhere ``fit`` and :class:`~backprop.training.History` name one:
+``epoch`` is also the number of epochs completed, and ``history.loss[epoch - 1]`` is this epoch's loss);
+returning ``True`` stops training (``history.stopped_epoch``, ``history.stop_reason``). A callback may also
+define ``on_train_begin(net, history)`` and ``on_train_end(net, history)``, which ``fit`` calls before the
+first epoch and after the last one (not when training ends with an exception), and ``check_setup(net,
+setup)``, which ``fit`` calls with the run's :class:`FitSetup` after checking the data and its own options and
+before ``on_train_begin``: a callback that cannot work in this run (a metric that will never be recorded, a
+path it cannot write) raises there, before any parameter changes.
 
 >>> import backprop as bp
 >>> net = bp.MLP([4, 8, 3], head="multiclass")
@@ -129,7 +131,8 @@ class EarlyStopping(Callback):
 
     ``monitor``: ``"val_loss"``, ``"val_accuracy"``, ``"loss"`` or ``"auto"`` (``val_loss`` when there is
     validation data, else ``loss``). With ``restore_best`` the network gets back the parameters of its best
-    epoch when training ends. ``history.best_epoch`` and ``history.stopped_epoch`` record what happened.
+    epoch when training ends. ``history.best_epoch``, ``history.stopped_epoch``, ``history.stop_reason`` (e.g.
+    ``"no val_loss improvement for 10 epochs"``) and ``history.restored_epoch`` record what happened.
     """
 
     def __init__(self, patience: int = 10, min_delta: float = 0.0, monitor: str = "auto",
@@ -170,12 +173,17 @@ class EarlyStopping(Callback):
         self._wait += 1
         if self._wait >= self.patience:
             history.stopped_epoch = epoch
+            name = _resolve_monitor(self.monitor, history)
+            by = f" by more than {self._monitor.min_delta:g}" if self._monitor.min_delta else ""
+            history.stop_reason = (f"no {name} improvement{by} for {self._wait} "
+                                   f"epoch{'' if self._wait == 1 else 's'}")
             return True
         return False
 
     def on_train_end(self, net: MLP, history: History) -> None:
         if self.restore_best and self._best_params is not None and self._monitor.best_epoch != history.epochs:
             net.set_params(self._best_params)
+            history.restored_epoch = self._monitor.best_epoch
 
 
 class Checkpoint(Callback):

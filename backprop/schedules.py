@@ -1,7 +1,10 @@
 """Learning-rate schedules: callables ``epoch -> lr`` for ``fit(..., schedule=...)``.
 
-``epoch`` counts from 0; :func:`backprop.training.fit` sets ``optimizer.lr = schedule(epoch)`` at the start
-of each epoch.
+A schedule's argument is the number of epochs completed before the epoch whose rate it gives:
+:func:`backprop.training.fit` sets ``optimizer.lr = schedule(e - 1)`` at the start of epoch ``e`` (epochs count
+from 1 everywhere they are named: callbacks, ``History``, messages), so ``schedule(0)`` is the rate of the first
+epoch and ``history.lr[i] == schedule(i)``. It is the count a callback receives, taken before the epoch
+instead of after it. The formulas below are written in that count, ``e = 0, 1, 2, ...``.
 
 >>> import backprop as bp
 >>> s = bp.schedules.step_decay(0.1, drop=0.5, every=10)
@@ -11,8 +14,8 @@ of each epoch.
 >>> round(c(0), 6), round(c(50), 6), round(c(100), 6)
 (0.1, 0.0505, 0.001)
 
-The schedules are small immutable objects (picklable, with a readable ``repr``); any function of the epoch
-returning a non-negative learning rate works as well.
+The schedules are small immutable objects (picklable, with a readable ``repr``); any function of the number
+of completed epochs returning a non-negative learning rate works as well.
 """
 
 from __future__ import annotations
@@ -37,12 +40,12 @@ __all__ = [
 
 def _epoch(epoch: int) -> int:
     if isinstance(epoch, bool) or not float(epoch).is_integer() or epoch < 0:
-        raise ValueError(f"epoch must be a non-negative integer, got {epoch!r}")
+        raise ValueError(f"epoch (the number of epochs completed) must be a non-negative integer, got {epoch!r}")
     return int(epoch)
 
 
 class Schedule:
-    """Base class of the schedules: ``schedule(epoch) -> lr``."""
+    """Base class of the schedules: ``schedule(e) -> lr``, ``e`` the number of epochs completed (0 first)."""
 
     def __call__(self, epoch: int) -> float:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -64,7 +67,8 @@ class Constant(Schedule):
 
 @dataclass(frozen=True)
 class StepDecay(Schedule):
-    """``lr0 * drop ** (epoch // every)``: multiply by ``drop`` every ``every`` epochs."""
+    """``lr0 * drop ** (e // every)``: multiply by ``drop`` every ``every`` epochs (``e``: epochs completed,
+    so with ``every=10`` epochs 1-10 run at ``lr0`` and epoch 11 at ``lr0 * drop``)."""
 
     lr0: float
     drop: float = 0.5
@@ -84,7 +88,7 @@ class StepDecay(Schedule):
 
 @dataclass(frozen=True)
 class ExponentialDecay(Schedule):
-    """``lr0 * rate ** epoch``, floored at ``lr_min``."""
+    """``lr0 * rate ** e`` (``e``: epochs completed, so ``lr0`` for the first epoch), floored at ``lr_min``."""
 
     lr0: float
     rate: float = 0.95
@@ -107,10 +111,11 @@ class ExponentialDecay(Schedule):
 
 @dataclass(frozen=True)
 class CosineAnnealing(Schedule):
-    """Half a cosine from ``lr0`` at epoch 0 down to ``lr_min`` at epoch ``epochs``, then ``lr_min``
-    (or, with ``restart=True``, again from ``lr0`` every ``epochs`` epochs: SGDR without growth).
+    """Half a cosine from ``lr0`` (``e = 0``: the first epoch) down to ``lr_min`` at ``e = epochs`` (after the
+    last of ``epochs`` epochs, so ``fit(epochs=N)`` with ``cosine_annealing(lr0, N)`` never quite reaches it),
+    then ``lr_min`` (or, with ``restart=True``, again from ``lr0`` every ``epochs`` epochs: SGDR without growth).
 
-    ``lr(e) = lr_min + (lr0 - lr_min) (1 + cos(pi e / epochs)) / 2``
+    ``lr(e) = lr_min + (lr0 - lr_min) (1 + cos(pi e / epochs)) / 2``, ``e``: the number of epochs completed.
     """
 
     lr0: float
@@ -139,12 +144,12 @@ def constant(lr: float) -> Constant:
 
 
 def step_decay(lr0: float, drop: float = 0.5, every: int = 10) -> StepDecay:
-    """``lr0 * drop ** (epoch // every)``."""
+    """``lr0 * drop ** (e // every)``, ``e``: the number of epochs completed (0 for the first)."""
     return StepDecay(lr0, drop, every)
 
 
 def exponential_decay(lr0: float, rate: float = 0.95, lr_min: float = 0.0) -> ExponentialDecay:
-    """``max(lr0 * rate ** epoch, lr_min)``."""
+    """``max(lr0 * rate ** e, lr_min)``, ``e``: the number of epochs completed (0 for the first)."""
     return ExponentialDecay(lr0, rate, lr_min)
 
 

@@ -1,6 +1,12 @@
 """Minibatch training: epochs of shuffled batches, validation, early stopping, schedules, history,
 progress bar.
 
+Epochs are numbered from 1 wherever one is named: the ``epoch`` given to callbacks (the epoch just
+completed), ``History.best_epoch`` / ``stopped_epoch`` / ``restored_epoch``, checkpoint paths, messages and
+the x axis of ``History.plot``; ``history.loss[e - 1]`` is epoch ``e``'s. A schedule is called with the number
+of epochs completed before the epoch it sets (``schedule(0)`` for epoch 1): the same count a callback
+receives, taken before the epoch instead of after it (see :mod:`backprop.schedules`).
+
 >>> import backprop as bp
 >>> net = bp.MLP([64, 128, 10], head="multiclass", seed=0)
 >>> history = net.fit(X, y, epochs=50, batch_size=32, optimizer=bp.Adam(1e-3, weight_decay=1e-4),
@@ -24,25 +30,31 @@ import numpy as np
 
 from .optimizers import SGD, Optimizer
 from . import step
+from .progress import in_ci, should_show
 from .staging import Batches, fits_on_device
 from .validation import check_inputs, check_optimizer, check_positive, check_seed, check_targets
 
 if TYPE_CHECKING:
     from .network import MLP
 
-__all__ = ["Callback", "History", "evaluate", "fit", "in_ci", "progress_enabled"]
+__all__ = ["PROGRESS_INTERVAL", "Callback", "History", "closing_line", "evaluate", "fit", "in_ci",
+           "progress_enabled"]
 
 
 # --------------------------------------------------------------------------- history
 @dataclass
 class History:
-    """Per-epoch record of a training run (what :func:`fit` returns).
+    """Per-epoch record of a training run (what :func:`fit` returns); ``print(history)`` gives a one-line
+    summary.
 
     ``loss``: mean training loss of each epoch (over its minibatches, before each update);
     ``val_loss`` / ``val_accuracy``: on the validation data after each epoch (accuracy for
     classification heads only); ``epoch_time``: seconds per epoch, validation included; ``lr``: the
-    learning rate used in each epoch. ``best_epoch`` / ``stopped_epoch`` (counting from 1) are set by early
-    stopping.
+    learning rate used in each epoch (``lr[e - 1] == schedule(e - 1)`` for epoch ``e``). Epochs count from 1:
+    ``best_epoch`` (set by early stopping: the epoch of the best monitored value), ``stopped_epoch`` (the
+    epoch after which training stopped early) with ``stop_reason`` (why, e.g. ``"no val_loss improvement for
+    10 epochs"``), and ``restored_epoch`` (the epoch whose parameters early stopping's ``restore_best`` put
+    back into the network) stay ``None`` when that did not happen.
     """
 
     loss: list[float] = field(default_factory=list)
@@ -52,6 +64,8 @@ class History:
     lr: list[float] = field(default_factory=list)
     best_epoch: int | None = None
     stopped_epoch: int | None = None
+    stop_reason: str | None = None
+    restored_epoch: int | None = None
 
     @property
     def epochs(self) -> int:
@@ -65,6 +79,31 @@ class History:
 
     def as_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, list) else v) for k, v in self.__dict__.items()}
+
+    def __repr__(self) -> str:
+        """One line: epochs run and time, final metrics, best validation values, early stopping."""
+        n = self.epochs
+        if not n:
+            return "History(no epochs)"
+        parts = [f"{n} epoch{'' if n == 1 else 's'} in {_seconds(self.total_time)}"]
+        final = [f"loss {self.loss[-1]:.4g}"]
+        if self.val_loss:
+            final.append(f"val_loss {self.val_loss[-1]:.4g}")
+        if self.val_accuracy:
+            final.append(f"val_accuracy {self.val_accuracy[-1]:.4f}")
+        parts.append("final " + ", ".join(final))
+        best = [text for text in (_best(self.val_loss, "val_loss", min, "{:.4g}"),
+                                  _best(self.val_accuracy, "val_accuracy", max, "{:.4f}")) if text]
+        if best:
+            parts.append(", ".join(best))
+        elif self.best_epoch is not None:
+            parts.append(f"best epoch {self.best_epoch}")
+        end = closing_line(self)
+        if end:
+            parts.append(end)
+        return "History(" + "; ".join(parts) + ")"
+
+    __str__ = __repr__
 
     def plot(self, path: str | os.PathLike[str] | None = None) -> Any:
         """Draw the loss curves (log scale where positive) and the validation accuracy per epoch.
@@ -110,25 +149,53 @@ class History:
         return fig
 
 
+def _seconds(t: float) -> str:
+    return f"{t:.3g}s" if t < 60 else f"{int(t // 60)}m{t % 60:04.1f}s"
+
+
+def _best(values: list[float], name: str, pick: Callable[..., float], fmt: str) -> str | None:
+    """``"best <name> <value> at epoch <e>"`` over the finite values (the first epoch reaching it)."""
+    finite = [v for v in values if np.isfinite(v)]
+    if not finite:
+        return None
+    value = pick(finite)
+    return f"best {name} {fmt.format(value)} at epoch {values.index(value) + 1}"
+
+
+def closing_line(history: History) -> str | None:
+    """What ended the run, e.g. ``"stopped at epoch 47 (no val_loss improvement for 10 epochs), restored
+    epoch 37"``; ``None`` when it ran every epoch and nothing was restored."""
+    if history.stopped_epoch is not None:
+        line = f"stopped at epoch {history.stopped_epoch}"
+        if history.stop_reason:
+            line += f" ({history.stop_reason})"
+        if history.restored_epoch is not None:
+            line += f", restored epoch {history.restored_epoch}"
+        return line
+    if history.restored_epoch is not None:
+        return f"restored epoch {history.restored_epoch} (the best of {history.epochs})"
+    return None
+
+
 # --------------------------------------------------------------------------- progress
-def in_ci() -> bool:
-    """True when the environment variable ``CI`` is set to anything but ``""``, ``0``, ``false`` or ``no``."""
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
-
 def progress_enabled(progress: bool | None) -> bool:
-    """Whether to draw a progress bar: ``True``/``False`` as given; ``None`` ("auto") only on an
-    interactive terminal outside CI."""
-    if progress is None:
-        isatty = getattr(sys.stderr, "isatty", None)
-        return bool(isatty and isatty()) and not in_ci()
-    if not isinstance(progress, (bool, np.bool_)):
-        raise TypeError(f"progress must be True, False or None (auto), got {progress!r}")
-    return bool(progress)
+    """Whether to draw a progress bar (:func:`backprop.progress.should_show`): ``True``/``False`` as given;
+    ``None`` ("auto") only on an interactive terminal outside CI."""
+    return should_show(progress)
+
+
+#: Least seconds between two redraws of ``fit``'s bar within an epoch; each reads the device-side guard once
+#: (a wait for the queued steps), so an epoch shorter than this reads it only once, at its end.
+PROGRESS_INTERVAL = 0.5
+_clock = time.monotonic  # the wall clock of the redraws (tests replace it)
 
 
 class _ProgressBar:
-    """A tqdm bar of epochs with the latest metrics; plain lines on stderr when tqdm is missing."""
+    """A tqdm bar of epochs with the latest metrics; plain lines on stderr when tqdm is missing.
+
+    Within an epoch, :meth:`after_step` redraws it with the batches done and the running loss, at most
+    once per :data:`PROGRESS_INTERVAL` seconds of wall clock (a redraw at the end of an epoch counts too).
+    """
 
     def __init__(self, total: int, desc: str | None = None) -> None:
         self.total = total
@@ -139,6 +206,26 @@ class _ProgressBar:
         else:
             self._bar = tqdm(total=total, unit="epoch", desc=desc, leave=True, dynamic_ncols=True)
         self._epoch = 0
+        self.interval = float(PROGRESS_INTERVAL)
+        self._due = _clock() + self.interval
+        self._steps = self._rows = self._epoch_steps = 0
+
+    def start_epoch(self, steps: int) -> None:
+        """An epoch of ``steps`` minibatches begins."""
+        self._steps = self._rows = 0
+        self._epoch_steps = steps
+
+    def after_step(self, rows: int, guard: step.Guard) -> None:
+        """A step of ``rows`` rows was queued; when a redraw is due (never after the epoch's last step,
+        whose read is the epoch's own), read ``guard`` for the running loss: loss sum / rows so far."""
+        self._steps += 1
+        self._rows += rows
+        if self._bar is None or self._steps >= self._epoch_steps or _clock() < self._due:
+            return
+        state = guard.read()
+        loss = "not finite" if state.failed else f"{state.loss_sum / self._rows:.4g}"
+        self._bar.set_postfix({"batch": f"{self._steps}/{self._epoch_steps}", "loss": loss}, refresh=True)
+        self._due = _clock() + self.interval
 
     def update(self, metrics: dict[str, str]) -> None:
         self._epoch += 1
@@ -148,6 +235,7 @@ class _ProgressBar:
         else:  # pragma: no cover
             text = "  ".join(f"{k} {v}" for k, v in metrics.items())
             print(f"epoch {self._epoch}/{self.total}  {text}", file=sys.stderr, flush=True)
+        self._due = _clock() + self.interval
 
     def close(self) -> None:
         if self._bar is not None:
@@ -250,21 +338,28 @@ def fit(net: MLP, X: Any, T: Any, *, epochs: int = 10, batch_size: int = 32, opt
     - ``early_stopping=True``: stop once ``monitor`` (``"auto"``: ``val_loss``; or ``"val_accuracy"``,
       ``"loss"``) has gone ``patience`` epochs without improving by more than ``min_delta``, then restore
       the parameters of the best epoch if ``restore_best``. Needs validation data unless ``monitor="loss"``.
-    - ``schedule(epoch) -> lr`` sets the learning rate at the start of each epoch (``epoch`` from 0; see
-      :mod:`backprop.schedules`).
-    - ``callbacks``: each ``cb(net, epoch, history)`` runs after each epoch (``epoch`` from 1); any returning
-      ``True`` stops training; ``check_setup`` / ``on_train_begin`` / ``on_train_end`` methods are called if
+    - Epochs count from 1 (callbacks, ``History``, messages). ``schedule(completed) -> lr`` sets the learning
+      rate at the start of each epoch, called with the number of epochs completed before it: ``schedule(0)``
+      for epoch 1, ``schedule(e - 1)`` for epoch ``e`` (see :mod:`backprop.schedules`).
+    - ``callbacks``: each ``cb(net, epoch, history)`` runs after each epoch, with the number of the epoch just
+      completed (1 after the first); any returning ``True`` stops training (``history.stopped_epoch``,
+      ``history.stop_reason``); ``check_setup`` / ``on_train_begin`` / ``on_train_end`` methods are called if
       present (see :mod:`backprop.callbacks`). ``None`` means no callbacks.
-    - ``progress``: a tqdm bar with loss and validation metrics per epoch; ``None`` draws it only on an
-      interactive terminal and never when the environment variable ``CI`` is set.
+    - ``progress``: a tqdm bar of epochs with loss and validation metrics; within an epoch it shows the
+      batches done and the running loss, redrawn at most every :data:`PROGRESS_INTERVAL` seconds (each
+      redraw reads the loss back from the backend). When training stops early or early stopping restores an
+      earlier epoch, a closing line says so (e.g. ``stopped at epoch 47 (no val_loss improvement for 10
+      epochs), restored epoch 37``). ``None`` draws the bar only on an interactive terminal and never when
+      the environment variable ``CI`` is set (:func:`backprop.progress.should_show`).
     - ``graph=True``: each step replays a captured CUDA graph (see :mod:`backprop.graph`; the cupy backend,
       SGD with or without momentum); the minibatch is gathered outside the graph.
 
     All data, every option, every value of ``schedule`` (one call per epoch, all made before the first step)
     and every callback's ``check_setup`` are checked before any parameter changes; the data is moved to the
     backend once (see :mod:`backprop.staging`). The steps read nothing back: the loss is summed on the
-    backend and read once per epoch. If the loss or a gradient becomes non-finite, the update of that step
-    and of every later one is skipped on the backend, and at the end of the epoch training stops with
+    backend and read once per epoch (and, with a progress bar, at most once per redraw). If the loss or a
+    gradient becomes non-finite, the update of that step and of every later one is skipped on the backend,
+    and at the end of the epoch training stops with
     :class:`~backprop.network.NonFiniteLossError` naming the epoch and step; the parameters and the
     optimizer's state are those from before the failing step.
     """
@@ -278,7 +373,7 @@ def fit(net: MLP, X: Any, T: Any, *, epochs: int = 10, batch_size: int = 32, opt
         raise TypeError(f"schedule must be a callable epoch -> lr, got {type(schedule).__name__}")
     seed = check_seed(seed)
     validation_split = _check_fraction(validation_split, "validation_split")
-    show = progress_enabled(progress)
+    show = should_show(progress)
     if callbacks is None:
         callbacks = []
     elif callable(callbacks) or isinstance(callbacks, (str, bytes)) or not isinstance(callbacks, Iterable):
@@ -330,7 +425,8 @@ def fit(net: MLP, X: Any, T: Any, *, epochs: int = 10, batch_size: int = 32, opt
         run_step = graphed_train_step
     lrs = None
     if schedule is not None:  # every epoch's rate, checked before the first step
-        lrs = [check_positive(schedule(e), f"scheduled learning rate (epoch {e})", allow_zero=True)
+        lrs = [check_positive(schedule(e), f"scheduled learning rate of epoch {e + 1} (schedule({e}))",
+                              allow_zero=True)
                for e in range(epochs)]
     setup = FitSetup(epochs=epochs, validation=val is not None,
                      accuracy=val is not None and net.loss_fn.name in _CORRECT_RULE, loss=net.loss_fn.name)
@@ -348,6 +444,7 @@ def fit(net: MLP, X: Any, T: Any, *, epochs: int = 10, batch_size: int = 32, opt
         if hook is not None:
             hook(net, history)
     bar = _ProgressBar(epochs) if show else None
+    steps_per_epoch = -(-n // batch_size)
 
     def staging(rows: int) -> tuple[Any, Any]:
         ws = step.workspace(net, rows)
@@ -362,9 +459,13 @@ def fit(net: MLP, X: Any, T: Any, *, epochs: int = 10, batch_size: int = 32, opt
             order = rng.permutation(n) if shuffle else None
             guard = step.Guard(k)
             steps_before = optimizer.steps
+            if bar is not None:
+                bar.start_epoch(steps_per_epoch)
             for rows, xb, tb in data.epoch(batch_size, order, staging):
                 run_step(net, step.workspace(net, rows), xb, tb, optimizer, guard, weight=rows)
-            state = guard.read()  # the one read of the epoch
+                if bar is not None:
+                    bar.after_step(rows, guard)  # reads the guard a few times a second at most
+            state = guard.read()  # the one read of the epoch (without a bar)
             if state.failed:
                 optimizer.steps = steps_before + state.failed_step - 1
                 cause = _failed_step_cause(net, data, order, batch_size, state.failed_step, optimizer)
@@ -391,6 +492,10 @@ def fit(net: MLP, X: Any, T: Any, *, epochs: int = 10, batch_size: int = 32, opt
             if any(stops):
                 if history.stopped_epoch is None:
                     history.stopped_epoch = epoch
+                if history.stop_reason is None:
+                    first = callbacks[stops.index(True)]
+                    name = getattr(first, "__name__", None) or type(first).__name__
+                    history.stop_reason = f"callback {name} returned True"
                 break
     finally:
         if bar is not None:
@@ -399,5 +504,9 @@ def fit(net: MLP, X: Any, T: Any, *, epochs: int = 10, batch_size: int = 32, opt
         hook = getattr(cb, "on_train_end", None)
         if hook is not None:
             hook(net, history)
+    if show:
+        line = closing_line(history)
+        if line:  # under the bar, which stays at the epoch where training stopped
+            print(line, file=sys.stderr, flush=True)
     return history
 

@@ -77,7 +77,7 @@ CLASS3 = {
         "classifier", lambda tmp: dict(callbacks=[callbacks.checkpoint(tmp)]), ValueError, "is a directory"),
     "schedule_bad_in_a_later_epoch": (
         "classifier", lambda tmp: dict(epochs=5, schedule=lambda e: 0.1 if e < 3 else -1.0),
-        ValueError, r"scheduled learning rate \(epoch 3\)"),
+        ValueError, r"scheduled learning rate of epoch 4 \(schedule\(3\)\)"),
 }
 
 

@@ -4,6 +4,7 @@ callbacks, checkpoints, determinism."""
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import numpy as np
@@ -12,6 +13,9 @@ import pytest
 import backprop as bp
 from backprop import callbacks, schedules, training
 from backprop.backend import Backend
+from backprop.bench.progress import Progress
+from backprop.progress import should_show
+from backprop.step import Guard
 
 
 def blobs(rng: np.random.Generator, n: int = 120, d: int = 4, k: int = 3) -> tuple[np.ndarray, np.ndarray]:
@@ -35,6 +39,37 @@ def test_history_records_every_epoch(rng):
     assert h.best_epoch is None and h.stopped_epoch is None
     d = h.as_dict()
     assert d["loss"] == h.loss and d["loss"] is not h.loss and d["best_epoch"] is None
+    assert d["stop_reason"] is None and d["restored_epoch"] is None
+
+
+def test_history_prints_a_short_summary():
+    n = 500
+    h = bp.History(loss=[1.0 / (e + 1) for e in range(n)], val_loss=[0.5 + abs(e - 37) / 100 for e in range(n)],
+                   val_accuracy=[0.5 + min(e, 40) / 100 for e in range(n)], epoch_time=[0.01] * n,
+                   lr=[0.1] * n, best_epoch=38, stopped_epoch=n, stop_reason="no val_loss improvement for 10 epochs",
+                   restored_epoch=38)
+    text = str(h)
+    assert text == repr(h) and "\n" not in text and len(text) < 300
+    for fact in ("500 epochs", "5s", "final loss 0.002", "val_loss 5.12", "val_accuracy 0.9000",
+                 "best val_loss 0.5 at epoch 38", "best val_accuracy 0.9000 at epoch 41",
+                 "stopped at epoch 500 (no val_loss improvement for 10 epochs), restored epoch 38"):
+        assert fact in text, fact
+    assert "0.3333" not in text  # no list is dumped
+    assert repr(bp.History()) == "History(no epochs)"
+    ran_all = bp.History(loss=[0.3, 0.2, 0.25], epoch_time=[1.0] * 3, lr=[0.1] * 3, best_epoch=2, restored_epoch=2)
+    assert training.closing_line(ran_all) == "restored epoch 2 (the best of 3)"
+    assert repr(ran_all) == "History(3 epochs in 3s; final loss 0.25; best epoch 2; restored epoch 2 (the best of 3))"
+    plain = repr(bp.History(loss=[0.5], epoch_time=[90.0], lr=[0.1]))
+    assert plain == "History(1 epoch in 1m30.0s; final loss 0.5)"
+
+
+def test_fitted_history_summary(rng):
+    X, y = blobs(rng)
+    h = net_for(X).fit(X, y, epochs=4, optimizer=bp.Adam(1e-2), validation_data=(X, y))
+    text = repr(h)
+    assert text.startswith("History(4 epochs in ") and f"final loss {h.loss[-1]:.4g}" in text
+    best = int(np.argmin(h.val_loss)) + 1
+    assert f"best val_loss {min(h.val_loss):.4g} at epoch {best}" in text and "stopped" not in text
 
 
 def test_regression_history_has_no_accuracy(rng):
@@ -79,6 +114,50 @@ def test_progress_bar_shows_loss_and_validation_metrics(rng, capsys):
     assert "3/3" in err and "loss=" in err and "val_loss=" in err and "val_acc=" in err and "lr=" in err
 
 
+def _count_guard_reads(monkeypatch) -> list:
+    reads = []
+    original = Guard.read
+    monkeypatch.setattr(Guard, "read", lambda self: reads.append(1) or original(self))
+    return reads
+
+
+def test_progress_bar_moves_within_the_epoch_showing_the_running_loss(rng, capsys, monkeypatch):
+    """With a bar, the guard is read again within an epoch (here at every step: no throttle) and the bar shows
+    the batches done and the running loss (loss sum / rows so far); without one, once per epoch."""
+    pytest.importorskip("tqdm")
+    X, y = blobs(rng, n=120)
+    monkeypatch.setattr(training, "PROGRESS_INTERVAL", 0.0)
+    reads = _count_guard_reads(monkeypatch)
+    net = net_for(X, seed=2)
+    first_batch = net_for(X, seed=2).loss(X[:16], y[:16])  # the first step's loss, before its update
+    net.fit(X, y, epochs=2, batch_size=16, shuffle=False, progress=True)  # 8 steps per epoch, the last short
+    assert len(reads) == 2 * 8  # 7 redraws within each epoch (not after its last step) + its own read
+    err = capsys.readouterr().err
+    assert re.search(r"batch=1/8, loss=([^,\]\s]+)", err).group(1) == f"{first_batch:.4g}"
+    assert "batch=7/8" in err and "batch=8/8" not in err and "2/2" in err
+    reads.clear()
+    net.fit(X, y, epochs=2, batch_size=16, progress=False)
+    assert len(reads) == 2 and capsys.readouterr().err == ""  # no bar: one read per epoch, as ever
+
+
+def test_progress_bar_redraws_are_throttled_by_wall_clock(rng, capsys, monkeypatch):
+    pytest.importorskip("tqdm")
+    X, y = blobs(rng, n=120)
+    reads = _count_guard_reads(monkeypatch)
+    net_for(X).fit(X, y, epochs=3, batch_size=8, progress=True)  # epochs far shorter than the interval
+    assert training.PROGRESS_INTERVAL <= 1.0 and len(reads) == 3
+    clock = iter(range(0, 1000, 3))  # a clock 3 s later at each look
+    monkeypatch.setattr(training, "_clock", lambda: float(next(clock)))
+    monkeypatch.setattr(training, "PROGRESS_INTERVAL", 5.0)
+    reads.clear()
+    net_for(X).fit(X, y, epochs=1, batch_size=8, progress=True)  # 15 steps
+    # the bar looks at 0 s (next redraw due at 5 s), after step 1 (3 s: not due), after step 2 (6 s: redraw,
+    # then a look at 9 s: due at 14 s), step 3 (12 s), step 4 (15 s: redraw), ...: steps 2, 4, ..., 14; none
+    # after the last step, whose read is the epoch's own
+    assert len(reads) == 7 + 1
+    assert "batch=" in capsys.readouterr().err
+
+
 def test_no_progress_bar_unless_asked(rng, capsys):
     X, y = blobs(rng)
     net_for(X).fit(X, y, epochs=2, validation_data=(X, y))
@@ -111,6 +190,30 @@ def test_auto_progress_is_off_in_ci(monkeypatch, ci, auto):
     assert training.progress_enabled(False) is False
     with pytest.raises(TypeError, match="progress"):
         training.progress_enabled("yes")
+    assert should_show(None) is auto and should_show(True) and not should_show(False)
+
+
+@pytest.mark.parametrize("ci,tty,auto", [(None, True, True), ("true", True, False), (None, False, False),
+                                         ("true", False, False)])
+def test_benchmark_bar_follows_the_same_rule(monkeypatch, ci, tty, auto):
+    """backprop-bench's bar: drawn where fit(progress=None) draws one, off with --no-progress, forced on
+    request."""
+    pytest.importorskip("tqdm")
+    if ci is None:
+        monkeypatch.delenv("CI", raising=False)
+    else:
+        monkeypatch.setenv("CI", ci)
+    if tty:
+        monkeypatch.setattr(sys, "stderr", _Tty())
+    assert should_show(None) is auto and training.progress_enabled(None) is auto
+    with Progress(3) as bar:
+        assert bar.shown is auto
+    with Progress(3, enabled=False) as bar:
+        assert not bar.shown
+    with Progress(3, force=True) as bar:
+        assert bar.shown
+    with Progress(3, enabled=False, force=True) as bar:
+        assert not bar.shown
 
 
 # --------------------------------------------------------------------------- validation split, early stopping
@@ -155,6 +258,43 @@ def test_early_stopping_stops_and_restores_the_best_epoch(rng):
     for (W, b), (Wb, bb) in zip(net.get_params(), snapshots[h.best_epoch]):
         np.testing.assert_array_equal(W, Wb)
         np.testing.assert_array_equal(b, bb)
+
+
+def test_early_stopping_says_why_it_stopped(rng, capsys):
+    """The closing line under the bar (which stays at the stopping epoch), and the same facts on the History."""
+    pytest.importorskip("tqdm")
+    X, y = _overfitting_problem(rng)
+    kw = dict(epochs=300, batch_size=8, optimizer=bp.Adam(1e-2), validation_split=0.3, early_stopping=True,
+              patience=5)
+    h = bp.MLP([10, 128, 2], head="multiclass", dtype="float64", backend="numpy", seed=0).fit(X, y, progress=True,
+                                                                                             **kw)
+    assert h.stop_reason == "no val_loss improvement for 5 epochs" and h.restored_epoch == h.best_epoch
+    line = (f"stopped at epoch {h.stopped_epoch} (no val_loss improvement for 5 epochs), "
+            f"restored epoch {h.best_epoch}")
+    err = capsys.readouterr().err
+    assert err.rstrip().endswith(line) and f"{h.stopped_epoch}/300" in err
+    assert line in repr(h)
+
+    quiet = bp.MLP([10, 128, 2], head="multiclass", dtype="float64", backend="numpy", seed=0).fit(X, y, **kw)
+    assert capsys.readouterr().err == "" and quiet.stop_reason == h.stop_reason  # no bar: nothing printed
+
+    kept = bp.MLP([10, 128, 2], head="multiclass", dtype="float64", backend="numpy", seed=0).fit(
+        X, y, progress=True, **{**kw, "restore_best": False, "min_delta": 0.01, "patience": 1})
+    assert kept.restored_epoch is None
+    assert capsys.readouterr().err.rstrip().endswith(
+        f"stopped at epoch {kept.stopped_epoch} (no val_loss improvement by more than 0.01 for 1 epoch)")
+
+
+def test_a_callback_that_stops_training_is_named(rng, capsys):
+    pytest.importorskip("tqdm")
+    X, y = blobs(rng)
+
+    def enough(net, epoch, history):
+        return epoch == 2
+
+    h = net_for(X).fit(X, y, epochs=10, callbacks=[enough], progress=True)
+    assert (h.stopped_epoch, h.stop_reason, h.restored_epoch) == (2, "callback enough returned True", None)
+    assert capsys.readouterr().err.rstrip().endswith("stopped at epoch 2 (callback enough returned True)")
 
 
 def test_early_stopping_without_restore_keeps_the_last_epoch(rng):
@@ -226,8 +366,32 @@ def test_fit_follows_the_schedule(rng):
     assert h.lr == [sched(e) for e in range(6)]
     with pytest.raises(TypeError, match="schedule"):
         net_for(X).fit(X, y, schedule=0.1)
-    with pytest.raises(ValueError, match="scheduled learning rate"):
+    with pytest.raises(ValueError, match=r"scheduled learning rate of epoch 1 \(schedule\(0\)\)"):
         net_for(X).fit(X, y, schedule=lambda e: -1.0)
+    with pytest.raises(ValueError, match=r"scheduled learning rate of epoch 3 \(schedule\(2\)\)"):
+        net_for(X).fit(X, y, epochs=4, schedule=lambda e: 0.1 if e < 2 else float("nan"))
+
+
+def test_epoch_numbering_is_one_rule(rng):
+    """Epochs count from 1 (callbacks, History); a schedule gets the number of epochs completed before the
+    epoch it sets: schedule(e - 1) for epoch e, the count the callback of epoch e - 1 received."""
+    X, y = blobs(rng)
+    asked, seen = [], []
+
+    def sched(completed):
+        asked.append(completed)
+        return 0.01 * (completed + 1)
+
+    def cb(net, epoch, history):
+        seen.append((epoch, history.epochs, history.lr[-1]))
+
+    h = net_for(X).fit(X, y, epochs=4, optimizer=bp.SGD(1.0), schedule=sched, callbacks=[cb])
+    assert asked == [0, 1, 2, 3]
+    assert seen == [(e, e, sched(e - 1)) for e in (1, 2, 3, 4)]
+    assert h.lr == [sched(i) for i in range(4)]
+    # the built-in schedules: the first epoch runs at lr0, step_decay(every=2) drops after two epochs
+    h = net_for(X).fit(X, y, epochs=5, optimizer=bp.SGD(1.0), schedule=schedules.step_decay(0.1, 0.5, every=2))
+    assert h.lr == [0.1, 0.1, 0.05, 0.05, 0.025]
 
 
 # --------------------------------------------------------------------------- weight decay

@@ -1,25 +1,42 @@
-"""A progress bar when tqdm is installed, silence otherwise; messages that do not break the bar."""
+"""A progress bar when tqdm is installed, silence otherwise; messages that do not break the bar.
+
+Whether the bar is drawn follows the rule of ``fit(progress=None)`` (:func:`backprop.progress.should_show`):
+only on an interactive terminal and never when ``$CI`` is set, unless ``force=True``; ``enabled=False``
+(``backprop-bench --no-progress``) turns it off.
+"""
 
 from __future__ import annotations
 
 import sys
 from typing import Any
 
+from ..progress import should_show
+
 __all__ = ["Progress"]
 
 
 class Progress:
-    """``update(desc)`` advances one unit of work; ``write(msg)`` prints above the bar (or to stderr)."""
+    """``update(n)`` advances ``n`` units of work; ``write(msg)`` prints above the bar (or to stderr).
 
-    def __init__(self, total: int, enabled: bool = True) -> None:
+    ``enabled=False``: no bar. Otherwise the bar is drawn where ``fit(progress=None)`` draws one (an
+    interactive terminal outside CI, :func:`backprop.progress.should_show`), or always with ``force=True``
+    (an explicit request, as ``fit(progress=True)``); never without tqdm.
+    """
+
+    def __init__(self, total: int, enabled: bool = True, force: bool = False) -> None:
         self._bar: Any = None
-        if enabled:
+        if enabled and should_show(True if force else None):
             try:
                 from tqdm.auto import tqdm
             except ImportError:
                 tqdm = None
             if tqdm is not None:
                 self._bar = tqdm(total=total, unit="step", file=sys.stderr, dynamic_ncols=True, leave=False)
+
+    @property
+    def shown(self) -> bool:
+        """Whether a bar is drawn."""
+        return self._bar is not None
 
     def set_description(self, desc: str) -> None:
         if self._bar is not None:
