@@ -1,7 +1,8 @@
 """The backend switch: which kernel module computes, chosen once, used everywhere.
 
 ``set_backend(name)`` / ``get_backend()`` / ``with use_backend(name):``; the environment
-variable ``BACKPROP_BACKEND`` sets the initial choice (default ``"auto"``). Nothing else in
+variable ``BACKPROP_BACKEND`` sets the initial choice (default ``"auto"``; a name that is no backend is a
+``ValueError`` at ``import backprop``, one that does not work here at the first ``get_backend()``). Nothing else in
 the package looks at a backend's name: it calls the primitives of ``get_backend().kernels``.
 """
 
@@ -90,7 +91,7 @@ def resolve_backend(name: str) -> Backend:
         return _auto()
     if key not in BACKEND_MODULES:
         raise ValueError(
-            f"unknown backend {name!r}; known: {', '.join(BACKEND_MODULES)} or 'auto'; "
+            f"unknown backend {name!r}; known: {_known()}; "
             f"available here: {', '.join(available_backends())}"
         )
     backend = _probe(key)
@@ -109,11 +110,33 @@ def set_backend(name: str) -> Backend:
     return _current
 
 
+def _known() -> str:
+    return f"{', '.join(BACKEND_MODULES)} or 'auto'"
+
+
+def _env_backend_name() -> str:
+    """The backend named by ``$BACKPROP_BACKEND`` (``"auto"`` when unset or empty), checked against the known
+    names without importing any backend: a ``ValueError`` naming the variable, its value and the known
+    backends otherwise. Run once at ``import backprop``; whether the named backend works here is only known
+    when :func:`get_backend` first loads it."""
+    value = os.environ.get(ENV_VAR, "")
+    key = value.strip().lower() or "auto"
+    if key != "auto" and key not in BACKEND_MODULES:
+        raise ValueError(f"unknown backend {value!r} in environment variable {ENV_VAR}; known: {_known()} "
+                         "(unset it for 'auto')")
+    return key
+
+
 def get_backend() -> Backend:
     """The active backend (initially ``$BACKPROP_BACKEND``, else ``"auto"``)."""
     global _current
     if _current is None:
-        _current = resolve_backend(os.environ.get(ENV_VAR, "auto") or "auto")
+        name = _env_backend_name()
+        try:
+            backend = resolve_backend(name)
+        except ValueError as exc:
+            raise ValueError(f"environment variable {ENV_VAR}={os.environ.get(ENV_VAR, '')!r}: {exc}") from None
+        _current = backend
     return _current
 
 
@@ -128,3 +151,6 @@ def use_backend(name: str) -> Iterator[Backend]:
         yield backend
     finally:
         _current = previous
+
+
+_env_backend_name()  # a bad $BACKPROP_BACKEND fails at import, naming the variable (nothing optional imported)

@@ -9,7 +9,7 @@ backend that is.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +24,7 @@ from . import step
 from .validation import check_inputs, check_optimizer, check_seed, check_targets
 
 if TYPE_CHECKING:
-    from .training import History
+    from .training import Callback, History
 
 __all__ = ["MLP", "Layer", "NonFiniteLossError"]
 
@@ -82,8 +82,11 @@ class MLP:
     ----------
     sizes: ``[n0, n1, ..., nL]``, the widths of the ``L + 1`` layers of neurons.
     activation: hidden activation, a name (or :class:`Activation`), or one per hidden layer.
-    output, loss: output activation and loss; an output/loss pair that makes no sense is refused.
-    head: shortcut for ``(output, loss)``: ``"regression"``, ``"binary"``, ``"multilabel"``, ``"multiclass"``.
+    output, loss: output activation (default ``"identity"``) and loss (default ``"mse"``); an output/loss pair
+        that makes no sense is refused.
+    head: shortcut for ``(output, loss)``: ``"regression"`` (identity, mse), ``"binary"`` and ``"multilabel"``
+        (sigmoid, bce), ``"multiclass"`` (softmax, cross_entropy). Giving ``output`` or ``loss`` as well is
+        allowed only when it is the head's own; a different one is a ``ValueError``.
     dtype: ``"float32"`` (default) or ``"float64"``.
     seed: seeds the initialization (and the shuffling in :meth:`fit`); same seed, same network.
     backend: backend name; default the active one (see :func:`backprop.set_backend`).
@@ -93,8 +96,8 @@ class MLP:
         self,
         sizes: Sequence[int],
         activation: ActivationLike | Sequence[ActivationLike] = "relu",
-        output: ActivationLike = "identity",
-        loss: LossLike = "mse",
+        output: ActivationLike | None = None,
+        loss: LossLike | None = None,
         *,
         head: str | None = None,
         dtype: Any = "float32",
@@ -102,6 +105,7 @@ class MLP:
         backend: str | None = None,
     ) -> None:
         sizes = self._check_sizes(sizes)
+        out_act, loss_fn = self._resolve_head(head, output, loss)  # before anything is built
         n_hidden = len(sizes) - 2
         if isinstance(activation, (str, Activation)):
             hidden = [as_activation(activation)] * n_hidden
@@ -115,14 +119,7 @@ class MLP:
         for a in hidden:
             if not a.spec.hidden:
                 raise ValueError(f"activation {a.name!r} is for the output layer only")
-        if head is not None:
-            if not isinstance(head, str):
-                raise TypeError(f"head must be a string, one of {', '.join(HEADS)}; got {type(head).__name__}")
-            if head not in HEADS:
-                raise ValueError(f"unknown head {head!r}; known: {', '.join(HEADS)}")
-            output, loss = HEADS[head]
-        out_act = as_activation(output, "output")
-        self.loss_fn: Loss = as_loss(loss)
+        self.loss_fn: Loss = loss_fn
         check_output_loss(out_act.name, self.loss_fn.name)
         if out_act.name == "softmax" and sizes[-1] < 2:
             raise ValueError("a softmax output needs at least 2 units")
@@ -137,6 +134,30 @@ class MLP:
         for n_in, n_out, act in zip(sizes[:-1], sizes[1:], acts):
             W = _init_weights(rng, n_out, n_in, act.spec.init)
             self.layers.append(Layer(k.to_device(W, self.dtype), k.zeros((n_out,), self.dtype), act))
+
+    @staticmethod
+    def _resolve_head(head: str | None, output: ActivationLike | None,
+                      loss: LossLike | None) -> tuple[Activation, Loss]:
+        """The output activation and loss from ``head``, ``output`` and ``loss``: the head's pair, where an
+        explicit ``output`` or ``loss`` must be the head's own (a ``ValueError`` naming both otherwise)."""
+        if head is None:
+            return (as_activation("identity" if output is None else output, "output"),
+                    as_loss("mse" if loss is None else loss))
+        if not isinstance(head, str):
+            raise TypeError(f"head must be a string, one of {', '.join(HEADS)}; got {type(head).__name__}")
+        if head not in HEADS:
+            raise ValueError(f"unknown head {head!r}; known: {', '.join(HEADS)}")
+        head_output, head_loss = HEADS[head]
+        out_act, loss_fn = as_activation(head_output, "output"), as_loss(head_loss)
+        conflicts = []
+        if output is not None and as_activation(output, "output") != out_act:
+            conflicts.append(f"output={output!r}")
+        if loss is not None and as_loss(loss) != loss_fn:
+            conflicts.append(f"loss={loss!r}")
+        if conflicts:
+            raise ValueError(f"head={head!r} sets output={head_output!r} and loss={head_loss!r}; got "
+                             f"{' and '.join(conflicts)} (give the head alone, or output and loss without it)")
+        return out_act, loss_fn
 
     # ------------------------------------------------------------------ description
     @staticmethod
@@ -257,14 +278,26 @@ class MLP:
             raise NonFiniteLossError(f"{step.failure_cause(self, ws, x, t, optimizer)}; this step was not applied")
         return state.loss_sum
 
-    def fit(self, X: Any, T: Any, epochs: int = 10, batch_size: int = 32, optimizer: Optimizer | None = None,
+    def fit(self, X: Any, T: Any, *, epochs: int = 10, batch_size: int = 32, optimizer: Optimizer | None = None,
             shuffle: bool = True, validation_data: tuple[Any, Any] | None = None, progress: bool | None = False,
-            **kwargs: Any) -> History:
-        """Train by minibatch backpropagation; see :func:`backprop.training.fit`."""
+            callbacks: Iterable[Callback] | None = (), schedule: Callable[[int], float] | None = None,
+            seed: int | None = None, validation_split: float = 0.0, early_stopping: bool = False,
+            patience: int = 10, min_delta: float = 0.0, monitor: str = "auto", restore_best: bool = True,
+            graph: bool = False) -> History:
+        """Train by minibatch backpropagation for ``epochs`` passes over ``(X, T)``; returns a :class:`History`.
+
+        The options (keyword only) are those of :func:`backprop.training.fit`, which documents each:
+        ``optimizer`` (default ``SGD(lr=0.01)``), ``shuffle`` and ``seed``, ``validation_data`` or
+        ``validation_split``, ``early_stopping`` with ``patience``, ``min_delta``, ``monitor`` and
+        ``restore_best``, ``schedule(epoch) -> lr``, ``callbacks``, ``progress`` and ``graph``.
+        """
         from .training import fit
 
         return fit(self, X, T, epochs=epochs, batch_size=batch_size, optimizer=optimizer, shuffle=shuffle,
-                   validation_data=validation_data, progress=progress, **kwargs)
+                   validation_data=validation_data, progress=progress, callbacks=callbacks, schedule=schedule,
+                   seed=seed, validation_split=validation_split, early_stopping=early_stopping,
+                   patience=patience, min_delta=min_delta, monitor=monitor, restore_best=restore_best,
+                   graph=graph)
 
     # ------------------------------------------------------------------ parameters
     def get_params(self) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -34,7 +34,8 @@ here and gradually through the velocity there. The reported loss comes from the 
 the probabilities. Pickling keeps the parameters and fitted attributes but not the optimizer's moments (a
 ``partial_fit`` after unpickling starts them afresh) nor the backend arrays (rebuilt on first use).
 
-Importing this module imports scikit-learn; ``import backprop`` never does.
+Importing this module imports scikit-learn; ``import backprop`` never does. Without scikit-learn (or SciPy) the
+import is an ``ImportError`` saying what to install: ``pip install 'backprop-kernels[sklearn]'``.
 """
 
 from __future__ import annotations
@@ -46,16 +47,21 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-import scipy.sparse as sp
-from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.metrics import accuracy_score, r2_score
-from sklearn.model_selection import train_test_split
-from sklearn.preprocessing import LabelBinarizer
-from sklearn.utils import check_random_state, column_or_1d, gen_batches
-from sklearn.utils import shuffle as _sk_shuffle
-from sklearn.utils.multiclass import type_of_target, unique_labels
-from sklearn.utils.validation import check_is_fitted
+
+try:
+    import scipy.sparse as sp
+    from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.metrics import accuracy_score, r2_score
+    from sklearn.model_selection import train_test_split
+    from sklearn.preprocessing import LabelBinarizer
+    from sklearn.utils import check_random_state, column_or_1d, gen_batches
+    from sklearn.utils import shuffle as _sk_shuffle
+    from sklearn.utils.multiclass import type_of_target, unique_labels
+    from sklearn.utils.validation import check_is_fitted
+except ImportError as exc:
+    raise ImportError(f"backprop.sklearn needs scikit-learn (and SciPy): pip install 'backprop-kernels[sklearn]' "
+                      f"({type(exc).__name__}: {exc})", name=exc.name) from exc
 
 try:  # scikit-learn >= 1.6
     from sklearn.utils.validation import validate_data

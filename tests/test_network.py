@@ -157,9 +157,59 @@ def test_perceptron_rule_separates_a_separable_set(rng):
     np.testing.assert_array_equal(p.predict(X), y)
 
 
-def test_perceptron_rejects_bad_labels():
-    with pytest.raises(ValueError, match="-1 or \\+1"):
-        bp.Perceptron().fit(np.ones((3, 2)), [0, 1, 1])
+@pytest.mark.parametrize("labels", [(0, 1), (-1, 1), ("a", "b"), (False, True), (2.5, 7.0)],
+                         ids=["0-1", "pm1", "strings", "bools", "floats"])
+def test_perceptron_takes_any_two_labels_and_predicts_them(rng, labels):
+    X = rng.normal(size=(60, 2))
+    X = X[np.abs(X[:, 0] - X[:, 1]) > 0.2]
+    side = X[:, 0] - X[:, 1] > 0
+    y = np.where(side, labels[1], labels[0])
+    p = bp.Perceptron().fit(X, list(y))
+    assert p.converged_
+    np.testing.assert_array_equal(p.classes_, np.array(sorted(labels)))
+    pred = p.predict(X)
+    assert pred.dtype == np.asarray(y).dtype
+    np.testing.assert_array_equal(pred, y)
+    assert ((p.decision_function(X) > 0) == (y == p.classes_[1])).all()  # classes_[1] is the +1 side
+
+
+def test_perceptron_on_minus_one_plus_one_is_the_rule_as_before(rng):
+    X = rng.normal(size=(40, 3))
+    y = np.where(X @ np.array([1.0, -2.0, 0.5]) > 0, 1, -1)
+    p = bp.Perceptron(max_epochs=3).fit(X, y)
+    w, b = np.zeros(3), 0.0  # the rule by hand, -1/+1 used as given
+    for _ in range(p.epochs_):
+        for xi, yi in zip(X, y):
+            if yi * (xi @ w + b) <= 0:
+                w, b = w + yi * xi, b + yi
+    np.testing.assert_array_equal(p.w, w)
+    assert p.b == b
+    np.testing.assert_array_equal(np.unique(p.predict(X)), [-1, 1])
+
+
+@pytest.mark.parametrize("y,exc,match", [
+    ([0, 1, 2, 2], ValueError, r"two classes; y holds 3: \[0, 1, 2\]"),
+    (["a", "b", "c", "a"], ValueError, r"y holds 3: \['a', 'b', 'c'\]"),
+    ([1, 1, 1, 1], ValueError, r"two classes; y holds 1: \[1\]"),
+    (list(range(4)) * 5, ValueError, r"y holds 4"),
+    ([0.0, 1.0, np.nan, 1.0], ValueError, "finite"),
+    ([None, 1, 1, 0], TypeError, "labels"),
+    ([0, 1, 1], ValueError, "3 labels but X has 4 samples"),
+])
+def test_perceptron_refuses_labels_that_are_not_two_classes(y, exc, match):
+    p = bp.Perceptron()
+    X = np.arange(len(y) * 2 if len(y) != 3 else 8, dtype=float).reshape(-1, 2)
+    with pytest.raises(exc, match=match):
+        p.fit(X, y)
+    assert p.w is None and p.classes_ is None  # nothing fitted
+
+
+def test_perceptron_refit_resets_convergence():
+    X = np.array([[0.0, 0], [0, 1], [1, 0], [1, 1]])
+    p = bp.Perceptron(max_epochs=50).fit(X, [0, 0, 0, 1])
+    assert p.converged_
+    p.fit(X, ["x", "y", "y", "x"])  # XOR: never separable
+    assert not p.converged_ and list(p.classes_) == ["x", "y"]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -267,6 +317,91 @@ def test_wrong_dtypes_are_type_errors(net):
 def test_bad_configuration(kwargs, match):
     with pytest.raises(ValueError, match=match):
         bp.MLP([3, 4, 2], **kwargs)
+
+
+@pytest.mark.parametrize("kwargs,got", [
+    (dict(head="multiclass", output="sigmoid"), "got output='sigmoid'$"),
+    (dict(head="multiclass", loss="mse"), "got loss='mse'$"),
+    (dict(head="multiclass", output="sigmoid", loss="bce"), "got output='sigmoid' and loss='bce'$"),
+    (dict(head="regression", output="tanh"), "got output='tanh'$"),
+    (dict(head="binary", loss="mse"), "got loss='mse'$"),
+    (dict(head="multilabel", loss=bp.Loss("huber")), "got loss=Loss"),
+])
+def test_head_with_a_conflicting_output_or_loss_is_refused(kwargs, got):
+    head = kwargs["head"]
+    output, loss = bp.HEADS[head]
+    with pytest.raises(ValueError) as info:
+        bp.MLP([3, 4, 2], backend="numpy", **kwargs)
+    message = str(info.value).split(" (give the head")[0]
+    assert message.startswith(f"head={head!r} sets output={output!r} and loss={loss!r}; ")
+    assert re.search(got, message), message
+
+
+def test_head_conflict_is_refused_before_anything_is_built(monkeypatch):
+    import backprop.network as network
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights drawn before the configuration was checked")
+
+    monkeypatch.setattr(network, "_init_weights", no_weights)
+    monkeypatch.setattr(network, "get_backend", no_weights)
+    with pytest.raises(ValueError, match="head='multiclass' sets output='softmax' and loss='cross_entropy'; "
+                                         "got output='sigmoid'"):
+        bp.MLP([3, 4, 2], head="multiclass", output="sigmoid")
+
+
+@pytest.mark.parametrize("head", list(bp.HEADS))
+def test_head_with_its_own_output_and_loss_is_fine(head):
+    output, loss = bp.HEADS[head]
+    aliases = {"identity": "linear", "sigmoid": "logistic", "cross_entropy": "log_loss", "mse": "squared_error",
+               "bce": "binary_cross_entropy"}
+    plain = bp.MLP([3, 4, 2], head=head, seed=0, backend="numpy")
+    for kwargs in (dict(output=output), dict(loss=loss), dict(output=output, loss=loss),
+                   dict(output=bp.Activation(output), loss=bp.Loss(loss)),
+                   dict(output=aliases.get(output, output), loss=aliases.get(loss, loss))):
+        net = bp.MLP([3, 4, 2], head=head, seed=0, backend="numpy", **kwargs)
+        assert (net.output, net.loss_fn) == (plain.output, plain.loss_fn), kwargs
+        for (W, b), (W0, b0) in zip(net.get_params(), plain.get_params()):
+            np.testing.assert_array_equal(W, W0)
+
+
+def test_default_output_and_loss_without_a_head():
+    net = bp.MLP([3, 4, 2], backend="numpy")
+    assert (net.output.name, net.loss_fn.name) == ("identity", "mse")
+    net = bp.MLP([3, 4, 2], output="sigmoid", loss="bce", backend="numpy")
+    assert (net.output.name, net.loss_fn.name) == ("sigmoid", "bce")
+
+
+def test_fit_has_the_parameters_of_training_fit():
+    """MLP.fit spells out training.fit's options (help() shows them) and forwards them: same names, order,
+    kinds, defaults and annotations after the data, so the two cannot drift apart."""
+    import inspect
+
+    from backprop import training
+
+    ours = inspect.signature(bp.MLP.fit)
+    theirs = inspect.signature(training.fit)
+    assert [p.name for p in ours.parameters.values()][:3] == ["self", "X", "T"]
+    assert [p.name for p in theirs.parameters.values()][:3] == ["net", "X", "T"]
+    assert list(ours.parameters.values())[1:] == list(theirs.parameters.values())[1:]
+    assert ours.return_annotation == theirs.return_annotation
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in list(ours.parameters.values())[3:])
+    assert "validation_split" in (bp.MLP.fit.__doc__ or "") and "early_stopping" in (bp.MLP.fit.__doc__ or "")
+
+
+def test_fit_forwards_every_option(monkeypatch):
+    import inspect
+
+    from backprop import training
+
+    options = {name: object() for name in list(inspect.signature(training.fit).parameters)[3:]}
+    assert {"epochs", "validation_split", "callbacks", "graph"} <= set(options)
+    seen = {}
+    monkeypatch.setattr(training, "fit", lambda net, X, T, **kw: seen.update(kw, net=net, X=X, T=T))
+    net = bp.MLP([3, 4, 2], backend="numpy")
+    net.fit("X", "T", **options)
+    assert seen.pop("net") is net and seen.pop("X") == "X" and seen.pop("T") == "T"
+    assert seen == options
 
 
 @pytest.mark.parametrize("make,match", [
