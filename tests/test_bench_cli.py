@@ -386,3 +386,124 @@ def test_bad_option_exit_status_of_the_command(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr and not proc.stdout
     assert proc.stderr.strip().splitlines()[-1].startswith("backprop-bench: error: argument --sizes: ")
     assert not (tmp_path / "o").exists()
+
+
+# --------------------------------------------------------------------------- the verdict on noise, the plot
+
+
+def _fake_doc(*, busy: str = "", load: list[float] | None = None, unstable: bool = False,
+              ratio: float = 2.7, backends: tuple[str, ...] = ("numpy",)) -> dict:
+    """A small results document, as ``backprop-bench`` writes it, for the report and the plot."""
+    def timing(med: float) -> dict:
+        return {"median": med, "q1": med * 0.98, "q3": med * 1.02, "min": med * 0.97, "max": med * 1.03,
+                "samples": [med] * 3, "first_call_excess": 0.0}
+
+    ns = [1e3, 1e4, 1e5, 1e6]
+    fit = {"slope": 1.0, "stderr": 0.01, "r2": 0.999, "n_min": 1e4, "n_max": 1e6, "n_points": 3, "coef": 1e-8,
+           "rule": "GEMM-bound sizes", "n_used": ns[1:]}
+    res = []
+    for name in backends:
+        sizes = [{"status": "ok", "n_params": n, "sizes": [int(n ** 0.5)] * 4, "unstable": unstable and n > 1e3,
+                  "timings": {"forward": timing(n * 1e-8), "gradient": timing(n * 1e-8 * (ratio if n == 1e5 else 2.7)),
+                              "step": timing(n * 1e-8 * 2.8)},
+                  "ratio_grad": ratio if n == 1e5 else 2.7, "ratio_step": 2.8, "flop_ratio": 2 + 2 / 3,
+                  "in_fit": n > 1e3} for n in ns]
+        res.append({"backend": name, "is_gpu": False, "batch": 256, "batch_default": True, "sizes": sizes,
+                    "finite_differences": [], "fits": {"forward": fit, "gradient": fit, "step": fit,
+                                                       "finite_differences": None},
+                    "checks": {"gemm_bound_sizes": ns[1:], "unstable_sizes": ns[1:] if unstable else [],
+                               "max_ratio_grad": max(ratio, 2.7), "max_ratio_step": 2.8, "max_ratio_grad_best": 2.7,
+                               "max_ratio_step_best": 2.8, "max_flop_ratio": 2 + 2 / 3,
+                               "ratio_grad_at_most_3": ratio <= 3, "ratio_step_at_most_3": True,
+                               "ratio_grad_at_most_5": ratio <= 5, "ratio_step_at_most_5": True},
+                    "messages": [], "errors": [], "first_call_excess": {}})
+    load = load or [0.5, 0.5, 0.5]
+    return {
+        "schema": "backprop-bench/1", "command": "backprop-bench --quick", "duration_s": 3.0,
+        "config": {"dtype": "float32", "depth": 3, "repeats": 3, "warmup": 1, "min_sample_time": 0.002,
+                   "lr": 1e-7, "overhead_factor": 30.0, "fd_max_n": 5e3, "batch": None, "unstable_spread": 0.1,
+                   "batch_rule": "256 on a CPU", "malloc": ""},
+        "machine": {"date": "2026-01-01T00:00:00+00:00", "backprop": "0.1.0", "cpu": "Test CPU", "cpu_count": 2,
+                    "cpus_usable": 2, "memory_bytes": 2**33, "platform": "Linux", "python": "3.11",
+                    "versions": {"numpy": np.__version__}, "blas": [], "gpus": []},
+        "load_average": {"start": load, "end": [0.5, 0.5, 0.5]},
+        "cpu_pressure": {"start": None, "end": None},
+        "busy_at_start": busy, "peers": {}, "backends": res, "skipped_backends": {},
+    }
+
+
+def test_report_says_when_the_run_was_noisy() -> None:
+    from backprop.bench.report import markdown_report, noise_verdict, terminal_report
+
+    noisy = _fake_doc(busy="the load average (22.6) exceeds the 2 CPUs", load=[22.6, 20.0, 14.0], ratio=9.2)
+    v = noise_verdict(noisy)
+    assert v["noisy"] and v["max_ratio"] == pytest.approx(9.2) and v["max_ratio_backend"] == "numpy"
+    md = markdown_report(noisy, "scaling.png")
+    para = next(line for line in md.splitlines() if line.startswith("**Noisy run**"))
+    assert "load average 22.6 on 2 CPUs" in para and "9.20" in para and "above 5" in para
+    assert "Rerun on an idle machine" in para
+    assert md.index("**Noisy run**") < md.index("- machine:")  # near the top, before the details
+    assert "warning: noisy run" in terminal_report(noisy)
+
+    quiet = _fake_doc()
+    assert not noise_verdict(quiet)["noisy"]
+    md = markdown_report(quiet, None)
+    assert "**Quiet run**" in md and "Noisy run" not in md
+    assert "noisy run" not in terminal_report(quiet)
+
+    # unsteady timings alone make a run noisy, even on a machine that looked idle at both ends
+    unsteady = _fake_doc(unstable=True)
+    v = noise_verdict(unsteady)
+    assert v["noisy"] and any("unsteady" in r and "numpy 3 of 3" in r for r in v["reasons"])
+    assert "**Noisy run**" in markdown_report(unsteady, None)
+
+    # results written before the run recorded the load at the end: the verdict at the start still counts
+    old = _fake_doc(busy="other work competes for the CPUs")
+    del old["load_average"], old["cpu_pressure"]
+    assert noise_verdict(old)["noisy"]
+
+
+def test_no_kakade_in_the_help_and_the_report() -> None:
+    from backprop.bench.cli import build_parser
+    from backprop.bench.report import markdown_report
+
+    text = " ".join(build_parser().format_help().split())  # argparse wraps the lines
+    assert "Kakade" not in text and "cheap gradient principle" in text and "Baur" in text
+    md = markdown_report(_fake_doc(), None)
+    assert "Kakade" not in md and "cheap gradient principle" in md
+
+
+def test_plot_banner_legend_and_colours(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from backprop.bench.plot import backend_color, build_figure, plot_results
+
+    def texts(fig) -> str:
+        return "\n".join(t.get_text() for f in [fig, *fig.subfigs] for t in f.texts)
+
+    noisy = _fake_doc(busy="the load average (22.6) exceeds the 2 CPUs", load=[22.6, 20.0, 14.0], ratio=9.2,
+                      backends=("numpy", "numba"))
+    fig = build_figure(noisy)
+    assert "NOISY RUN" in texts(fig) and "Rerun on an idle machine" in texts(fig)
+    assert plot_results(noisy, tmp_path / "noisy.png") is None
+    assert (tmp_path / "noisy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    fig = build_figure(_fake_doc(backends=("numpy", "numba")))
+    assert "NOISY RUN" not in texts(fig)
+    fig.canvas.draw()
+    axes = fig.axes
+    assert len(axes) == 2
+    [leg] = [leg for f in [fig, *fig.subfigs] for leg in f.legends]
+    box = leg.get_window_extent()
+    for ax in axes:
+        assert not box.overlaps(ax.get_window_extent())  # the legend is outside the data
+        assert ax.get_xlabel() and ax.get_ylabel() and ax.get_title()
+    labels = [t.get_text() for t in leg.get_texts()]
+    assert any(lab.startswith("numpy (CPU)") for lab in labels) and any(lab.startswith("numba (CPU)") for lab in labels)
+    assert any("cheap gradient principle" in lab for lab in labels)
+    assert any("operation count ratio" in lab for lab in labels)
+    assert any(t.get_text().startswith(" fit from N = 1.00e4") for t in axes[0].texts)
+    # one colour per backend, the same in both panels
+    assert backend_color("numpy") != backend_color("numba")
+    for ax in axes:
+        colours = {str(line.get_color()) for line in ax.get_lines()}
+        assert {backend_color("numpy"), backend_color("numba")} <= colours

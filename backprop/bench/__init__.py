@@ -6,7 +6,8 @@ For each backend it times, over nets whose parameter count ``N`` spans several d
 * ``T_fwd``, the inference pass; ``T_grad``, forward + backward producing every gradient; ``T_step``, a
   fused training step with the SGD update;
 * the ratios ``T_grad / T_fwd`` and ``T_step / T_fwd`` next to the operation-count ratio (about 3) and
-  Kakade's bound (5);
+  the bound of the cheap gradient principle (5: reverse-mode differentiation costs at most a small constant
+  times the function evaluation, Baur and Strassen);
 * the exponents ``k`` of ``T ~ N^k`` fitted where the GEMMs dominate (about 1), and the naive
   finite-difference gradient at small ``N`` (about ``N^2``) with the speedup of backpropagation over it;
 

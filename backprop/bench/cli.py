@@ -252,9 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Measure the cost of the gradient: forward pass, forward + backward and a full training step "
             "over nets whose parameter count N spans several decades, their ratios against the operation "
-            "count (about 3) and Kakade's bound (5), the fitted exponents of T ~ N^k (about 1), and the naive "
-            "finite-difference gradient (about N^2) at small N. Writes a JSON file with every timing, a "
-            "Markdown report and a PNG plot."),
+            "count (about 3) and the bound of 5 of the cheap gradient principle (Baur-Strassen: reverse-mode "
+            "differentiation, i.e. backpropagation, costs at most a small constant, 5, times the function "
+            "evaluation), the fitted exponents of T ~ N^k (about 1), and the naive finite-difference gradient "
+            "(about N^2) at small N. Writes a JSON file with every timing, a Markdown report and a PNG plot; "
+            "both say when other work on the machine made the timings noisy."),
         epilog=(f"Sizes: comma-separated parameter counts (1e5), log ranges (1e3:1e7:17) or layer widths "
                 f"(784-256-10); counts become --depth square layers. Defaults: {DEFAULT_SIZES_CPU} on a CPU, "
                 f"{DEFAULT_SIZES_GPU} on a GPU, {QUICK_SIZES} with --quick; sizes that do not fit in memory are "

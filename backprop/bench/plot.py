@@ -1,123 +1,239 @@
-"""The figure: time against N on log-log axes with the fitted slopes, and the ratios against N.
+"""The figure: time per call against N on log-log axes with the fitted slopes, and the ratios against N.
+
+Colour says which backend (a fixed colour per backend, the same in both panels), line style and marker say
+what was timed; one legend to the right of both panels explains both. A noisy run (see
+:func:`~backprop.bench.report.noise_verdict`) gets a red banner above the panels.
 
 matplotlib is optional (``pip install backprop-kernels[bench]``); without it the plot is skipped with a message.
 """
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["plot_results"]
+from .report import CHEAP_GRADIENT_BOUND, fmt_n, noise_banner, noise_verdict
 
-_COLORS = {"forward": "C0", "gradient": "C1", "step": "C2", "finite_differences": "C3"}
-_LABELS = {"forward": "forward", "gradient": "gradient (fwd+bwd)", "step": "training step",
-           "finite_differences": "finite differences"}
-_STYLES = ["-", "--", ":", "-."]
+__all__ = ["backend_color", "build_figure", "plot_results"]
+
+#: A fixed colour per backend (matplotlib's qualitative tab10 palette), so that a backend looks the same in every
+#: plot; red is left out: it is the colour of the noise warning.
+BACKEND_COLORS = {"numpy": "#1f77b4", "numba": "#ff7f0e", "cupy": "#2ca02c", "numba-cuda": "#9467bd"}
+_SPARE_COLORS = ["#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"]
+PEER_COLORS = {"torch": "#8c564b"}
+#: what was timed -> (line style, marker); the ratio panel uses the style of the numerator
+_STYLE = {"forward": ("-", "o"), "gradient": ("--", "^"), "step": (":", "s"), "finite_differences": ("-.", "D")}
+_LABELS = {"forward": "forward pass T_fwd", "gradient": "gradient T_grad (forward + backward)",
+           "step": "training step T_step (gradient + SGD update)"}
+_SHORT = {"forward": "fwd", "gradient": "grad", "step": "step", "finite_differences": "FD"}
+_BANNER_RED = "#b00000"
+
+
+def backend_color(name: str) -> str:
+    """The colour of backend ``name`` in the plot (a spare colour, by a stable hash, for an unknown name)."""
+    if name in BACKEND_COLORS:
+        return BACKEND_COLORS[name]
+    return _SPARE_COLORS[sum(map(ord, name)) % len(_SPARE_COLORS)]
 
 
 def _errorbar(ax: Any, n: list[float], timings: list[dict[str, Any]], **kw: Any) -> None:
     med = np.array([t["median"] for t in timings])
     lo = med - np.array([t["q1"] for t in timings])
     hi = np.array([t["q3"] for t in timings]) - med
-    ax.errorbar(n, med, yerr=[np.maximum(lo, 0), np.maximum(hi, 0)], capsize=2, markersize=4, **kw)
+    ax.errorbar(n, med, yerr=[np.maximum(lo, 0), np.maximum(hi, 0)], capsize=2, markersize=5, linewidth=1.3, **kw)
 
 
-def _fit_line(ax: Any, fit: dict[str, Any] | None, color: str, style: str) -> None:
+def _fit_line(ax: Any, fit: dict[str, Any] | None, color: str) -> None:
     if not fit:
         return
     n = np.geomspace(fit["n_min"], fit["n_max"], 20)
-    ax.plot(n, fit["coef"] * n ** fit["slope"], color=color, linestyle=style, linewidth=3, alpha=0.35)
+    ax.plot(n, fit["coef"] * n ** fit["slope"], color=color, linestyle="-", linewidth=6, alpha=0.22,
+            solid_capstyle="butt")
+
+
+def _backend_label(res: dict[str, Any]) -> str:
+    """``numpy (CPU)`` and the fitted slopes, for the colour key."""
+    fits = res["fits"]
+    slopes = ", ".join(f"{_SHORT[op]} {fits[op]['slope']:.2f}" for op in ("forward", "gradient", "step",
+                                                                           "finite_differences") if fits.get(op))
+    return f"{res['backend']} ({'GPU' if res['is_gpu'] else 'CPU'})" + (f": {slopes}" if slopes else "")
+
+
+def _fit_starts(ax: Any, backends: list[dict[str, Any]], text: bool) -> None:
+    """A dotted vertical line where each backend's fit of the timings starts, labelled ``fit from N = ...``
+    (one grey line for the backends that start at the same N)."""
+    starts: dict[float, list[dict[str, Any]]] = {}
+    for res in backends:
+        fit = res["fits"].get("gradient")
+        if fit and fit.get("n_used"):
+            starts.setdefault(min(fit["n_used"]), []).append(res)
+    for n0, group in starts.items():
+        color = backend_color(group[0]["backend"]) if len(group) == 1 else "0.35"
+        ax.axvline(n0, color=color, linewidth=1.2, linestyle=(0, (1, 2)))
+        if text:
+            fallback = any(str(r["fits"]["gradient"].get("rule", "")).startswith("fallback") for r in group)
+            who = ", ".join(r["backend"] for r in group) if len(backends) > 1 else ""
+            note = "; ".join(x for x in (who, "fallback: largest sizes" if fallback else "") if x)
+            ax.text(n0, 0.985, f" fit from N = {fmt_n(n0)}" + (f" ({note})" if note else "") + " →",
+                    transform=ax.get_xaxis_transform(), rotation=90, ha="right", va="top", fontsize=8.5,
+                    color=color, bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1})
+
+
+def build_figure(doc: dict[str, Any]) -> Any:
+    """The figure of a run (a :class:`matplotlib.figure.Figure` on an Agg canvas), or ``None`` when nothing was
+    measured. Raises ``ImportError`` without matplotlib."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    cfg = doc["config"]
+    backends = [b for b in doc["backends"] if any(r["status"] == "ok" for r in b["sizes"])]
+    if not backends:
+        return None
+    verdict = noise_verdict(doc)
+    banner = noise_banner(verdict)
+    fig = Figure(figsize=(16, 9.2 if banner else 8.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    body = fig
+    if banner:
+        top, body = fig.subfigures(2, 1, height_ratios=[0.8, 8.4])
+        top.set_facecolor("#fde3e1")
+        top.text(0.5, 0.5, textwrap.fill(banner, 160), ha="center", va="center", fontsize=11, fontweight="bold",
+                 color=_BANNER_RED, wrap=False)
+        top.patch.set_edgecolor(_BANNER_RED)
+        top.patch.set_linewidth(3)
+    ax_t, ax_r = body.subplots(1, 2, gridspec_kw={"width_ratios": [1.2, 1]})
+    peer_names = [p for p, info in doc.get("peers", {}).items() if info.get("status") == "ok"]
+    ratio_max, ratio_points = 5.6, []
+    any_fd = any_fd_full = any_fd_est = any_fit = False
+    peers_drawn: set[str] = set()
+    for bi, res in enumerate(backends):
+        color = backend_color(res["backend"])
+        ok = [r for r in res["sizes"] if r["status"] == "ok"]
+        n = [r["n_params"] for r in ok]
+        for op in ("forward", "gradient", "step"):
+            ls, mk = _STYLE[op]
+            _errorbar(ax_t, n, [r["timings"][op] for r in ok], color=color, linestyle=ls, marker=mk)
+            _fit_line(ax_t, res["fits"].get(op), color)
+            any_fit = any_fit or bool(res["fits"].get(op))
+        fd = [f for f in res["finite_differences"] if f["status"] == "ok"]
+        if fd:
+            any_fd = True
+            ls, mk = _STYLE["finite_differences"]
+            full = [f for f in fd if f["measured"]]
+            if full:
+                any_fd_full = True
+                _errorbar(ax_t, [f["n_params"] for f in full], [f["full"] for f in full], color=color,
+                          linestyle=ls, marker=mk)
+            est = [f for f in fd if not f["measured"]]
+            if est:
+                any_fd_est = True
+                ax_t.plot([f["n_params"] for f in est], [f["time"] for f in est], color=color, linestyle=ls,
+                          marker=mk, markerfacecolor="white", markersize=5, linewidth=1.3)
+            _fit_line(ax_t, res["fits"].get("finite_differences"), color)
+        for p in peer_names:
+            pts = [(r["n_params"], r["peers"][p]) for r in ok if r.get("peers", {}).get(p, {}).get("status") == "ok"]
+            if pts:
+                pc = PEER_COLORS.get(p, "0.3")
+                ax_t.plot([q[0] for q in pts], [q[1]["timings"]["gradient"]["median"] for q in pts], color=pc,
+                          linestyle="--", marker="x")
+                ax_r.plot([q[0] for q in pts], [q[1]["ratio_grad"] for q in pts], color=pc, linestyle="--",
+                          marker="x")
+                peers_drawn.add(p)
+        for key, op in (("ratio_grad", "gradient"), ("ratio_step", "step")):
+            ls, mk = _STYLE[op]
+            vals = [r[key] for r in ok]
+            ax_r.plot(n, vals, color=color, linestyle=ls, marker=mk, markersize=5, linewidth=1.3)
+            ratio_points += [(x, v, color) for x, v in zip(n, vals)]
+            ratio_max = max(ratio_max, *vals)
+        if bi == 0:
+            ax_r.plot(n, [r["flop_ratio"] for r in ok], color="black", linestyle="-", linewidth=1.0)
+    _fit_starts(ax_t, backends, text=True)
+    _fit_starts(ax_r, backends, text=False)
+    ax_r.axhline(CHEAP_GRADIENT_BOUND, color="#555555", linewidth=2.2, linestyle=(0, (6, 2, 1, 2)))
+    top_r = min(ratio_max * 1.08, 12.0)
+    ax_r.text(0.01, CHEAP_GRADIENT_BOUND, f" bound {CHEAP_GRADIENT_BOUND:g}: cheap gradient principle",
+              transform=ax_r.get_yaxis_transform(), ha="left", va="bottom", fontsize=8.5, color="#333333")
+    flop_n = [r["flop_ratio"] for r in backends[0]["sizes"] if r["status"] == "ok"]
+    ax_r.text(0.01, flop_n[0], " operation count ratio", transform=ax_r.get_yaxis_transform(), ha="left",
+              va="top", fontsize=8.5, color="black")
+    for x, v, c in ratio_points:  # ratios off the top of the panel: an arrow and the value at the edge
+        if v > top_r:
+            ax_r.annotate(f"{v:.1f}", xy=(x, top_r), xytext=(0, -14), textcoords="offset points", ha="center",
+                          va="top", fontsize=8, color=c, arrowprops={"arrowstyle": "->", "color": c})
+
+    m = doc["machine"]
+    ax_t.set(xscale="log", yscale="log", xlabel="parameters N (weights and biases of the net, log scale)",
+             ylabel="time per call [s] (median; bars: interquartile range)",
+             title="time per call against N (shaded bands: fits T ~ N^k)")
+    ax_t.grid(True, which="both", alpha=0.25)
+    ax_r.set(xscale="log", xlabel="parameters N (weights and biases of the net, log scale)",
+             ylabel="time ratio T / T_fwd  [forward passes]", ylim=(0, top_r),
+             title="cost of the gradient in forward passes: T_grad / T_fwd and T_step / T_fwd")
+    ax_r.grid(True, which="both", alpha=0.25)
+
+    # one legend for both panels, below them, a column per key: colour = backend, style = what was timed, lines
+    def head(text: str) -> tuple[Any, str]:
+        return Line2D([], [], linestyle="none"), text
+
+    colours = [head("colour: backend (fitted slopes k of T ~ N^k)")]
+    colours += [(Line2D([], [], color=backend_color(r["backend"]), linewidth=6), _backend_label(r)) for r in backends]
+    colours += [(Line2D([], [], color=PEER_COLORS.get(p, "0.3"), linestyle="--", marker="x"),
+                 f"{p} on the same nets: T_grad, T_grad / T_fwd") for p in sorted(peers_drawn)]
+    styles = [head("line style: what was timed (left: time; right: ratio)")]
+    for op in ("forward", "gradient", "step"):
+        ls, mk = _STYLE[op]
+        styles.append((Line2D([], [], color="0.25", linestyle=ls, marker=mk), _LABELS[op]))
+    if any_fd:
+        ls, mk = _STYLE["finite_differences"]
+        fd_batch = {f["batch"] for r in backends for f in r["finite_differences"] if f["status"] == "ok"}
+        bt = f", batch {'/'.join(map(str, sorted(fd_batch)))}"
+        if any_fd_full:
+            styles.append((Line2D([], [], color="0.25", linestyle=ls, marker=mk),
+                           f"finite differences: all N + 1 passes run{bt}"))
+        if any_fd_est:
+            styles.append((Line2D([], [], color="0.25", linestyle=ls, marker=mk, markerfacecolor="white"),
+                           f"finite differences: one pass timed, x (N + 1){bt}"))
+    lines = [head("reference lines")]
+    if any_fit:
+        lines.append((Line2D([], [], color="0.25", linewidth=6, alpha=0.3), "least-squares fit T ~ N^k over its range"))
+    lines.append((Line2D([], [], color="0.35", linewidth=1.2, linestyle=(0, (1, 2))),
+                  "start of the fit range (sizes where the GEMMs dominate)"))
+    flop = [r["flop_ratio"] for r in backends[0]["sizes"] if r["status"] == "ok"]
+    here = f"{min(flop):.2f}" if max(flop) - min(flop) < 0.005 else f"{min(flop):.2f} to {max(flop):.2f}"
+    lines.append((Line2D([], [], color="black", linewidth=1.0),
+                  f"operation count ratio (fwd + bwd) / fwd: about 3 ({here} for these nets)"))
+    lines.append((Line2D([], [], color="#555555", linewidth=2.2, linestyle=(0, (6, 2, 1, 2))),
+                  f"bound {CHEAP_GRADIENT_BOUND:g} (cheap gradient principle: gradient <= "
+                  f"{CHEAP_GRADIENT_BOUND:g} x evaluation)"))
+    columns = [colours, styles, lines]
+    rows = max(map(len, columns))
+    entries = [e for col in columns for e in col + [head("")] * (rows - len(col))]
+    leg = body.legend([e[0] for e in entries], [e[1] for e in entries], loc="outside lower center",
+                      ncols=len(columns), fontsize=9, handlelength=3.2, frameon=False, columnspacing=2.5)
+    for text in leg.get_texts():
+        if text.get_text() in (colours[0][1], styles[0][1], lines[0][1]):
+            text.set_fontweight("bold")
+
+    where = ", ".join(g.get("name", g["backend"]) for g in m.get("gpus", [])) or f"{m['cpu']}, {m['cpu_count']} CPUs"
+    batch = "/".join(sorted({str(r.get("batch", cfg["batch"])) for r in backends}))
+    body.suptitle("backprop benchmark: time of the forward pass, the gradient and a training step against the "
+                  f"number of parameters N\nbackprop {m['backprop']} · {where} · {cfg['dtype']}, batch {batch}, "
+                  f"ReLU MLPs · median of {cfg['repeats']} repeats · {m['date'][:10]}",
+                  fontsize=11.5)
+    return fig
 
 
 def plot_results(doc: dict[str, Any], path: Path) -> str | None:
     """Write the figure to ``path``; returns ``None``, or why no figure was written."""
     try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+        fig = build_figure(doc)
     except ImportError:
         return "matplotlib is not installed: no plot (pip install matplotlib, or backprop-kernels[bench])"
-    cfg = doc["config"]
-    backends = [b for b in doc["backends"] if any(r["status"] == "ok" for r in b["sizes"])]
-    if not backends:
+    if fig is None:
         return "nothing was measured: no plot"
-    fig = Figure(figsize=(14, 6), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax_t, ax_r = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.25, 1]})
-    peer_names = [p for p, info in doc.get("peers", {}).items() if info.get("status") == "ok"]
-    ratio_max = 5.5
-    for bi, res in enumerate(backends):
-        style = _STYLES[bi % len(_STYLES)]
-        tag = f" [{res['backend']}]" if len(backends) > 1 else ""
-        ok = [r for r in res["sizes"] if r["status"] == "ok"]
-        n = [r["n_params"] for r in ok]
-        for op in ("forward", "gradient", "step"):
-            fit = res["fits"].get(op)
-            slope = f", slope {fit['slope']:.2f}" if fit else ""
-            _errorbar(ax_t, n, [r["timings"][op] for r in ok], color=_COLORS[op], linestyle=style, marker="o",
-                      label=f"{_LABELS[op]}{tag}{slope}")
-            _fit_line(ax_t, fit, _COLORS[op], style)
-        fd = [f for f in res["finite_differences"] if f["status"] == "ok"]
-        if fd:
-            fit = res["fits"].get("finite_differences")
-            bt = f", batch {fd[0]['batch']}" if fd[0]["batch"] != res.get("batch", cfg["batch"]) else ""
-            color = _COLORS["finite_differences"]
-            full = [f for f in fd if f["measured"]]
-            if full:
-                _errorbar(ax_t, [f["n_params"] for f in full], [f["full"] for f in full], color=color,
-                          linestyle=style, marker="s", label=f"finite differences, run in full{bt}{tag}")
-            est = [f for f in fd if not f["measured"]]
-            if est:
-                ax_t.plot([f["n_params"] for f in est], [f["time"] for f in est], color=color, linestyle=style,
-                          marker="s", markerfacecolor="none", markersize=4,
-                          label=f"finite differences, (N+1) x timed pass{bt}{tag}")
-            if fit:
-                n_fit = np.geomspace(fit["n_min"], fit["n_max"], 20)
-                ax_t.plot(n_fit, fit["coef"] * n_fit ** fit["slope"], color=color, linestyle=style, linewidth=3,
-                          alpha=0.35, label=f"finite differences fit{tag}, slope {fit['slope']:.2f}")
-        for p in peer_names:
-            pts = [(r["n_params"], r["peers"][p]) for r in ok if r.get("peers", {}).get(p, {}).get("status") == "ok"]
-            if pts:
-                ax_t.plot([q[0] for q in pts], [q[1]["timings"]["gradient"]["median"] for q in pts], color="C4",
-                          linestyle=style, marker="x", label=f"{p} gradient{tag}")
-                ax_r.plot([q[0] for q in pts], [q[1]["ratio_grad"] for q in pts], color="C4", linestyle=style,
-                          marker="x", label=f"{p} T_grad/T_fwd{tag}")
-        used = (res["fits"].get("gradient") or {}).get("n_used") or []
-        if used:
-            ax_t.axvline(min(used), color="0.6", linewidth=0.8, linestyle=style)
-            ax_r.axvline(min(used), color="0.6", linewidth=0.8, linestyle=style)
-        rg = [r["ratio_grad"] for r in ok]
-        rs = [r["ratio_step"] for r in ok]
-        ax_r.plot(n, rg, color=_COLORS["gradient"], linestyle=style, marker="o", label=f"T_grad / T_fwd{tag}")
-        ax_r.plot(n, rs, color=_COLORS["step"], linestyle=style, marker="s", label=f"T_step / T_fwd{tag}")
-        if bi == 0:
-            ax_r.plot(n, [r["flop_ratio"] for r in ok], color="k", linestyle="--", linewidth=1,
-                      label="flop ratio (fwd + bwd) / fwd")
-        ratio_max = max(ratio_max, *rg, *rs)
-    ax_r.axhline(3, color="0.4", linewidth=1, linestyle=":", label="3: GEMM operation count")
-    ax_r.axhline(5, color="C3", linewidth=1, linestyle=":", label="5: Kakade's bound")
-    ax_t.set(xscale="log", yscale="log", xlabel="parameters N", ylabel="seconds per call",
-             title="time against N (shaded lines: fits; grey line: start of the fit range)")
-    ax_t.grid(True, which="both", alpha=0.25)
-    handles, labels = ax_t.get_legend_handles_labels()
-    rank = ("forward", "gradient", "training step", "finite differences")
-
-    def key(i: int) -> tuple[int, int]:
-        r = next((r for r, word in enumerate(rank) if labels[i].startswith(word)), len(rank) + 2)
-        return r + ("(N+1)" in labels[i]) + 2 * ("fit" in labels[i]), i
-
-    order = sorted(range(len(labels)), key=key)
-    ax_t.legend([handles[i] for i in order], [labels[i] for i in order], fontsize=8, loc="upper left")
-    ax_r.set(xscale="log", xlabel="parameters N", ylabel="time ratio", ylim=(0, min(ratio_max * 1.08, 12)),
-             title="cost of the gradient in forward passes")
-    ax_r.grid(True, which="both", alpha=0.25)
-    ax_r.legend(fontsize=8, loc="upper right")
-    m = doc["machine"]
-    where = ", ".join(g.get("name", g["backend"]) for g in m.get("gpus", [])) or m["cpu"]
-    batch = "/".join(sorted({str(r.get("batch", cfg["batch"])) for r in backends}))
-    fig.suptitle(f"backprop {m['backprop']} · {where} · {cfg['dtype']}, batch {batch} · {m['date'][:10]}",
-                 fontsize=11)
     fig.savefig(path, dpi=110)
     return None

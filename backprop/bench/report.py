@@ -13,9 +13,18 @@ import math
 from pathlib import Path
 from typing import Any
 
-__all__ = ["fmt_time", "machine_lines", "markdown_report", "summary_lines", "terminal_report", "write_json"]
+__all__ = ["CHEAP_GRADIENT_BOUND", "fmt_time", "machine_lines", "markdown_report", "noise_banner", "noise_paragraph",
+           "noise_verdict", "summary_lines", "terminal_report", "write_json"]
 
-KAKADE_BOUND = 5.0
+#: The cheap gradient principle (Baur and Strassen, 1983; Griewank): reverse-mode differentiation, i.e.
+#: backpropagation, computes the whole gradient for at most a small constant times the cost of evaluating the
+#: function itself, whatever the number of parameters; 5 is the usual statement of that constant.
+CHEAP_GRADIENT_BOUND = 5.0
+CHEAP_GRADIENT_TEXT = (f"the cheap gradient principle (Baur and Strassen): reverse-mode differentiation, which is "
+                       f"what backpropagation is, costs at most a small constant times the function evaluation, "
+                       f"{CHEAP_GRADIENT_BOUND:g} in the usual statement")
+#: CPU pressure (``some avg10``, %) above which other work competes for the CPUs (as ``backprop-bench`` warns)
+BUSY_PRESSURE = 20.0
 _LEGEND = ("fit: * = in the exponent fit (GEMM-bound), ! = unsteady (interquartile range over 10% of the median); "
            "T: median ± half the interquartile range")
 GEMM_RATIO = 3.0
@@ -204,6 +213,9 @@ def terminal_report(doc: dict[str, Any]) -> str:
     out.append(f"load average at start {la.get('start')}, at end {la.get('end')}"
                + (f"; CPU pressure (some avg10/avg60 %) at start {_psi(ps.get('start'))}, at end {_psi(ps.get('end'))}"
                   if ps.get("start") else ""))
+    verdict = noise_verdict(doc)
+    if verdict["noisy"]:
+        out.append("warning: " + noise_banner(verdict).replace("NOISY RUN", "noisy run", 1))
     return "\n".join(out)
 
 
@@ -217,6 +229,105 @@ def _batch(res: dict[str, Any], cfg: dict[str, Any]) -> str:
 
 def _psi(p: dict[str, float] | None) -> str:
     return f"{p.get('avg10')}/{p.get('avg60')}" if p else "-"
+
+
+def _busy(load: list[float] | None, pressure: dict[str, float] | None, cpus: int | None) -> tuple[str, str]:
+    """Why the machine looked busy (``backprop-bench``'s test at the start of a run): the measure and its
+    value, or ``("", "")``."""
+    if pressure and (pressure.get("avg10") or 0.0) > BUSY_PRESSURE:
+        return "CPU pressure", f"{pressure['avg10']:.0f}%"
+    if load and cpus and load[0] > cpus:
+        return "load average", f"{load[0]:.1f}"
+    return "", ""
+
+
+def _busy_reasons(la: dict[str, Any], ps: dict[str, Any], cpus: int | None, said: str | None) -> list[str]:
+    """``CPU pressure 85% at the start, 99% at the end (...)`` and the like; ``said``: the run's own verdict
+    at the start, used where the figures are missing."""
+    what = {"CPU pressure": " (tasks waiting for a CPU, over the last 10 s)", "load average": f" on {cpus} CPUs"}
+    (k0, v0), (k1, v1) = _busy(la.get("start"), ps.get("start"), cpus), _busy(la.get("end"), ps.get("end"), cpus)
+    if k0 and k0 == k1:
+        return [f"{k0} {v0} at the start, {v1} at the end{',' if k0 == 'load average' else ''}{what[k0]}"]
+    out = [f"{k} {v}{what[k]} at the {when}" for k, v, when in ((k0, v0, "start"), (k1, v1, "end")) if k]
+    if not k0 and said:
+        out.insert(0, f"at the start {said}")
+    return out
+
+
+def noise_verdict(doc: dict[str, Any]) -> dict[str, Any]:
+    """Whether other work on the machine made the timings of a run noisy, from what ``doc`` recorded: the
+    machine busy at the start or at the end (load average above the CPU count, or CPU pressure over
+    :data:`BUSY_PRESSURE` %, as ``backprop-bench`` warns at the start), or unsteady timings (interquartile range
+    over the sweep's ``unstable_spread`` of the median) at the sizes the ratios and fits rest on (the GEMM-bound
+    ones; all sizes where none is). Returns ``noisy``, ``reasons`` (short phrases), ``max_ratio`` with
+    ``max_ratio_what`` (``"T_grad/T_fwd"`` or ``"T_step/T_fwd"``), ``max_ratio_backend`` and ``max_ratio_n`` (the
+    largest ratio at those sizes; ``None`` if nothing was measured), ``bound`` (:data:`CHEAP_GRADIENT_BOUND`)
+    and ``spread``."""
+    m = doc.get("machine") or {}
+    cpus = m.get("cpu_count") or m.get("cpus_usable")
+    la, ps = doc.get("load_average") or {}, doc.get("cpu_pressure") or {}
+    spread = (doc.get("config") or {}).get("unstable_spread", 0.1)
+    reasons = _busy_reasons(la, ps, cpus, doc.get("busy_at_start"))
+    worst: tuple[float, str, str, float] | None = None
+    unsteady, gemm = [], True
+    for res in doc.get("backends", []):
+        ok = [r for r in res.get("sizes", []) if r.get("status") == "ok"]
+        bound = set((res.get("checks") or {}).get("gemm_bound_sizes") or [])
+        pool = [r for r in ok if r["n_params"] in bound] or ok
+        gemm = gemm and bool(bound)
+        bad = sum(bool(r.get("unstable")) for r in pool)
+        if bad:
+            unsteady.append(f"{res.get('backend')} {bad} of {len(pool)}")
+        for r in pool:
+            for key, what in (("ratio_grad", "T_grad/T_fwd"), ("ratio_step", "T_step/T_fwd")):
+                value = r.get(key)
+                if value is not None and math.isfinite(value) and (worst is None or value > worst[0]):
+                    worst = (value, what, str(res.get("backend")), r["n_params"])
+    if unsteady:
+        reasons.append(f"unsteady timings (interquartile range over {spread:.0%} of the median) at "
+                       f"{'GEMM-bound ' if gemm else ''}sizes: {', '.join(unsteady)}")
+    return {"noisy": bool(reasons), "reasons": reasons, "bound": CHEAP_GRADIENT_BOUND, "spread": spread,
+            "max_ratio": worst[0] if worst else None, "max_ratio_what": worst[1] if worst else None,
+            "max_ratio_backend": worst[2] if worst else None, "max_ratio_n": worst[3] if worst else None}
+
+
+def _worst_ratio(v: dict[str, Any]) -> str:
+    return (f"{v['max_ratio_what']} = {v['max_ratio']:.2f} ({v['max_ratio_backend']}, N = {fmt_n(v['max_ratio_n'])})"
+            if v["max_ratio"] is not None else "")
+
+
+def noise_paragraph(v: dict[str, Any]) -> str:
+    """The report's verdict on noise (Markdown): why the run is noisy and what that means for its figures,
+    or briefly that it is not."""
+    bound = f"{v['bound']:g}"
+    if not v["noisy"]:
+        return (f"**Quiet run**: no sign of other work on the machine (load average within the CPU count and CPU "
+                f"pressure under {BUSY_PRESSURE:g}% at the start and at the end, where the OS reports them), and "
+                f"every size the ratios and fits rest on timed steadily (interquartile range within "
+                f"{v['spread']:.0%} of the median).")
+    worst = _worst_ratio(v)
+    if v["max_ratio"] is not None and v["max_ratio"] > v["bound"]:
+        figures = (f"the largest ratio here, {worst}, is above {bound}, the bound of the cheap gradient principle: "
+                   f"ratios above {bound} most likely come from the machine, not from backpropagation, and the "
+                   "others may be off too")
+    else:
+        figures = (f"the largest ratio here is {worst}; it may look plausible and still be off" if worst
+                   else "nothing was measured")
+    return (f"**Noisy run**: other work competed for the machine while it was measured: {'; '.join(v['reasons'])}. "
+            f"The timings, ratios and exponents below are unreliable: {figures}. "
+            "Rerun on an idle machine before quoting any figure.")
+
+
+def noise_banner(v: dict[str, Any]) -> str:
+    """The plot's one-paragraph warning of a noisy run (plain text; ``""`` for a quiet one)."""
+    if not v["noisy"]:
+        return ""
+    worst = ""
+    if v["max_ratio"] is not None:
+        worst = (f" Ratios above {v['bound']:g} (here up to {v['max_ratio']:.1f}) are most likely noise."
+                 if v["max_ratio"] > v["bound"] else f" (largest ratio here {v['max_ratio']:.1f})")
+    return (f"NOISY RUN: other work competed for the machine: {'; '.join(v['reasons'])}. "
+            f"Timings, ratios and slopes are unreliable.{worst} Rerun on an idle machine.")
 
 
 def machine_lines(m: dict[str, Any], load: dict[str, Any] | None = None,
@@ -253,6 +364,8 @@ def markdown_report(doc: dict[str, Any], plot_name: str | None) -> str:
         "",
         f"{m['date']} · backprop {m['backprop']}" + (f" ({m['git_commit']})" if m.get("git_commit") else ""),
         "",
+        noise_paragraph(noise_verdict(doc)),
+        "",
         *machine_lines(m, doc.get("load_average"), doc.get("cpu_pressure")),
     ]
     lines += [
@@ -273,7 +386,8 @@ def markdown_report(doc: dict[str, Any], plot_name: str | None) -> str:
         f"`net.train_step_device(x, t, SGD(lr={cfg['lr']:g}))`. The flop ratio is "
         "`(forward + weight gradients + input deltas) / forward` from the GEMM operation counts "
         "(3 for many GEMM-bound layers, 2 + 2/3 for three square layers: the first layer needs no input delta); "
-        f"Kakade's theorem bounds the gradient at {KAKADE_BOUND:g} times the loss. "
+        f"the bound of {CHEAP_GRADIENT_BOUND:g} on `T_grad/T_fwd` is {CHEAP_GRADIENT_TEXT} (here: forward pass "
+        "plus loss). "
         "Exponents are least-squares slopes of log T against log N over the sizes marked `*` "
         "(where the GEMMs dominate: forward time at least "
         f"{cfg['overhead_factor']:g}x the fixed per-call overhead, measured as the forward time of a net of "
