@@ -215,6 +215,7 @@ def _log1p_overload(x):  # type: ignore[no-untyped-def]
 
 _m = nm.build(_HELPER, exp=_exp, tanh=_tanh, expm1=_expm1, log1p=_log1p)
 _consts, _activate, _slope = _m.consts, _m.activate, _m.slope
+_sgd_step, _momentum_step, _adam_step, _finite = _m.sgd_step, _m.momentum_step, _m.adam_step, _m.finite
 _d_elu = _m.d_elu
 _d_gelu = _m.d_gelu
 _d_leaky_relu = _m.d_leaky_relu
@@ -485,38 +486,22 @@ def _colsum(d, out, coef, accumulate, nthreads):  # pragma: no cover - compiled
 def _sgd(p, g, lr, wd):  # pragma: no cover - compiled
     """``p <- p - lr (g + wd p)`` (flat arrays; ``g`` alone without weight decay, as the reference)."""
     c = _consts(p)
-    if wd == c[nm.ZERO]:
-        for i in prange(p.shape[0]):
-            p[i] -= lr * g[i]
-    else:
-        for i in prange(p.shape[0]):
-            p[i] -= lr * (g[i] + wd * p[i])
+    for i in prange(p.shape[0]):
+        p[i] = _sgd_step(p[i], g[i], lr, wd, c)
 
 
 @njit(**_JIT)
 def _momentum(p, g, v, lr, mu, nesterov, wd):  # pragma: no cover - compiled
     """``g' = g + wd p``, ``v <- mu v + g'``, ``p <- p - lr v`` (Nesterov: ``- lr (g' + mu v)``)."""
     for i in prange(p.shape[0]):
-        gd = g[i] + wd * p[i]
-        vi = mu * v[i] + gd
-        v[i] = vi
-        if nesterov:
-            p[i] -= lr * (gd + mu * vi)
-        else:
-            p[i] -= lr * vi
+        p[i], v[i] = _momentum_step(p[i], g[i], v[i], lr, mu, nesterov, wd)
 
 
 @njit(**_JIT)
-def _adam(p, g, m, v, lr_c1, c2, b1, b2, eps, wd):  # pragma: no cover - compiled
+def _adam(p, g, m, v, lr_c1, c2, b1, b2, omb1, omb2, eps, wd):  # pragma: no cover - compiled
     """Adam: ``m``, ``v`` moments, ``p <- p - (lr / c1) m / (sqrt(v / c2) + eps)``."""
-    c = _consts(p)
     for i in prange(p.shape[0]):
-        gd = g[i] + wd * p[i]
-        mi = b1 * m[i] + (c[nm.ONE] - b1) * gd
-        vi = b2 * v[i] + (c[nm.ONE] - b2) * gd * gd
-        m[i] = mi
-        v[i] = vi
-        p[i] -= lr_c1 * mi / (np.sqrt(vi / c2) + eps)
+        p[i], m[i], v[i] = _adam_step(p[i], g[i], m[i], v[i], lr_c1, c2, b1, b2, omb1, omb2, eps, wd)
 
 
 @njit(**_JIT)
@@ -524,14 +509,9 @@ def _sgd_probe(p, g, lr, wd):  # pragma: no cover - compiled
     """How many elements of :func:`_sgd`'s result would not be finite (nothing written)."""
     c = _consts(p)
     bad = 0
-    if wd == c[nm.ZERO]:
-        for i in prange(p.shape[0]):
-            if not math.isfinite(p[i] - lr * g[i]):
-                bad += 1
-    else:
-        for i in prange(p.shape[0]):
-            if not math.isfinite(p[i] - lr * (g[i] + wd * p[i])):
-                bad += 1
+    for i in prange(p.shape[0]):
+        if not _finite(_sgd_step(p[i], g[i], lr, wd, c)):
+            bad += 1
     return bad
 
 
@@ -540,28 +520,19 @@ def _momentum_probe(p, g, v, lr, mu, nesterov, wd):  # pragma: no cover - compil
     """How many elements of :func:`_momentum`'s ``v`` and ``p`` would not be finite (nothing written)."""
     bad = 0
     for i in prange(p.shape[0]):
-        gd = g[i] + wd * p[i]
-        vi = mu * v[i] + gd
-        if nesterov:
-            pi = p[i] - lr * (gd + mu * vi)
-        else:
-            pi = p[i] - lr * vi
-        if not (math.isfinite(vi) and math.isfinite(pi)):
+        pi, vi = _momentum_step(p[i], g[i], v[i], lr, mu, nesterov, wd)
+        if not (_finite(pi) and _finite(vi)):
             bad += 1
     return bad
 
 
 @njit(**_JIT)
-def _adam_probe(p, g, m, v, lr_c1, c2, b1, b2, eps, wd):  # pragma: no cover - compiled
+def _adam_probe(p, g, m, v, lr_c1, c2, b1, b2, omb1, omb2, eps, wd):  # pragma: no cover - compiled
     """How many elements of :func:`_adam`'s ``m``, ``v`` and ``p`` would not be finite (nothing written)."""
-    c = _consts(p)
     bad = 0
     for i in prange(p.shape[0]):
-        gd = g[i] + wd * p[i]
-        mi = b1 * m[i] + (c[nm.ONE] - b1) * gd
-        vi = b2 * v[i] + (c[nm.ONE] - b2) * gd * gd
-        pi = p[i] - lr_c1 * mi / (np.sqrt(vi / c2) + eps)
-        if not (math.isfinite(mi) and math.isfinite(vi) and math.isfinite(pi)):
+        pi, mi, vi = _adam_step(p[i], g[i], m[i], v[i], lr_c1, c2, b1, b2, omb1, omb2, eps, wd)
+        if not (_finite(pi) and _finite(mi) and _finite(vi)):
             bad += 1
     return bad
 
@@ -968,8 +939,8 @@ def adam_update(
         lr_c1, c2 = dt(lr / (1.0 - beta1**step)), dt(1.0 - beta2**step)
     else:
         lr_c1, c2 = dt(step[0]), dt(step[1])
-    args = (_flat(p), _c(g).reshape(-1), _flat(m), _flat(v), lr_c1, c2, dt(beta1), dt(beta2), dt(eps),
-            dt(weight_decay))
+    args = (_flat(p), _c(g).reshape(-1), _flat(m), _flat(v), lr_c1, c2, dt(beta1), dt(beta2), dt(1.0 - beta1),
+            dt(1.0 - beta2), dt(eps), dt(weight_decay))
     if probing(guard, probe):
         _verdict(guard, _run(_adam_probe, p.size, *args))
     else:

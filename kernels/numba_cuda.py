@@ -669,7 +669,7 @@ def adam_update(
         c1 = 1.0 - beta1**step
         c2 = 1.0 - beta2**step
         _launch(kernel, s.k.blocks(n), s.k.TPB, _flat(p), _flat(g), _flat(m), _flat(v), dt(lr / c1), dt(c2),
-                dt(beta1), dt(beta2), dt(eps), dt(weight_decay), gd)
+                dt(beta1), dt(beta2), dt(1.0 - beta1), dt(1.0 - beta2), dt(eps), dt(weight_decay), gd)
     else:
         _launch(kernel, s.k.blocks(n), s.k.TPB, _flat(p), _flat(g), _flat(m), _flat(v), _nb(step),
-                dt(beta1), dt(beta2), dt(eps), dt(weight_decay), gd)
+                dt(beta1), dt(beta2), dt(1.0 - beta1), dt(1.0 - beta2), dt(eps), dt(weight_decay), gd)

@@ -54,6 +54,7 @@ RED_T = 8 if SIMULATED else 256
 _m = nm.build(cuda.jit(device=True))
 consts, activate, slope = _m.consts, _m.activate, _m.slope
 softplus, elementwise_loss, loss_grad = _m.softplus, _m.elementwise_loss, _m.loss_grad
+sgd_step, momentum_step, adam_step, finite = _m.sgd_step, _m.momentum_step, _m.adam_step, _m.finite
 
 
 def blocks(n: int, tpb: int = TPB) -> int:
@@ -150,12 +151,8 @@ def sgd(p, g, lr, wd, guard):  # pragma: no cover - compiled
     if guard[0] != 1.0:
         return
     c = consts(p)
-    if wd == c[nm.ZERO]:
-        for i in range(cuda.grid(1), p.shape[0], cuda.gridsize(1)):
-            p[i] -= lr * g[i]
-    else:
-        for i in range(cuda.grid(1), p.shape[0], cuda.gridsize(1)):
-            p[i] -= lr * (g[i] + wd * p[i])
+    for i in range(cuda.grid(1), p.shape[0], cuda.gridsize(1)):
+        p[i] = sgd_step(p[i], g[i], lr, wd, c)
 
 
 @cuda.jit
@@ -165,44 +162,32 @@ def momentum(p, g, v, lr, mu, nesterov, wd, guard):  # pragma: no cover - compil
     if guard[0] != 1.0:
         return
     for i in range(cuda.grid(1), p.shape[0], cuda.gridsize(1)):
-        gd = g[i] + wd * p[i]
-        vi = mu * v[i] + gd
-        v[i] = vi
-        if nesterov:
-            p[i] -= lr * (gd + mu * vi)
-        else:
-            p[i] -= lr * vi
+        p[i], v[i] = momentum_step(p[i], g[i], v[i], lr, mu, nesterov, wd)
 
 
 @cuda.jit(device=True)
-def _adam_body(p, g, m, v, lr_c1, c2, b1, b2, eps, wd):  # pragma: no cover - compiled
+def _adam_body(p, g, m, v, lr_c1, c2, b1, b2, omb1, omb2, eps, wd):  # pragma: no cover - compiled
     """The Adam update of this thread's elements (shared by both Adam kernels: the same bits)."""
-    c = consts(p)
     for i in range(cuda.grid(1), p.shape[0], cuda.gridsize(1)):
-        gd = g[i] + wd * p[i]
-        mi = b1 * m[i] + (c[nm.ONE] - b1) * gd
-        vi = b2 * v[i] + (c[nm.ONE] - b2) * gd * gd
-        m[i] = mi
-        v[i] = vi
-        p[i] -= lr_c1 * mi / (math.sqrt(vi / c2) + eps)
+        p[i], m[i], v[i] = adam_step(p[i], g[i], m[i], v[i], lr_c1, c2, b1, b2, omb1, omb2, eps, wd)
 
 
 @cuda.jit
-def adam(p, g, m, v, lr_c1, c2, b1, b2, eps, wd, guard):  # pragma: no cover - compiled
+def adam(p, g, m, v, lr_c1, c2, b1, b2, omb1, omb2, eps, wd, guard):  # pragma: no cover - compiled
     """Adam: moments ``m``, ``v``; ``p <- p - (lr / c1) m / (sqrt(v / c2) + eps)``; nothing when
     ``guard[0] != 1``."""
     if guard[0] != 1.0:
         return
-    _adam_body(p, g, m, v, lr_c1, c2, b1, b2, eps, wd)
+    _adam_body(p, g, m, v, lr_c1, c2, b1, b2, omb1, omb2, eps, wd)
 
 
 @cuda.jit
-def adam_dev(p, g, m, v, corr, b1, b2, eps, wd, guard):  # pragma: no cover - compiled
+def adam_dev(p, g, m, v, corr, b1, b2, omb1, omb2, eps, wd, guard):  # pragma: no cover - compiled
     """Adam with ``lr / c1 = corr[0]`` and ``c2 = corr[1]`` read on the device (from
     ``adam_corrections``); nothing when ``guard[0] != 1``."""
     if guard[0] != 1.0:
         return
-    _adam_body(p, g, m, v, corr[0], corr[1], b1, b2, eps, wd)
+    _adam_body(p, g, m, v, corr[0], corr[1], b1, b2, omb1, omb2, eps, wd)
 
 
 @cuda.jit
@@ -233,11 +218,6 @@ def fail_step(guard):  # pragma: no cover - compiled
         guard[2] = guard[1]
 
 
-@cuda.jit(device=True)
-def finite(v):  # pragma: no cover - compiled
-    return not (math.isnan(v) or math.isinf(v))
-
-
 @cuda.jit
 def sgd_probe(p, g, lr, wd, guard):  # pragma: no cover - compiled
     """:func:`sgd`'s result computed and not written: the step fails in ``guard`` if an element would
@@ -246,11 +226,7 @@ def sgd_probe(p, g, lr, wd, guard):  # pragma: no cover - compiled
         return
     c = consts(p)
     for i in range(cuda.grid(1), p.shape[0], cuda.gridsize(1)):
-        if wd == c[nm.ZERO]:
-            pi = p[i] - lr * g[i]
-        else:
-            pi = p[i] - lr * (g[i] + wd * p[i])
-        if not finite(pi):
+        if not finite(sgd_step(p[i], g[i], lr, wd, c)):
             fail_step(guard)
             return
 
@@ -262,46 +238,37 @@ def momentum_probe(p, g, v, lr, mu, nesterov, wd, guard):  # pragma: no cover - 
     if guard[0] != 1.0:
         return
     for i in range(cuda.grid(1), p.shape[0], cuda.gridsize(1)):
-        gd = g[i] + wd * p[i]
-        vi = mu * v[i] + gd
-        if nesterov:
-            pi = p[i] - lr * (gd + mu * vi)
-        else:
-            pi = p[i] - lr * vi
+        pi, vi = momentum_step(p[i], g[i], v[i], lr, mu, nesterov, wd)
         if not (finite(vi) and finite(pi)):
             fail_step(guard)
             return
 
 
 @cuda.jit(device=True)
-def _adam_probe_body(p, g, m, v, lr_c1, c2, b1, b2, eps, wd, guard):  # pragma: no cover - compiled
+def _adam_probe_body(p, g, m, v, lr_c1, c2, b1, b2, omb1, omb2, eps, wd, guard):  # pragma: no cover - compiled
     """:func:`_adam_body`'s ``m``, ``v`` and ``p`` computed and not written; the step fails in ``guard``
     if an element would not be finite."""
-    c = consts(p)
     for i in range(cuda.grid(1), p.shape[0], cuda.gridsize(1)):
-        gd = g[i] + wd * p[i]
-        mi = b1 * m[i] + (c[nm.ONE] - b1) * gd
-        vi = b2 * v[i] + (c[nm.ONE] - b2) * gd * gd
-        pi = p[i] - lr_c1 * mi / (math.sqrt(vi / c2) + eps)
+        pi, mi, vi = adam_step(p[i], g[i], m[i], v[i], lr_c1, c2, b1, b2, omb1, omb2, eps, wd)
         if not (finite(mi) and finite(vi) and finite(pi)):
             fail_step(guard)
             return
 
 
 @cuda.jit
-def adam_probe(p, g, m, v, lr_c1, c2, b1, b2, eps, wd, guard):  # pragma: no cover - compiled
+def adam_probe(p, g, m, v, lr_c1, c2, b1, b2, omb1, omb2, eps, wd, guard):  # pragma: no cover - compiled
     """The probe of :func:`adam`; nothing when ``guard[0] != 1``."""
     if guard[0] != 1.0:
         return
-    _adam_probe_body(p, g, m, v, lr_c1, c2, b1, b2, eps, wd, guard)
+    _adam_probe_body(p, g, m, v, lr_c1, c2, b1, b2, omb1, omb2, eps, wd, guard)
 
 
 @cuda.jit
-def adam_dev_probe(p, g, m, v, corr, b1, b2, eps, wd, guard):  # pragma: no cover - compiled
+def adam_dev_probe(p, g, m, v, corr, b1, b2, omb1, omb2, eps, wd, guard):  # pragma: no cover - compiled
     """The probe of :func:`adam_dev`; nothing when ``guard[0] != 1``."""
     if guard[0] != 1.0:
         return
-    _adam_probe_body(p, g, m, v, corr[0], corr[1], b1, b2, eps, wd, guard)
+    _adam_probe_body(p, g, m, v, corr[0], corr[1], b1, b2, omb1, omb2, eps, wd, guard)
 
 
 @cuda.jit

@@ -258,7 +258,30 @@ def _make(jit: Callable[[Callable], Any], exp: Any, tanh: Any, expm1: Any, log1p
             return g_mae(r, k, c)
         return g_huber(r, k, c)
 
+    # -- optimizer updates of one element: the new values, shared by the update kernels and their probes.
+    #    The complements 1 - beta come from the host, formed in float64 and rounded to the dtype once.
+    def _sgd_step(p, g, lr, wd, c):  # type: ignore[no-untyped-def]
+        # p - lr (g + wd p); g alone without weight decay
+        return p - lr * (g if wd == c[ZERO] else g + wd * p)
+
+    def _momentum_step(p, g, v, lr, mu, nesterov, wd):  # type: ignore[no-untyped-def]
+        # g' = g + wd p, v <- mu v + g', p <- p - lr v (Nesterov: p - lr (g' + mu v)); returns (p, v)
+        gd = g + wd * p
+        vn = mu * v + gd
+        return (p - lr * (gd + mu * vn) if nesterov else p - lr * vn), vn
+
+    def _adam_step(p, g, m, v, lr_c1, c2, b1, b2, omb1, omb2, eps, wd):  # type: ignore[no-untyped-def]
+        # m <- b1 m + (1-b1) g', v <- b2 v + (1-b2) g'^2, p <- p - (lr / c1) m / (sqrt(v / c2) + eps)
+        gd = g + wd * p
+        mn = b1 * m + omb1 * gd
+        vn = b2 * v + omb2 * gd * gd
+        return p - lr_c1 * mn / (math.sqrt(vn / c2) + eps), mn, vn
+
+    def _finite(v):  # type: ignore[no-untyped-def]
+        return not (math.isnan(v) or math.isinf(v))
+
     return SimpleNamespace(
+        sgd_step=jit(_sgd_step), momentum_step=jit(_momentum_step), adam_step=jit(_adam_step), finite=jit(_finite),
         consts=consts, sigmoid=sigmoid, softplus=softplus, gelu_cdf=gelu_cdf, activate=activate, slope=slope,
         elementwise_loss=jit(_elementwise_loss), loss_grad=jit(_loss_grad),
         f_step=f_step, f_tanh=f_tanh, f_relu=f_relu, f_leaky_relu=f_leaky_relu, f_elu=f_elu, f_selu=f_selu,

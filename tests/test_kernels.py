@@ -722,3 +722,15 @@ def test_all_finite(backend):
     bad = np.ones((3, 2))
     bad[1, 1] = np.nan
     assert not k.all_finite(k.to_device(bad, np.float32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_adam_complements_are_formed_in_float64(backend, dtype):
+    """From zero moments and a unit gradient, one Adam step leaves m = 1 - beta1 and v = 1 - beta2 exactly as
+    float64 rounds them to the dtype (forming 1 - beta2 in float32 gives 0.00100004673, not 0.001)."""
+    k = backend.kernels
+    p, g, m, v = (k.to_device(a, dtype) for a in (np.zeros(5), np.ones(5), np.zeros(5), np.zeros(5)))
+    k.adam_update(p, g, m, v, 1e-3, 0.9, 0.999, 1e-8, 1)
+    dt = np.dtype(dtype).type
+    np.testing.assert_array_equal(host_copy(k, m), np.full(5, dt(1 - 0.9)))
+    np.testing.assert_array_equal(host_copy(k, v), np.full(5, dt(1 - 0.999)))
