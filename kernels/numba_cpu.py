@@ -336,6 +336,9 @@ def _act_row(a, i, n, code, alpha, c):  # pragma: no cover - compiled
         inv = c[nm.ONE] / _row_sum(a, i, n, c[nm.ZERO])
         for j in range(n):
             a[i, j] = a[i, j] * inv
+    else:  # an unknown code never falls through to a formula: NaN, which the step's guard refuses
+        for j in range(n):
+            a[i, j] = c[nm.NAN]
 
 
 @_HELPER
@@ -373,6 +376,9 @@ def _slope_row(g, y, u, i, n, code, alpha, c):  # pragma: no cover - compiled
     elif code == nm.SILU:
         for j in range(n):
             g[i, j] = g[i, j] * _d_silu(y[i, j], u[i, j], alpha, c)
+    else:  # an unknown code: NaN (see _act_row)
+        for j in range(n):
+            g[i, j] = c[nm.NAN]
 
 
 @_HELPER
@@ -396,9 +402,12 @@ def _loss_row(y, u, t, d, i, n, lcode, k, inv_b, c):  # pragma: no cover - compi
     elif lcode == nm.MAE:
         for j in range(n):
             d[i, j] = _l_mae(y[i, j] - t[i, j], k, c)
-    else:
+    elif lcode == nm.HUBER:
         for j in range(n):
             d[i, j] = _l_huber(y[i, j] - t[i, j], k, c)
+    else:  # an unknown code: NaN (see _act_row)
+        for j in range(n):
+            d[i, j] = c[nm.NAN]
     row = _row_sum(d, i, n, c[nm.ZERO])
     if lcode == nm.MAE:
         for j in range(n):

@@ -45,12 +45,13 @@ LOSS_CODES: dict[str, int] = {"mse": MSE, "mae": MAE, "huber": HUBER, "bce": BCE
 assert set(ACT_CODES) == set(ACTIVATIONS) and set(LOSS_CODES) == set(LOSSES), "spec and codes disagree"
 
 # indices into the constants tuple returned by ``consts``
-ZERO, ONE, HALF, INV_SQRT2, INV_SQRT_2PI, S_LAMBDA, S_ALPHA, S_LAMBDA_ALPHA = range(8)
+ZERO, ONE, HALF, INV_SQRT2, INV_SQRT_2PI, S_LAMBDA, S_ALPHA, S_LAMBDA_ALPHA, NAN = range(9)
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _SELU_LAMBDA = SELU_LAMBDA
 _SELU_ALPHA = SELU_ALPHA
 _SELU_LAMBDA_ALPHA = SELU_LAMBDA * SELU_ALPHA
+_NAN = math.nan
 
 
 def act_code(name: str) -> int:
@@ -83,7 +84,7 @@ def _consts(a):  # type: ignore[no-untyped-def]
     """The constants of the kernels, typed with ``a``'s dtype (an array)."""
     dt = a.dtype.type
     return (dt(0.0), dt(1.0), dt(0.5), dt(_INV_SQRT2), dt(_INV_SQRT_2PI), dt(_SELU_LAMBDA),
-            dt(_SELU_ALPHA), dt(_SELU_LAMBDA_ALPHA))
+            dt(_SELU_ALPHA), dt(_SELU_LAMBDA_ALPHA), dt(_NAN))
 
 
 def _make(jit: Callable[[Callable], Any], exp: Any, tanh: Any, expm1: Any, log1p: Any) -> SimpleNamespace:
@@ -192,7 +193,7 @@ def _make(jit: Callable[[Callable], Any], exp: Any, tanh: Any, expm1: Any, log1p
             return f_gelu(v, alpha, c)
         if code == SILU:
             return f_silu(v, alpha, c)
-        return v
+        return c[NAN]  # an unknown code never falls through to a formula: NaN, which the step's guard refuses
 
     activate = jit(_activate)
 
@@ -220,7 +221,7 @@ def _make(jit: Callable[[Callable], Any], exp: Any, tanh: Any, expm1: Any, log1p
             return d_gelu(y, u, alpha, c)
         if code == SILU:
             return d_silu(y, u, alpha, c)
-        return c[ONE]
+        return c[NAN]
 
     slope = jit(_slope)
 
@@ -249,14 +250,18 @@ def _make(jit: Callable[[Callable], Any], exp: Any, tanh: Any, expm1: Any, log1p
             return l_mse(r, k, c)
         if code == MAE:
             return l_mae(r, k, c)
-        return l_huber(r, k, c)
+        if code == HUBER:
+            return l_huber(r, k, c)
+        return c[NAN]
 
     def _loss_grad(r, code, k, c):  # type: ignore[no-untyped-def]
         if code == MSE:
             return r
         if code == MAE:
             return g_mae(r, k, c)
-        return g_huber(r, k, c)
+        if code == HUBER:
+            return g_huber(r, k, c)
+        return c[NAN]
 
     # -- optimizer updates of one element: the new values, shared by the update kernels and their probes.
     #    The complements 1 - beta come from the host, formed in float64 and rounded to the dtype once.

@@ -7,6 +7,7 @@ GPU backends skip cleanly without a GPU; ``numba-cuda`` also runs under the CUDA
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 # Without a GPU, run the numba-cuda kernels under the CUDA simulator (set before numba.cuda is imported).
 if "NUMBA_ENABLE_CUDASIM" not in os.environ and not os.path.exists("/dev/nvidiactl"):
@@ -51,3 +52,9 @@ def rng(request: pytest.FixtureRequest) -> np.random.Generator:
 def tolerance(dtype: np.dtype) -> dict[str, float]:
     """Agreement expected with the float64 reference."""
     return {"rtol": 2e-4, "atol": 2e-5} if np.dtype(dtype) == np.float32 else {"rtol": 1e-10, "atol": 1e-12}
+
+
+def snapshot(root: Path) -> list[tuple[str, bytes | None]]:
+    """Every path below ``root`` with its bytes (``None`` for a directory): compare two to see that
+    nothing was created or changed."""
+    return sorted((str(p.relative_to(root)), p.read_bytes() if p.is_file() else None) for p in root.rglob("*"))

@@ -16,6 +16,8 @@ from backprop.bench.fd import fd_gradient
 from backprop.bench.nets import n_params, step_flop_ratio
 from backprop.bench.timing import time_ops
 
+from .conftest import snapshot
+
 # --------------------------------------------------------------------------- fit
 
 
@@ -308,10 +310,6 @@ def _must_not_run(name: str):
     return fail
 
 
-def _snapshot(root: Path) -> list[tuple[str, bytes | None]]:
-    return sorted((str(p.relative_to(root)), p.read_bytes() if p.is_file() else None) for p in root.rglob("*"))
-
-
 @pytest.mark.parametrize("argv", BAD_OPTIONS, ids=lambda a: " ".join(a)[:60])
 def test_bad_option_is_refused_up_front(argv: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                         capsys: pytest.CaptureFixture[str]) -> None:
@@ -327,14 +325,14 @@ def test_bad_option_is_refused_up_front(argv: list[str], tmp_path: Path, monkeyp
     monkeypatch.chdir(tmp_path)  # where a relative --out would land
     for name in ("run_backend", "tune_malloc", "set_threads", "make_peer", "machine_info", "_backends"):
         monkeypatch.setattr(cli, name, _must_not_run(name))
-    before = _snapshot(tmp_path)
+    before = snapshot(tmp_path)
     rc = main(argv + ["--no-progress", "--no-plot"])
     err = capsys.readouterr().err
     assert rc == 2
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
     assert last.startswith(f"backprop-bench: error: argument {argv[0]}"), last
-    assert _snapshot(tmp_path) == before  # nothing created, nothing written
+    assert snapshot(tmp_path) == before  # nothing created, nothing written
 
 
 def test_good_options_pass_the_checks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,6 +16,8 @@ import pytest
 from backprop.bench import user_paths
 from backprop.bench.sections import SectionWriter, SkipSection
 
+from .conftest import snapshot
+
 ROOT = Path(__file__).resolve().parents[1]
 GPU_SECTIONS = ("fit", "api", "step", "graph", "tf32")
 
@@ -238,10 +240,6 @@ def _guard(monkeypatch: pytest.MonkeyPatch, *, reach: list | None = None) -> Non
         monkeypatch.setattr(user_paths, "Context", first_work)
 
 
-def _snapshot(root: Path) -> list[tuple[str, bytes | None]]:
-    return sorted((str(p.relative_to(root)), p.read_bytes() if p.is_file() else None) for p in root.rglob("*"))
-
-
 @pytest.mark.parametrize("argv", BAD_OPTIONS, ids=lambda a: " ".join(a)[:60])
 def test_bad_option_is_refused_up_front(argv: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                         capsys: pytest.CaptureFixture[str]) -> None:
@@ -254,14 +252,14 @@ def test_bad_option_is_refused_up_front(argv: list[str], tmp_path: Path, monkeyp
     monkeypatch.chdir(tmp_path)  # where the default --out, bench-out, would land
     monkeypatch.delenv("OUT", raising=False)
     _guard(monkeypatch)
-    before = _snapshot(tmp_path)
+    before = snapshot(tmp_path)
     rc = user_paths.main(argv)
     err = capsys.readouterr().err
     assert rc == 2
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
     assert last.startswith(f"{PROG}: error: argument {argv[0]}: "), last
-    assert _snapshot(tmp_path) == before  # nothing created, nothing written
+    assert snapshot(tmp_path) == before  # nothing created, nothing written
 
 
 def test_unknown_names_list_the_known_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -325,11 +323,11 @@ def test_good_options_pass_the_checks(argv: list[str], tmp_path: Path, monkeypat
     reached: list = []
     _guard(monkeypatch, reach=reached)
     (tmp_path / "gpu_vs_torch.md").write_text("an earlier run's summary: overwritten, not refused")
-    before = _snapshot(tmp_path)
+    before = snapshot(tmp_path)
     with pytest.raises(_Reached):
         user_paths.main([a.format(dir=tmp_path) for a in argv])
     assert capsys.readouterr().err == ""
-    assert _snapshot(tmp_path) == before
+    assert snapshot(tmp_path) == before
     (args,) = reached
     if "--sections" in argv:  # normalised: stripped, lower-case, each once, in the order given
         assert (args.sections, args.backend, args.cpu_backends) == ("cpu,fit", "numpy", "numba,numpy")

@@ -637,3 +637,27 @@ def test_numba_cuda_arrays_owns_and_as_array_on_the_device(monkeypatch):
         got = k.as_array(view, np.float32)
         assert k.owns(got) and got.dtype == np.float32 and got.is_c_contiguous() and got.shape == want.shape
         np.testing.assert_array_equal(got._ary, want.astype(np.float32))
+
+
+def test_unknown_codes_give_nan_never_a_formula():
+    """An activation or loss code outside the tables computes NaN (which the step's guard refuses), in the
+    scalar helpers both Numba backends compile and in the CPU kernels' row ladders: never the identity,
+    nor Huber, as a forgotten branch used to."""
+    from backprop.kernels import numba_cpu
+    from backprop.kernels import numba_math as nm
+
+    plain = nm.build(lambda f: f)  # the same source, run as Python
+    for dtype in (np.float32, np.float64):
+        c = plain.consts(np.zeros(1, dtype))
+        bad = max(nm.ACT_CODES.values()) + 1
+        assert np.isnan(plain.activate(dtype(0.5), bad, dtype(0.0), c))
+        assert np.isnan(plain.slope(dtype(0.5), dtype(0.5), bad, dtype(0.0), c))
+        bad_loss = max(nm.LOSS_CODES.values()) + 1
+        assert np.isnan(plain.elementwise_loss(dtype(0.5), bad_loss, dtype(1.0), c))
+        assert np.isnan(plain.loss_grad(dtype(0.5), bad_loss, dtype(1.0), c))
+        u, b, y = np.ones((2, 3), dtype), np.zeros(3, dtype), np.empty((2, 3), dtype)
+        numba_cpu._bias_act(u, b, y, bad, dtype(0.0), True)
+        assert np.isnan(y).all()
+        g = np.ones((2, 3), dtype)
+        numba_cpu._slope_mul(g, np.ones((2, 3), dtype), np.ones((2, 3), dtype), bad, dtype(0.0))
+        assert np.isnan(g).all()

@@ -8,7 +8,7 @@ import os
 import shlex
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -191,22 +191,28 @@ def out_dir(text: str) -> str:
     return text
 
 
-def out_problem(out: str) -> str | None:
-    """Why ``out`` cannot be the output directory (an existing non-directory, a parent that is a file, a
-    directory that cannot be written or created, a result file name taken by a directory), or ``None``.
-    Creates nothing."""
+def out_problem(out: str, names: Iterable[str] = (JSON_NAME, MD_NAME, PNG_NAME),
+                holds: str = f"{JSON_NAME}, {MD_NAME} and {PNG_NAME}") -> str | None:
+    """Why ``out`` cannot be the output directory of the files ``names`` (an existing non-directory, a
+    parent that is a file, a directory that cannot be written or created, a file name taken by
+    something that cannot be written), or ``None``; ``holds`` says what the directory is for in the
+    message. Creates nothing."""
+    names = list(names)
     path = Path(out)
     if os.path.isdir(path):
-        for name in (JSON_NAME, MD_NAME, PNG_NAME):
+        for name in names:
             target = path / name
-            if os.path.lexists(target) and not os.path.isfile(target):
-                return f"{target} exists and is not a regular file: the results cannot be written there"
+            if os.path.lexists(target):
+                if not os.path.isfile(target):
+                    return f"{target} exists and is not a regular file: the results cannot be written there"
+                if not os.access(target, os.W_OK):
+                    return f"{target} exists and is not writable"
         if not os.access(path, os.W_OK | os.X_OK):
             return f"the directory {out} is not writable"
         return None
     if os.path.lexists(path):
         what = "a broken symbolic link" if not os.path.exists(path) else "not a directory"
-        return f"{out} exists and is {what}; --out names the directory of {JSON_NAME}, {MD_NAME} and {PNG_NAME}"
+        return f"{out} exists and is {what}; --out names the directory of {holds}"
     missing = [path.name]
     parent = path.parent
     while not os.path.lexists(parent) and parent != parent.parent:

@@ -43,7 +43,6 @@ import time
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -60,7 +59,7 @@ from .cli import (
     sample_time_float,
     threads_int,
 )
-from .cli import out_problem as _creatable
+from .cli import out_problem as _out_problem
 from .machine import machine_info, restore_threads, set_threads
 from .nets import flop_counts
 from .peers import TorchPeer
@@ -702,25 +701,9 @@ def out_names(sections: str) -> list[str]:
 
 
 def out_problem(out: str, names: Iterable[str]) -> str | None:
-    """Why ``out`` cannot be the output folder of files ``names`` (an existing non-directory, a parent that
-    is a file, a folder that cannot be written or created, a file name taken by something that cannot be
-    written), or ``None``. Creates nothing."""
-    path = Path(out)
-    if os.path.isdir(path):
-        for name in names:
-            target = path / name
-            if os.path.lexists(target):
-                if not os.path.isfile(target):
-                    return f"{target} exists and is not a regular file: the results cannot be written there"
-                if not os.access(target, os.W_OK):
-                    return f"{target} exists and is not writable"
-        if not os.access(path, os.W_OK | os.X_OK):
-            return f"the directory {out} is not writable"
-        return None
-    if os.path.lexists(path):
-        what = "a broken symbolic link" if not os.path.exists(path) else "not a directory"
-        return f"{out} exists and is {what}; --out names the folder of the section files and {SUMMARY}.json/.md"
-    return _creatable(out)  # missing: whether it can be created (backprop-bench's check; it creates nothing)
+    """Why ``out`` cannot be the output folder of files ``names`` (backprop-bench's check, see
+    :func:`backprop.bench.cli.out_problem`), or ``None``. Creates nothing."""
+    return _out_problem(out, names, f"the section files and {SUMMARY}.json/.md")
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
