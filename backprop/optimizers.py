@@ -67,6 +67,11 @@ class Optimizer(ABC):
         self.steps = 0
         self._state: dict[int, tuple[Any, dict[str, Any]]] = {}
 
+    @property
+    def learning_rate(self) -> float:
+        """``lr`` under the name scikit-learn's optimizers give it (read only)."""
+        return self.lr
+
     def begin_step(self) -> None:
         """Called once per training step, before the layers are updated."""
         self.steps += 1

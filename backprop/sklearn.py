@@ -249,6 +249,10 @@ class _BaseMLP(BaseEstimator):
     def _head(self) -> tuple[str, str]:  # (output activation, loss) in backprop's names
         raise NotImplementedError
 
+    def _params_dtype(self) -> np.dtype:
+        """The dtype of the fitted parameters: that of ``coefs_`` (which may have been set by hand)."""
+        return np.dtype(self.coefs_[0].dtype)
+
     def _network(self) -> MLP:
         """The network holding ``coefs_``/``intercepts_`` on the backend (rebuilt after unpickling), with the
         current ``coefs_``/``intercepts_`` copied in (they are the estimator's parameters)."""
@@ -257,7 +261,7 @@ class _BaseMLP(BaseEstimator):
             net = self._net = self._optimizer = None  # set_params(backend=...) after fitting: move over
         if net is None:
             units = [self.coefs_[0].shape[0]] + [c.shape[1] for c in self.coefs_]
-            net = self._net = self._build_net(units, np.dtype(self._fit_dtype))
+            net = self._net = self._build_net(units, self._params_dtype())
             self._pushed = None
         if not self._in_sync():
             net.set_params([(np.asarray(W).T, b) for W, b in zip(self.coefs_, self.intercepts_)])
@@ -316,7 +320,6 @@ class _BaseMLP(BaseEstimator):
         self.t_ = 0
         self.n_outputs_ = y.shape[1]
         self.n_layers_ = len(layer_units)
-        self._fit_dtype = np.dtype(dtype).name
         self.out_activation_ = _OUT_NAMES[self._head()[0]]
         self.coefs_, self.intercepts_ = [], []
         for fan_in, fan_out in zip(layer_units[:-1], layer_units[1:]):
@@ -352,7 +355,7 @@ class _BaseMLP(BaseEstimator):
         n_features = X.shape[1]
         layer_units = [n_features] + hidden + [y.shape[1]]
         self._random_state = check_random_state(self.random_state)
-        dtype = np.dtype(self._fit_dtype) if not first_pass else \
+        dtype = self._params_dtype() if not first_pass else \
             np.dtype(self.dtype) if self.dtype is not None else X.dtype
         X = _cast_finite(X, dtype)  # before anything changes
         y = _cast_finite(np.asarray(y), dtype, "y")
@@ -373,14 +376,13 @@ class _BaseMLP(BaseEstimator):
             self._fit_stochastic(net, X, y, incremental)
         except NonFiniteLossError as exc:
             self._pull()
-            raise ValueError(f"Solver produced non-finite parameter weights or loss ({exc}). The input data may "
-                             "contain large values and need to be preprocessed, or learning_rate_init is too "
-                             "large.") from exc
+            raise ValueError("Solver produced non-finite parameter weights. The input data may contain large values "
+                             f"and need to be preprocessed. ({exc}; learning_rate_init may be too large.)") from exc
         self._pull()
         return self
 
     def _fit_stochastic(self, net: MLP, X: Any, y: np.ndarray, incremental: bool) -> None:
-        if not incremental or self._optimizer is None:
+        if not incremental or getattr(self, "_optimizer", None) is None:
             self._optimizer = self._make_optimizer()
         opt = self._optimizer
         if self.early_stopping and incremental:
@@ -389,7 +391,8 @@ class _BaseMLP(BaseEstimator):
         if early_stopping:
             if self.validation_scores_ is None:  # warm start of a fit made without early stopping
                 self.validation_scores_, self.best_validation_score_, self.best_loss_ = [], -np.inf, None
-            stratify = y if (self._classifier and self.n_outputs_ == 1) else None
+            # on the binarized labels as booleans, as scikit-learn does (its messages name classes 'True'/'False')
+            stratify = y.astype(bool) if (self._classifier and self.n_outputs_ == 1) else None
             X_train, X_val, y_train, y_val = train_test_split(
                 X, y, random_state=self._random_state, test_size=self.validation_fraction, stratify=stratify)
             if X_val.shape[0] < 2:

@@ -361,3 +361,29 @@ def test_float32_model_checks_every_prediction_chunk(monkeypatch):
     X[37, 1] = 1e300
     with pytest.raises(ValueError, match="first at row 37, column 1: 1e\\+300"):
         reg.predict(X)
+
+
+@pytest.mark.filterwarnings("ignore:(overflow|invalid value) encountered:RuntimeWarning")  # diverges on purpose
+def test_what_scikit_learns_own_tests_read():
+    """Details scikit-learn's MLP tests rely on: the optimizer's ``learning_rate``; its divergence message;
+    the stratified early-stopping split naming classes as booleans; partial_fit on parameters set by hand."""
+    X, y = make_classification(n_samples=40, n_features=4, random_state=0)
+    clf = MLPClassifier(solver="sgd", learning_rate="invscaling", max_iter=3, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        clf.fit(X, y)
+    assert clf._optimizer.learning_rate == clf._optimizer.lr
+    with pytest.raises(ValueError, match=r"^Solver produced non-finite parameter weights\. The input data may "
+                                         r"contain large values and need to be preprocessed\."):
+        MLPRegressor(solver="sgd", learning_rate_init=1e30, max_iter=5).fit(X * 1e10, X[:, 0] * 1e10)
+    y_bool = np.zeros(20, dtype=bool)
+    y_bool[0] = True
+    with pytest.raises(ValueError, match=r"Classes with too few members are: \['True'\]"):
+        MLPClassifier(early_stopping=True).fit(X[:20], y_bool)
+    fresh = MLPClassifier(hidden_layer_sizes=(3,), solver="sgd", max_iter=1)
+    fresh.coefs_ = [np.zeros((4, 3)), np.zeros((3, 1))]
+    fresh.intercepts_ = [np.zeros(3), np.zeros(1)]
+    fresh.n_outputs_, fresh.n_layers_, fresh.out_activation_ = 1, 3, "logistic"
+    fresh.t_, fresh.best_loss_, fresh.loss_curve_, fresh._no_improvement_count = 0, 1e10, [], 0
+    fresh.partial_fit(X, y, classes=[0, 1])
+    assert fresh.coefs_[0].dtype == np.float64 and np.isfinite(fresh.coefs_[0]).all()
