@@ -73,6 +73,7 @@ from .activations import ACTIVATIONS
 from .backend import get_backend, resolve_backend
 from .network import MLP, NonFiniteLossError
 from .npz import cast_finite
+from .progress import should_show
 from . import step
 from .optimizers import SGD, Adam, Optimizer
 from .staging import Batches
@@ -420,11 +421,13 @@ class _BaseMLP(BaseEstimator):
         alpha = float(self.alpha)
         # scikit-learn reports the regression loss averaged over outputs (its gradient is that of the sum)
         scale = 1.0 if self._classifier else 1.0 / self.n_outputs_
+        # verbose: a bar on a terminal outside CI (the rule of fit's progress=None), else scikit-learn's lines
         bar = None
-        if self.verbose and not incremental:
+        if self.verbose and not incremental and should_show(None):
             from .training import _ProgressBar
 
             bar = _ProgressBar(self.max_iter, desc=type(self).__name__)
+        steps_per_epoch = -(-n_samples // batch_size)
         self.n_iter_ = 0  # as scikit-learn: epochs of this call (loss_curve_ and t_ accumulate)
         try:
             for _ in range(self.max_iter):
@@ -436,9 +439,13 @@ class _BaseMLP(BaseEstimator):
                 guard = step.Guard(k)
                 penalty = k.zeros((1,), np.float64)
                 steps_before = opt.steps
+                if bar is not None:
+                    bar.start_epoch(steps_per_epoch)
                 for B, xb, tb in self._minibatches(net, data, X_train, y_train, batch_size, order):
                     self._prepare_step(opt, alpha, B, penalty)
                     step.train_step(net, step.workspace(net, B), xb, tb, opt, guard, weight=B * scale)
+                    if bar is not None:
+                        bar.after_step(B, guard)  # the running loss, at most every PROGRESS_INTERVAL seconds
                 state = guard.read()
                 if state.failed:
                     opt.steps = steps_before + state.failed_step - 1

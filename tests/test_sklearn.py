@@ -274,13 +274,23 @@ def test_coefs_are_the_parameters():
     np.testing.assert_allclose(reg.predict(X), 2.5)
 
 
-def test_verbose_shows_a_progress_bar(capsys):
+def test_verbose_shows_a_progress_bar_on_a_terminal_and_lines_elsewhere(capsys, monkeypatch):
+    """verbose=True: on a terminal outside CI a bar (the rule of fit's progress=None); in CI or into a file,
+    scikit-learn's own lines on stdout; verbose=False: nothing."""
+    from backprop import progress
+
     X, y = make_classification(50, 4, random_state=0)
+    monkeypatch.setattr(progress, "stderr_is_terminal", lambda: True)
+    monkeypatch.delenv("CI", raising=False)
     MLPClassifier(max_iter=3, verbose=True, backend="numpy").fit(X, y)
-    err = capsys.readouterr().err
-    assert "3/3" in err and "loss=" in err
+    out = capsys.readouterr()
+    assert "3/3" in out.err and "loss=" in out.err and "Iteration" not in out.out
+    monkeypatch.setenv("CI", "true")
+    MLPClassifier(max_iter=3, verbose=True, backend="numpy").fit(X, y)
+    out = capsys.readouterr()
+    assert out.err == "" and out.out.count("Iteration ") == 3 and "loss = " in out.out
     MLPClassifier(max_iter=3, backend="numpy").fit(X, y)
-    assert capsys.readouterr().err == ""
+    assert capsys.readouterr() == ("", "")
 
 
 def test_convergence_warning_and_divergence():
