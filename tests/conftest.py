@@ -58,3 +58,11 @@ def snapshot(root: Path) -> list[tuple[str, bytes | None]]:
     """Every path below ``root`` with its bytes (``None`` for a directory): compare two to see that
     nothing was created or changed."""
     return sorted((str(p.relative_to(root)), p.read_bytes() if p.is_file() else None) for p in root.rglob("*"))
+
+
+def must_not_run(name: str):
+    """A stand-in for function ``name`` that fails the test if it is ever called."""
+    def fail(*args, **kwargs):
+        raise AssertionError(f"{name} ran although it should not have")
+
+    return fail

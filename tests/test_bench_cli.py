@@ -16,7 +16,7 @@ from backprop.bench.fd import fd_gradient
 from backprop.bench.nets import n_params, step_flop_ratio
 from backprop.bench.timing import time_ops
 
-from .conftest import snapshot
+from .conftest import must_not_run, snapshot
 
 # --------------------------------------------------------------------------- fit
 
@@ -303,13 +303,6 @@ BAD_OPTIONS: list[list[str]] = [
 ]
 
 
-def _must_not_run(name: str):
-    def fail(*args, **kwargs):
-        raise AssertionError(f"{name} ran although an option was bad")
-
-    return fail
-
-
 @pytest.mark.parametrize("argv", BAD_OPTIONS, ids=lambda a: " ".join(a)[:60])
 def test_bad_option_is_refused_up_front(argv: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                         capsys: pytest.CaptureFixture[str]) -> None:
@@ -324,7 +317,7 @@ def test_bad_option_is_refused_up_front(argv: list[str], tmp_path: Path, monkeyp
         argv += ["--out", str(tmp_path / "out")]
     monkeypatch.chdir(tmp_path)  # where a relative --out would land
     for name in ("run_backend", "tune_malloc", "set_threads", "make_peer", "machine_info", "_backends"):
-        monkeypatch.setattr(cli, name, _must_not_run(name))
+        monkeypatch.setattr(cli, name, must_not_run(name))
     before = snapshot(tmp_path)
     rc = main(argv + ["--no-progress", "--no-plot"])
     err = capsys.readouterr().err
@@ -369,7 +362,7 @@ def test_out_that_cannot_be_created_after_all(tmp_path: Path, monkeypatch: pytes
     afile = tmp_path / "afile"
     afile.write_text("x")
     monkeypatch.setattr(cli, "out_problem", lambda out: None)
-    monkeypatch.setattr(cli, "run_backend", _must_not_run("run_backend"))
+    monkeypatch.setattr(cli, "run_backend", must_not_run("run_backend"))
     rc = main(["--backends", "numpy", "--no-malloc-tune", "--no-progress", "--out", str(afile / "x")])
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err

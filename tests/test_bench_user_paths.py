@@ -16,7 +16,7 @@ import pytest
 from backprop.bench import user_paths
 from backprop.bench.sections import SectionWriter, SkipSection
 
-from .conftest import snapshot
+from .conftest import must_not_run, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_SECTIONS = ("fit", "api", "step", "graph", "tf32")
@@ -211,13 +211,6 @@ BAD_OPTIONS = [
 ]
 
 
-def _must_not_run(name: str):
-    def fail(*args, **kwargs):
-        raise AssertionError(f"{name} ran although it should not have")
-
-    return fail
-
-
 class _Reached(Exception):
     """Raised in place of the first piece of work: the options passed every check."""
 
@@ -226,12 +219,12 @@ def _guard(monkeypatch: pytest.MonkeyPatch, *, reach: list | None = None) -> Non
     """Every function that would do work fails the test when called; with ``reach``, building the run's
     ``Context`` (the first work) records the options in ``reach`` and raises :class:`_Reached` instead."""
     for key, (stem, title, _) in list(user_paths.SECTIONS.items()):
-        monkeypatch.setitem(user_paths.SECTIONS, key, (stem, title, _must_not_run(f"section {key}")))
+        monkeypatch.setitem(user_paths.SECTIONS, key, (stem, title, must_not_run(f"section {key}")))
     for name in ("time_ops", "SectionWriter", "machine_info", "set_threads", "TorchPeer", "_cpu_backends",
                  "resolve_backend"):
-        monkeypatch.setattr(user_paths, name, _must_not_run(name))
+        monkeypatch.setattr(user_paths, name, must_not_run(name))
     if reach is None:
-        monkeypatch.setattr(user_paths, "Context", _must_not_run("Context"))
+        monkeypatch.setattr(user_paths, "Context", must_not_run("Context"))
     else:
         def first_work(args):
             reach.append(args)
@@ -356,7 +349,7 @@ def test_out_that_cannot_be_created_after_all(tmp_path: Path, monkeypatch: pytes
     afile.write_text("x")
     monkeypatch.setattr(user_paths, "out_problem", lambda out, names: None)
     for key, (stem, title, _) in list(user_paths.SECTIONS.items()):
-        monkeypatch.setitem(user_paths.SECTIONS, key, (stem, title, _must_not_run(f"section {key}")))
+        monkeypatch.setitem(user_paths.SECTIONS, key, (stem, title, must_not_run(f"section {key}")))
     rc = user_paths.main(["--out", str(afile / "x"), "--no-torch", "--sections", "cpu", "--cpu-backends", "numpy"])
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err
