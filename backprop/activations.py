@@ -1,10 +1,10 @@
-"""Activation functions by name, with their parameter; the table lives in ``backprop.kernels.spec``."""
+"""Activation functions by name, with their parameter; the records live in ``backprop.kernels.registry``."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .kernels.spec import ACTIVATIONS, ActivationSpec
+from .kernels.registry import ACTIVATIONS, ActivationSpec, activation_name
 from .validation import check_number
 
 __all__ = ["ACTIVATIONS", "Activation", "ActivationLike", "as_activation"]
@@ -24,22 +24,15 @@ class Activation:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str):
             raise TypeError(f"activation name must be a string, got {type(self.name).__name__}")
-        key = self.name.strip().lower()
-        if key == "logistic":
-            key = "sigmoid"
-        if key == "linear":
-            key = "identity"
-        if key not in ACTIVATIONS:
+        key = activation_name(self.name)
+        if key is None:
             raise ValueError(
                 f"unknown activation {self.name!r}; known: {', '.join(sorted(ACTIVATIONS))}"
             )
         object.__setattr__(self, "name", key)
         alpha = ACTIVATIONS[key].default_alpha if self.alpha is None else self.alpha
         alpha = check_number(alpha, f"activation {key!r}: alpha")
-        if key == "leaky_relu" and not 0 <= alpha < 1:
-            raise ValueError(f"leaky_relu slope alpha must lie in [0, 1), got {alpha}")
-        if key == "elu" and alpha <= 0:
-            raise ValueError(f"elu alpha must be positive, got {alpha}")
+        ACTIVATIONS[key].check_alpha(alpha)
         object.__setattr__(self, "alpha", alpha)
 
     @property

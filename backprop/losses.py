@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .kernels.spec import FUSED_PAIRS, LOSSES, LossSpec
+from .kernels.registry import FUSED_PAIRS, LOSSES, LossSpec, loss_name
 from .validation import check_number
 
 __all__ = ["FUSED_PAIRS", "HEADS", "LOSSES", "Loss", "LossLike", "as_loss", "check_output_loss"]
@@ -28,16 +28,12 @@ class Loss:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str):
             raise TypeError(f"loss name must be a string, got {type(self.name).__name__}")
-        key = self.name.strip().lower()
-        key = {"squared_error": "mse", "log_loss": "cross_entropy", "binary_cross_entropy": "bce"}.get(
-            key, key
-        )
-        if key not in LOSSES:
+        key = loss_name(self.name)
+        if key is None:
             raise ValueError(f"unknown loss {self.name!r}; known: {', '.join(sorted(LOSSES))}")
         object.__setattr__(self, "name", key)
         param = LOSSES[key].default_param if self.param is None else check_number(self.param, f"loss {key!r}: param")
-        if key == "huber" and not (param > 0 and param != float("inf")):
-            raise ValueError(f"huber threshold must be positive and finite, got {param}")
+        LOSSES[key].check_param(param)
         object.__setattr__(self, "param", param)
 
     @property

@@ -260,10 +260,6 @@ def _batch_on_backend(kernels: Any, A: Any, lo: int, hi: int, dtype: np.dtype) -
     return rows if kernels.owns(A) else kernels.to_device(rows, dtype)
 
 
-#: How a classification head's prediction is scored (see ``count_correct`` in the kernels).
-_CORRECT_RULE = {"cross_entropy": "argmax", "bce": "threshold"}
-
-
 def evaluate(net: MLP, X: Any, T: Any, batch_size: int = 4096) -> tuple[float, float | None]:
     """Mean loss on ``(X, T)`` (checked arrays, on the backend or on the host) and accuracy for
     classification heads (argmax for softmax, all outputs thresholded at 0.5 for sigmoid).
@@ -271,7 +267,7 @@ def evaluate(net: MLP, X: Any, T: Any, batch_size: int = 4096) -> tuple[float, f
     Both are summed on the backend over the minibatches and read once at the end. A non-finite loss
     gives ``nan``."""
     k = net.backend.kernels
-    rule = _CORRECT_RULE.get(net.loss_fn.name)
+    rule = net.loss_fn.spec.correct_rule  # how a classification head's prediction is scored, if at all
     tally = step.Guard(k)  # sums rows * loss over the batches; its "gradients" are none
     none = k.zeros((0,), net.dtype)
     correct = k.zeros((1,), np.float64) if rule else None
@@ -429,7 +425,7 @@ def fit(net: MLP, X: Any, T: Any, *, epochs: int = 10, batch_size: int = 32, opt
                               allow_zero=True)
                for e in range(epochs)]
     setup = FitSetup(epochs=epochs, validation=val is not None,
-                     accuracy=val is not None and net.loss_fn.name in _CORRECT_RULE, loss=net.loss_fn.name)
+                     accuracy=val is not None and net.loss_fn.spec.correct_rule is not None, loss=net.loss_fn.name)
     for cb in callbacks:
         hook = getattr(cb, "check_setup", None)
         if hook is not None:

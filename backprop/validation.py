@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from .kernels import numpy_ref as host
+from .kernels.registry import LOSSES
 from .kernels.contract import (
     STAT_FIRST_NONFINITE,
     STAT_MAX,
@@ -128,9 +129,11 @@ def check_targets(T: Any, n_outputs: int, loss: str, batch: int, kernels: Any, d
     """Return targets as a finite ``(batch, n_outputs)`` array of ``dtype`` on the backend of ``kernels``
     (``keep_host``: host data stays on the host, for the caller to move).
 
-    For ``cross_entropy`` a 1-D array of integer class labels in ``[0, n_outputs)`` becomes one-hot
-    rows; 2-D targets must be probability rows. For ``bce`` targets must lie in ``[0, 1]``.
+    What a loss accepts is its record's ``targets`` (:mod:`backprop.kernels.registry`): ``"distribution"``
+    (cross-entropy): a 1-D array of integer class labels in ``[0, n_outputs)`` becomes one-hot rows, and 2-D
+    targets must be probability rows; ``"unit"`` (bce): targets in ``[0, 1]``; ``"real"``: any finite value.
     """
+    kind = LOSSES[loss].targets
     data = _read(T, kernels, name)
     arr = data.array
     shape = tuple(arr.shape)
@@ -141,7 +144,7 @@ def check_targets(T: Any, n_outputs: int, loss: str, batch: int, kernels: Any, d
         raise ValueError(f"{name} is empty: it has no targets")
     if shape[0] != batch:
         raise ValueError(f"{name} has {shape[0]} samples but X has {batch}")
-    if len(shape) == 1 and loss == "cross_entropy":
+    if len(shape) == 1 and kind == "distribution":
         stats = data.stats(integers=True)
         _check_finite(stats, shape, name)
         if stats[STAT_NON_INTEGER]:
@@ -158,15 +161,15 @@ def check_targets(T: Any, n_outputs: int, loss: str, batch: int, kernels: Any, d
         shape = tuple(arr.shape)
     if len(shape) != 2 or shape[1] != n_outputs:
         raise ValueError(f"{name} must have shape ({batch}, {n_outputs}), got {shape}")
-    stats = data.stats(row_sums=loss == "cross_entropy")
+    stats = data.stats(row_sums=kind == "distribution")
     _check_finite(stats, shape, name)
     _check_range(stats, dtype, name)
-    if loss in ("bce", "cross_entropy") and (stats[STAT_MIN] < 0 or stats[STAT_MAX] > 1):
+    if kind in ("unit", "distribution") and (stats[STAT_MIN] < 0 or stats[STAT_MAX] > 1):
         raise ValueError(f"{name}: targets of {loss} must lie in [0, 1]")
-    if loss == "cross_entropy":
+    if kind == "distribution":
         tol = 1e-4 if np.dtype(dtype) == np.float32 else 1e-8
         if stats[STAT_ROW_SUM_ERROR] > tol:
-            raise ValueError(f"{name}: cross_entropy targets must be one-hot or probability rows summing to 1")
+            raise ValueError(f"{name}: {loss} targets must be one-hot or probability rows summing to 1")
     return data.to_backend(dtype, keep_host)
 
 

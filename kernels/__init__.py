@@ -12,7 +12,7 @@ from importlib import import_module
 from types import ModuleType
 
 from .contract import FUNCTIONS, OPTIONAL, REQUIRED, KernelModule, missing_names
-from .spec import ACTIVATIONS, FUSED_PAIRS, LOSSES, ActivationSpec, LossSpec
+from .registry import ACTIVATIONS, FUSED_PAIRS, LOSSES, ActivationSpec, LossSpec
 
 #: Backend name -> module, in the order ``"auto"`` prefers them (fastest first).
 BACKEND_MODULES: dict[str, str] = {

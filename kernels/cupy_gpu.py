@@ -19,7 +19,7 @@ It implements the contract of :mod:`backprop.kernels.contract` (the reference is
   (an L2 penalty kept on the device) works the same way.
 * Output error: the loss value and the output delta in two kernels (the delta and per-block
   partial sums, then their sum), numerically stable: log-sum-exp with a row max for softmax +
-  cross-entropy, the softplus form for sigmoid + BCE from the logits. Deterministic: no atomics.
+  cross-entropy, sigmoid + BCE from the logits. Deterministic: no atomics.
   Their small scratch buffers are cached per (device, shape, dtype) and never freed.
 * Data: :func:`array_stats` reduces on the device and reads back six numbers in one copy;
   :func:`one_hot` is one kernel, :func:`gather_rows` one ``take``.
@@ -56,7 +56,7 @@ from .contract import (
     STAT_ROW_SUM_ERROR,
     STATS_SIZE,
 )
-from .spec import ACTIVATIONS
+from .registry import ACTIVATIONS, LOSSES
 
 try:  # CuPy imports fine without a GPU; only its CUDA calls fail there
     import cupy as _cupy
@@ -613,7 +613,7 @@ def layer_forward(
     _gemm("N", "T", x, W, z)
     if z.size == 0:  # nothing to activate
         return y, (u if keep_u else None)
-    if act == "softmax":
+    if ACTIVATIONS[act].rowwise:  # softmax
         grid = (batch + src.ROWS_PER_BLOCK - 1) // src.ROWS_PER_BLOCK
         _raw("bp_softmax_forward", z.dtype)(
             (grid,), (src.BLOCK,), (z, _contiguous(b), y, np.int64(batch), np.int64(n_out)))
@@ -639,7 +639,7 @@ def delta_backward(
         raise ValueError(f"{act_prev}'s slope needs the pre-activation u")
     g = _buffer(out, (delta.shape[0], W.shape[1]), W.dtype, "out")
     _gemm("N", "N", delta, W, g)
-    if act_prev != "identity" and g.size:
+    if not ACTIVATIONS[act_prev].linear and g.size:
         _ew(f"bp_slope_{act_prev}")(u_prev if var == "u" else y_prev, _scalar(alpha_prev, g.dtype), g)
     return g
 
@@ -667,7 +667,7 @@ def output_error(
     delta = _buffer(delta, y.shape, dtype, "delta")
     value = _buffer(value, (), dtype, "value")
     y, t = _contiguous(y), _contiguous(t)
-    if loss == "cross_entropy":
+    if loss in LOSSES and LOSSES[loss].rowwise:  # softmax + cross-entropy
         if u is None:
             raise ValueError("cross_entropy needs the output logits u")
         u = _contiguous(u)
@@ -684,7 +684,7 @@ def output_error(
         raise ValueError(f"unknown loss {loss!r}")
     if (output, loss) not in _LOSS_PAIRS:
         raise ValueError(f"output {output!r} does not go with loss {loss!r}")
-    needs_u = loss == "bce" or src.ACT_SLOPE[output][0] == "u"
+    needs_u = LOSSES[loss].fused or ACTIVATIONS[output].needs_u
     if needs_u and u is None:
         raise ValueError(f"{output} + {loss} needs the output pre-activation u")
     u = _contiguous(u) if u is not None else y  # not read when not needed

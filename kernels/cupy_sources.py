@@ -29,7 +29,10 @@ from __future__ import annotations
 
 import re
 
-from .spec import ACTIVATIONS, LOSSES, SELU_ALPHA, SELU_LAMBDA
+from . import registry as _registry
+from .registry import ACTIVATIONS, LOSSES
+
+_registry.close("cupy")  # the tables below are made once, from the records as they are now
 
 #: C type of each supported dtype name.
 CTYPES = {"float32": "float", "float64": "double"}
@@ -44,45 +47,7 @@ MAX_LOSS_BLOCKS = 1024
 MAX_GUARD_BLOCKS = 1024
 
 # --------------------------------------------------------------------------- device helpers
-MATH_PREAMBLE = r"""
-#define BP_SELU_LAMBDA ((T)%(selu_lambda)r)
-#define BP_SELU_ALPHA ((T)%(selu_alpha)r)
-#define BP_SELU_LAMBDA_ALPHA ((T)%(selu_lambda_alpha)r)
-#define BP_SQRT1_2 ((T)0.70710678118654752440)
-#define BP_INV_SQRT_2PI ((T)0.39894228040143267794)
-
-/* max(v, 0) that lets NaN through, like numpy.maximum */
-__device__ __forceinline__ T bp_relu(T v) { return v < (T)0 ? (T)0 : v; }
-
-/* 1 / (1 + exp(-v)) without overflow in either branch */
-__device__ __forceinline__ T bp_sigmoid(T v) {
-    T e = exp(-fabs(v));
-    return v >= (T)0 ? (T)1 / ((T)1 + e) : e / ((T)1 + e);
-}
-
-/* log(1 + exp(v)) = max(v, 0) + log1p(exp(-|v|)) */
-__device__ __forceinline__ T bp_softplus(T v) { return bp_relu(v) + log1p(exp(-fabs(v))); }
-
-__device__ __forceinline__ T bp_elu(T v, T alpha) { return v > (T)0 ? v : alpha * expm1(v); }
-
-__device__ __forceinline__ T bp_selu(T v) {
-    return BP_SELU_LAMBDA * (v > (T)0 ? v : BP_SELU_ALPHA * expm1(v));
-}
-
-/* Phi(v) = (1 + erf(v / sqrt 2)) / 2, exact GELU (no tanh approximation) */
-__device__ __forceinline__ T bp_gelu_cdf(T v) { return (T)0.5 * ((T)1 + erf(v * BP_SQRT1_2)); }
-
-__device__ __forceinline__ T bp_gelu(T v) { return v * bp_gelu_cdf(v); }
-
-__device__ __forceinline__ T bp_gelu_slope(T u) {
-    return bp_gelu_cdf(u) + u * (exp((T)-0.5 * u * u) * BP_INV_SQRT_2PI);
-}
-
-__device__ __forceinline__ T bp_silu_slope(T u) {
-    T s = bp_sigmoid(u);
-    return s * ((T)1 + u * ((T)1 - s));
-}
-
+_COMMON_HELPERS = r"""
 /* numpy.sign: -1, 0 or 1, NaN stays NaN */
 __device__ __forceinline__ T bp_sign(T r) { return r > (T)0 ? (T)1 : (r < (T)0 ? (T)-1 : r); }
 
@@ -91,11 +56,11 @@ __device__ __forceinline__ T bp_clip(T r, T k) { return r < -k ? -k : (r > k ? k
 
 /* The bits of the double 1.0: guard[0] (read through an int64 view) says "apply this step". */
 #define BP_GUARD_OK_BITS 0x3FF0000000000000LL
-""" % {
-    "selu_lambda": SELU_LAMBDA,
-    "selu_alpha": SELU_ALPHA,
-    "selu_lambda_alpha": SELU_LAMBDA * SELU_ALPHA,
-}
+"""
+
+#: The device helpers of every kernel: the registry's helpers of each activation, in its order, then the
+#: common ones.
+MATH_PREAMBLE = "".join(a.cuda_helpers for a in ACTIVATIONS.values()) + _COMMON_HELPERS
 
 REDUCE_PREAMBLE = r"""
 __device__ __forceinline__ T bp_neg_inf() { return (T)__int_as_float(0xff800000); }
@@ -146,49 +111,17 @@ __device__ __forceinline__ T bp_block_sum(T v) {
 """
 
 # --------------------------------------------------------------------------- activation tables
-#: f(v): ``v`` is the pre-activation with the bias added.
-ACT_FORWARD: dict[str, str] = {
-    "identity": "v",
-    "step": "(v > (T)0 ? (T)1 : (T)0)",
-    "sigmoid": "bp_sigmoid(v)",
-    "tanh": "tanh(v)",
-    "relu": "bp_relu(v)",
-    "leaky_relu": "(v > (T)0 ? v : alpha * v)",
-    "elu": "bp_elu(v, alpha)",
-    "selu": "bp_selu(v)",
-    "softplus": "bp_softplus(v)",
-    "gelu": "bp_gelu(v)",
-    "silu": "(v * bp_sigmoid(v))",
-}
+#: f(v), from the registry: ``v`` is the pre-activation with the bias added.
+ACT_FORWARD: dict[str, str] = {n: a.cuda_f for n, a in ACTIVATIONS.items() if a.cuda_f is not None}
 
-#: The slope, from the output ``y`` (phi(y) = f'(f^-1(y))) or, for GELU and SiLU, from ``u``.
+#: The slope, from the registry: from the output ``y`` (phi(y) = f'(f^-1(y))) or, for the activations
+#: that need it, from ``u``.
 ACT_SLOPE: dict[str, tuple[str, str]] = {
-    "identity": ("y", "(T)1"),
-    "step": ("y", "(T)0"),
-    "sigmoid": ("y", "(y * ((T)1 - y))"),
-    "tanh": ("y", "((T)1 - y * y)"),
-    "relu": ("y", "(y > (T)0 ? (T)1 : (T)0)"),
-    "leaky_relu": ("y", "(y > (T)0 ? (T)1 : alpha)"),
-    "elu": ("y", "(y > (T)0 ? (T)1 : y + alpha)"),
-    "selu": ("y", "(y > (T)0 ? BP_SELU_LAMBDA : y + BP_SELU_LAMBDA_ALPHA)"),
-    "softplus": ("y", "(-expm1(-y))"),
-    "gelu": ("u", "bp_gelu_slope(u)"),
-    "silu": ("u", "bp_silu_slope(u)"),
-}
+    n: ("u" if a.needs_u else "y", a.cuda_phi) for n, a in ACTIVATIONS.items() if a.cuda_phi is not None}
 
-#: Per element of the output: ``l`` (loss term) and ``d`` (delta, already divided by ``batch``).
-#: ``SLOPE`` is replaced by the output activation's slope expression.
-LOSS_BODY: dict[str, str] = {
-    "mse": "T r = y - t; l = (T)0.5 * r * r; d = r * SLOPE / batch;",
-    "mae": "T r = y - t; l = fabs(r); d = bp_sign(r) * SLOPE / batch;",
-    "huber": (
-        "T r = y - t; T a = fabs(r); "
-        "l = a <= k ? (T)0.5 * r * r : k * (a - (T)0.5 * k); "
-        "d = bp_clip(r, k) * SLOPE / batch;"
-    ),
-    # sigmoid + binary cross-entropy from the logits: softplus(u) - t u, delta (y - t) / batch
-    "bce": "l = bp_softplus(u) - t * u; d = (y - t) / batch;",
-}
+#: Per element of the output, from the registry: ``l`` (loss term) and ``d`` (delta, already divided by
+#: ``batch``). ``SLOPE`` is replaced by the output activation's slope expression.
+LOSS_BODY: dict[str, str] = {n: x.cuda_body for n, x in LOSSES.items() if x.cuda_body is not None}
 
 # --------------------------------------------------------------------------- elementwise kernels
 #: Name -> (in_params, out_params, operation), in CuPy's ElementwiseKernel syntax.
@@ -489,7 +422,7 @@ def loss_kernel_name(output: str, loss: str) -> str:
 
 def loss_pairs() -> list[tuple[str, str]]:
     """The (output, loss) pairs the elementwise-loss kernel handles (all but softmax + cross-entropy)."""
-    return [(o, loss) for loss, s in LOSSES.items() if loss in LOSS_BODY for o in s.outputs]
+    return [(o, loss) for loss in LOSSES if loss in LOSS_BODY for o in _registry.loss_outputs(loss)]
 
 
 def _loss_kernel(output: str, loss: str) -> str:

@@ -25,7 +25,9 @@ activation and the loss are integer codes dispatched inside each kernel
 (:mod:`backprop.kernels.numba_math`), so the backend compiles one kernel per primitive and
 dtype, not one per activation (under a minute for both dtypes on a cold cache, then loaded
 from ``__pycache__`` in well under a second).
-Within a kernel each activation has a loop of its own, so that LLVM vectorizes it.
+Within a kernel each activation and loss has a loop of its own, so that LLVM vectorizes it; the loops
+and the ladder that picks one are generated from the registry's scalar forms
+(:mod:`backprop.kernels.registry`, :func:`backprop.kernels.numba_math.dispatch`).
 
 float32 stays float32: constants are made with the arrays' dtype, scalars are cast to it before
 a kernel is called, and ``exp``, ``tanh``, ``expm1`` and ``log1p`` of a float32 are float32
@@ -185,7 +187,7 @@ def _expm1_overload(x):  # type: ignore[no-untyped-def]
 
 
 def _log1p(x):  # type: ignore[no-untyped-def]
-    """``log(1 + x)``, called by the kernels only with ``0 <= x <= 1`` (softplus, BCE)."""
+    """``log(1 + x)``; the registry's scalar forms call it only with ``0 <= x <= 1``."""
     return math.log1p(x)
 
 
@@ -214,32 +216,8 @@ def _log1p_overload(x):  # type: ignore[no-untyped-def]
 
 
 _m = nm.build(_HELPER, exp=_exp, tanh=_tanh, expm1=_expm1, log1p=_log1p)
-_consts, _activate, _slope = _m.consts, _m.activate, _m.slope
+_consts = _m.consts
 _sgd_step, _momentum_step, _adam_step, _finite = _m.sgd_step, _m.momentum_step, _m.adam_step, _m.finite
-_d_elu = _m.d_elu
-_d_gelu = _m.d_gelu
-_d_leaky_relu = _m.d_leaky_relu
-_d_relu = _m.d_relu
-_d_selu = _m.d_selu
-_d_sigmoid = _m.d_sigmoid
-_d_silu = _m.d_silu
-_d_softplus = _m.d_softplus
-_d_tanh = _m.d_tanh
-_f_elu = _m.f_elu
-_f_gelu = _m.f_gelu
-_f_leaky_relu = _m.f_leaky_relu
-_f_relu = _m.f_relu
-_f_selu = _m.f_selu
-_f_silu = _m.f_silu
-_f_step = _m.f_step
-_f_tanh = _m.f_tanh
-_g_huber = _m.g_huber
-_g_mae = _m.g_mae
-_l_huber = _m.l_huber
-_l_mae = _m.l_mae
-_l_mse = _m.l_mse
-_sigmoid = _m.sigmoid
-_softplus = _m.softplus
 
 
 # --------------------------------------------------------------------------- row helpers
@@ -293,131 +271,113 @@ def _row_sum(a, i, n, zero):  # pragma: no cover - compiled
     return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
 
 
+# One loop per activation and per loss, made from the registry's scalar forms, and a generated ladder
+# on the code that calls the right one (numba_math.dispatch).
+def _act_loop(f):  # type: ignore[no-untyped-def]
+    @_HELPER
+    def act_loop(a, i, n, alpha, c):  # pragma: no cover - compiled
+        for j in range(n):
+            a[i, j] = f(a[i, j], alpha, c)
+    return act_loop
+
+
+def _slope_loop(phi):  # type: ignore[no-untyped-def]
+    @_HELPER
+    def slope_loop(g, y, u, i, n, alpha, c):  # pragma: no cover - compiled
+        for j in range(n):
+            g[i, j] = g[i, j] * phi(y[i, j], u[i, j], alpha, c)
+    return slope_loop
+
+
+def _loss_loop(value):  # type: ignore[no-untyped-def]
+    @_HELPER
+    def loss_loop(y, u, t, d, i, n, k, c):  # pragma: no cover - compiled
+        for j in range(n):
+            d[i, j] = value(y[i, j], u[i, j], t[i, j], k, c)
+    return loss_loop
+
+
+def _grad_loop(grad):  # type: ignore[no-untyped-def]
+    @_HELPER
+    def grad_loop(y, t, d, i, n, k, inv_b, c):  # pragma: no cover - compiled
+        for j in range(n):
+            d[i, j] = grad(y[i, j] - t[i, j], k, c) * inv_b
+    return grad_loop
+
+
 @_HELPER
-def _act_row(a, i, n, code, alpha, c):  # pragma: no cover - compiled
-    """``a[i, :] = f(a[i, :])`` in place (softmax row-wise, max subtracted). One array for reads
-    and writes: two arguments pointing at the same row would defeat the vectorizer."""
-    if code == nm.RELU:
-        for j in range(n):
-            a[i, j] = _f_relu(a[i, j], alpha, c)
-    elif code == nm.IDENTITY:
-        pass
-    elif code == nm.STEP:
-        for j in range(n):
-            a[i, j] = _f_step(a[i, j], alpha, c)
-    elif code == nm.SIGMOID:
-        for j in range(n):
-            a[i, j] = _sigmoid(a[i, j], alpha, c)
-    elif code == nm.TANH:
-        for j in range(n):
-            a[i, j] = _f_tanh(a[i, j], alpha, c)
-    elif code == nm.LEAKY_RELU:
-        for j in range(n):
-            a[i, j] = _f_leaky_relu(a[i, j], alpha, c)
-    elif code == nm.ELU:
-        for j in range(n):
-            a[i, j] = _f_elu(a[i, j], alpha, c)
-    elif code == nm.SELU:
-        for j in range(n):
-            a[i, j] = _f_selu(a[i, j], alpha, c)
-    elif code == nm.SOFTPLUS:
-        for j in range(n):
-            a[i, j] = _softplus(a[i, j], alpha, c)
-    elif code == nm.GELU:
-        for j in range(n):
-            a[i, j] = _f_gelu(a[i, j], alpha, c)
-    elif code == nm.SILU:
-        for j in range(n):
-            a[i, j] = _f_silu(a[i, j], alpha, c)
-    elif code == nm.SOFTMAX:
+def _rowwise_act(a, i, n, code, alpha, c):  # pragma: no cover - compiled
+    """Softmax of row ``i``, max subtracted; any other code here is unknown: NaN, which the step's guard
+    refuses (never another activation's formula)."""
+    if code == nm.SOFTMAX:
         mx = _row_max(a, i, n)
         for j in range(n):
             a[i, j] = _exp(a[i, j] - mx)
         inv = c[nm.ONE] / _row_sum(a, i, n, c[nm.ZERO])
         for j in range(n):
             a[i, j] = a[i, j] * inv
-    else:  # an unknown code never falls through to a formula: NaN, which the step's guard refuses
+    else:
         for j in range(n):
             a[i, j] = c[nm.NAN]
 
 
 @_HELPER
-def _slope_row(g, y, u, i, n, code, alpha, c):  # pragma: no cover - compiled
-    """``g[i, :] *= phi(y[i, :])`` (``f'(u[i, :])`` for GELU and SiLU)."""
-    if code == nm.RELU:
-        for j in range(n):
-            g[i, j] = g[i, j] * _d_relu(y[i, j], u[i, j], alpha, c)
-    elif code == nm.IDENTITY:
-        pass
-    elif code == nm.STEP:
-        for j in range(n):
-            g[i, j] = g[i, j] * c[nm.ZERO]
-    elif code == nm.SIGMOID:
-        for j in range(n):
-            g[i, j] = g[i, j] * _d_sigmoid(y[i, j], u[i, j], alpha, c)
-    elif code == nm.TANH:
-        for j in range(n):
-            g[i, j] = g[i, j] * _d_tanh(y[i, j], u[i, j], alpha, c)
-    elif code == nm.LEAKY_RELU:
-        for j in range(n):
-            g[i, j] = g[i, j] * _d_leaky_relu(y[i, j], u[i, j], alpha, c)
-    elif code == nm.ELU:
-        for j in range(n):
-            g[i, j] = g[i, j] * _d_elu(y[i, j], u[i, j], alpha, c)
-    elif code == nm.SELU:
-        for j in range(n):
-            g[i, j] = g[i, j] * _d_selu(y[i, j], u[i, j], alpha, c)
-    elif code == nm.SOFTPLUS:
-        for j in range(n):
-            g[i, j] = g[i, j] * _d_softplus(y[i, j], u[i, j], alpha, c)
-    elif code == nm.GELU:
-        for j in range(n):
-            g[i, j] = g[i, j] * _d_gelu(y[i, j], u[i, j], alpha, c)
-    elif code == nm.SILU:
-        for j in range(n):
-            g[i, j] = g[i, j] * _d_silu(y[i, j], u[i, j], alpha, c)
-    else:  # an unknown code: NaN (see _act_row)
-        for j in range(n):
-            g[i, j] = c[nm.NAN]
+def _nan_slope_row(g, y, u, i, n, code, alpha, c):  # pragma: no cover - compiled
+    for j in range(n):
+        g[i, j] = c[nm.NAN]
 
 
 @_HELPER
-def _loss_row(y, u, t, d, i, n, lcode, k, inv_b, c):  # pragma: no cover - compiled
-    """Loss of row ``i`` (returned) and ``d[i, :] = dL/dy / batch``; ``d`` serves as scratch first.
-    Cross-entropy: ``sum_j t_j (lse - u_j)``, ``lse = max + log sum exp(u - max)``; BCE from the
-    logits: ``sum_j softplus(u_j) - t_j u_j``; both with ``dL/du = y - t``."""
-    if lcode == nm.CROSS_ENTROPY:
+def _rowwise_loss(y, u, t, d, i, n, code, k, c):  # pragma: no cover - compiled
+    """Cross-entropy of row ``i`` from the logits, ``t_j (lse - u_j)`` per element into ``d`` (scratch),
+    ``lse = max + log sum exp(u - max)``; any other code here is unknown: NaN."""
+    if code == nm.CROSS_ENTROPY:
         mx = _row_max(u, i, n)
         for j in range(n):
             d[i, j] = _exp(u[i, j] - mx)
         lse = mx + np.log(_row_sum(d, i, n, c[nm.ZERO]))
         for j in range(n):
             d[i, j] = t[i, j] * (lse - u[i, j])
-    elif lcode == nm.BCE:
-        for j in range(n):
-            d[i, j] = _softplus(u[i, j], k, c) - t[i, j] * u[i, j]
-    elif lcode == nm.MSE:
-        for j in range(n):
-            d[i, j] = _l_mse(y[i, j] - t[i, j], k, c)
-    elif lcode == nm.MAE:
-        for j in range(n):
-            d[i, j] = _l_mae(y[i, j] - t[i, j], k, c)
-    elif lcode == nm.HUBER:
-        for j in range(n):
-            d[i, j] = _l_huber(y[i, j] - t[i, j], k, c)
-    else:  # an unknown code: NaN (see _act_row)
-        for j in range(n):
-            d[i, j] = c[nm.NAN]
-    row = _row_sum(d, i, n, c[nm.ZERO])
-    if lcode == nm.MAE:
-        for j in range(n):
-            d[i, j] = _g_mae(y[i, j] - t[i, j], k, c) * inv_b
-    elif lcode == nm.HUBER:
-        for j in range(n):
-            d[i, j] = _g_huber(y[i, j] - t[i, j], k, c) * inv_b
     else:
         for j in range(n):
+            d[i, j] = c[nm.NAN]
+
+
+@_HELPER
+def _nan_grad_row(y, t, d, i, n, code, k, inv_b, c):  # pragma: no cover - compiled
+    for j in range(n):
+        d[i, j] = c[nm.NAN]
+
+
+_ELEMENTWISE = [(nm.ACT_CODES[name], name) for name in _m.activations]
+#: ``a[i, :] = f(a[i, :])`` in place (softmax row-wise). One array for reads and writes: two arguments
+#: pointing at the same row would defeat the vectorizer.
+_act_row = nm.dispatch(_HELPER, "act_row", "a, i, n, code, alpha, c", {
+    k: None if k in nm.LINEAR else _act_loop(_m.activations[name][0]) for k, name in _ELEMENTWISE}, _rowwise_act)
+#: ``g[i, :] *= phi(y[i, :])`` (``f'(u[i, :])`` for the activations that read ``u``).
+_slope_row = nm.dispatch(_HELPER, "slope_row", "g, y, u, i, n, code, alpha, c", {
+    k: None if k in nm.LINEAR else _slope_loop(_m.activations[name][1]) for k, name in _ELEMENTWISE},
+    _nan_slope_row)
+#: ``d[i, :] =`` the loss of each element of row ``i`` (cross-entropy: ``t_j (lse - u_j)``).
+_loss_values_row = nm.dispatch(_HELPER, "loss_values_row", "y, u, t, d, i, n, code, k, c", {
+    nm.LOSS_CODES[name]: _loss_loop(value) for name, (value, _) in _m.losses.items()}, _rowwise_loss)
+#: ``d[i, :] = dL/dy(y - t) / batch`` for the elementwise (not fused) losses.
+_loss_grad_row = nm.dispatch(_HELPER, "loss_grad_row", "y, t, d, i, n, code, k, inv_b, c", {
+    nm.LOSS_CODES[name]: _grad_loop(grad) for name, (_, grad) in _m.losses.items() if grad is not None},
+    _nan_grad_row)
+
+
+@_HELPER
+def _loss_row(y, u, t, d, i, n, lcode, fused, k, inv_b, c):  # pragma: no cover - compiled
+    """Loss of row ``i`` (returned) and ``d[i, :] = dL/dy / batch``, or ``(y - t) / batch`` for a fused
+    pair (``dL/du``); ``d`` serves as scratch first."""
+    _loss_values_row(y, u, t, d, i, n, lcode, k, c)
+    row = _row_sum(d, i, n, c[nm.ZERO])
+    if fused:
+        for j in range(n):
             d[i, j] = (y[i, j] - t[i, j]) * inv_b
+    else:
+        _loss_grad_row(y, t, d, i, n, lcode, k, inv_b, c)
     return row
 
 
@@ -431,41 +391,52 @@ def _all_finite(a):  # pragma: no cover - compiled
     return bad == 0
 
 
-@njit(**_JIT)
-def _bias_act(u, b, y, code, alpha, keep_u):  # pragma: no cover - compiled
-    """``u += b``, then ``y = f(u)`` row by row, in place when ``y`` is ``u`` (``keep_u`` False)."""
-    c = _consts(u)
-    m, n = u.shape
-    for i in prange(m):
-        for j in range(n):
-            u[i, j] += b[j]
-        if keep_u:
+def _dispatching_kernels(registry_key: str):  # type: ignore[no-untyped-def]
+    """The kernels that dispatch on activation and loss codes. Each closes over ``registry_key`` (a digest
+    of the registry's scalar forms), which Numba's cache index includes: a kernel compiled from another
+    registry is never loaded from the on-disk cache."""
+
+    @njit(**_JIT)
+    def _bias_act(u, b, y, code, alpha, keep_u):  # pragma: no cover - compiled
+        """``u += b``, then ``y = f(u)`` row by row, in place when ``y`` is ``u`` (``keep_u`` False)."""
+        registry_key  # noqa: B018 - keys the cache
+        c = _consts(u)
+        m, n = u.shape
+        for i in prange(m):
             for j in range(n):
-                y[i, j] = u[i, j]
-        _act_row(y, i, n, code, alpha, c)
+                u[i, j] += b[j]
+            if keep_u:
+                for j in range(n):
+                    y[i, j] = u[i, j]
+            _act_row(y, i, n, code, alpha, c)
+
+    @njit(**_JIT)
+    def _slope_mul(g, y, u, code, alpha):  # pragma: no cover - compiled
+        """``g *= phi(y)`` in place (``f'(u)`` for the activations that read ``u``)."""
+        registry_key  # noqa: B018 - keys the cache
+        c = _consts(g)
+        m, n = g.shape
+        for i in prange(m):
+            _slope_row(g, y, u, i, n, code, alpha, c)
+
+    @njit(**_JIT)
+    def _output_error(y, u, t, delta, lcode, acode, fused, k, alpha, out):  # pragma: no cover - compiled
+        """Loss and ``delta`` in one pass over the rows; ``out[0]`` receives the mean loss."""
+        registry_key  # noqa: B018 - keys the cache
+        c = _consts(y)
+        m, n = y.shape
+        inv_b = c[nm.ONE] / y.dtype.type(m)
+        total = c[nm.ZERO]
+        for i in prange(m):
+            total += _loss_row(y, u, t, delta, i, n, lcode, fused, k, inv_b, c)
+            if not fused:
+                _slope_row(delta, y, u, i, n, acode, alpha, c)
+        out[0] = total / y.dtype.type(m)
+
+    return _bias_act, _slope_mul, _output_error
 
 
-@njit(**_JIT)
-def _slope_mul(g, y, u, code, alpha):  # pragma: no cover - compiled
-    """``g *= phi(y)`` in place (``f'(u)`` for GELU/SiLU, which read ``u``)."""
-    c = _consts(g)
-    m, n = g.shape
-    for i in prange(m):
-        _slope_row(g, y, u, i, n, code, alpha, c)
-
-
-@njit(**_JIT)
-def _output_error(y, u, t, delta, lcode, acode, k, alpha, out):  # pragma: no cover - compiled
-    """Loss and ``delta`` in one pass over the rows; ``out[0]`` receives the mean loss."""
-    c = _consts(y)
-    m, n = y.shape
-    inv_b = c[nm.ONE] / y.dtype.type(m)
-    total = c[nm.ZERO]
-    for i in prange(m):
-        total += _loss_row(y, u, t, delta, i, n, lcode, k, inv_b, c)
-        if lcode != nm.CROSS_ENTROPY and lcode != nm.BCE:
-            _slope_row(delta, y, u, i, n, acode, alpha, c)
-    out[0] = total / y.dtype.type(m)
+_bias_act, _slope_mul, _output_error = _dispatching_kernels(nm.REGISTRY_KEY)
 
 
 @njit(**_JIT)
@@ -837,7 +808,7 @@ def delta_backward(
     if code in nm.NEEDS_U and u_prev is None:
         raise ValueError(f"{act_prev}'s slope needs the pre-activation u")
     g = np.matmul(delta, W) if out is None else np.matmul(delta, W, out=out)
-    if code != nm.IDENTITY:
+    if code not in nm.LINEAR:
         y_prev = _c(y_prev)
         u_prev = y_prev if u_prev is None else _c(u_prev)
         _run(_slope_mul, g.size, g, y_prev, u_prev, code, g.dtype.type(alpha_prev))
@@ -868,7 +839,7 @@ def output_error(
     """Mean loss ``E`` (a 0-d array of ``y``'s dtype) and ``delta = dE/du`` in one fused pass, into
     ``value`` and ``delta`` when given: ``delta = (y - t) / batch`` for the fused pairs,
     ``dL/dy * phi(y) / batch`` otherwise."""
-    lcode, acode = nm.output_loss_codes(output, loss, u is not None)
+    lcode, acode, fused = nm.output_loss_codes(output, loss, u is not None)
     y = _c(y)
     dt = y.dtype
     if u is None:
@@ -879,7 +850,8 @@ def output_error(
         delta = np.empty_like(y)
     if value is None:
         value = np.empty((), dtype=dt)
-    _run(_output_error, y.size, y, u, t, delta, lcode, acode, dt.type(param), dt.type(alpha), value.reshape(1))
+    _run(_output_error, y.size, y, u, t, delta, lcode, acode, fused, dt.type(param), dt.type(alpha),
+         value.reshape(1))
     return value, delta
 
 

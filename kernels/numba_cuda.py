@@ -495,7 +495,7 @@ def delta_backward(
         raise ValueError(f"{act_prev}'s slope needs the pre-activation u")
     g = _matmul(delta, W, False, False, out=out)
     m, n = g.shape
-    if m and n and code != nm.IDENTITY:
+    if m and n and code not in nm.LINEAR:
         dt = np.dtype(g.dtype)
         yp = _nb(y_prev)
         up = yp if u_prev is None else _nb(u_prev)
@@ -539,7 +539,7 @@ def output_error(
     given. The loss is reduced on the device: per-row losses (a cached scratch vector), then a
     one-block mean."""
     s = _get()
-    lcode, acode = nm.output_loss_codes(output, loss, u is not None)
+    lcode, acode, fused = nm.output_loss_codes(output, loss, u is not None)
     if u is None:
         u = y
     dt = np.dtype(y.dtype)
@@ -552,7 +552,7 @@ def output_error(
         return _zero_fill(value), delta
     rowloss = _scratch("rowloss", (m,), dt)
     _launch(s.k.loss_rows, s.k.blocks(m), s.k.TPB, _nb(y), _nb(u), _nb(t), _nb(delta), _nb(rowloss), lcode,
-            acode, dt.type(param), dt.type(alpha))
+            acode, bool(fused), dt.type(param), dt.type(alpha))
     _launch(s.k.kernels_for(dt.name).mean, 1, s.k.RED_T, _nb(rowloss), _flat(value))
     return value, delta
 

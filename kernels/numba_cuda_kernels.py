@@ -53,7 +53,7 @@ RED_T = 8 if SIMULATED else 256
 
 _m = nm.build(cuda.jit(device=True))
 consts, activate, slope = _m.consts, _m.activate, _m.slope
-softplus, elementwise_loss, loss_grad = _m.softplus, _m.elementwise_loss, _m.loss_grad
+elementwise_loss, loss_grad = _m.elementwise_loss, _m.loss_grad
 sgd_step, momentum_step, adam_step, finite = _m.sgd_step, _m.momentum_step, _m.adam_step, _m.finite
 
 
@@ -113,8 +113,9 @@ def slope_mul(g, y, u, code, alpha):  # pragma: no cover - compiled
 
 
 @cuda.jit
-def loss_rows(y, u, t, delta, rowloss, lcode, acode, k, alpha):  # pragma: no cover - compiled
-    """One thread per row: the row's loss into ``rowloss[i]`` and ``delta[i, :] = dE/du``."""
+def loss_rows(y, u, t, delta, rowloss, lcode, acode, fused, k, alpha):  # pragma: no cover - compiled
+    """One thread per row: the row's loss into ``rowloss[i]`` and ``delta[i, :] = dE/du``: ``(y - t) / batch``
+    for a fused pair, ``dL/dy phi(y) / batch`` otherwise; cross-entropy (row-wise) from the logits."""
     c = consts(y)
     m, n = y.shape
     inv_b = c[nm.ONE] / y.dtype.type(m)
@@ -131,15 +132,14 @@ def loss_rows(y, u, t, delta, rowloss, lcode, acode, k, alpha):  # pragma: no co
             lse = mx + math.log(s)
             for j in range(n):
                 row += t[i, j] * (lse - u[i, j])
-                delta[i, j] = (y[i, j] - t[i, j]) * inv_b
-        elif lcode == nm.BCE:
-            for j in range(n):
-                row += softplus(u[i, j], k, c) - t[i, j] * u[i, j]
-                delta[i, j] = (y[i, j] - t[i, j]) * inv_b
         else:
             for j in range(n):
-                r = y[i, j] - t[i, j]
-                row += elementwise_loss(r, lcode, k, c)
+                row += elementwise_loss(y[i, j], u[i, j], t[i, j], lcode, k, c)
+        for j in range(n):
+            r = y[i, j] - t[i, j]
+            if fused:
+                delta[i, j] = r * inv_b
+            else:
                 delta[i, j] = loss_grad(r, lcode, k, c) * slope(y[i, j], u[i, j], acode, alpha, c) * inv_b
         rowloss[i] = row
 

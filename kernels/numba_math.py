@@ -1,14 +1,15 @@
 """Scalar math shared by the Numba backends: one source for the CPU and the CUDA kernels.
 
-The functions here are plain Python written in the subset that both ``numba.njit`` and
-``numba.cuda.jit(device=True)`` compile. :func:`build` compiles them with the decorator it is
-given and returns the compiled helpers; :mod:`backprop.kernels.numba_cpu` builds them with
-``njit(inline="always")`` and :mod:`backprop.kernels.numba_cuda` with ``cuda.jit(device=True)``.
-Importing this module imports no Numba.
+The activations and losses are the scalar forms of :mod:`backprop.kernels.registry`; the optimizer
+updates are written here. All are plain Python in the subset that both ``numba.njit`` and
+``numba.cuda.jit(device=True)`` compile. :func:`build` compiles them with the decorator it is given
+and returns the compiled helpers, with the dispatch on codes generated from the registry
+(:func:`dispatch`): :mod:`backprop.kernels.numba_cpu` builds them with ``njit`` and
+:mod:`backprop.kernels.numba_cuda` with ``cuda.jit(device=True)``. Importing this module imports no
+Numba, and closes the registry (the codes are numbered once).
 
-Activations and losses are dispatched by an integer code (:data:`ACT_CODES`,
-:data:`LOSS_CODES`) inside one kernel, so each kernel is compiled once per dtype instead of once
-per activation and dtype.
+Activations and losses are dispatched by an integer code (:data:`ACT_CODES`, :data:`LOSS_CODES`)
+inside one kernel, so each kernel is compiled once per dtype instead of once per activation and dtype.
 
 Precision: every constant is made with the dtype of the kernel's arrays (``consts(a)`` returns
 a tuple of ``a.dtype.type`` scalars) and the ``math`` functions follow their argument's type in
@@ -16,42 +17,36 @@ Numba (``math.exp`` of a float32 is ``expf``), so float32 kernels compute in flo
 Mixing a bare Python literal such as ``0.5`` into float32 arithmetic would promote to float64:
 write ``c[HALF]`` instead.
 
-Note for developers: Numba's on-disk cache (``cache=True``) is keyed on the source file of the
-kernel, not on this file. After editing this module, delete the ``*.nbi``/``*.nbc`` files in
-``kernels/__pycache__`` (an installed package is rewritten as a whole, so users are not affected).
+Numba's on-disk cache (``cache=True``) is keyed on the source file of a kernel, not on this module
+nor the registry: the CPU kernels that dispatch on the codes therefore close over
+:data:`REGISTRY_KEY`, a digest of every scalar form, which Numba's cache index includes. After editing
+the optimizer steps here, delete the ``*.nbi``/``*.nbc`` files in ``kernels/__pycache__`` (an installed
+package is rewritten as a whole, so users are not affected).
 """
 
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
+from types import FunctionType, SimpleNamespace
 from typing import Any, Callable
 
-from .spec import ACTIVATIONS, LOSSES, SELU_ALPHA, SELU_LAMBDA
+from . import registry as r
+from .registry import HALF, INV_SQRT2, INV_SQRT_2PI, NAN, ONE, S_ALPHA, S_LAMBDA, S_LAMBDA_ALPHA, ZERO  # noqa: F401
 
 # ----------------------------------------------------------------------------- codes
-IDENTITY, STEP, SIGMOID, TANH, RELU, LEAKY_RELU, ELU, SELU, SOFTPLUS, GELU, SILU, SOFTMAX = range(12)
-ACT_CODES: dict[str, int] = {
-    "identity": IDENTITY, "step": STEP, "sigmoid": SIGMOID, "tanh": TANH, "relu": RELU,
-    "leaky_relu": LEAKY_RELU, "elu": ELU, "selu": SELU, "softplus": SOFTPLUS, "gelu": GELU,
-    "silu": SILU, "softmax": SOFTMAX,
-}
+#: Activation name -> code, in the registry's order. The registry is closed from here on.
+ACT_CODES: dict[str, int] = {name: i for i, name in enumerate(r.ACTIVATIONS)}
+LOSS_CODES: dict[str, int] = {name: i for i, name in enumerate(r.LOSSES)}
+r.close("numba")
 #: Activations whose slope reads the pre-activation ``u`` rather than the output ``y``.
-NEEDS_U = frozenset(ACT_CODES[n] for n, s in ACTIVATIONS.items() if s.needs_u)
-
-MSE, MAE, HUBER, BCE, CROSS_ENTROPY = range(5)
-LOSS_CODES: dict[str, int] = {"mse": MSE, "mae": MAE, "huber": HUBER, "bce": BCE, "cross_entropy": CROSS_ENTROPY}
-
-assert set(ACT_CODES) == set(ACTIVATIONS) and set(LOSS_CODES) == set(LOSSES), "spec and codes disagree"
-
-# indices into the constants tuple returned by ``consts``
-ZERO, ONE, HALF, INV_SQRT2, INV_SQRT_2PI, S_LAMBDA, S_ALPHA, S_LAMBDA_ALPHA, NAN = range(9)
-_INV_SQRT2 = 1.0 / math.sqrt(2.0)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-_SELU_LAMBDA = SELU_LAMBDA
-_SELU_ALPHA = SELU_ALPHA
-_SELU_LAMBDA_ALPHA = SELU_LAMBDA * SELU_ALPHA
-_NAN = math.nan
+NEEDS_U = frozenset(ACT_CODES[n] for n, a in r.ACTIVATIONS.items() if a.needs_u)
+#: ``f(u) = u``: no pass, no slope.
+LINEAR = frozenset(ACT_CODES[n] for n, a in r.ACTIVATIONS.items() if a.linear)
+#: The row-wise pair, computed by hand in the kernels: softmax, and cross-entropy from its logits.
+SOFTMAX = ACT_CODES["softmax"]
+CROSS_ENTROPY = LOSS_CODES["cross_entropy"]
+#: The digest of the registry that the dispatching CPU kernels key their on-disk cache on.
+REGISTRY_KEY = r.registry_key()
 
 
 def act_code(name: str) -> int:
@@ -68,200 +63,83 @@ def loss_code(name: str) -> int:
         raise ValueError(f"unknown loss {name!r}") from None
 
 
-def output_loss_codes(output: str, loss: str, has_u: bool) -> tuple[int, int]:
-    """``(loss code, activation code)`` of an output/loss pair, checked: the fused pairs and GELU/SiLU
-    need the logits ``u``, and a softmax output goes with cross-entropy only."""
+def output_loss_codes(output: str, loss: str, has_u: bool) -> tuple[int, int, bool]:
+    """``(loss code, activation code, fused)`` of an output/loss pair, checked: the fused pairs and the
+    activations whose slope reads ``u`` need the logits ``u``, and a row-wise output goes with its fused
+    loss only."""
     lcode, acode = loss_code(loss), act_code(output)
-    if not has_u and (lcode in (BCE, CROSS_ENTROPY) or acode in NEEDS_U):
+    rec, act = r.LOSSES[loss], r.ACTIVATIONS[output]
+    if not has_u and (rec.fused or act.needs_u):
         raise ValueError(f"{output}/{loss} needs the output logits u")
-    if acode == SOFTMAX and lcode != CROSS_ENTROPY:
-        raise ValueError("a softmax output goes with the cross_entropy loss only")
-    return lcode, acode
+    if output not in r.loss_outputs(loss):
+        raise ValueError(f"output {output!r} does not go with loss {loss!r}; "
+                         f"{loss!r} takes outputs: {', '.join(r.loss_outputs(loss))}")
+    return lcode, acode, rec.fused
 
 
-# ----------------------------------------------------------------------------- sources
-def _consts(a):  # type: ignore[no-untyped-def]
-    """The constants of the kernels, typed with ``a``'s dtype (an array)."""
-    dt = a.dtype.type
-    return (dt(0.0), dt(1.0), dt(0.5), dt(_INV_SQRT2), dt(_INV_SQRT_2PI), dt(_SELU_LAMBDA),
-            dt(_SELU_ALPHA), dt(_SELU_LAMBDA_ALPHA), dt(_NAN))
+# ----------------------------------------------------------------------------- dispatch
+def dispatch(jit: Callable[[Callable], Any], name: str, params: str, cases: dict[int, Callable | None],
+             default: Callable) -> Any:
+    """Compile ``name(params)``, a ladder on its parameter ``code``: ``if code == k: return cases[k](...)``
+    with every parameter but ``code`` (``return`` alone when ``cases[k]`` is ``None``), else
+    ``default(...)`` with all of them. The source is generated, so that one branch per record needs no
+    hand-written code, and an unknown code reaches ``default``, never another record's formula."""
+    names = [p.strip() for p in params.split(",")]
+    args = ", ".join(n for n in names if n != "code")
+    env: dict[str, Any] = {"_default": default}
+    lines = [f"def {name}({params}):"]
+    for k, fn in cases.items():
+        if fn is None:
+            lines.append(f"    if code == {k}:\n        return")
+        else:
+            env[f"_case{k}"] = fn
+            lines.append(f"    if code == {k}:\n        return _case{k}({args})")
+    lines.append(f"    return _default({params})")
+    exec("\n".join(lines), env)  # noqa: S102 - source built above from integers and fixed names
+    return jit(env[name])
+
+
+def _rebind(fn: Callable, names: dict[str, Any]) -> Callable:
+    """``fn`` with ``names`` replacing its globals: the same code, calling the backend's math and the
+    compiled scalar forms."""
+    g = {**fn.__globals__, **names}
+    return FunctionType(fn.__code__, g, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
+def _nan_activate(v, code, alpha, c):  # type: ignore[no-untyped-def]
+    return c[NAN]  # an unknown code never falls through to a formula: NaN, which the step's guard refuses
+
+
+def _nan_slope(y, u, code, alpha, c):  # type: ignore[no-untyped-def]
+    return c[NAN]
+
+
+def _nan_loss(y, u, t, code, k, c):  # type: ignore[no-untyped-def]
+    return c[NAN]
+
+
+def _nan_grad(r, code, k, c):  # type: ignore[no-untyped-def]
+    return c[NAN]
 
 
 def _make(jit: Callable[[Callable], Any], exp: Any, tanh: Any, expm1: Any, log1p: Any) -> SimpleNamespace:
-    consts = jit(_consts)
-
-    # -- activations f(v) and slopes phi(y) (u for GELU/SiLU), one pair per row of the spec;
-    #    uniform signatures: f(v, alpha, c), d(y, u, alpha, c)
-    def _sigmoid(v, alpha, c):  # type: ignore[no-untyped-def]
-        # 1 / (1 + exp(-v)), written so that neither branch overflows (as the reference)
-        e = exp(-abs(v))
-        return c[ONE] / (c[ONE] + e) if v >= c[ZERO] else e / (c[ONE] + e)
-
-    sigmoid = jit(_sigmoid)
-
-    def _softplus(v, alpha, c):  # type: ignore[no-untyped-def]
-        # log(1 + exp(v)) = max(v, 0) + log1p(exp(-|v|))
-        m = v if v > c[ZERO] else c[ZERO]
-        return m + log1p(exp(-abs(v)))
-
-    softplus = jit(_softplus)
-
-    def _gelu_cdf(v, c):  # type: ignore[no-untyped-def]
-        return c[HALF] * (c[ONE] + math.erf(v * c[INV_SQRT2]))
-
-    gelu_cdf = jit(_gelu_cdf)
-
-    def _f_step(v, alpha, c):  # type: ignore[no-untyped-def]
-        return c[ONE] if v > c[ZERO] else c[ZERO]
-
-    def _f_tanh(v, alpha, c):  # type: ignore[no-untyped-def]
-        return tanh(v)
-
-    def _f_relu(v, alpha, c):  # type: ignore[no-untyped-def]
-        return c[ZERO] if v < c[ZERO] else v  # NaN passes through, as with np.maximum
-
-    def _f_leaky_relu(v, alpha, c):  # type: ignore[no-untyped-def]
-        return v if v > c[ZERO] else alpha * v
-
-    def _f_elu(v, alpha, c):  # type: ignore[no-untyped-def]
-        return v if v > c[ZERO] else alpha * expm1(v)
-
-    def _f_selu(v, alpha, c):  # type: ignore[no-untyped-def]
-        return c[S_LAMBDA] * (v if v > c[ZERO] else c[S_ALPHA] * expm1(v))
-
-    def _f_gelu(v, alpha, c):  # type: ignore[no-untyped-def]
-        return v * gelu_cdf(v, c)
-
-    def _f_silu(v, alpha, c):  # type: ignore[no-untyped-def]
-        return v * sigmoid(v, alpha, c)
-
-    def _d_sigmoid(y, u, alpha, c):  # type: ignore[no-untyped-def]
-        return y * (c[ONE] - y)
-
-    def _d_tanh(y, u, alpha, c):  # type: ignore[no-untyped-def]
-        return c[ONE] - y * y
-
-    def _d_relu(y, u, alpha, c):  # type: ignore[no-untyped-def]
-        return c[ONE] if y > c[ZERO] else c[ZERO]
-
-    def _d_leaky_relu(y, u, alpha, c):  # type: ignore[no-untyped-def]
-        return c[ONE] if y > c[ZERO] else alpha
-
-    def _d_elu(y, u, alpha, c):  # type: ignore[no-untyped-def]
-        return c[ONE] if y > c[ZERO] else y + alpha
-
-    def _d_selu(y, u, alpha, c):  # type: ignore[no-untyped-def]
-        return c[S_LAMBDA] if y > c[ZERO] else y + c[S_LAMBDA_ALPHA]
-
-    def _d_softplus(y, u, alpha, c):  # type: ignore[no-untyped-def]
-        return -expm1(-y)
-
-    def _d_gelu(y, u, alpha, c):  # type: ignore[no-untyped-def]
-        pdf = exp(-c[HALF] * u * u) * c[INV_SQRT_2PI]
-        return gelu_cdf(u, c) + u * pdf
-
-    def _d_silu(y, u, alpha, c):  # type: ignore[no-untyped-def]
-        s = sigmoid(u, alpha, c)
-        return s * (c[ONE] + u * (c[ONE] - s))
-
-    f_step, f_tanh, f_relu, f_leaky_relu = jit(_f_step), jit(_f_tanh), jit(_f_relu), jit(_f_leaky_relu)
-    f_elu, f_selu, f_gelu, f_silu = jit(_f_elu), jit(_f_selu), jit(_f_gelu), jit(_f_silu)
-    d_sigmoid, d_tanh, d_relu, d_leaky_relu = jit(_d_sigmoid), jit(_d_tanh), jit(_d_relu), jit(_d_leaky_relu)
-    d_elu, d_selu, d_softplus, d_gelu, d_silu = jit(_d_elu), jit(_d_selu), jit(_d_softplus), jit(_d_gelu), jit(_d_silu)
-
-    def _activate(v, code, alpha, c):  # type: ignore[no-untyped-def]
-        """``f(v)`` for every elementwise activation (softmax is row-wise, in the kernels)."""
-        if code == RELU:
-            return f_relu(v, alpha, c)
-        if code == IDENTITY:
-            return v
-        if code == STEP:
-            return f_step(v, alpha, c)
-        if code == SIGMOID:
-            return sigmoid(v, alpha, c)
-        if code == TANH:
-            return f_tanh(v, alpha, c)
-        if code == LEAKY_RELU:
-            return f_leaky_relu(v, alpha, c)
-        if code == ELU:
-            return f_elu(v, alpha, c)
-        if code == SELU:
-            return f_selu(v, alpha, c)
-        if code == SOFTPLUS:
-            return softplus(v, alpha, c)
-        if code == GELU:
-            return f_gelu(v, alpha, c)
-        if code == SILU:
-            return f_silu(v, alpha, c)
-        return c[NAN]  # an unknown code never falls through to a formula: NaN, which the step's guard refuses
-
-    activate = jit(_activate)
-
-    def _slope(y, u, code, alpha, c):  # type: ignore[no-untyped-def]
-        """``phi(y) = f'(f^{-1}(y))``; GELU and SiLU read the pre-activation ``u`` instead."""
-        if code == RELU:
-            return d_relu(y, u, alpha, c)
-        if code == IDENTITY:
-            return c[ONE]
-        if code == STEP:
-            return c[ZERO]
-        if code == SIGMOID:
-            return d_sigmoid(y, u, alpha, c)
-        if code == TANH:
-            return d_tanh(y, u, alpha, c)
-        if code == LEAKY_RELU:
-            return d_leaky_relu(y, u, alpha, c)
-        if code == ELU:
-            return d_elu(y, u, alpha, c)
-        if code == SELU:
-            return d_selu(y, u, alpha, c)
-        if code == SOFTPLUS:
-            return d_softplus(y, u, alpha, c)
-        if code == GELU:
-            return d_gelu(y, u, alpha, c)
-        if code == SILU:
-            return d_silu(y, u, alpha, c)
-        return c[NAN]
-
-    slope = jit(_slope)
-
-    # -- losses of the residual r = y - t (mse, mae, huber): value and dL/dy
-    def _l_mse(r, k, c):  # type: ignore[no-untyped-def]
-        return c[HALF] * r * r
-
-    def _l_mae(r, k, c):  # type: ignore[no-untyped-def]
-        return abs(r)
-
-    def _l_huber(r, k, c):  # type: ignore[no-untyped-def]
-        a = abs(r)
-        return c[HALF] * r * r if a <= k else k * (a - c[HALF] * k)
-
-    def _g_mae(r, k, c):  # type: ignore[no-untyped-def]
-        # np.sign: 0 for 0, NaN for NaN
-        return c[ONE] if r > c[ZERO] else (-c[ONE] if r < c[ZERO] else r * c[ZERO])
-
-    def _g_huber(r, k, c):  # type: ignore[no-untyped-def]
-        return -k if r < -k else (k if r > k else r)  # np.clip; NaN passes through
-
-    l_mse, l_mae, l_huber, g_mae, g_huber = jit(_l_mse), jit(_l_mae), jit(_l_huber), jit(_g_mae), jit(_g_huber)
-
-    def _elementwise_loss(r, code, k, c):  # type: ignore[no-untyped-def]
-        if code == MSE:
-            return l_mse(r, k, c)
-        if code == MAE:
-            return l_mae(r, k, c)
-        if code == HUBER:
-            return l_huber(r, k, c)
-        return c[NAN]
-
-    def _loss_grad(r, code, k, c):  # type: ignore[no-untyped-def]
-        if code == MSE:
-            return r
-        if code == MAE:
-            return g_mae(r, k, c)
-        if code == HUBER:
-            return g_huber(r, k, c)
-        return c[NAN]
+    # every scalar form of the registry, compiled in order with the backend's math; a form calls the
+    # compiled forms defined before it
+    names: dict[str, Any] = {"exp": exp, "tanh": tanh, "expm1": expm1, "log1p": log1p}
+    compiled: dict[Any, Any] = {}
+    for fn in r.SCALAR_FUNCTIONS:
+        compiled[fn] = names[fn.__name__] = jit(_rebind(fn, names))
+    acts = [(ACT_CODES[n], a) for n, a in r.ACTIVATIONS.items() if not a.rowwise]
+    losses = [(LOSS_CODES[n], x) for n, x in r.LOSSES.items() if not x.rowwise]
+    activate = dispatch(jit, "activate", "v, code, alpha, c", {k: compiled[a.scalar_f] for k, a in acts},
+                        jit(_nan_activate))
+    slope = dispatch(jit, "slope", "y, u, code, alpha, c", {k: compiled[a.scalar_phi] for k, a in acts},
+                     jit(_nan_slope))
+    elementwise_loss = dispatch(jit, "elementwise_loss", "y, u, t, code, k, c",
+                                {k: compiled[x.scalar_value] for k, x in losses}, jit(_nan_loss))
+    loss_grad = dispatch(jit, "loss_grad", "r, code, k, c",
+                         {k: compiled[x.scalar_grad] for k, x in losses if x.scalar_grad is not None},
+                         jit(_nan_grad))
 
     # -- optimizer updates of one element: the new values, shared by the update kernels and their probes.
     #    The complements 1 - beta come from the host, formed in float64 and rounded to the dtype once.
@@ -287,12 +165,9 @@ def _make(jit: Callable[[Callable], Any], exp: Any, tanh: Any, expm1: Any, log1p
 
     return SimpleNamespace(
         sgd_step=jit(_sgd_step), momentum_step=jit(_momentum_step), adam_step=jit(_adam_step), finite=jit(_finite),
-        consts=consts, sigmoid=sigmoid, softplus=softplus, gelu_cdf=gelu_cdf, activate=activate, slope=slope,
-        elementwise_loss=jit(_elementwise_loss), loss_grad=jit(_loss_grad),
-        f_step=f_step, f_tanh=f_tanh, f_relu=f_relu, f_leaky_relu=f_leaky_relu, f_elu=f_elu, f_selu=f_selu,
-        f_gelu=f_gelu, f_silu=f_silu, d_sigmoid=d_sigmoid, d_tanh=d_tanh, d_relu=d_relu,
-        d_leaky_relu=d_leaky_relu, d_elu=d_elu, d_selu=d_selu, d_softplus=d_softplus, d_gelu=d_gelu,
-        d_silu=d_silu, l_mse=l_mse, l_mae=l_mae, l_huber=l_huber, g_mae=g_mae, g_huber=g_huber,
+        consts=compiled[r.consts], activate=activate, slope=slope, elementwise_loss=elementwise_loss,
+        loss_grad=loss_grad, activations={a.name: (compiled[a.scalar_f], compiled[a.scalar_phi]) for _, a in acts},
+        losses={x.name: (compiled[x.scalar_value], compiled.get(x.scalar_grad)) for _, x in losses},
     )
 
 

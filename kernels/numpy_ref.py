@@ -37,13 +37,11 @@ from .contract import (
     STAT_ROW_SUM_ERROR,
     STATS_SIZE,
 )
-from .spec import SELU_ALPHA, SELU_LAMBDA
+from .registry import ACTIVATIONS, LOSSES, loss_outputs
 
 NAME = "numpy"
 Array = Any
 
-_INV_SQRT2 = 1 / math.sqrt(2)
-_INV_SQRT_2PI = 1 / math.sqrt(2 * math.pi)
 
 
 # --------------------------------------------------------------------------- arrays
@@ -183,71 +181,58 @@ def _erf(u: Array, out: Array) -> Array:
     return erf(u, out=out)
 
 
+# --------------------------------------------------------------------------- registry forms
+class _Ops:
+    """What the registry's NumPy forms use besides their arrays: the array module, scratch and erf."""
+
+    def __init__(self, xm: Any) -> None:
+        self.xm = xm
+
+    @staticmethod
+    def scratch(like: Array, tag: str, dtype: Any = None, shape: tuple[int, ...] | None = None) -> Array:
+        return _scratch(like, tag, dtype, shape)
+
+    @staticmethod
+    def erf(a: Array, out: Array) -> Array:
+        return _erf(a, out)
+
+    @staticmethod
+    def ignore_overflow() -> Any:
+        return np.errstate(over="ignore")
+
+
+_OPS: dict[str, _Ops] = {}
+
+
+def _ops(a: Array) -> _Ops:
+    xm = array_module(a)
+    ops = _OPS.get(xm.__name__)
+    if ops is None:
+        ops = _OPS[xm.__name__] = _Ops(xm)
+    return ops
+
+
+def _activation(act: str) -> Any:
+    try:
+        return ACTIVATIONS[act]
+    except KeyError:
+        raise ValueError(f"unknown activation {act!r}") from None
+
+
 # --------------------------------------------------------------------------- activations
 def activate(u: Array, act: str, alpha: float = 0.0, out: Array | None = None) -> Array:
     """Neural output ``x = f(u)``, elementwise (row-wise for softmax), into ``out`` (which may be
-    ``u`` itself) or a new array."""
-    xm = array_module(u)
+    ``u`` itself) or a new array: the registry's NumPy form of ``act``."""
+    rec = _activation(act)
+    ops = _ops(u)
     if out is None:
-        out = xm.empty_like(u)
-    if out is u and act in ("step", "leaky_relu", "elu", "selu", "softplus", "gelu", "silu"):
-        # these read u after the first write into out: work from a copy
+        out = ops.xm.empty_like(u)
+    src = u
+    if out is u and not rec.in_place:
+        # the form reads u after its first write into out: work from a copy
         src = _scratch(u, "activate_u")
         src[...] = u
-    else:
-        src = u
-    if act == "identity":
-        if out is not src:
-            out[...] = src
-    elif act == "step":
-        xm.heaviside(src, 0, out=out)
-    elif act == "sigmoid":
-        # 1 / (1 + exp(-u)); exp overflows to inf for very negative u, and 1 / inf = 0 is right
-        with np.errstate(over="ignore"):
-            xm.negative(src, out=out)
-            xm.exp(out, out=out)
-        out += 1
-        xm.reciprocal(out, out=out)
-    elif act == "tanh":
-        xm.tanh(src, out=out)
-    elif act == "relu":
-        xm.maximum(src, 0, out=out)
-    elif act == "leaky_relu":
-        xm.multiply(src, alpha, out=out)
-        xm.copyto(out, src, where=xm.greater(src, 0, out=_scratch(src, "mask", bool)))
-    elif act in ("elu", "selu"):
-        a = SELU_ALPHA if act == "selu" else alpha
-        xm.minimum(src, 0, out=out)
-        xm.expm1(out, out=out)
-        out *= a
-        xm.copyto(out, src, where=xm.greater(src, 0, out=_scratch(src, "mask", bool)))
-        if act == "selu":
-            out *= SELU_LAMBDA
-    elif act == "softplus":
-        # max(u, 0) + log(1 + exp(-|u|)), which never overflows
-        xm.abs(src, out=out)
-        xm.negative(out, out=out)
-        xm.exp(out, out=out)
-        xm.log1p(out, out=out)
-        out += xm.maximum(src, 0, out=_scratch(src, "aux"))
-    elif act == "gelu":
-        xm.multiply(src, _INV_SQRT2, out=out)
-        _erf(out, out)
-        out += 1
-        out *= 0.5
-        out *= src
-    elif act == "silu":
-        activate(src, "sigmoid", out=out)
-        out *= src
-    elif act == "softmax":
-        m = _scratch(src, "row", shape=(src.shape[0], 1))
-        src.max(axis=1, keepdims=True, out=m)
-        xm.subtract(src, m, out=out)
-        xm.exp(out, out=out)
-        out.sum(axis=1, keepdims=True, out=m)
-        out /= m
-    else:
-        raise ValueError(f"unknown activation {act!r}")
+    rec.f(src, alpha, out, ops)
     return out
 
 
@@ -255,61 +240,18 @@ def activation_slope(y: Array, u: Array | None, act: str, alpha: float = 0.0, ou
     """Slope ``f'(u)``, from the output as ``phi(y) = f'(f^{-1}(y))`` where ``f`` is invertible, into
     ``out`` or a new array.
 
-    GELU and SiLU need the pre-activation ``u``; every other activation reads ``y`` only.
+    The activations with ``needs_u`` (GELU, SiLU) read the pre-activation ``u``; every other one reads
+    ``y`` only.
     """
-    xm = array_module(y)
-    if out is None:
-        out = xm.empty_like(y)
-    if act in ("gelu", "silu") and u is None:
-        raise ValueError(f"{act}'s slope needs the pre-activation u")
-    if act == "identity":
-        out.fill(1)
-    elif act == "step":
-        out.fill(0)
-    elif act == "sigmoid":
-        xm.subtract(1, y, out=out)
-        out *= y
-    elif act == "tanh":
-        xm.multiply(y, y, out=out)
-        xm.subtract(1, out, out=out)
-    elif act == "relu":
-        xm.sign(y, out=out)  # y = max(u, 0) >= 0: 1 where positive, 0 elsewhere
-    elif act in ("leaky_relu", "elu", "selu"):
-        positive = xm.greater(y, 0, out=_scratch(y, "mask", bool))
-        if act == "leaky_relu":
-            out.fill(alpha)
-            xm.copyto(out, 1, where=positive)
-        elif act == "elu":
-            xm.add(y, alpha, out=out)
-            xm.copyto(out, 1, where=positive)
-        else:
-            xm.add(y, SELU_LAMBDA * SELU_ALPHA, out=out)
-            xm.copyto(out, SELU_LAMBDA, where=positive)
-    elif act == "softplus":
-        xm.negative(y, out=out)
-        xm.expm1(out, out=out)
-        xm.negative(out, out=out)
-    elif act == "gelu":
-        # Phi(u) + u phi(u), phi the standard normal density
-        xm.multiply(u, _INV_SQRT2, out=out)
-        _erf(out, out)
-        out += 1
-        out *= 0.5
-        pdf = xm.multiply(u, u, out=_scratch(u, "aux"))
-        pdf *= -0.5
-        xm.exp(pdf, out=pdf)
-        pdf *= _INV_SQRT_2PI
-        pdf *= u
-        out += pdf
-    elif act == "silu":
-        # s (1 + u (1 - s)), s = sigmoid(u)
-        activate(u, "sigmoid", out=out)
-        t = xm.subtract(1, out, out=_scratch(u, "aux"))
-        t *= u
-        t += 1
-        out *= t
-    else:
+    rec = _activation(act)
+    if rec.phi is None:
         raise ValueError(f"activation {act!r} has no elementwise slope")
+    if rec.needs_u and u is None:
+        raise ValueError(f"{act}'s slope needs the pre-activation u")
+    ops = _ops(y)
+    if out is None:
+        out = ops.xm.empty_like(y)
+    rec.phi(y, u, alpha, out, ops)
     return out
 
 
@@ -343,13 +285,14 @@ def delta_backward(
 ) -> Array:
     """Backward pass: ``delta^{l-1} = f'(u^{l-1}) * (W^l)^T delta^l``, i.e. ``(delta W) * phi(y_prev)``."""
     xm = array_module(delta)
-    if act_prev == "softmax":
-        raise ValueError("activation 'softmax' has no elementwise slope")
-    if act_prev in ("gelu", "silu") and u_prev is None:
+    rec = _activation(act_prev)
+    if rec.phi is None:
+        raise ValueError(f"activation {act_prev!r} has no elementwise slope")
+    if rec.needs_u and u_prev is None:
         raise ValueError(f"{act_prev}'s slope needs the pre-activation u")
     g = xm.empty((delta.shape[0], W.shape[1]), dtype=W.dtype) if out is None else out
     xm.matmul(delta, W, out=g)
-    if act_prev != "identity":
+    if not rec.linear:
         g *= activation_slope(y_prev, u_prev, act_prev, alpha_prev, out=_scratch(g, "slope"))
     return g
 
@@ -384,49 +327,23 @@ def output_error(
     """
     xm = array_module(y)
     batch = y.shape[0]
-    if loss in ("cross_entropy", "bce") and u is None:
-        raise ValueError(f"{loss} needs the output logits u")
+    try:
+        rec = LOSSES[loss]
+    except KeyError:
+        raise ValueError(f"unknown loss {loss!r}") from None
+    if output not in loss_outputs(loss):
+        raise ValueError(f"output {output!r} does not go with loss {loss!r}")
+    if (rec.fused or ACTIVATIONS[output].needs_u) and u is None:
+        raise ValueError(f"{output}/{loss} needs the output logits u")
+    ops = _ops(y)
+    total = rec.value(y, u, t, param, ops)
     delta = xm.empty_like(y) if delta is None else delta
     r = xm.subtract(y, t, out=delta)  # y - t, turned into delta below
-    s = _scratch(y, "loss")
-    if loss == "cross_entropy":
-        # sum_i t_i (lse(u) - u_i), lse by the row max
-        m = _scratch(u, "row", shape=(batch, 1))
-        lse = _scratch(u, "row_lse", shape=(batch, 1))
-        u.max(axis=1, keepdims=True, out=m)
-        xm.subtract(u, m, out=s)
-        xm.exp(s, out=s)
-        s.sum(axis=1, keepdims=True, out=lse)
-        xm.log(lse, out=lse)
-        lse += m
-        xm.subtract(lse, u, out=s)
-        s *= t
-        total = s.sum()
-        xm.divide(r, batch, out=delta)
-    elif loss == "bce":
-        # softplus(u) - t u, the cross-entropy of sigmoid(u) against t
-        activate(u, "softplus", out=s)
-        s -= xm.multiply(t, u, out=_scratch(u, "aux"))
-        total = s.sum()
+    if rec.fused:
         xm.divide(r, batch, out=delta)
     else:
-        if loss == "mse":  # 1/2 r^2, dL/dy = r
-            total = 0.5 * xm.multiply(r, r, out=s).sum()
-        elif loss == "mae":  # |r|, dL/dy = sign(r)
-            total = xm.abs(r, out=s).sum()
-            xm.sign(r, out=delta)
-        elif loss == "huber":  # m (|r| - m / 2) with m = min(|r|, k); dL/dy = clip(r, -k, k)
-            a = xm.abs(r, out=s)
-            m = xm.minimum(a, param, out=_scratch(y, "aux"))
-            m *= 0.5
-            a -= m
-            m *= 2
-            a *= m
-            total = a.sum()
-            xm.clip(r, -param, param, out=delta)
-        else:
-            raise ValueError(f"unknown loss {loss!r}")
-        delta *= activation_slope(y, u, output, alpha, out=s)
+        rec.grad(r, param, delta, ops)
+        delta *= activation_slope(y, u, output, alpha, out=_scratch(y, "loss"))
         delta /= batch
     mean = total / batch
     if value is None:

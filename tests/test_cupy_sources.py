@@ -26,7 +26,7 @@ import pytest
 
 from backprop.kernels import cupy_sources as S
 from backprop.kernels import numpy_ref as ref
-from backprop.kernels.spec import ACTIVATIONS, LOSSES
+from backprop.kernels.registry import ACTIVATIONS, LOSSES
 
 NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
 CXX = shutil.which("g++") or shutil.which("clang++")

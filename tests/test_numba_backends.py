@@ -171,7 +171,8 @@ G, FLAG = f64[::1], types.int32[::1]
 ks = K.kernels_for("float32")
 sigs = {
     "bias_act": (K.bias_act, (A2, A1, A2, I, f32, B)), "bias_softmax": (K.bias_softmax, (A2, A1, A2, B)),
-    "slope_mul": (K.slope_mul, (A2, A2, A2, I, f32)), "loss_rows": (K.loss_rows, (A2, A2, A2, A2, A1, I, I, f32, f32)),
+    "slope_mul": (K.slope_mul, (A2, A2, A2, I, f32)),
+    "loss_rows": (K.loss_rows, (A2, A2, A2, A2, A1, I, I, B, f32, f32)),
     "sgd": (K.sgd, (A1, A1, f32, f32, G)), "momentum": (K.momentum, (A1, A1, A1, f32, f32, B, f32, G)),
     "adam": (K.adam, (A1, A1, A1, A1, f32, f32, f32, f32, f32, f32, f32, f32, G)),
     "adam_dev": (K.adam_dev, (A1, A1, A1, A1, A1, f32, f32, f32, f32, f32, f32, G)),
@@ -653,7 +654,7 @@ def test_unknown_codes_give_nan_never_a_formula():
         assert np.isnan(plain.activate(dtype(0.5), bad, dtype(0.0), c))
         assert np.isnan(plain.slope(dtype(0.5), dtype(0.5), bad, dtype(0.0), c))
         bad_loss = max(nm.LOSS_CODES.values()) + 1
-        assert np.isnan(plain.elementwise_loss(dtype(0.5), bad_loss, dtype(1.0), c))
+        assert np.isnan(plain.elementwise_loss(dtype(0.5), dtype(0.5), dtype(0.0), bad_loss, dtype(1.0), c))
         assert np.isnan(plain.loss_grad(dtype(0.5), bad_loss, dtype(1.0), c))
         u, b, y = np.ones((2, 3), dtype), np.zeros(3, dtype), np.empty((2, 3), dtype)
         numba_cpu._bias_act(u, b, y, bad, dtype(0.0), True)
@@ -661,3 +662,7 @@ def test_unknown_codes_give_nan_never_a_formula():
         g = np.ones((2, 3), dtype)
         numba_cpu._slope_mul(g, np.ones((2, 3), dtype), np.ones((2, 3), dtype), bad, dtype(0.0))
         assert np.isnan(g).all()
+        d, mean = np.empty((2, 3), dtype), np.empty(1, dtype)
+        numba_cpu._output_error(np.ones((2, 3), dtype), np.ones((2, 3), dtype), np.zeros((2, 3), dtype), d, bad_loss,
+                                nm.ACT_CODES["identity"], False, dtype(1.0), dtype(0.0), mean)
+        assert np.isnan(mean[0]) and np.isnan(d).all()

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..kernels.registry import FUSED_PAIRS
+
 if TYPE_CHECKING:
     from ..network import MLP
 
@@ -35,7 +37,7 @@ def default_step(dtype: Any) -> float:
 
 def _loss_fn(net: MLP, x: Any, t: Any) -> Callable[[], Any]:
     out, loss = net.output, net.loss_fn
-    if (out.name, loss.name) in {("sigmoid", "bce"), ("softmax", "cross_entropy")}:
+    if (out.name, loss.name) in FUSED_PAIRS:
         raise ValueError("the finite-difference baseline reads the loss from the output only; "
                          "fused output/loss pairs need the logits")
     k = net.backend.kernels
