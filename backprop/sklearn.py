@@ -1,7 +1,7 @@
 """scikit-learn estimators: :class:`MLPClassifier` and :class:`MLPRegressor`, trained by backprop's kernels.
 
-Drop-in replacements for ``sklearn.neural_network.MLPClassifier`` / ``MLPRegressor`` with the stochastic
-solvers (``"adam"``, ``"sgd"``): the same constructor parameters, the same fitted attributes, the same
+Drop-in replacements for ``sklearn.neural_network.MLPClassifier`` / ``MLPRegressor`` with all three solvers
+(``"adam"``, ``"sgd"``, ``"lbfgs"``): the same constructor parameters, the same fitted attributes, the same
 training procedure (initialization, shuffling, L2 penalty, stopping rules and early stopping all follow
 scikit-learn's, drawn from ``random_state`` in the same order), computed on any backprop backend::
 
@@ -22,15 +22,30 @@ epoch included): the same gradient, step for step. ``loss_curve_`` includes the 
 does (with the weights before each step), and the regression loss is averaged over outputs as scikit-learn
 reports it, while the gradient, like scikit-learn's, is that of the squared error summed over outputs.
 
-Not supported: ``solver="lbfgs"`` (and ``max_fun``), ``sample_weight``, the regressor's ``loss="poisson"``.
+``solver="lbfgs"``: SciPy's L-BFGS-B minimizes scikit-learn's full-batch objective
+``E + alpha / (2 n) * sum ||W||^2`` over all ``n`` samples (the regression loss again averaged over outputs
+while its gradient is that of the sum, as scikit-learn hands them to SciPy), with scikit-learn's options
+(``maxiter=max_iter``, ``maxfun=max_fun``, ``gtol=tol``); the network computes the loss and gradient on its
+backend, in its dtype (float32 networks hand SciPy float32 results as float64), over the parameters packed into
+one float64 vector as scikit-learn packs them. As in scikit-learn: ``n_iter_`` and ``loss_`` come from SciPy's
+result, a ``ConvergenceWarning`` says when it stopped on ``max_iter`` or ``max_fun`` (or any other way than
+convergence), there is no ``loss_curve_``, ``best_loss_``, ``validation_scores_`` nor
+``best_validation_score_``, ``partial_fit`` does not exist (``AttributeError``), and ``early_stopping``,
+``batch_size``, ``shuffle`` and the learning-rate parameters play no part. Here a loss or gradient that is not
+finite is a ``ValueError`` (scikit-learn would hand it to SciPy), with the parameters left at the latest iterate,
+and ``verbose`` prints scikit-learn's ``Iteration k, loss = ...`` line after each iteration.
+
+Not supported: ``sample_weight``, the regressor's ``loss="poisson"``.
 
 Agreement: with ``dtype="float64"`` the parameters, ``loss_curve_``, ``n_iter_`` and validation scores follow
-scikit-learn's to rounding error (the tests check a relative 1e-9). Adam takes scikit-learn's step exactly
-(scikit-learn adds ``epsilon`` to ``sqrt(v)`` before the bias correction; each step hands backprop's Adam
-the equivalent ``eps``). SGD keeps its momentum velocity in gradient units (``v <- mu v + g``,
-``W <- W - lr v``), scikit-learn in step units (``v <- mu v - lr g``): the same steps while the learning rate
-is constant, but when ``learning_rate="invscaling"`` or ``"adaptive"`` changes it, the change acts at once
-here and gradually through the velocity there. The reported loss comes from the logits, without clipping
+scikit-learn's to rounding error (the tests check a relative 1e-9), and so do L-BFGS's parameters, ``loss_``
+and ``n_iter_``, though L-BFGS magnifies rounding differences over many iterations (scikit-learn's own result
+moves with the number of BLAS threads). Adam takes scikit-learn's step exactly (scikit-learn adds ``epsilon``
+to ``sqrt(v)`` before the bias correction; each step hands backprop's Adam the equivalent ``eps``). SGD keeps
+its momentum velocity in gradient units (``v <- mu v + g``, ``W <- W - lr v``), scikit-learn in step units
+(``v <- mu v - lr g``): the same steps while the learning rate is constant, but when
+``learning_rate="invscaling"`` or ``"adaptive"`` changes it, the change acts at once here and gradually through
+the velocity there. The reported loss comes from the logits, without clipping
 the probabilities. Pickling keeps the parameters and fitted attributes but not the optimizer's moments (a
 ``partial_fit`` after unpickling starts them afresh) nor the backend arrays (rebuilt on first use).
 
@@ -49,6 +64,7 @@ from typing import Any
 import numpy as np
 
 try:
+    import scipy.optimize
     import scipy.sparse as sp
     from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
     from sklearn.exceptions import ConvergenceWarning
@@ -57,6 +73,7 @@ try:
     from sklearn.preprocessing import LabelBinarizer
     from sklearn.utils import check_random_state, column_or_1d, gen_batches
     from sklearn.utils import shuffle as _sk_shuffle
+    from sklearn.utils.metaestimators import available_if
     from sklearn.utils.multiclass import type_of_target, unique_labels
     from sklearn.utils.validation import check_is_fitted
 except ImportError as exc:
@@ -89,6 +106,9 @@ _REGRESSION_LOSSES = {"squared_error": "mse", "absolute_error": "mae", "huber": 
 #: backprop output activation -> scikit-learn's ``out_activation_`` name
 _OUT_NAMES = {"sigmoid": "logistic", "softmax": "softmax", "identity": "identity"}
 _PREDICT_CHUNK = 65536
+#: rows per forward/backward pass of the L-BFGS objective (the gradient is summed over the chunks)
+_LBFGS_CHUNK = 65536
+_STOCHASTIC_SOLVERS = ("sgd", "adam")
 
 
 # --------------------------------------------------------------------------- parameter checks
@@ -157,7 +177,7 @@ class _BaseMLP(BaseEstimator):
                  verbose: Any = False, warm_start: bool = False, momentum: float = 0.9,
                  nesterovs_momentum: bool = True, early_stopping: bool = False, validation_fraction: float = 0.1,
                  beta_1: float = 0.9, beta_2: float = 0.999, epsilon: float = 1e-8, n_iter_no_change: Any = 10,
-                 backend: str | None = None, dtype: Any = None) -> None:
+                 max_fun: int = 15000, backend: str | None = None, dtype: Any = None) -> None:
         self.hidden_layer_sizes = hidden_layer_sizes
         self.activation = activation
         self.solver = solver
@@ -181,6 +201,7 @@ class _BaseMLP(BaseEstimator):
         self.beta_2 = beta_2
         self.epsilon = epsilon
         self.n_iter_no_change = n_iter_no_change
+        self.max_fun = max_fun
         self.backend = backend
         self.dtype = dtype
 
@@ -189,10 +210,8 @@ class _BaseMLP(BaseEstimator):
         hidden = _hidden_sizes(self.hidden_layer_sizes)
         _need(isinstance(self.activation, str) and self.activation in _HIDDEN_ACTIVATIONS, "activation",
               self.activation, f"a str among {sorted(_HIDDEN_ACTIVATIONS)}")
-        if self.solver == "lbfgs":
-            raise ValueError("solver='lbfgs' is not available in backprop's estimators: use 'adam' or 'sgd' "
-                             "(or sklearn.neural_network for L-BFGS).")
-        _need(self.solver in ("sgd", "adam"), "solver", self.solver, "a str among {'adam', 'sgd'}")
+        _need(isinstance(self.solver, str) and self.solver in ("adam", "lbfgs", "sgd"), "solver", self.solver,
+              "a str among {'adam', 'lbfgs', 'sgd'}")
         _real_in(self, "alpha", 0, np.inf, True, False)
         if not (isinstance(self.batch_size, str) and self.batch_size == "auto"):
             if not _is_int(self.batch_size):
@@ -205,6 +224,9 @@ class _BaseMLP(BaseEstimator):
         if not _is_int(self.max_iter):
             raise TypeError(f"The 'max_iter' parameter must be an int >= 1; got {self.max_iter!r}.")
         _need(self.max_iter >= 1, "max_iter", self.max_iter, "an int >= 1")
+        if not _is_int(self.max_fun):
+            raise TypeError(f"The 'max_fun' parameter must be an int >= 1; got {self.max_fun!r}.")
+        _need(self.max_fun >= 1, "max_fun", self.max_fun, "an int >= 1")
         _real_in(self, "tol", 0, np.inf, True, False)
         _real_in(self, "momentum", 0, 1, True, False)
         _real_in(self, "validation_fraction", 0, 1, False, False)
@@ -330,6 +352,14 @@ class _BaseMLP(BaseEstimator):
         self._net = self._build_net(layer_units, dtype)
         self._optimizer = None
         self._best_params = None
+        if self.solver in _STOCHASTIC_SOLVERS:
+            self._init_stochastic_state()
+        else:  # as scikit-learn, L-BFGS has no loss curve, best loss nor validation scores: none left from before
+            for name in ("loss_curve_", "best_loss_", "validation_scores_", "best_validation_score_",
+                         "_no_improvement_count"):
+                self.__dict__.pop(name, None)
+
+    def _init_stochastic_state(self) -> None:
         self.loss_curve_ = []
         self._no_improvement_count = 0
         if self.early_stopping:
@@ -373,6 +403,9 @@ class _BaseMLP(BaseEstimator):
         dtype = net.dtype
         X = X.astype(dtype, copy=False)
         y = np.ascontiguousarray(y, dtype=dtype)
+        if self.solver == "lbfgs":
+            self._fit_lbfgs(net, X, y)
+            return self
         try:
             self._fit_stochastic(net, X, y, incremental)
         except NonFiniteLossError as exc:
@@ -382,7 +415,85 @@ class _BaseMLP(BaseEstimator):
         self._pull()
         return self
 
+    def _check_solver(self) -> bool:
+        """``partial_fit`` exists only for the stochastic solvers (an ``AttributeError`` otherwise, as in
+        scikit-learn, so that ``hasattr(est, "partial_fit")`` is false for ``solver="lbfgs"``)."""
+        if self.solver not in _STOCHASTIC_SOLVERS:
+            raise AttributeError(f"partial_fit is only available for stochastic optimizers. {self.solver} is not "
+                                 "stochastic.")
+        return True
+
+    def _objective_scale(self) -> float:
+        # scikit-learn reports the regression loss averaged over outputs (its gradient is that of the sum)
+        return 1.0 if self._classifier else 1.0 / self.n_outputs_
+
+    def _fit_lbfgs(self, net: MLP, X: Any, y: np.ndarray) -> None:
+        """scikit-learn's L-BFGS fit: SciPy's L-BFGS-B on the full-batch objective (see :class:`_LbfgsObjective`)
+        over the parameters packed into one float64 vector, stopping on ``tol`` (the projected gradient),
+        ``max_iter`` iterations or ``max_fun`` evaluations. ``early_stopping`` and the minibatch parameters
+        play no part, as in scikit-learn."""
+        objective = _LbfgsObjective(net, X, y, float(self.alpha), self._objective_scale())
+        x0 = objective.pack(net.get_params())
+        last = {"x": x0, "nit": 0}  # the latest iterate (each is finite: its loss and gradient were)
+
+        def callback(xk: np.ndarray) -> None:  # after each iteration, at its iterate
+            last["x"] = np.array(xk, dtype=np.float64, copy=True)
+            last["nit"] += 1
+            if self.verbose:
+                print(f"Iteration {last['nit']}, loss = {objective.value_at(xk):.8f}")
+
+        self._optimizer = None
+        result, failure = None, None
+        try:
+            result = scipy.optimize.minimize(
+                objective, x0, method="L-BFGS-B", jac=True, callback=callback,
+                options={"maxfun": self.max_fun, "maxiter": self.max_iter, "gtol": self.tol})
+        except _NonFiniteObjective as exc:
+            failure = exc
+        except KeyboardInterrupt:
+            warnings.warn("Training interrupted by user.", stacklevel=3)
+        finally:  # the network holds the last point evaluated, maybe a trial point of a line search
+            objective.set(net, last["x"] if result is None else result.x)
+            self._pull()
+        if result is None:  # stopped early: the parameters are those of the latest iterate
+            self.n_iter_ = last["nit"]
+            if failure is not None:
+                raise ValueError("Solver produced non-finite parameter weights. The input data may contain large "
+                                 f"values and need to be preprocessed. ({failure}; the parameters are left as they "
+                                 f"were after iteration {last['nit']}.)") from failure
+            self.loss_ = objective.value_at(last["x"])
+            return
+        self.n_iter_ = min(int(result.nit), self.max_iter)
+        self.loss_ = float(result.fun)
+        if result.status != 0:  # scikit-learn's warning, word for word
+            msg = result.message.decode() if isinstance(result.message, bytes) else str(result.message)
+            text = f"lbfgs failed to converge after {self.n_iter_} iteration(s) (status={result.status}):\n{msg}\n"
+            if self.n_iter_ == self.max_iter:
+                text += f"\nIncrease the number of iterations to improve the convergence (max_iter={self.max_iter})."
+            text += ("\nYou might also want to scale the data as shown in:\n"
+                     "    https://scikit-learn.org/stable/modules/preprocessing.html")
+            warnings.warn(text, ConvergenceWarning, stacklevel=3)
+
+    def _loss_grad_lbfgs(self, packed_coef_inter: np.ndarray, X: Any, y: Any, sample_weight: Any = None,
+                         *_buffers: Any) -> tuple[float, np.ndarray]:
+        """The L-BFGS objective and its gradient at ``packed_coef_inter`` (the parameters packed as scikit-learn
+        packs them), with scikit-learn's private signature (its work buffers, if given, are not used). As
+        scikit-learn's, it leaves ``coefs_``/``intercepts_`` at ``packed_coef_inter``."""
+        if sample_weight is not None:
+            raise ValueError("sample_weight is not supported by backprop's estimators")
+        net = self._network()
+        X = validate_data(self, X, accept_sparse=["csr", "csc"], dtype=(np.float64, np.float32), reset=False)
+        y = np.asarray(y)
+        y = _cast_finite(y.reshape(-1, 1) if y.ndim == 1 else y, net.dtype, "y")
+        objective = _LbfgsObjective(net, _cast_finite(X, net.dtype), y, float(self.alpha), self._objective_scale())
+        try:
+            return objective(packed_coef_inter)
+        finally:
+            self._pull()
+
     def _fit_stochastic(self, net: MLP, X: Any, y: np.ndarray, incremental: bool) -> None:
+        if not hasattr(self, "loss_curve_"):  # a warm start or partial_fit after an L-BFGS fit
+            self._init_stochastic_state()
         if not incremental or getattr(self, "_optimizer", None) is None:
             self._optimizer = self._make_optimizer()
         opt = self._optimizer
@@ -419,8 +530,7 @@ class _BaseMLP(BaseEstimator):
         # dense data goes to the backend once; sparse data is densified and copied a minibatch at a time
         data = None if sp.issparse(X_train) else Batches(k, X_train, y_train, net.dtype)
         alpha = float(self.alpha)
-        # scikit-learn reports the regression loss averaged over outputs (its gradient is that of the sum)
-        scale = 1.0 if self._classifier else 1.0 / self.n_outputs_
+        scale = self._objective_scale()
         # verbose: a bar on a terminal outside CI (the rule of fit's progress=None), else scikit-learn's lines
         bar = None
         if self.verbose and not incremental and should_show(None):
@@ -567,6 +677,113 @@ class _BaseMLP(BaseEstimator):
         return {"multioutput": not self._classifier, "multilabel": self._classifier}
 
 
+# --------------------------------------------------------------------------- the L-BFGS objective
+class _NonFiniteObjective(FloatingPointError):
+    """The L-BFGS objective or its gradient was not finite at a point that L-BFGS-B asked for."""
+
+
+class _LbfgsObjective:
+    """scikit-learn's L-BFGS objective for SciPy, computed by the network on its backend.
+
+    ``f(theta) = scale * E(theta) + alpha / (2 n) * sum_l ||W^l||^2`` over the whole training set of ``n`` rows,
+    with ``E`` the network's mean loss, and the gradient ``dE/dtheta + (alpha / n) W`` (biases not penalized).
+    ``scale`` is 1 for the classifiers and ``1 / n_outputs`` for the regressor: scikit-learn's objective reports
+    the squared error averaged over the outputs while its gradient is that of their sum, and L-BFGS-B sees both.
+
+    ``theta`` is a float64 vector packed as scikit-learn packs it (every ``coefs_[l]``, ``(n_in, n_out)``
+    row-major, then every ``intercepts_[l]``); the network computes in its own dtype (a float32 network gets
+    ``theta`` rounded to float32, and its loss and gradient come back as float64). The rows go through the
+    network in chunks of ``_LBFGS_CHUNK`` (the loss and gradient summed over them on the host).
+    """
+
+    def __init__(self, net: MLP, X: Any, y: np.ndarray, alpha: float, scale: float) -> None:
+        self.net, self.X, self.y = net, X, y
+        self.n = int(X.shape[0])
+        self.alpha, self.scale = alpha, scale
+        # backprop's flat gradient buffer holds, per layer, dE/dW (n_out, n_in) row-major then dE/db
+        coef_idx, bias_idx, self._coef_bounds, offset, start = [], [], [], 0, 0
+        for layer in net.layers:
+            n_out, n_in = layer.n_out, layer.n_in
+            coef_idx.append(offset + np.arange(n_out * n_in).reshape(n_out, n_in).T.ravel())
+            bias_idx.append(offset + n_out * n_in + np.arange(n_out))
+            self._coef_bounds.append((start, start + n_out * n_in))
+            offset += n_out * (n_in + 1)
+            start += n_out * n_in
+        self.perm = np.concatenate(coef_idx + bias_idx)  # packed[i] = flat[perm[i]]
+        self.n_coef = start
+        # dense data goes to the backend once (if it fits there); sparse data is densified a chunk at a time
+        self._data = None if sp.issparse(X) else Batches(net.backend.kernels, X, y, net.dtype)
+        self.evaluations = 0
+        self._last: tuple[np.ndarray, float] | None = None
+
+    def pack(self, params: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+        """``[(W, b)]`` (backprop's ``(n_out, n_in)`` weights) as one float64 vector, packed as scikit-learn."""
+        flat = np.concatenate([a.ravel() for W, b in params for a in (W, b)]).astype(np.float64)
+        return flat[self.perm]
+
+    def unpack(self, theta: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The inverse of :meth:`pack`, in ``theta``'s dtype."""
+        flat = np.empty_like(theta)
+        flat[self.perm] = theta
+        params, offset = [], 0
+        for layer in self.net.layers:
+            n_w = layer.n_out * layer.n_in
+            params.append((flat[offset:offset + n_w].reshape(layer.n_out, layer.n_in),
+                           flat[offset + n_w:offset + n_w + layer.n_out]))
+            offset += n_w + layer.n_out
+        return params
+
+    def set(self, net: MLP, theta: np.ndarray) -> None:
+        """Put the parameters ``theta`` (finite in the network's dtype) into the network."""
+        net.set_params(self.unpack(theta))
+
+    def value_at(self, theta: np.ndarray) -> float:
+        """``f(theta)``: that of the last evaluation when it was at ``theta``, else computed."""
+        if self._last is not None and np.array_equal(self._last[0], theta):
+            return self._last[1]
+        return self(theta)[0]
+
+    def __call__(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
+        net = self.net
+        self.evaluations += 1
+        with np.errstate(over="ignore", invalid="ignore"):
+            cast = np.asarray(theta, dtype=np.float64).astype(net.dtype)
+        if not np.isfinite(cast).all():
+            raise _NonFiniteObjective(f"at evaluation {self.evaluations} of the objective, the parameters asked "
+                                      f"for were not finite in {net.dtype.name}")
+        self.set(net, cast)
+        k = net.backend.kernels
+        chunks = _BaseMLP._minibatches(net, self._data, self.X, self.y, min(self.n, _LBFGS_CHUNK), None)
+        if self.n <= _LBFGS_CHUNK:  # one pass over every row: the network's mean loss and gradient as they are
+            (rows, x, t), = chunks
+            value, _ = net.loss_and_grads_device(x, t)
+            loss = float(k.to_host(value))
+            flat = np.array(k.to_host(step.workspace(net, rows).grads), dtype=np.float64)
+        else:  # the chunks' means weighted by their rows
+            loss, flat = 0.0, None
+            for rows, x, t in chunks:
+                value, _ = net.loss_and_grads_device(x, t)
+                loss += float(k.to_host(value)) * rows
+                g = np.asarray(k.to_host(step.workspace(net, rows).grads), dtype=np.float64) * rows
+                flat = g if flat is None else flat + g
+            loss /= self.n
+            flat /= self.n
+        f = self.scale * loss
+        grad = flat[self.perm]
+        if self.alpha:
+            coefs = cast[:self.n_coef].astype(np.float64, copy=False)
+            values = 0.0
+            for lo, hi in self._coef_bounds:
+                values += np.dot(coefs[lo:hi], coefs[lo:hi])
+            f += (0.5 * self.alpha) * values / self.n
+            grad[:self.n_coef] += (self.alpha / self.n) * coefs
+        if not np.isfinite(f) or not np.isfinite(grad).all():
+            what = f"the loss was {f}" if not np.isfinite(f) else f"a gradient was not finite (loss {f:.6g})"
+            raise _NonFiniteObjective(f"at evaluation {self.evaluations} of the objective, {what}")
+        self._last = (np.array(theta, dtype=np.float64, copy=True), float(f))
+        return float(f), grad
+
+
 # --------------------------------------------------------------------------- classifier
 class MLPClassifier(ClassifierMixin, _BaseMLP):
     """Multi-layer perceptron classifier trained by backprop (scikit-learn API).
@@ -574,12 +791,12 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
     Heads: two classes -> one sigmoid output with binary cross-entropy; more classes -> softmax with
     cross-entropy; a 2-D 0/1 ``y`` (multilabel) -> one sigmoid output per label with binary cross-entropy.
     Parameters and attributes are scikit-learn's (see ``sklearn.neural_network.MLPClassifier``) for the
-    ``"adam"`` and ``"sgd"`` solvers, plus ``backend`` and ``dtype``; see :mod:`backprop.sklearn`.
+    ``"adam"``, ``"sgd"`` and ``"lbfgs"`` solvers, plus ``backend`` and ``dtype``; see :mod:`backprop.sklearn`.
 
     Attributes: ``classes_``, ``coefs_`` / ``intercepts_`` (NumPy, ``coefs_[i]`` is ``(n_in, n_out)``),
-    ``loss_``, ``loss_curve_``, ``best_loss_``, ``validation_scores_``, ``best_validation_score_``,
-    ``n_iter_``, ``t_``, ``n_features_in_``, ``feature_names_in_``, ``n_layers_``, ``n_outputs_``,
-    ``out_activation_``.
+    ``loss_``, ``loss_curve_``, ``best_loss_``, ``validation_scores_``, ``best_validation_score_`` (these four
+    not with ``"lbfgs"``), ``n_iter_``, ``t_``, ``n_features_in_``, ``feature_names_in_``, ``n_layers_``,
+    ``n_outputs_``, ``out_activation_``.
     """
 
     _classifier = True
@@ -590,7 +807,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
                  shuffle: bool = True, random_state: Any = None, tol: float = 1e-4, verbose: Any = False,
                  warm_start: bool = False, momentum: float = 0.9, nesterovs_momentum: bool = True,
                  early_stopping: bool = False, validation_fraction: float = 0.1, beta_1: float = 0.9,
-                 beta_2: float = 0.999, epsilon: float = 1e-8, n_iter_no_change: Any = 10,
+                 beta_2: float = 0.999, epsilon: float = 1e-8, n_iter_no_change: Any = 10, max_fun: int = 15000,
                  backend: str | None = None, dtype: Any = None) -> None:
         super().__init__(
             hidden_layer_sizes=hidden_layer_sizes, activation=activation, solver=solver, alpha=alpha,
@@ -599,7 +816,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
             tol=tol, verbose=verbose, warm_start=warm_start, momentum=momentum,
             nesterovs_momentum=nesterovs_momentum, early_stopping=early_stopping,
             validation_fraction=validation_fraction, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon,
-            n_iter_no_change=n_iter_no_change, backend=backend, dtype=dtype)
+            n_iter_no_change=n_iter_no_change, max_fun=max_fun, backend=backend, dtype=dtype)
 
     def _head(self) -> tuple[str, str]:
         if self._label_binarizer.y_type_ == "multiclass":
@@ -637,6 +854,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
             raw = raw.ravel()
         return self._label_binarizer.inverse_transform(raw)
 
+    @available_if(lambda est: est._check_solver())
     def partial_fit(self, X: Any, y: Any, classes: Any = None) -> MLPClassifier:
         """One pass over ``(X, y)``; ``classes`` (all the labels) is required on the first call."""
         first = not hasattr(self, "classes_")
@@ -686,8 +904,8 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
 
     Identity output with the squared error (``loss="squared_error"``; also ``"absolute_error"`` and
     ``"huber"``), any number of outputs. Parameters and attributes are scikit-learn's (see
-    ``sklearn.neural_network.MLPRegressor``) for the ``"adam"`` and ``"sgd"`` solvers, plus ``backend`` and
-    ``dtype``; see :mod:`backprop.sklearn`.
+    ``sklearn.neural_network.MLPRegressor``) for the ``"adam"``, ``"sgd"`` and ``"lbfgs"`` solvers, plus
+    ``backend`` and ``dtype``; see :mod:`backprop.sklearn`.
     """
 
     def __init__(self, loss: str = "squared_error", hidden_layer_sizes: Any = (100,), activation: str = "relu", *,
@@ -697,7 +915,7 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
                  verbose: Any = False, warm_start: bool = False, momentum: float = 0.9,
                  nesterovs_momentum: bool = True, early_stopping: bool = False, validation_fraction: float = 0.1,
                  beta_1: float = 0.9, beta_2: float = 0.999, epsilon: float = 1e-8, n_iter_no_change: Any = 10,
-                 backend: str | None = None, dtype: Any = None) -> None:
+                 max_fun: int = 15000, backend: str | None = None, dtype: Any = None) -> None:
         super().__init__(
             hidden_layer_sizes=hidden_layer_sizes, activation=activation, solver=solver, alpha=alpha,
             batch_size=batch_size, learning_rate=learning_rate, learning_rate_init=learning_rate_init,
@@ -705,7 +923,7 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
             tol=tol, verbose=verbose, warm_start=warm_start, momentum=momentum,
             nesterovs_momentum=nesterovs_momentum, early_stopping=early_stopping,
             validation_fraction=validation_fraction, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon,
-            n_iter_no_change=n_iter_no_change, backend=backend, dtype=dtype)
+            n_iter_no_change=n_iter_no_change, max_fun=max_fun, backend=backend, dtype=dtype)
 
     def _check_params(self) -> list[int]:
         if self.loss == "poisson":
@@ -731,6 +949,7 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
     def _score_raw(self, raw: np.ndarray, y_true: np.ndarray) -> float:
         return r2_score(y_true, raw)
 
+    @available_if(lambda est: est._check_solver())
     def partial_fit(self, X: Any, y: Any) -> MLPRegressor:
         """One pass over ``(X, y)``."""
         return self._fit(X, y, incremental=True)

@@ -24,11 +24,14 @@ from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
 from backprop.backend import available_backends, resolve_backend  # noqa: E402
 from backprop.sklearn import MLPClassifier, MLPRegressor  # noqa: E402
 
+from .conftest import tolerance  # noqa: E402
+
 pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
 
 #: float32 GEMMs (BLAS) round a row's result differently depending on where the row sits in the batch, so
 #: predictions on a permuted or sliced X can differ in the last bit, beyond these checks' rtol=1e-7.
 FLOAT32_ROW_ORDER = "float32 BLAS rounds a row differently by its position in the batch (last-bit differences)"
+CPU_BACKENDS = [n for n in available_backends() if not resolve_backend(n).is_gpu]
 
 
 def expected_failed_checks(estimator) -> dict[str, str]:
@@ -43,6 +46,8 @@ CHECKED = [
     MLPRegressor(max_iter=20, backend="numpy"),
     MLPClassifier(max_iter=20, solver="sgd", learning_rate_init=0.01, activation="tanh", backend="numpy"),
     MLPRegressor(max_iter=20, dtype="float32", backend="numpy"),
+    MLPClassifier(max_iter=20, solver="lbfgs", backend="numpy"),
+    MLPRegressor(max_iter=20, solver="lbfgs", backend="numpy"),
 ]
 
 
@@ -73,15 +78,17 @@ def _pair(ours_cls, sk_cls, **kw):
     return ours_cls(dtype="float64", backend="numpy", **kw), sk_cls(**kw)
 
 
+def _classification(task):
+    if task == "multilabel":
+        return make_multilabel_classification(150, 6, n_classes=3, random_state=0)
+    return make_classification(157, 6, n_informative=4, n_classes=2 if task == "binary" else 4, random_state=0)
+
+
 @pytest.mark.parametrize("solver", ["adam", "sgd"])
 @pytest.mark.parametrize("alpha", [0.0, 1e-2])
 @pytest.mark.parametrize("task", ["binary", "multiclass", "multilabel"])
 def test_classifier_follows_sklearn_step_for_step(solver, alpha, task):
-    if task == "multilabel":
-        X, y = make_multilabel_classification(150, 6, n_classes=3, random_state=0)
-    else:
-        X, y = make_classification(157, 6, n_informative=4, n_classes=2 if task == "binary" else 4,
-                                   random_state=0)
+    X, y = _classification(task)
     kw = dict(hidden_layer_sizes=(9, 5), activation="tanh", solver=solver, alpha=alpha, batch_size=40,
               learning_rate_init=0.01, max_iter=12, random_state=3)
     ours, theirs = _pair(MLPClassifier, SkMLPClassifier, **kw)
@@ -154,6 +161,246 @@ def test_partial_fit_and_warm_start_follow_sklearn():
     np.testing.assert_allclose(ours.loss_curve_, theirs.loss_curve_, rtol=1e-9)
 
 
+# --------------------------------------------------------------------------- L-BFGS
+STOCHASTIC_ONLY = ("loss_curve_", "best_loss_", "validation_scores_", "best_validation_score_")
+
+
+def _same_lbfgs_fit(ours, theirs, X):
+    _close(ours.coefs_, theirs.coefs_)
+    _close(ours.intercepts_, theirs.intercepts_)
+    assert ours.n_iter_ == theirs.n_iter_
+    assert ours.loss_ == pytest.approx(theirs.loss_, rel=1e-9)
+    assert ours.t_ == theirs.t_ == 0
+    for name in STOCHASTIC_ONLY:
+        assert not hasattr(ours, name) and not hasattr(theirs, name), name
+    predict = "predict_proba" if hasattr(theirs, "predict_proba") else "predict"
+    np.testing.assert_allclose(getattr(ours, predict)(X), getattr(theirs, predict)(X), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", CPU_BACKENDS)
+@pytest.mark.parametrize("alpha", [0.0, 1e-2])
+@pytest.mark.parametrize("task", ["binary", "multiclass", "multilabel"])
+def test_lbfgs_classifier_follows_sklearn(name, alpha, task):
+    X, y = _classification(task)
+    kw = dict(hidden_layer_sizes=(9, 5), activation="tanh", solver="lbfgs", alpha=alpha, max_iter=15,
+              random_state=3)
+    ours = MLPClassifier(dtype="float64", backend=name, **kw).fit(X, y)
+    theirs = SkMLPClassifier(**kw).fit(X, y)
+    _same_lbfgs_fit(ours, theirs, X)
+    assert ours.out_activation_ == theirs.out_activation_ and ours.n_outputs_ == theirs.n_outputs_
+    np.testing.assert_array_equal(ours.predict(X), theirs.predict(X))
+
+
+@pytest.mark.parametrize("name", CPU_BACKENDS)
+@pytest.mark.parametrize("alpha", [0.0, 1e-2])
+@pytest.mark.parametrize("n_targets", [1, 2])
+def test_lbfgs_regressor_follows_sklearn(name, alpha, n_targets):
+    X, y = make_regression(120, 5, n_targets=n_targets, noise=1.0, random_state=0)
+    kw = dict(hidden_layer_sizes=(7, 4), solver="lbfgs", alpha=alpha, max_iter=15, random_state=1)
+    ours = MLPRegressor(dtype="float64", backend=name, **kw).fit(X, y / 100)
+    theirs = SkMLPRegressor(**kw).fit(X, y / 100)
+    _same_lbfgs_fit(ours, theirs, X)
+
+
+@pytest.mark.parametrize("name", CPU_BACKENDS)
+def test_lbfgs_converges_on_tol_like_sklearn(name):
+    """The regression loss reported averaged over the outputs while its gradient is that of their sum, as
+    scikit-learn hands them to SciPy: the same iterates, and the same stop on ``tol`` before ``max_iter``."""
+    X, y = make_regression(120, 5, n_targets=2, noise=1.0, random_state=0)
+    kw = dict(hidden_layer_sizes=(7,), solver="lbfgs", alpha=1e-3, tol=1e-2, max_iter=100, random_state=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        ours = MLPRegressor(dtype="float64", backend=name, **kw).fit(X, y / 100)
+        theirs = SkMLPRegressor(**kw).fit(X, y / 100)
+    assert ours.n_iter_ < 100
+    _same_lbfgs_fit(ours, theirs, X)
+
+
+@pytest.mark.parametrize("task", ["binary", "multiclass", "multilabel", "regression"])
+@pytest.mark.parametrize("alpha", [0.0, 0.3])
+def test_lbfgs_objective_is_sklearns(task, alpha):
+    """scikit-learn's private ``_loss_grad_lbfgs`` (its own tests call it): the same value and gradient."""
+    if task == "regression":
+        X, y = make_regression(60, 5, n_targets=3, random_state=0)
+        y = y / 100
+    else:
+        X, y = _classification(task)
+    cls, sk_cls = (MLPRegressor, SkMLPRegressor) if task == "regression" else (MLPClassifier, SkMLPClassifier)
+    ours, theirs = _pair(cls, sk_cls, hidden_layer_sizes=(6, 4), solver="lbfgs", alpha=alpha, max_iter=1,
+                         random_state=0)
+    ours.fit(X, y)
+    theirs.fit(X, y)
+    Y = (y if task == "regression" else theirs._label_binarizer.transform(y)).reshape(len(X), -1)
+    # (small enough that no probability comes near 0 or 1, where scikit-learn's loss clips them)
+    theta = np.random.default_rng(0).normal(scale=0.3, size=sum(c.size for c in ours.coefs_ + ours.intercepts_))
+    buffers = ([X] + [None] * 3, [None] * 3, [np.empty_like(c) for c in theirs.coefs_],
+               [np.empty_like(b) for b in theirs.intercepts_])
+    f_theirs, g_theirs = theirs._loss_grad_lbfgs(theta, X, Y, None, *buffers)
+    f_ours, g_ours = ours._loss_grad_lbfgs(theta, X, Y)
+    assert f_ours == pytest.approx(f_theirs, rel=1e-13)
+    np.testing.assert_allclose(g_ours, g_theirs, rtol=1e-12, atol=1e-14)
+    _close(ours.coefs_, theirs.coefs_, rtol=0, atol=0)  # both left at theta
+
+
+def test_lbfgs_warns_like_sklearn_when_it_stops_on_max_iter_or_max_fun():
+    X, y = _classification("multiclass")
+    for limits, reason in [(dict(max_iter=3), "ITERATIONS REACHED LIMIT"),
+                           (dict(max_fun=7), "F,G EVALUATIONS EXCEEDS LIMIT")]:
+        kw = dict(hidden_layer_sizes=(8,), solver="lbfgs", random_state=0, **limits)
+        with pytest.warns(ConvergenceWarning, match=reason) as ours_warned:
+            ours = MLPClassifier(backend="numpy", **kw).fit(X, y)
+        with pytest.warns(ConvergenceWarning) as theirs_warned:
+            theirs = SkMLPClassifier(**kw).fit(X, y)
+        assert [str(w.message) for w in ours_warned] == [str(w.message) for w in theirs_warned]
+        assert ours.n_iter_ == theirs.n_iter_ <= limits.get("max_iter", 7)
+
+
+def test_lbfgs_max_fun_is_checked_before_anything_changes():
+    X, y = _classification("binary")
+    clf = MLPClassifier(hidden_layer_sizes=(4,), solver="lbfgs", max_iter=5, backend="numpy").fit(X, y)
+    before = [c.copy() for c in clf.coefs_ + clf.intercepts_], clf.n_iter_, clf.loss_
+    for bad, error in [(0, ValueError), (-3, ValueError), (1.5, TypeError), (True, TypeError), ("10", TypeError)]:
+        clf.set_params(max_fun=bad, max_iter=50)
+        with pytest.raises(error, match="'max_fun' parameter must be an int >= 1"):
+            clf.fit(X[::-1], y[::-1])
+        _close(clf.coefs_ + clf.intercepts_, before[0], rtol=0, atol=0)
+        assert (clf.n_iter_, clf.loss_) == before[1:]
+    assert MLPRegressor().max_fun == MLPClassifier().max_fun == SkMLPClassifier().max_fun == 15000
+
+
+def test_lbfgs_has_no_partial_fit_and_ignores_early_stopping():
+    for est in (MLPClassifier(solver="lbfgs"), MLPRegressor(solver="lbfgs")):
+        assert not hasattr(est, "partial_fit")
+        with pytest.raises(AttributeError, match="has no attribute 'partial_fit'") as info:
+            est.partial_fit
+        assert "partial_fit is only available for stochastic optimizers. lbfgs" in str(info.value.__cause__)
+        assert hasattr(est.set_params(solver="sgd"), "partial_fit")
+    X, y = _classification("binary")
+    kw = dict(hidden_layer_sizes=(5,), solver="lbfgs", max_iter=10, random_state=0, backend="numpy")
+    plain = MLPClassifier(**kw).fit(X, y)
+    early = MLPClassifier(early_stopping=True, validation_fraction=0.3, **kw).fit(X, y)
+    _close(early.coefs_, plain.coefs_, rtol=0, atol=0)
+    assert not any(hasattr(early, name) for name in STOCHASTIC_ONLY)
+
+
+def test_lbfgs_warm_start_and_switching_solvers():
+    X, y = _classification("multiclass")
+    kw = dict(hidden_layer_sizes=(6,), solver="lbfgs", max_iter=6, warm_start=True, random_state=0)
+    ours, theirs = _pair(MLPClassifier, SkMLPClassifier, **kw)
+    for _ in range(2):  # the second fit goes on from the first one's parameters
+        ours.fit(X, y)
+        theirs.fit(X, y)
+        _close(ours.coefs_, theirs.coefs_)
+        assert ours.n_iter_ == theirs.n_iter_ == 6
+    # on to Adam from the L-BFGS parameters (scikit-learn has no loss curve to go on with there)
+    ours.set_params(solver="adam", max_iter=3)
+    ours.partial_fit(X, y)
+    assert len(ours.loss_curve_) == 1 and ours.best_loss_ == ours.loss_curve_[0] and ours.t_ == len(X)
+    # a fresh L-BFGS fit leaves nothing of the stochastic solver's attributes behind
+    ours.set_params(solver="lbfgs", warm_start=False)
+    ours.fit(X, y)
+    assert not any(hasattr(ours, name) for name in STOCHASTIC_ONLY) and ours.t_ == 0
+
+
+@pytest.mark.parametrize("name", CPU_BACKENDS)
+def test_lbfgs_sparse_and_chunked_rows_match_one_dense_pass(name, monkeypatch):
+    import backprop.sklearn as bsk
+
+    X, y = make_regression(90, 12, n_targets=2, random_state=0)
+    X[np.abs(X) < 0.8] = 0
+    kw = dict(hidden_layer_sizes=(5,), solver="lbfgs", alpha=1e-2, max_iter=10, random_state=0, dtype="float64",
+              backend=name)
+    dense = MLPRegressor(**kw).fit(X, y / 100)
+    sparse = MLPRegressor(**kw).fit(sp.csr_matrix(X), y / 100)
+    _close(sparse.coefs_, dense.coefs_)
+    monkeypatch.setattr(bsk, "_LBFGS_CHUNK", 16)  # 90 rows in chunks of 16: the chunks' losses and gradients summed
+    for X_fit in (X, sp.csc_matrix(X)):
+        chunked = MLPRegressor(**kw).fit(X_fit, y / 100)
+        _close(chunked.coefs_, dense.coefs_)
+        assert chunked.n_iter_ == dense.n_iter_ and chunked.loss_ == pytest.approx(dense.loss_, rel=1e-9)
+
+
+@pytest.mark.parametrize("name", CPU_BACKENDS)
+@pytest.mark.parametrize("cls", [MLPClassifier, MLPRegressor])
+def test_lbfgs_in_float32(name, cls):
+    """A float32 network computes the objective in float32 (handed to SciPy as float64) and keeps float32
+    parameters; it follows the float64 fit closely over a few iterations."""
+    X, y = _classification("multiclass")
+    kw = dict(hidden_layer_sizes=(8,), solver="lbfgs", max_iter=8, random_state=0, backend=name)
+    f32 = cls(**kw).fit(X.astype(np.float32), y)
+    f64 = cls(dtype="float64", **kw).fit(X, y)
+    assert f32._net.dtype == np.float32 and all(a.dtype == np.float32 for a in f32.coefs_ + f32.intercepts_)
+    assert type(f32.loss_) is float and f32.n_iter_ == f64.n_iter_ == 8
+    assert f32.loss_ == pytest.approx(f64.loss_, rel=1e-4)
+    _close(f32.coefs_, f64.coefs_, rtol=1e-3, atol=1e-4)
+    theta = np.concatenate([a.ravel() for a in f64.coefs_ + f64.intercepts_])
+    Y = y.reshape(-1, 1) if cls is MLPRegressor else f64._label_binarizer.transform(y)
+    f_64, g_64 = f64._loss_grad_lbfgs(theta, X, Y)
+    f_32, g_32 = f32._loss_grad_lbfgs(theta, X.astype(np.float32), Y)
+    assert type(f_32) is float and g_32.dtype == np.float64
+    assert f_32 == pytest.approx(f_64, rel=1e-5)
+    np.testing.assert_allclose(g_32, g_64, rtol=1e-3, atol=1e-5 * np.abs(g_64).max())
+    assert f32.predict(X.astype(np.float32)).dtype == (np.float32 if cls is MLPRegressor else y.dtype)
+
+
+@pytest.mark.filterwarnings("ignore:(overflow|invalid value) encountered:RuntimeWarning")
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_lbfgs_refuses_a_non_finite_objective_and_keeps_finite_parameters(dtype):
+    X, y = make_regression(50, 4, random_state=0)
+    reg = MLPRegressor(hidden_layer_sizes=(5,), solver="lbfgs", random_state=0, dtype=dtype, backend="numpy")
+    scale = 1e150 if dtype == "float64" else 1e18
+    with pytest.raises(ValueError, match=r"^Solver produced non-finite parameter weights\. The input data may "
+                                         r"contain large values and need to be preprocessed\. \(at evaluation \d+ "
+                                         r"of the objective, (the loss was|.*not finite)"):
+        reg.fit(X * scale, y)
+    assert all(np.isfinite(a).all() and a.dtype == dtype for a in reg.coefs_ + reg.intercepts_)
+    assert np.isfinite(reg.predict(X)).all()
+
+
+def test_lbfgs_interrupted_keeps_the_latest_iterate(monkeypatch):
+    """Ctrl-C inside a line search: a warning, and the parameters of the last finished iteration."""
+    import backprop.sklearn as bsk
+
+    X, y = _classification("binary")
+    kw = dict(hidden_layer_sizes=(5,), solver="lbfgs", random_state=0, backend="numpy")
+    evaluate = bsk._LbfgsObjective.__call__
+
+    def interrupted(objective, theta):
+        if objective.evaluations == 6:
+            raise KeyboardInterrupt
+        return evaluate(objective, theta)
+
+    monkeypatch.setattr(bsk._LbfgsObjective, "__call__", interrupted)
+    with pytest.warns(UserWarning, match="Training interrupted by user"):
+        clf = MLPClassifier(**kw).fit(X, y)
+    monkeypatch.undo()
+    ref = MLPClassifier(max_iter=clf.n_iter_, **kw).fit(X, y)
+    assert 0 < clf.n_iter_ == ref.n_iter_ and clf.loss_ == ref.loss_
+    _close(clf.coefs_ + clf.intercepts_, ref.coefs_ + ref.intercepts_, rtol=0, atol=0)
+    np.testing.assert_array_equal(clf.predict_proba(X), ref.predict_proba(X))  # the network holds them too
+
+
+def test_lbfgs_verbose_prints_each_iteration(capsys):
+    X, y = _classification("binary")
+    clf = MLPClassifier(hidden_layer_sizes=(4,), solver="lbfgs", max_iter=4, verbose=True, random_state=0,
+                        backend="numpy").fit(X, y)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"Iteration {i}, loss = {line.split('= ')[1]}" for i, line in enumerate(lines, 1)]
+    assert len(lines) == clf.n_iter_ == 4 and float(lines[-1].split("= ")[1]) == pytest.approx(clf.loss_, abs=1e-8)
+
+
+def test_lbfgs_on_every_backend(backend, small):
+    """Each backend's L-BFGS fit is numpy's, in float64 and float32 (float64 only, and tiny, under the CUDA
+    simulator)."""
+    X, y = make_classification(12, 3, n_informative=2, n_redundant=0, random_state=0)
+    for dtype in ["float64"] if small else ["float64", "float32"]:
+        kw = dict(hidden_layer_sizes=(4,), solver="lbfgs", max_iter=2 if small else 5, random_state=0, dtype=dtype)
+        ours = MLPClassifier(backend=backend.name, **kw).fit(X, y)
+        ref = MLPClassifier(backend="numpy", **kw).fit(X, y)
+        assert ours.n_iter_ == ref.n_iter_ and ours.coefs_[0].dtype == dtype
+        _close(ours.coefs_, ref.coefs_, **tolerance(dtype))
+
+
 # --------------------------------------------------------------------------- heads and attributes
 @pytest.mark.parametrize("task,out,loss,n_out", [
     ("binary", "logistic", "bce", 1), ("multiclass", "softmax", "cross_entropy", 3),
@@ -213,7 +460,7 @@ def test_dtype_follows_x_like_sklearn_unless_given():
     assert forced.predict_proba(X.astype(np.float32)).dtype == np.float32
 
 
-@pytest.mark.parametrize("name", [n for n in available_backends() if not resolve_backend(n).is_gpu])
+@pytest.mark.parametrize("name", CPU_BACKENDS)
 def test_cpu_backends_agree(name):
     X, y = make_classification(120, 6, n_classes=3, n_informative=4, random_state=0)
     kw = dict(hidden_layer_sizes=(10,), max_iter=5, random_state=0, dtype="float64")
@@ -305,7 +552,9 @@ def test_convergence_warning_and_divergence():
 
 
 @pytest.mark.parametrize("params,error,match", [
-    (dict(solver="lbfgs"), ValueError, "lbfgs"),
+    (dict(solver="newton"), ValueError, "solver"),
+    (dict(max_fun=0), ValueError, "max_fun"),
+    (dict(max_fun=2.5), TypeError, "max_fun"),
     (dict(activation="softmax"), ValueError, "activation"),
     (dict(activation="step"), ValueError, "activation"),
     (dict(hidden_layer_sizes=(4, 0)), ValueError, "hidden_layer_sizes"),
@@ -336,7 +585,7 @@ def test_regressor_refuses_poisson_and_partial_fit_refuses_early_stopping():
 
 
 # --------------------------------------------------------------------------- no silent corruption
-@pytest.mark.parametrize("name", [n for n in available_backends() if not resolve_backend(n).is_gpu])
+@pytest.mark.parametrize("name", CPU_BACKENDS)
 @pytest.mark.parametrize("cls", [MLPClassifier, MLPRegressor])
 @pytest.mark.parametrize("sparse", [False, True])
 def test_float32_model_refuses_float64_input_that_overflows_float32(name, cls, sparse):
