@@ -87,6 +87,7 @@ except ImportError:  # pragma: no cover - older scikit-learn
         return _estimator._validate_data(X, y, **kwargs)
 
 from .activations import ACTIVATIONS
+from .losses import LOSSES
 from .backend import get_backend, resolve_backend
 from .network import MLP, NonFiniteLossError
 from .npz import cast_finite
@@ -98,13 +99,13 @@ from .staging import Batches
 __all__ = ["MLPClassifier", "MLPRegressor"]
 
 #: scikit-learn's hidden activation names -> backprop's; backprop's own hidden activations also work.
-_SKLEARN_ACTIVATIONS = {"identity": "identity", "logistic": "sigmoid", "tanh": "tanh", "relu": "relu"}
+_SKLEARN_ACTIVATIONS = {a.sklearn_name: n for n, a in ACTIVATIONS.items() if a.sklearn_name and a.hidden}
 _HIDDEN_ACTIVATIONS = {**_SKLEARN_ACTIVATIONS,
                        **{n: n for n, s in ACTIVATIONS.items() if s.hidden and n != "step"}}
 #: regressor loss -> backprop loss
-_REGRESSION_LOSSES = {"squared_error": "mse", "absolute_error": "mae", "huber": "huber"}
+_REGRESSION_LOSSES = {x.sklearn_name: n for n, x in LOSSES.items() if x.sklearn_name}
 #: backprop output activation -> scikit-learn's ``out_activation_`` name
-_OUT_NAMES = {"sigmoid": "logistic", "softmax": "softmax", "identity": "identity"}
+_OUT_NAMES = {n: a.sklearn_name for n, a in ACTIVATIONS.items() if a.sklearn_name}
 _PREDICT_CHUNK = 65536
 #: rows per forward/backward pass of the L-BFGS objective (the gradient is summed over the chunks)
 _LBFGS_CHUNK = 65536

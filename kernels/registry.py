@@ -113,6 +113,8 @@ class Activation:
     rowwise: bool = False
     in_place: bool = False
     default_alpha: float = 0.0
+    #: its name in scikit-learn's estimators (``activation``, ``out_activation_``), when it has one
+    sklearn_name: str | None = None
     #: ``(low, high, low_closed, high_closed)`` of ``alpha``; ``None``: any finite alpha (unused)
     alpha_range: tuple[float, float, bool, bool] | None = None
     init: str = "glorot"
@@ -204,7 +206,7 @@ def identity_phi(y, u, alpha, c):  # type: ignore[no-untyped-def]
 
 IDENTITY = Activation(
     "identity", "u", "phi(y) = 1", _np_identity, _np_one, identity_f, identity_phi, "v", "(T)1",
-    aliases=("linear",), linear=True, in_place=True,
+    aliases=("linear",), linear=True, in_place=True, sklearn_name="identity",
 )
 
 
@@ -263,7 +265,7 @@ def sigmoid_phi(y, u, alpha, c):  # type: ignore[no-untyped-def]
 
 SIGMOID = Activation(
     "sigmoid", "1 / (1 + exp(-u))", "phi(y) = y (1 - y)", _np_sigmoid, _np_sigmoid_phi, sigmoid_f, sigmoid_phi,
-    "bp_sigmoid(v)", "(y * ((T)1 - y))", aliases=("logistic",), in_place=True,
+    "bp_sigmoid(v)", "(y * ((T)1 - y))", aliases=("logistic",), in_place=True, sklearn_name="logistic",
     cuda_helpers="""
 /* 1 / (1 + exp(-v)) without overflow in either branch */
 __device__ __forceinline__ T bp_sigmoid(T v) {
@@ -295,7 +297,7 @@ def tanh_phi(y, u, alpha, c):  # type: ignore[no-untyped-def]
 
 TANH = Activation(
     "tanh", "tanh(u)", "phi(y) = 1 - y^2", _np_tanh, _np_tanh_phi, tanh_f, tanh_phi, "tanh(v)",
-    "((T)1 - y * y)", in_place=True,
+    "((T)1 - y * y)", in_place=True, sklearn_name="tanh",
 )
 
 
@@ -319,7 +321,7 @@ def relu_phi(y, u, alpha, c):  # type: ignore[no-untyped-def]
 
 RELU = Activation(
     "relu", "max(u, 0)", "phi(y) = 1 if y > 0 else 0", _np_relu, _np_relu_phi, relu_f, relu_phi, "bp_relu(v)",
-    "(y > (T)0 ? (T)1 : (T)0)", init="he", in_place=True,
+    "(y > (T)0 ? (T)1 : (T)0)", init="he", in_place=True, sklearn_name="relu",
     cuda_helpers="""
 /* max(v, 0) that lets NaN through, like numpy.maximum */
 __device__ __forceinline__ T bp_relu(T v) { return v < (T)0 ? (T)0 : v; }
@@ -569,6 +571,7 @@ def _np_softmax(v, alpha, out, ops):  # type: ignore[no-untyped-def]
 SOFTMAX = Activation(
     "softmax", "exp(u_i) / sum_j exp(u_j)", "fused with cross_entropy: delta = (y - t) / batch",
     _np_softmax, None, None, None, None, None, hidden=False, output=False, rowwise=True, in_place=True,
+    sklearn_name="softmax",
 )
 
 #: name -> record, in code order (the Numba backends number them in this order).
