@@ -70,6 +70,11 @@ _JIT = dict(parallel=True, fastmath=False, cache=True, error_model="numpy")
 #: Helpers called from the kernels. ``error_model="numpy"``: a float division by zero gives
 #: inf/NaN as in NumPy instead of raising, which also lets the loops with a division vectorize.
 _HELPER = njit(error_model="numpy")
+#: The generated ladders on the codes and the row helpers they reach, inlined by Numba into the kernels:
+#: no call per row. Measured on one thread: the output error of a 256 x 10 softmax layer took 25 us
+#: through calls and takes 19 us inlined, mse 14 against 10 us. Compiling takes longer on a cold cache:
+#: about 50 s against 36 s for both dtypes (``python -m backprop.warmup``).
+_LADDER = njit(error_model="numpy", inline="always")
 
 #: Elements of work per thread: a kernel over ``n`` elements runs on
 #: ``min(numba.get_num_threads(), n // PARALLEL_GRAIN)`` threads, at least one. A fused pass over
@@ -305,7 +310,7 @@ def _grad_loop(grad):  # type: ignore[no-untyped-def]
     return grad_loop
 
 
-@_HELPER
+@_LADDER
 def _rowwise_act(a, i, n, code, alpha, c):  # pragma: no cover - compiled
     """Softmax of row ``i``, max subtracted; any other code here is unknown: NaN, which the step's guard
     refuses (never another activation's formula)."""
@@ -327,7 +332,7 @@ def _nan_slope_row(g, y, u, i, n, code, alpha, c):  # pragma: no cover - compile
         g[i, j] = c[nm.NAN]
 
 
-@_HELPER
+@_LADDER
 def _rowwise_loss(y, u, t, d, i, n, code, k, c):  # pragma: no cover - compiled
     """Cross-entropy of row ``i`` from the logits, ``t_j (lse - u_j)`` per element into ``d`` (scratch),
     ``lse = max + log sum exp(u - max)``; any other code here is unknown: NaN."""
@@ -352,22 +357,22 @@ def _nan_grad_row(y, t, d, i, n, code, k, inv_b, c):  # pragma: no cover - compi
 _ELEMENTWISE = [(nm.ACT_CODES[name], name) for name in _m.activations]
 #: ``a[i, :] = f(a[i, :])`` in place (softmax row-wise). One array for reads and writes: two arguments
 #: pointing at the same row would defeat the vectorizer.
-_act_row = nm.dispatch(_HELPER, "act_row", "a, i, n, code, alpha, c", {
+_act_row = nm.dispatch(_LADDER, "act_row", "a, i, n, code, alpha, c", {
     k: None if k in nm.LINEAR else _act_loop(_m.activations[name][0]) for k, name in _ELEMENTWISE}, _rowwise_act)
 #: ``g[i, :] *= phi(y[i, :])`` (``f'(u[i, :])`` for the activations that read ``u``).
-_slope_row = nm.dispatch(_HELPER, "slope_row", "g, y, u, i, n, code, alpha, c", {
+_slope_row = nm.dispatch(_LADDER, "slope_row", "g, y, u, i, n, code, alpha, c", {
     k: None if k in nm.LINEAR else _slope_loop(_m.activations[name][1]) for k, name in _ELEMENTWISE},
     _nan_slope_row)
 #: ``d[i, :] =`` the loss of each element of row ``i`` (cross-entropy: ``t_j (lse - u_j)``).
-_loss_values_row = nm.dispatch(_HELPER, "loss_values_row", "y, u, t, d, i, n, code, k, c", {
+_loss_values_row = nm.dispatch(_LADDER, "loss_values_row", "y, u, t, d, i, n, code, k, c", {
     nm.LOSS_CODES[name]: _loss_loop(value) for name, (value, _) in _m.losses.items()}, _rowwise_loss)
 #: ``d[i, :] = dL/dy(y - t) / batch`` for the elementwise (not fused) losses.
-_loss_grad_row = nm.dispatch(_HELPER, "loss_grad_row", "y, t, d, i, n, code, k, inv_b, c", {
+_loss_grad_row = nm.dispatch(_LADDER, "loss_grad_row", "y, t, d, i, n, code, k, inv_b, c", {
     nm.LOSS_CODES[name]: _grad_loop(grad) for name, (_, grad) in _m.losses.items() if grad is not None},
     _nan_grad_row)
 
 
-@_HELPER
+@_LADDER
 def _loss_row(y, u, t, d, i, n, lcode, fused, k, inv_b, c):  # pragma: no cover - compiled
     """Loss of row ``i`` (returned) and ``d[i, :] = dL/dy / batch``, or ``(y - t) / batch`` for a fused
     pair (``dL/du``); ``d`` serves as scratch first."""

@@ -63,18 +63,24 @@ def loss_code(name: str) -> int:
         raise ValueError(f"unknown loss {name!r}") from None
 
 
+#: (output, loss) -> (loss code, activation code, fused, needs u) for every pair that goes together
+_PAIRS = {(o, loss): (LOSS_CODES[loss], ACT_CODES[o], rec.fused, rec.fused or r.ACTIVATIONS[o].needs_u)
+          for loss, rec in r.LOSSES.items() for o in r.loss_outputs(loss)}
+
+
 def output_loss_codes(output: str, loss: str, has_u: bool) -> tuple[int, int, bool]:
     """``(loss code, activation code, fused)`` of an output/loss pair, checked: the fused pairs and the
     activations whose slope reads ``u`` need the logits ``u``, and a row-wise output goes with its fused
     loss only."""
-    lcode, acode = loss_code(loss), act_code(output)
-    rec, act = r.LOSSES[loss], r.ACTIVATIONS[output]
-    if not has_u and (rec.fused or act.needs_u):
-        raise ValueError(f"{output}/{loss} needs the output logits u")
-    if output not in r.loss_outputs(loss):
+    pair = _PAIRS.get((output, loss))
+    if pair is None:
+        loss_code(loss), act_code(output)  # an unknown name is named as such
         raise ValueError(f"output {output!r} does not go with loss {loss!r}; "
                          f"{loss!r} takes outputs: {', '.join(r.loss_outputs(loss))}")
-    return lcode, acode, rec.fused
+    lcode, acode, fused, needs_u = pair
+    if needs_u and not has_u:
+        raise ValueError(f"{output}/{loss} needs the output logits u")
+    return lcode, acode, fused
 
 
 # ----------------------------------------------------------------------------- dispatch

@@ -723,10 +723,18 @@ LOSSES: dict[str, Loss] = {loss.name: loss for loss in (MSE, MAE, HUBER, BCE, CR
 
 
 # ----------------------------------------------------------------------------- derived tables
+#: loss name -> the output activations it goes with (emptied whenever a record is added)
+_OUTPUTS: dict[str, tuple[str, ...]] = {}
+
+
 def _outputs_of(loss: Loss) -> tuple[str, ...]:
-    if loss.allowed_outputs is not None:
-        return loss.allowed_outputs
-    return tuple(n for n, a in ACTIVATIONS.items() if a.output)
+    outputs = _OUTPUTS.get(loss.name)
+    if outputs is None:
+        outputs = loss.allowed_outputs
+        if outputs is None:
+            outputs = tuple(n for n, a in ACTIVATIONS.items() if a.output)
+        _OUTPUTS[loss.name] = outputs
+    return outputs
 
 
 def loss_outputs(name: str) -> tuple[str, ...]:
@@ -788,6 +796,7 @@ def add_activation(record: Activation) -> None:
     ACTIVATIONS.clear()
     ACTIVATIONS.update([*[(n, a) for n, a in items if not a.rowwise], (record.name, record),
                         *[(n, a) for n, a in items if a.rowwise]])
+    _OUTPUTS.clear()
     FUSED_PAIRS.clear()
     FUSED_PAIRS.update(_fused_pairs())
 
@@ -804,6 +813,7 @@ def add_loss(record: Loss) -> None:
         if fn is not None and fn not in SCALAR_FUNCTIONS:
             scalar(fn)
     LOSSES[record.name] = record
+    _OUTPUTS.clear()
     FUSED_PAIRS.clear()
     FUSED_PAIRS.update(_fused_pairs())
 
