@@ -121,8 +121,8 @@ class MLP:
                 raise ValueError(f"activation {a.name!r} is for the output layer only")
         self.loss_fn: Loss = loss_fn
         check_output_loss(out_act.name, self.loss_fn.name)
-        if out_act.name == "softmax" and sizes[-1] < 2:
-            raise ValueError("a softmax output needs at least 2 units")
+        if out_act.spec.rowwise and sizes[-1] < 2:  # softmax
+            raise ValueError(f"a {out_act.name} output needs at least 2 units")
         self.dtype = _check_dtype(dtype)
         seed = check_seed(seed)
         self.backend: Backend = get_backend() if backend is None else resolve_backend(backend)
