@@ -102,10 +102,10 @@ def check_graph_support(net: MLP, optimizer: Optimizer) -> Any:
     return k
 
 
-def _state_arrays(optimizer: Optimizer, owners: list) -> tuple:
+def _state_arrays(optimizer: Optimizer, net: MLP) -> tuple:
     """The optimizer's state arrays (velocities, moments, Adam's device step count and corrections) for
-    the layers ``owners``, in a stable order; none before its first step with them and after ``reset()``."""
-    return tuple(optimizer.state_arrays(owners))
+    the network ``net``, in a stable order; none before its first step with it and after ``reset()``."""
+    return tuple(optimizer.state_arrays([net.optimizer_key]))
 
 
 def _settings(optimizer: Optimizer) -> tuple:
@@ -115,8 +115,8 @@ def _settings(optimizer: Optimizer) -> tuple:
 
 
 def _key(net: MLP, ws: Workspace, x: Any, t: Any, optimizer: Optimizer, weight: float, kernels: Any) -> tuple:
-    layers = tuple((id(L.W), id(L.b), L.activation.name, L.activation.alpha) for L in net.layers)
-    state = tuple(id(a) for a in _state_arrays(optimizer, net.layers))
+    layers = (id(net.params),) + tuple((L.activation.name, L.activation.alpha) for L in net.layers)
+    state = tuple(id(a) for a in _state_arrays(optimizer, net))
     tf32 = getattr(kernels, "tf32_enabled", None)
     return (id(ws), tuple(x.shape), tuple(t.shape), str(x.dtype), str(t.dtype), net.loss_fn.name, net.loss_fn.param,
             layers, type(optimizer), id(optimizer), _settings(optimizer), state,
@@ -132,7 +132,7 @@ def _record(net: MLP, ws: Workspace, optimizer: Optimizer, weight: float, kernel
         graph = kernels.capture(lambda: step.train_step(net, ws, x, t, optimizer, guard, weight))
     finally:
         optimizer.steps = steps  # recording runs nothing
-    keep = (tuple((L.W, L.b) for L in net.layers), optimizer, _state_arrays(optimizer, net.layers))
+    keep = (net.params, tuple((L.W, L.b) for L in net.layers), optimizer, _state_arrays(optimizer, net))
     return _StepGraph(graph, ws, guard, keep)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -36,21 +35,43 @@ class NonFiniteLossError(FloatingPointError):
     the parameters and the optimizer's state are those after the last finite step."""
 
 
-@dataclass
 class Layer:
-    """One layer of synapses and the neurons it feeds: ``x = f(W x_prev + b)``."""
+    """One layer of synapses and the neurons it feeds: ``x = f(W x_prev + b)``.
 
-    W: Array
-    b: Array
-    activation: Activation
+    ``W`` and ``b`` are views into the network's flat parameter buffer (:attr:`MLP.params`): read them, or
+    change their elements in place; replace them through :meth:`MLP.set_params`.
+    """
+
+    __slots__ = ("_W", "_b", "activation")
+
+    def __init__(self, W: Array, b: Array, activation: Activation) -> None:
+        self._W, self._b, self.activation = W, b, activation
+
+    @property
+    def W(self) -> Array:
+        return self._W
+
+    @property
+    def b(self) -> Array:
+        return self._b
 
     @property
     def n_in(self) -> int:
-        return int(self.W.shape[1])
+        return int(self._W.shape[1])
 
     @property
     def n_out(self) -> int:
-        return int(self.W.shape[0])
+        return int(self._W.shape[0])
+
+    def __repr__(self) -> str:
+        return f"Layer({self.n_in} -> {self.n_out}, {self.activation.name})"
+
+
+class OptimizerKey:
+    """What an optimizer keys a network's state (velocities, moments) on: one per network, kept across
+    :meth:`MLP.set_params`, and holding nothing, so that an optimizer never keeps a network alive."""
+
+    __slots__ = ("__weakref__",)
 
 
 def _init_weights(rng: np.random.Generator, n_out: int, n_in: int, scheme: str) -> np.ndarray:
@@ -129,11 +150,12 @@ class MLP:
         self.seed = seed
         rng = np.random.default_rng(seed)
         acts = hidden + [out_act]
-        k = self.backend.kernels
         self.layers: list[Layer] = []
         for n_in, n_out, act in zip(sizes[:-1], sizes[1:], acts):
-            W = _init_weights(rng, n_out, n_in, act.spec.init)
-            self.layers.append(Layer(k.to_device(W, self.dtype), k.zeros((n_out,), self.dtype), act))
+            self.layers.append(Layer(_init_weights(rng, n_out, n_in, act.spec.init), np.zeros(n_out), act))
+        self._bind(self._packed([(L.W, L.b) for L in self.layers]))
+        #: what optimizers key this network's state on (see :class:`OptimizerKey`)
+        self.optimizer_key = OptimizerKey()
 
     @staticmethod
     def _resolve_head(head: str | None, output: ActivationLike | None,
@@ -187,6 +209,34 @@ class MLP:
     def n_params(self) -> int:
         """Number of weights and biases, the notes' N."""
         return sum(layer.n_out * (layer.n_in + 1) for layer in self.layers)
+
+    @property
+    def n_weights(self) -> int:
+        """Number of weights: ``params[:n_weights]`` holds every ``W``, ``params[n_weights:]`` every ``b``."""
+        return step.n_weights(self._shapes)
+
+    @property
+    def params(self) -> Array:
+        """Every parameter in one flat array of the backend, ``[W^1 | ... | W^L | b^1 | ... | b^L]`` (each
+        ``W`` row by row): each layer's ``W`` and ``b`` are views into it, and an optimizer updates all of them
+        in two calls (weights, biases). Change it in place, or replace it with :meth:`set_params`."""
+        return self._params
+
+    @property
+    def _shapes(self) -> list[tuple[int, int]]:
+        return [(L.n_out, L.n_in) for L in self.layers]
+
+    def _packed(self, params: Sequence[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+        """Host ``[(W, b)]`` in the flat layout of :attr:`params`, in the network's dtype."""
+        return np.concatenate([np.ravel(W) for W, _ in params] + [np.ravel(b) for _, b in params]).astype(
+            self.dtype, copy=False)
+
+    def _bind(self, flat_host: np.ndarray) -> None:
+        """Move the flat parameters to the backend and point every layer's ``W`` and ``b`` into them."""
+        self._params = self.backend.kernels.to_device(flat_host, self.dtype)
+        W, b = step.flat_views(self._params, self._shapes)
+        for layer, Wl, bl in zip(self.layers, W, b):
+            layer._W, layer._b = Wl, bl
 
     def __repr__(self) -> str:
         acts = ", ".join(layer.activation.name for layer in self.layers)
@@ -302,8 +352,9 @@ class MLP:
     # ------------------------------------------------------------------ parameters
     def get_params(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """Copies of ``[(W^l, b^l)]`` as NumPy arrays."""
-        k = self.backend.kernels
-        return [(np.array(k.to_host(L.W)), np.array(k.to_host(L.b))) for L in self.layers]
+        flat = np.array(self.backend.kernels.to_host(self._params), copy=True)  # one copy to the host
+        W, b = step.flat_views(flat, self._shapes)
+        return list(zip(W, b))
 
     def set_params(self, params: Sequence[tuple[Any, Any]]) -> None:
         """Replace ``[(W^l, b^l)]``, a sequence of one ``(W, b)`` pair per layer. Each array must hold real
@@ -324,9 +375,7 @@ class MLP:
                                  f"got {W.shape} and {b.shape}")
             checked.append((cast_finite(W, self.dtype, f"layer {i + 1}: W"),
                             cast_finite(b, self.dtype, f"layer {i + 1}: b")))
-        k = self.backend.kernels
-        for (W, b), layer in zip(checked, self.layers):
-            layer.W, layer.b = k.to_device(W, self.dtype), k.to_device(b, self.dtype)
+        self._bind(self._packed(checked))
 
     def to_backend(self, name: str) -> MLP:
         """A copy of this network whose arrays live on backend ``name``."""
@@ -334,10 +383,10 @@ class MLP:
         clone.__dict__.update(self.__dict__)
         clone.__dict__.pop("_workspaces", None)  # buffers of the other backend
         clone.backend = resolve_backend(name)
-        clone.layers = [Layer(W, b, L.activation) for (W, b), L in zip(self.get_params(), self.layers)]
-        k = clone.backend.kernels
-        for layer in clone.layers:
-            layer.W, layer.b = k.to_device(layer.W, self.dtype), k.to_device(layer.b, self.dtype)
+        params = self.get_params()
+        clone.layers = [Layer(W, b, L.activation) for (W, b), L in zip(params, self.layers)]
+        clone._bind(self._packed(params))
+        clone.optimizer_key = OptimizerKey()  # its own optimizer state, on its own backend
         return clone
 
     # ------------------------------------------------------------------ persistence

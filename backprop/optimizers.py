@@ -1,6 +1,9 @@
-"""Optimizers: how one layer's gradients ``dE/dW``, ``dE/db`` become a parameter update.
+"""Optimizers: how the gradients ``dE/dW``, ``dE/db`` become a parameter update.
 
-Each update is one fused in-place kernel per parameter array, given the step's guard: a step
+A training step calls :meth:`Optimizer.apply` once for the whole network: ``W`` is every layer's weights
+and ``b`` every bias, the two pieces of the network's flat parameter buffer (:attr:`backprop.MLP.params`),
+with the matching pieces of the flat gradient buffer, and the optimizer's state is flat the same way. So an
+update is two fused in-place kernels (weights, biases) whatever the depth, given the step's guard: a step
 whose loss or gradients are not finite, or whose update would leave a parameter or a state value
 that is not finite (an ``lr`` too large for the gradients), changes neither the parameters nor
 the optimizer's state (see :mod:`backprop.step`). Weight decay (L2) applies to weights, not biases.
@@ -73,7 +76,7 @@ class Optimizer(ABC):
         return self.lr
 
     def begin_step(self) -> None:
-        """Called once per training step, before the layers are updated."""
+        """Called once per training step, before the parameters are updated."""
         self.steps += 1
 
     def prepare(self, kernels: ModuleType, guard: Any, dtype: Any) -> None:
@@ -124,7 +127,9 @@ class Optimizer(ABC):
               probe: bool = False) -> None:
         """Update ``W`` and ``b`` in place from their gradients ``dW``, ``db`` (when ``guard`` allows);
         ``probe=True``: change nothing, but fail the step in ``guard`` if the update would leave a value
-        that is not finite (see :mod:`backprop.kernels.contract`)."""
+        that is not finite (see :mod:`backprop.kernels.contract`). ``W`` takes the weight decay, ``b`` does
+        not; the step passes the network's flat weights and biases, and ``owner`` (the network's
+        ``optimizer_key``) keys the state (velocities, moments: arrays shaped as ``W`` and ``b``)."""
 
 
 def _representable(value: float, name: str, dtype: Any) -> None:

@@ -701,17 +701,16 @@ class _LbfgsObjective:
         self.net, self.X, self.y = net, X, y
         self.n = int(X.shape[0])
         self.alpha, self.scale = alpha, scale
-        # backprop's flat gradient buffer holds, per layer, dE/dW (n_out, n_in) row-major then dE/db
-        coef_idx, bias_idx, self._coef_bounds, offset, start = [], [], [], 0, 0
-        for layer in net.layers:
-            n_out, n_in = layer.n_out, layer.n_in
-            coef_idx.append(offset + np.arange(n_out * n_in).reshape(n_out, n_in).T.ravel())
-            bias_idx.append(offset + n_out * n_in + np.arange(n_out))
-            self._coef_bounds.append((start, start + n_out * n_in))
-            offset += n_out * (n_in + 1)
-            start += n_out * n_in
-        self.perm = np.concatenate(coef_idx + bias_idx)  # packed[i] = flat[perm[i]]
-        self.n_coef = start
+        # backprop's flat buffers (parameters, gradients) hold every W (n_out, n_in) row by row, then every b
+        # (step.flat_views); scikit-learn packs every coefs_ (n_in, n_out) row by row, then every intercepts_
+        self.shapes = [(layer.n_out, layer.n_in) for layer in net.layers]
+        index = np.arange(net.n_params)
+        W_idx, b_idx = step.flat_views(index, self.shapes)
+        self.perm = np.concatenate([W.T.ravel() for W in W_idx] + list(b_idx))  # packed[i] = flat[perm[i]]
+        self.n_coef = net.n_weights
+        # each coefs_[l] is one contiguous piece of the packed vector
+        ends = np.cumsum([n_out * n_in for n_out, n_in in self.shapes])
+        self._coef_bounds = list(zip(np.concatenate([[0], ends[:-1]]).tolist(), ends.tolist()))
         # dense data goes to the backend once (if it fits there); sparse data is densified a chunk at a time
         self._data = None if sp.issparse(X) else Batches(net.backend.kernels, X, y, net.dtype)
         self.evaluations = 0
@@ -719,20 +718,15 @@ class _LbfgsObjective:
 
     def pack(self, params: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
         """``[(W, b)]`` (backprop's ``(n_out, n_in)`` weights) as one float64 vector, packed as scikit-learn."""
-        flat = np.concatenate([a.ravel() for W, b in params for a in (W, b)]).astype(np.float64)
+        flat = np.concatenate([W.ravel() for W, _ in params] + [b.ravel() for _, b in params]).astype(np.float64)
         return flat[self.perm]
 
     def unpack(self, theta: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
         """The inverse of :meth:`pack`, in ``theta``'s dtype."""
         flat = np.empty_like(theta)
         flat[self.perm] = theta
-        params, offset = [], 0
-        for layer in self.net.layers:
-            n_w = layer.n_out * layer.n_in
-            params.append((flat[offset:offset + n_w].reshape(layer.n_out, layer.n_in),
-                           flat[offset + n_w:offset + n_w + layer.n_out]))
-            offset += n_w + layer.n_out
-        return params
+        W, b = step.flat_views(flat, self.shapes)
+        return list(zip(W, b))
 
     def set(self, net: MLP, theta: np.ndarray) -> None:
         """Put the parameters ``theta`` (finite in the network's dtype) into the network."""

@@ -1,5 +1,5 @@
 """The training step, written once: forward pass keeping what backward needs, error at the output,
-backward pass into one flat gradient buffer, guarded update.
+backward pass into one flat gradient buffer, guarded update of the flat parameter buffer.
 
     u^l = W^l x^{l-1} + b^l,  x^l = f(u^l)                 (forward)
     delta^L = dE/du^L                                      (error at the output)
@@ -32,8 +32,8 @@ if TYPE_CHECKING:
     from .network import MLP
     from .optimizers import Optimizer
 
-__all__ = ["Guard", "Workspace", "backward", "failure_cause", "forward", "output_error", "train_step",
-           "workspace"]
+__all__ = ["Guard", "Workspace", "backward", "failure_cause", "flat_views", "forward", "gradient_buffers",
+           "n_weights", "output_error", "train_step", "workspace"]
 
 Array = Any
 
@@ -101,16 +101,34 @@ def _keeps_u(net: MLP, i: int, last: int) -> bool:
     return net.layers[i].activation.needs_u or i == last
 
 
+def n_weights(shapes: list[tuple[int, int]]) -> int:
+    """How many weights the layers of ``shapes`` ``(n_out, n_in)`` hold (the biases follow them in a flat
+    buffer)."""
+    return sum(n_out * n_in for n_out, n_in in shapes)
+
+
+def flat_views(flat: Array, shapes: list[tuple[int, int]]) -> tuple[list[Array], list[Array]]:
+    """Each layer's ``W`` ``(n_out, n_in)`` and ``b`` ``(n_out,)`` as views into the flat buffer ``flat``,
+    laid out ``[W^1 | W^2 | ... | W^L | b^1 | ... | b^L]`` (rows of ``W`` in order): the weights, which take
+    weight decay, in one piece, and the biases in another. The network's parameters, their gradients and
+    the optimizer's state all use this layout, so that an optimizer updates every layer in one call per piece."""
+    W, b = [], []
+    offset = 0
+    for n_out, n_in in shapes:
+        W.append(flat[offset:offset + n_out * n_in].reshape(n_out, n_in))
+        offset += n_out * n_in
+    for n_out, _ in shapes:
+        b.append(flat[offset:offset + n_out])
+        offset += n_out
+    return W, b
+
+
 def gradient_buffers(kernels: Any, dtype: Any, shapes: list[tuple[int, int]]) -> tuple[Array, list[Array], list[Array]]:
     """One flat buffer for the gradients of layers with weights of ``shapes`` ``(n_out, n_in)``, and each
-    layer's ``dE/dW`` and ``dE/db`` views into it (one buffer, so that one reduction checks them all)."""
+    layer's ``dE/dW`` and ``dE/db`` views into it, in the layout of :func:`flat_views` (one buffer, so that
+    one reduction checks them all, and one update per piece applies them)."""
     flat = kernels.zeros((sum(n_out * (n_in + 1) for n_out, n_in in shapes),), dtype)
-    dW, db, offset = [], [], 0
-    for n_out, n_in in shapes:
-        dW.append(flat[offset:offset + n_out * n_in].reshape(n_out, n_in))
-        offset += n_out * n_in
-        db.append(flat[offset:offset + n_out])
-        offset += n_out
+    dW, db = flat_views(flat, shapes)
     return flat, dW, db
 
 
@@ -186,11 +204,11 @@ def train_step(net: MLP, ws: Workspace, x: Array, t: Array, optimizer: Optimizer
     k.guard_step(g, loss, ws.grads, weight)
     optimizer.begin_step()
     optimizer.prepare(k, g, net.dtype)  # step-wide device work (Adam's bias corrections)
-    layers = list(zip(net.layers, ws.dW, ws.db))
-    for layer, dW, db in layers:
-        optimizer.apply(k, layer, layer.W, layer.b, dW, db, g, probe=True)
-    for layer, dW, db in layers:
-        optimizer.apply(k, layer, layer.W, layer.b, dW, db, g)
+    # every layer at once: the weights in one piece of the flat buffers, the biases in the other
+    nw = net.n_weights
+    W, b, dW, db = net.params[:nw], net.params[nw:], ws.grads[:nw], ws.grads[nw:]
+    optimizer.apply(k, net.optimizer_key, W, b, dW, db, g, probe=True)
+    optimizer.apply(k, net.optimizer_key, W, b, dW, db, g)
     optimizer.finish(k, g)  # step-wide device work after the updates (Adam counts the applied step)
 
 

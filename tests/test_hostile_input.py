@@ -229,7 +229,7 @@ def _state(net: bp.MLP, opt: bp.optimizers.Optimizer) -> list[bytes]:
     """The bytes of every parameter and optimizer state array: velocities, moments, Adam's device step
     count (not its bias corrections: scratch that each step writes afresh), and the host's step count."""
     k = net.backend.kernels
-    arrays = [a for L in net.layers for a in (L.W, L.b)] + bp.optimizers.Optimizer.state_arrays(opt, net.layers)
+    arrays = [a for L in net.layers for a in (L.W, L.b)] + bp.optimizers.Optimizer.state_arrays(opt, [net.optimizer_key])
     if isinstance(opt, bp.Adam):
         arrays += [count for _, count, _ in opt._device.values()]
     return [np.array(k.to_host(a)).tobytes() for a in arrays] + [str(opt.steps).encode()]

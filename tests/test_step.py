@@ -89,12 +89,39 @@ def test_gradients_written_to_the_views_land_in_the_flat_buffer(backend, rng):
     k = backend.kernels
     flat, dW, db = step.gradient_buffers(k, net.dtype, [(L.n_out, L.n_in) for L in net.layers])
     assert [tuple(w.shape) for w in dW] == [(5, 4), (3, 5)] and [tuple(b.shape) for b in db] == [(5,), (3,)]
-    expected = []
+    weights, biases = [], []
     for i, layer in enumerate(net.layers):
         delta, x = rng.normal(size=(6, layer.n_out)), rng.normal(size=(6, layer.n_in))
         k.weight_gradients(k.to_device(delta, net.dtype), k.to_device(x, net.dtype), dW[i], db[i])
-        expected += [(delta.T @ x).ravel(), delta.sum(axis=0)]
-    np.testing.assert_allclose(k.to_host(flat), np.concatenate(expected), rtol=1e-12)
+        weights.append((delta.T @ x).ravel())
+        biases.append(delta.sum(axis=0))
+    # the layout of the parameters: every dE/dW row by row, then every dE/db
+    np.testing.assert_allclose(k.to_host(flat), np.concatenate(weights + biases), rtol=1e-12)
+
+
+def test_layers_are_views_of_the_flat_parameters(backend, rng):
+    """Each layer's W and b live in ``net.params`` ([every W | every b]): set_params, an update and an
+    in-place change are seen through both, and one optimizer call per piece updates every layer."""
+    net = bp.MLP([4, 5, 3], backend=backend.name, dtype="float64")
+    k = backend.kernels
+    params = [(rng.normal(size=(5, 4)), rng.normal(size=5)), (rng.normal(size=(3, 5)), rng.normal(size=3))]
+    net.set_params(params)
+    flat = np.concatenate([W.ravel() for W, _ in params] + [b for _, b in params])
+    np.testing.assert_array_equal(k.to_host(net.params), flat)
+    assert net.n_weights == 35 and net.n_params == 43
+    for layer, (W, b) in zip(net.layers, params):
+        np.testing.assert_array_equal(k.to_host(layer.W), W)
+        np.testing.assert_array_equal(k.to_host(layer.b), b)
+    with pytest.raises(AttributeError):
+        net.layers[0].W = k.to_device(params[0][0], net.dtype)
+    X, T = rng.normal(size=(6, 4)), rng.normal(size=(6, 3))
+    _, grads = net.loss_and_grads(X, T)
+    net.train_step(X, T, bp.SGD(lr=0.1))
+    after = np.concatenate([(W - 0.1 * k.to_host(dW)).ravel() for (W, _), (dW, _) in zip(params, grads)]
+                           + [b - 0.1 * k.to_host(db) for (_, b), (_, db) in zip(params, grads)])
+    np.testing.assert_allclose(k.to_host(net.params), after, rtol=1e-12)
+    np.testing.assert_allclose(k.to_host(net.layers[1].b), after[-3:], rtol=1e-12)
+
 
 
 def _step_peak_bytes(net: bp.MLP, batch: int, optimizer: bp.Optimizer, rng: np.random.Generator) -> int:
