@@ -35,6 +35,13 @@ convergence), there is no ``loss_curve_``, ``best_loss_``, ``validation_scores_`
 finite is a ``ValueError`` (scikit-learn would hand it to SciPy), with the parameters left at the latest iterate,
 and ``verbose`` prints scikit-learn's ``Iteration k, loss = ...`` line after each iteration.
 
+Divergence: a step whose loss, gradient or update is not finite is never applied, so the parameters stay
+finite. Without early stopping the fit stops there with scikit-learn's ``ValueError`` ("Solver produced
+non-finite parameter weights. ..."). With early stopping nothing is raised, as in scikit-learn: that epoch's
+loss and validation score are NaN, a ``ConvergenceWarning`` says where training diverged, and the weights of the
+best validation score (the initial ones if no epoch beat them) are restored. scikit-learn carries its NaN
+weights on to ``max_iter``; here training stops at the divergence, so ``n_iter_`` counts the diverged epoch last.
+
 Not supported: ``sample_weight``, the regressor's ``loss="poisson"``.
 
 Agreement: with ``dtype="float64"`` the parameters, ``loss_curve_``, ``n_iter_`` and validation scores follow
@@ -352,7 +359,8 @@ class _BaseMLP(BaseEstimator):
             self.intercepts_.append(i)
         self._net = self._build_net(layer_units, dtype)
         self._optimizer = None
-        self._best_params = None
+        # as scikit-learn: early stopping restores the initial weights if no epoch improves on them
+        self._best_params = [(c.T.copy(), i.copy()) for c, i in zip(self.coefs_, self.intercepts_)]
         if self.solver in _STOCHASTIC_SOLVERS:
             self._init_stochastic_state()
         else:  # as scikit-learn, L-BFGS has no loss curve, best loss nor validation scores: none left from before
@@ -560,8 +568,22 @@ class _BaseMLP(BaseEstimator):
                 state = guard.read()
                 if state.failed:
                     opt.steps = steps_before + state.failed_step - 1
-                    raise NonFiniteLossError(f"at iteration {self.n_iter_ + 1}, step {state.failed_step}, the loss, "
-                                             "a gradient or the update was not finite; that step was not applied")
+                    where = (f"at iteration {self.n_iter_ + 1}, step {state.failed_step}, the loss, a gradient or the "
+                             "update was not finite; that step was not applied")
+                    if not early_stopping:
+                        raise NonFiniteLossError(where)
+                    # as scikit-learn: a diverged epoch scores NaN, and the best weights are restored below. Every
+                    # later epoch would be NaN as well (scikit-learn carries NaN weights on to max_iter); here the
+                    # parameters never left the last finite step, and training stops.
+                    self.n_iter_ += 1
+                    self.t_ += n_samples
+                    self.loss_ = float("nan")
+                    self.loss_curve_.append(self.loss_)
+                    self.validation_scores_.append(float("nan"))
+                    warnings.warn(f"Training diverged: {where}. Stopping, and restoring the weights of the best "
+                                  f"validation score ({self.best_validation_score_:.6g}).", ConvergenceWarning,
+                                  stacklevel=3)
+                    break
                 accumulated = state.loss_sum
                 if alpha:
                     accumulated += 0.5 * alpha * float(k.to_host(penalty)[0])

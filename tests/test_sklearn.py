@@ -551,6 +551,34 @@ def test_convergence_warning_and_divergence():
                          backend="numpy").fit(X * 1e3, y * 1e3)
 
 
+@pytest.mark.filterwarnings("ignore:(overflow|invalid value) encountered:RuntimeWarning")  # diverges on purpose
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_divergence_with_early_stopping_restores_the_best_weights(backend):
+    """As scikit-learn: with early stopping a diverging fit raises nothing, its last validation score is NaN and
+    the weights are those of the best validation score (the initial ones if none improved on them)."""
+    X, y = make_regression(n_samples=150, n_features=4, noise=0.1, random_state=0)
+    est = MLPRegressor(hidden_layer_sizes=(20,), activation="identity", solver="sgd", learning_rate_init=1.0,
+                       max_iter=20, early_stopping=True, random_state=0, backend=backend)
+    with pytest.warns(ConvergenceWarning, match="Training diverged: at iteration"):
+        est.fit(X, y)
+    assert np.isnan(est.validation_scores_[-1]) and isinstance(est.validation_scores_[-1], float)
+    assert np.isnan(est.loss_curve_[-1]) and est.n_iter_ == len(est.loss_curve_) == len(est.validation_scores_)
+    assert all(np.isfinite(c).all() for c in est.coefs_ + est.intercepts_)
+    finite = [s for s in est.validation_scores_ if np.isfinite(s)]
+    best = int(np.argmax(finite)) + 1
+    assert est.best_validation_score_ == max(finite)
+    twin = MLPRegressor(hidden_layer_sizes=(20,), activation="identity", solver="sgd", learning_rate_init=1.0,
+                        max_iter=best, early_stopping=True, random_state=0, backend=backend)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        twin.fit(X, y)  # stops at the best epoch
+    for a, b in zip(est.coefs_ + est.intercepts_, twin.coefs_ + twin.intercepts_):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="non-finite"):  # without early stopping it still stops with an error
+        MLPRegressor(hidden_layer_sizes=(20,), activation="identity", solver="sgd", learning_rate_init=1.0,
+                     max_iter=20, random_state=0, backend=backend).fit(X, y)
+
+
 @pytest.mark.parametrize("params,error,match", [
     (dict(solver="newton"), ValueError, "solver"),
     (dict(max_fun=0), ValueError, "max_fun"),
