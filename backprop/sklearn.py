@@ -42,7 +42,10 @@ loss and validation score are NaN, a ``ConvergenceWarning`` says where training 
 best validation score (the initial ones if no epoch beat them) are restored. scikit-learn carries its NaN
 weights on to ``max_iter``; here training stops at the divergence, so ``n_iter_`` counts the diverged epoch last.
 
-Not supported: ``sample_weight``, the regressor's ``loss="poisson"``.
+The regressor's ``loss="poisson"`` is scikit-learn's: an ``exp`` output and half the Poisson deviance, from the
+logits (``delta = (y - t) / batch``); its targets must be non-negative.
+
+Not supported: ``sample_weight``.
 
 Agreement: with ``dtype="float64"`` the parameters, ``loss_curve_``, ``n_iter_`` and validation scores follow
 scikit-learn's to rounding error (the tests check a relative 1e-9), and so do L-BFGS's parameters, ``loss_``
@@ -433,8 +436,9 @@ class _BaseMLP(BaseEstimator):
         return True
 
     def _objective_scale(self) -> float:
-        # scikit-learn reports the regression loss averaged over outputs (its gradient is that of the sum)
-        return 1.0 if self._classifier else 1.0 / self.n_outputs_
+        # scikit-learn reports the squared error averaged over outputs (its gradient is that of the sum); its
+        # Poisson deviance is summed over them
+        return 1.0 if self._classifier or self._head()[1] == "poisson" else 1.0 / self.n_outputs_
 
     def _fit_lbfgs(self, net: MLP, X: Any, y: np.ndarray) -> None:
         """scikit-learn's L-BFGS fit: SciPy's L-BFGS-B on the full-batch objective (see :class:`_LbfgsObjective`)
@@ -920,7 +924,7 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
     """Multi-layer perceptron regressor trained by backprop (scikit-learn API).
 
     Identity output with the squared error (``loss="squared_error"``; also ``"absolute_error"`` and
-    ``"huber"``), any number of outputs. Parameters and attributes are scikit-learn's (see
+    ``"huber"``), or an exp output with half the Poisson deviance (``loss="poisson"``), any number of outputs. Parameters and attributes are scikit-learn's (see
     ``sklearn.neural_network.MLPRegressor``) for the ``"adam"``, ``"sgd"`` and ``"lbfgs"`` solvers, plus
     ``backend`` and ``dtype``; see :mod:`backprop.sklearn`.
     """
@@ -943,21 +947,23 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
             n_iter_no_change=n_iter_no_change, max_fun=max_fun, backend=backend, dtype=dtype)
 
     def _check_params(self) -> list[int]:
-        if self.loss == "poisson":
-            raise ValueError("loss='poisson' is not available in backprop's MLPRegressor; use 'squared_error', "
-                             "'absolute_error' or 'huber'.")
         _need(isinstance(self.loss, str) and self.loss in _REGRESSION_LOSSES, "loss", self.loss,
               f"a str among {sorted(_REGRESSION_LOSSES)}")
         return super()._check_params()
 
     def _head(self) -> tuple[str, str]:
-        return "identity", _REGRESSION_LOSSES[self.loss]
+        # the loss's own output where it has one (poisson: exp, as scikit-learn's), else the identity
+        loss = _REGRESSION_LOSSES[self.loss]
+        outputs = LOSSES[loss].allowed_outputs
+        return (outputs[0] if outputs else "identity"), loss
 
     def _validate_input(self, X: Any, y: Any, incremental: bool, reset: bool) -> tuple[Any, np.ndarray]:
         X, y = validate_data(self, X, y, accept_sparse=["csr", "csc"], multi_output=True, y_numeric=True,
                              dtype=(np.float64, np.float32), reset=reset)
         if y.ndim == 2 and y.shape[1] == 1:
             y = column_or_1d(y, warn=True)
+        if LOSSES[self._head()[1]].targets == "nonnegative" and np.any(np.asarray(y) < 0):  # before any change
+            raise ValueError(f"Some value(s) of y are negative which is not allowed for loss={self.loss!r}.")
         return X, y
 
     def _val_targets(self, y_val: np.ndarray) -> np.ndarray:

@@ -131,7 +131,8 @@ def check_targets(T: Any, n_outputs: int, loss: str, batch: int, kernels: Any, d
 
     What a loss accepts is its record's ``targets`` (:mod:`backprop.kernels.registry`): ``"distribution"``
     (cross-entropy): a 1-D array of integer class labels in ``[0, n_outputs)`` becomes one-hot rows, and 2-D
-    targets must be probability rows; ``"unit"`` (bce): targets in ``[0, 1]``; ``"real"``: any finite value.
+    targets must be probability rows; ``"unit"`` (bce): targets in ``[0, 1]``; ``"nonnegative"`` (poisson):
+    targets ``>= 0``; ``"real"``: any finite value.
     """
     kind = LOSSES[loss].targets
     data = _read(T, kernels, name)
@@ -164,6 +165,8 @@ def check_targets(T: Any, n_outputs: int, loss: str, batch: int, kernels: Any, d
     stats = data.stats(row_sums=kind == "distribution")
     _check_finite(stats, shape, name)
     _check_range(stats, dtype, name)
+    if kind == "nonnegative" and stats[STAT_MIN] < 0:
+        raise ValueError(f"{name}: targets of {loss} must be non-negative, got values down to {stats[STAT_MIN]:g}")
     if kind in ("unit", "distribution") and (stats[STAT_MIN] < 0 or stats[STAT_MAX] > 1):
         raise ValueError(f"{name}: targets of {loss} must lie in [0, 1]")
     if kind == "distribution":

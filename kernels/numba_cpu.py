@@ -278,36 +278,40 @@ def _row_sum(a, i, n, zero):  # pragma: no cover - compiled
 
 # One loop per activation and per loss, made from the registry's scalar forms, and a generated ladder
 # on the code that calls the right one (numba_math.dispatch).
-def _act_loop(f):  # type: ignore[no-untyped-def]
-    @_HELPER
+def _named(fn, name):  # type: ignore[no-untyped-def]
+    """``fn`` under a name of its own, before it is compiled. Numba names a compiled function after its
+    ``__qualname__`` and a counter local to the process: loops made by one factory must not share a name, or two
+    kernels loaded from the on-disk cache (compiled in different processes) could link each other's loops."""
+    fn.__name__ = fn.__qualname__ = name
+    return _HELPER(fn)
+
+
+def _act_loop(f, name):  # type: ignore[no-untyped-def]
     def act_loop(a, i, n, alpha, c):  # pragma: no cover - compiled
         for j in range(n):
             a[i, j] = f(a[i, j], alpha, c)
-    return act_loop
+    return _named(act_loop, f"act_loop_{name}")
 
 
-def _slope_loop(phi):  # type: ignore[no-untyped-def]
-    @_HELPER
+def _slope_loop(phi, name):  # type: ignore[no-untyped-def]
     def slope_loop(g, y, u, i, n, alpha, c):  # pragma: no cover - compiled
         for j in range(n):
             g[i, j] = g[i, j] * phi(y[i, j], u[i, j], alpha, c)
-    return slope_loop
+    return _named(slope_loop, f"slope_loop_{name}")
 
 
-def _loss_loop(value):  # type: ignore[no-untyped-def]
-    @_HELPER
+def _loss_loop(value, name):  # type: ignore[no-untyped-def]
     def loss_loop(y, u, t, d, i, n, k, c):  # pragma: no cover - compiled
         for j in range(n):
             d[i, j] = value(y[i, j], u[i, j], t[i, j], k, c)
-    return loss_loop
+    return _named(loss_loop, f"loss_loop_{name}")
 
 
-def _grad_loop(grad):  # type: ignore[no-untyped-def]
-    @_HELPER
+def _grad_loop(grad, name):  # type: ignore[no-untyped-def]
     def grad_loop(y, t, d, i, n, k, inv_b, c):  # pragma: no cover - compiled
         for j in range(n):
             d[i, j] = grad(y[i, j] - t[i, j], k, c) * inv_b
-    return grad_loop
+    return _named(grad_loop, f"grad_loop_{name}")
 
 
 @_LADDER
@@ -358,17 +362,18 @@ _ELEMENTWISE = [(nm.ACT_CODES[name], name) for name in _m.activations]
 #: ``a[i, :] = f(a[i, :])`` in place (softmax row-wise). One array for reads and writes: two arguments
 #: pointing at the same row would defeat the vectorizer.
 _act_row = nm.dispatch(_LADDER, "act_row", "a, i, n, code, alpha, c", {
-    k: None if k in nm.LINEAR else _act_loop(_m.activations[name][0]) for k, name in _ELEMENTWISE}, _rowwise_act)
+    k: None if k in nm.LINEAR else _act_loop(_m.activations[name][0], name) for k, name in _ELEMENTWISE},
+    _rowwise_act)
 #: ``g[i, :] *= phi(y[i, :])`` (``f'(u[i, :])`` for the activations that read ``u``).
 _slope_row = nm.dispatch(_LADDER, "slope_row", "g, y, u, i, n, code, alpha, c", {
-    k: None if k in nm.LINEAR else _slope_loop(_m.activations[name][1]) for k, name in _ELEMENTWISE},
+    k: None if k in nm.LINEAR else _slope_loop(_m.activations[name][1], name) for k, name in _ELEMENTWISE},
     _nan_slope_row)
 #: ``d[i, :] =`` the loss of each element of row ``i`` (cross-entropy: ``t_j (lse - u_j)``).
 _loss_values_row = nm.dispatch(_LADDER, "loss_values_row", "y, u, t, d, i, n, code, k, c", {
-    nm.LOSS_CODES[name]: _loss_loop(value) for name, (value, _) in _m.losses.items()}, _rowwise_loss)
+    nm.LOSS_CODES[name]: _loss_loop(value, name) for name, (value, _) in _m.losses.items()}, _rowwise_loss)
 #: ``d[i, :] = dL/dy(y - t) / batch`` for the elementwise (not fused) losses.
 _loss_grad_row = nm.dispatch(_LADDER, "loss_grad_row", "y, t, d, i, n, code, k, inv_b, c", {
-    nm.LOSS_CODES[name]: _grad_loop(grad) for name, (_, grad) in _m.losses.items() if grad is not None},
+    nm.LOSS_CODES[name]: _grad_loop(grad, name) for name, (_, grad) in _m.losses.items() if grad is not None},
     _nan_grad_row)
 
 

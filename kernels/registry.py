@@ -24,7 +24,9 @@ The scalar language (Numba forms): plain Python functions of scalars in the subs
 and ``numba.cuda.jit(device=True)`` compile. They read their constants from the tuple ``c`` that
 :func:`consts` makes with the arrays' dtype (``c[ONE]``, not ``1.0``, which would turn float32 math into
 float64), and call ``exp``, ``expm1``, ``log1p``, ``tanh`` and ``erf`` by these names: each backend
-compiles them with its own versions of those (:func:`backprop.kernels.numba_math.build`). A scalar form
+compiles them with its own versions of those (:func:`backprop.kernels.numba_math.build`; the float32
+``log1p`` of the CPU backend is accurate on ``[0, 1]`` only, where the forms call it). ``log`` and ``sqrt``
+are ``math``'s everywhere. A scalar form
 calls another one by its name here. Scalar forms are marked with :func:`scalar`.
 
 CUDA C: expressions over the element type ``T`` (``float`` or ``double``), literals cast (``(T)1``);
@@ -35,7 +37,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from math import erf, exp, expm1, log1p, sqrt, tanh  # noqa: F401 - the names the scalar forms call
+from math import erf, exp, expm1, log, log1p, sqrt, tanh  # noqa: F401 - the names the scalar forms call
 from typing import Any, Callable
 
 __all__ = [
@@ -163,8 +165,8 @@ class Loss:
     #: ``(low, high)`` of the parameter, both open; ``None``: no parameter
     param_range: tuple[float, float] | None = None
     param_name: str = "parameter"
-    #: the targets it accepts: ``"real"``, ``"unit"`` (in [0, 1]) or ``"distribution"`` (rows in [0, 1]
-    #: summing to 1; 1-D integer labels become one-hot rows)
+    #: the targets it accepts: ``"real"``, ``"nonnegative"``, ``"unit"`` (in [0, 1]) or ``"distribution"``
+    #: (rows in [0, 1] summing to 1; 1-D integer labels become one-hot rows)
     targets: str = "real"
     #: how a prediction counts as correct (``count_correct``'s rule), if accuracy means anything
     correct_rule: str | None = None
@@ -557,6 +559,32 @@ __device__ __forceinline__ T bp_silu_slope(T u) {
 )
 
 
+def _np_exp(v, alpha, out, ops):  # type: ignore[no-untyped-def]
+    with ops.ignore_overflow():  # inf for large v: the loss is then inf, and the step's guard refuses it
+        return ops.xm.exp(v, out=out)
+
+
+def _np_exp_phi(y, u, alpha, out, ops):  # type: ignore[no-untyped-def]
+    out[...] = y
+    return out
+
+
+@scalar
+def exp_f(v, alpha, c):  # type: ignore[no-untyped-def]
+    return exp(v)
+
+
+@scalar
+def exp_phi(y, u, alpha, c):  # type: ignore[no-untyped-def]
+    return y
+
+
+EXP = Activation(
+    "exp", "exp(u)", "phi(y) = y; fused with poisson: delta = (y - t) / batch", _np_exp, _np_exp_phi, exp_f,
+    exp_phi, "exp(v)", "y", hidden=False, output=False, in_place=True, sklearn_name="exp",
+)
+
+
 def _np_softmax(v, alpha, out, ops):  # type: ignore[no-untyped-def]
     xm = ops.xm
     m = ops.scratch(v, "row", shape=(v.shape[0], 1))
@@ -576,7 +604,8 @@ SOFTMAX = Activation(
 
 #: name -> record, in code order (the Numba backends number them in this order).
 ACTIVATIONS: dict[str, Activation] = {
-    a.name: a for a in (IDENTITY, STEP, SIGMOID, TANH, RELU, LEAKY_RELU, ELU, SELU, SOFTPLUS, GELU, SILU, SOFTMAX)
+    a.name: a for a in (IDENTITY, STEP, SIGMOID, TANH, RELU, LEAKY_RELU, ELU, SELU, SOFTPLUS, GELU, SILU, EXP,
+                        SOFTMAX)
 }
 
 
@@ -718,8 +747,35 @@ CROSS_ENTROPY = Loss(
     targets="distribution", correct_rule="argmax",
 )
 
+def _np_poisson(y, u, t, k, ops):  # type: ignore[no-untyped-def]
+    # exp(u) - t u + t log t - t (y = exp(u)): half the Poisson deviance, 0 where y = t
+    xm = ops.xm
+    s = xm.multiply(t, u, out=ops.scratch(u, "loss"))
+    xm.subtract(y, s, out=s)
+    a = ops.scratch(u, "aux")
+    a.fill(1)
+    xm.copyto(a, t, where=xm.greater(t, 0, out=ops.scratch(u, "mask", bool)))
+    xm.log(a, out=a)  # log t where t > 0; 0 elsewhere (t log t taken as 0 there, as scipy's xlogy)
+    a *= t
+    a -= t
+    s += a
+    return s.sum()
+
+
+@scalar
+def poisson_value(y, u, t, k, c):  # type: ignore[no-untyped-def]
+    return y - t * u + (t * log(t) if t > c[ZERO] else c[ZERO]) - t
+
+
+POISSON = Loss(
+    "poisson", "sum_i exp(u_i) - d_i u_i + d_i log d_i - d_i (half the Poisson deviance), from logits",
+    "(y - d) / batch", _np_poisson, None, poisson_value, None,
+    "l = y - t * u + (t > (T)0 ? t * log(t) : (T)0) - t; d = (y - t) / batch;", allowed_outputs=("exp",),
+    fused=True, sklearn_name="poisson", targets="nonnegative",
+)
+
 #: name -> record, in code order.
-LOSSES: dict[str, Loss] = {loss.name: loss for loss in (MSE, MAE, HUBER, BCE, CROSS_ENTROPY)}
+LOSSES: dict[str, Loss] = {loss.name: loss for loss in (MSE, MAE, HUBER, BCE, CROSS_ENTROPY, POISSON)}
 
 
 # ----------------------------------------------------------------------------- derived tables

@@ -49,6 +49,22 @@ def rng(request: pytest.FixtureRequest) -> np.random.Generator:
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
 
 
+def targets_for(rng: np.random.Generator, loss: str, batch: int, n: int, labels: bool = False) -> np.ndarray:
+    """Random targets that loss ``loss`` accepts, by its record's ``targets`` (see the registry): one-hot rows (or
+    class labels with ``labels``), values in [0, 1], non-negative counts, or any real values."""
+    from backprop.kernels.registry import LOSSES
+
+    kind = LOSSES[loss].targets
+    if kind == "distribution":
+        classes = rng.integers(0, n, batch)
+        return classes if labels else np.eye(n)[classes]
+    if kind == "unit":
+        return rng.uniform(size=(batch, n))
+    if kind == "nonnegative":
+        return rng.poisson(2.0, size=(batch, n)).astype(np.float64)
+    return rng.normal(size=(batch, n))
+
+
 def tolerance(dtype: np.dtype) -> dict[str, float]:
     """Agreement expected with the float64 reference."""
     return {"rtol": 2e-4, "atol": 2e-5} if np.dtype(dtype) == np.float32 else {"rtol": 1e-10, "atol": 1e-12}

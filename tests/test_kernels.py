@@ -22,7 +22,7 @@ from backprop.kernels.contract import (
     STATS_SIZE,
 )
 
-from .conftest import tolerance
+from .conftest import targets_for, tolerance
 
 DTYPES = [np.float32, np.float64]
 HIDDEN = [n for n, s in ACTIVATIONS.items() if s.hidden]
@@ -71,11 +71,7 @@ def _backward_inputs(rng, small, act):
 
 
 def _targets(rng, loss, batch, n):
-    if loss == "cross_entropy":
-        return np.eye(n)[rng.integers(0, n, batch)]
-    if loss == "bce":
-        return rng.uniform(size=(batch, n))
-    return rng.normal(size=(batch, n))
+    return targets_for(rng, loss, batch, n)
 
 
 def _output_inputs(rng, small, output, loss):
@@ -260,7 +256,7 @@ def test_output_error_fills_and_returns_poisoned_delta_and_value(backend, small,
     np.testing.assert_allclose(host(backend, delta), rd, **tolerance(dtype))
 
 
-@pytest.mark.parametrize("output,loss", sorted(FUSED_PAIRS))
+@pytest.mark.parametrize("output,loss", [p for p in sorted(FUSED_PAIRS) if p[0] != "exp"])  # exp(1e4) is inf
 def test_fused_losses_are_finite_for_huge_logits(backend, output, loss):
     k = backend.kernels
     u = np.array([[1e4, -1e4], [-1e4, 1e4], [0.0, 1e4]])

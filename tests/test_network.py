@@ -17,16 +17,12 @@ import backprop as bp
 from backprop.backend import resolve_backend
 from backprop.kernels import ACTIVATIONS, LOSSES
 
+from .conftest import targets_for
+
 HIDDEN = [n for n, s in ACTIVATIONS.items() if s.hidden and n != "step"]
 PAIRS = sorted({(o, loss) for loss, s in LOSSES.items() for o in s.outputs})
 
 
-def targets_for(rng, loss, batch, n):
-    if loss == "cross_entropy":
-        return rng.integers(0, n, batch)
-    if loss == "bce":
-        return rng.uniform(size=(batch, n))
-    return rng.normal(size=(batch, n))
 
 
 @pytest.mark.parametrize("act", HIDDEN)
@@ -39,7 +35,7 @@ def test_gradients_match_central_differences(rng, act, output, loss):
     # on ReLU's kink at u = 0, where the two one-sided derivatives differ
     net.set_params([(W, rng.normal(size=b.shape) * 0.5) for W, b in net.get_params()])
     X = rng.normal(size=(6, 3))
-    T = targets_for(rng, loss, 6, 3)
+    T = targets_for(rng, loss, 6, 3, labels=True)
     if loss in ("mae", "huber"):
         # keep residuals away from the kinks of |r| and of the Huber threshold
         T = net.predict(X) + rng.choice([-1, 1], size=(6, 3)) * rng.uniform(0.1, 0.4, size=(6, 3))

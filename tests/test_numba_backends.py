@@ -666,3 +666,21 @@ def test_unknown_codes_give_nan_never_a_formula():
         numba_cpu._output_error(np.ones((2, 3), dtype), np.ones((2, 3), dtype), np.zeros((2, 3), dtype), d, bad_loss,
                                 nm.ACT_CODES["identity"], False, dtype(1.0), dtype(0.0), mean)
         assert np.isnan(mean[0]) and np.isnan(d).all()
+
+
+
+def test_generated_helpers_have_names_of_their_own():
+    """Numba names a compiled function after its qualified name and a counter local to the process, and the
+    on-disk cache keeps those names: two different helpers under one name, compiled into two kernels by two
+    processes, can be linked into each other's kernel once both load from the cache (a silu output error then
+    ran another activation's slope). So every loop the CPU backend generates from the registry has a name of
+    its own, made from its record's name."""
+    from backprop.kernels import numba_cpu
+
+    names = []
+    for ladder in (numba_cpu._act_row, numba_cpu._slope_row, numba_cpu._loss_values_row, numba_cpu._loss_grad_row):
+        cases = [v for key, v in ladder.py_func.__globals__.items() if key.startswith("_case")]
+        assert cases
+        names += [case.py_func.__qualname__ for case in cases]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
+    assert "slope_loop_silu" in names and "loss_loop_huber" in names

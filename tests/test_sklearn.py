@@ -125,6 +125,30 @@ def test_regressor_follows_sklearn_with_stopping_rules(solver, learning_rate, mo
     np.testing.assert_allclose(ours.predict(X), theirs.predict(X), rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("solver", ["adam", "sgd", "lbfgs"])
+@pytest.mark.parametrize("n_targets", [1, 2])
+def test_poisson_regressor_follows_sklearn(solver, n_targets):
+    """loss="poisson": an exp output, half the Poisson deviance summed over outputs, as scikit-learn's."""
+    rng = np.random.default_rng(0)
+    X = rng.uniform(size=(90, 3))
+    y = rng.poisson(np.exp(X @ rng.uniform(-1, 1, size=(3, n_targets)) + 0.5)).astype(float)
+    y = y.ravel() if n_targets == 1 else y
+    kw = dict(loss="poisson", hidden_layer_sizes=(6,), activation="tanh", solver=solver, alpha=1e-3,
+              learning_rate_init=0.01, batch_size=30, max_iter=8, random_state=2)
+    ours, theirs = _pair(MLPRegressor, SkMLPRegressor, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        ours.fit(X, y)
+        theirs.fit(X, y)
+    assert ours.out_activation_ == theirs.out_activation_ == "exp"
+    _close(ours.coefs_, theirs.coefs_)
+    _close(ours.intercepts_, theirs.intercepts_)
+    assert ours.loss_ == pytest.approx(theirs.loss_, rel=1e-9)
+    np.testing.assert_allclose(ours.predict(X), theirs.predict(X), rtol=1e-9)
+    with pytest.raises(ValueError, match="negative which is not allowed for loss='poisson'"):
+        MLPRegressor(loss="poisson", max_iter=2, backend="numpy").fit(X, -y)
+
+
 @pytest.mark.parametrize("cls,sk_cls", [(MLPClassifier, SkMLPClassifier), (MLPRegressor, SkMLPRegressor)])
 def test_early_stopping_follows_sklearn(cls, sk_cls):
     if cls is MLPClassifier:
@@ -602,10 +626,8 @@ def test_bad_parameters_are_named(params, error, match):
         MLPClassifier(**params).fit(X, y)
 
 
-def test_regressor_refuses_poisson_and_partial_fit_refuses_early_stopping():
+def test_partial_fit_refuses_early_stopping_and_needs_classes():
     X, y = make_regression(30, 4, random_state=0)
-    with pytest.raises(ValueError, match="poisson"):
-        MLPRegressor(loss="poisson").fit(X, y)
     with pytest.raises(ValueError, match="early_stopping"):
         MLPRegressor(early_stopping=True).partial_fit(X, y)
     with pytest.raises(ValueError, match="classes must be passed"):
