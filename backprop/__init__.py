@@ -12,6 +12,7 @@ from .backend import Backend, available_backends, get_backend, set_backend, use_
 from .gradcheck import gradcheck, numerical_grads
 from .losses import HEADS, LOSSES, Loss
 from .network import MLP, Layer, NonFiniteLossError
+from .lbfgs import LBFGS
 from .optimizers import SGD, Adam, Optimizer
 from .perceptron import Perceptron
 from .threads import get_num_threads, limit_threads, set_num_threads
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ACTIVATIONS",
     "HEADS",
+    "LBFGS",
     "LOSSES",
     "MLP",
     "SGD",

@@ -18,6 +18,7 @@ from .activations import Activation, ActivationLike, as_activation
 from .backend import Backend, get_backend, resolve_backend
 from .losses import HEADS, Loss, LossLike, as_loss, check_output_loss
 from .npz import Npz, cast_finite, real_array, seed_from_words, seed_to_words, write_atomically
+from .lbfgs import LBFGS
 from .optimizers import Optimizer
 from . import step
 from .validation import check_inputs, check_optimizer, check_seed, check_targets
@@ -231,6 +232,14 @@ class MLP:
         return np.concatenate([np.ravel(W) for W, _ in params] + [np.ravel(b) for _, b in params]).astype(
             self.dtype, copy=False)
 
+    def _assign_flat(self, flat_host: np.ndarray) -> None:
+        """Replace every parameter at once from a host array in the layout of :attr:`params` (its dtype and
+        finiteness checked by the caller): one copy to the backend, no array split or joined."""
+        if flat_host.shape != (self.n_params,) or flat_host.dtype != self.dtype:
+            raise ValueError(f"flat parameters must be {self.dtype.name} of shape ({self.n_params},), got "
+                             f"{flat_host.dtype} {flat_host.shape}")
+        self._bind(flat_host)
+
     def _bind(self, flat_host: np.ndarray) -> None:
         """Move the flat parameters to the backend and point every layer's ``W`` and ``b`` into them."""
         self._params = self.backend.kernels.to_device(flat_host, self.dtype)
@@ -328,7 +337,8 @@ class MLP:
             raise NonFiniteLossError(f"{step.failure_cause(self, ws, x, t, optimizer)}; this step was not applied")
         return state.loss_sum
 
-    def fit(self, X: Any, T: Any, *, epochs: int = 10, batch_size: int = 32, optimizer: Optimizer | None = None,
+    def fit(self, X: Any, T: Any, *, epochs: int = 10, batch_size: int = 32,
+            optimizer: Optimizer | LBFGS | None = None,
             shuffle: bool = True, validation_data: tuple[Any, Any] | None = None, progress: bool | None = False,
             callbacks: Iterable[Callback] | None = (), schedule: Callable[[int], float] | None = None,
             seed: int | None = None, validation_split: float = 0.0, early_stopping: bool = False,
@@ -337,7 +347,8 @@ class MLP:
         """Train by minibatch backpropagation for ``epochs`` passes over ``(X, T)``; returns a :class:`History`.
 
         The options (keyword only) are those of :func:`backprop.training.fit`, which documents each:
-        ``optimizer`` (default ``SGD(lr=0.01)``), ``shuffle`` and ``seed``, ``validation_data`` or
+        ``optimizer`` (default ``SGD(lr=0.01)``; :class:`~backprop.LBFGS` trains full-batch, one epoch per
+        L-BFGS iteration), ``shuffle`` and ``seed``, ``validation_data`` or
         ``validation_split``, ``early_stopping`` with ``patience``, ``min_delta``, ``monitor`` and
         ``restore_best``, ``schedule(epoch) -> lr``, ``callbacks``, ``progress`` and ``graph``.
         """

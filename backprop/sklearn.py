@@ -747,16 +747,12 @@ class _LbfgsObjective:
         flat = np.concatenate([W.ravel() for W, _ in params] + [b.ravel() for _, b in params]).astype(np.float64)
         return flat[self.perm]
 
-    def unpack(self, theta: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-        """The inverse of :meth:`pack`, in ``theta``'s dtype."""
-        flat = np.empty_like(theta)
-        flat[self.perm] = theta
-        W, b = step.flat_views(flat, self.shapes)
-        return list(zip(W, b))
-
     def set(self, net: MLP, theta: np.ndarray) -> None:
-        """Put the parameters ``theta`` (finite in the network's dtype) into the network."""
-        net.set_params(self.unpack(theta))
+        """Put the parameters ``theta`` (finite in the network's dtype) into the network's flat buffer: one
+        scatter into its layout and one copy, no array split or joined."""
+        flat = np.empty(net.n_params, dtype=net.dtype)
+        flat[self.perm] = theta
+        net._assign_flat(flat)
 
     def value_at(self, theta: np.ndarray) -> float:
         """``f(theta)``: that of the last evaluation when it was at ``theta``, else computed."""

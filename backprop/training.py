@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .lbfgs import LBFGS, FullBatchObjective, NonFiniteObjective, scipy_minimize
 from .optimizers import SGD, Optimizer
 from . import step
 from .progress import in_ci, should_show
@@ -317,7 +318,77 @@ def _failed_step_cause(net: MLP, data: Batches, order: np.ndarray | None, batch_
     return step.failure_cause(net, step.workspace(net, len(rows)), x, t, optimizer)
 
 
-def fit(net: MLP, X: Any, T: Any, *, epochs: int = 10, batch_size: int = 32, optimizer: Optimizer | None = None,
+def _after_epoch(net: MLP, epoch: int, history: History, val: Any, batch_size: int, callbacks: list,
+                 bar: _ProgressBar | None, show_lr: bool, start: float) -> bool:
+    """What follows each epoch (or L-BFGS iteration) begun at ``start``: validation metrics, its time, the bar,
+    every callback; returns True when one asks to stop (``history`` then says which and when)."""
+    if val is not None:
+        # in minibatches of the training size: bounded memory, never costlier than the epoch itself,
+        # and the same GEMM shapes as training (a multithreaded BLAS switching its threading
+        # between shapes can stall on a busy machine)
+        vl, va = evaluate(net, *val, batch_size=batch_size)
+        history.val_loss.append(vl)
+        if va is not None:
+            history.val_accuracy.append(va)
+    history.epoch_time.append(time.perf_counter() - start)
+    if bar is not None:
+        bar.update(_metrics(history, show_lr))
+    # every callback runs (a checkpoint still saves the epoch at which early stopping fires)
+    stops = [cb(net, epoch, history) is True for cb in callbacks]
+    if not any(stops):
+        return False
+    if history.stopped_epoch is None:
+        history.stopped_epoch = epoch
+    if history.stop_reason is None:
+        first = callbacks[stops.index(True)]
+        name = getattr(first, "__name__", None) or type(first).__name__
+        history.stop_reason = f"callback {name} returned True"
+    return True
+
+
+def _fit_lbfgs(net: MLP, data: Batches, val: Any, opt: LBFGS, epochs: int, callbacks: list,
+               bar: _ProgressBar | None, history: History, batch_size: int) -> None:
+    """``fit`` with the full-batch :class:`~backprop.lbfgs.LBFGS`: one epoch per L-BFGS iteration, at most
+    ``epochs`` of them. A loss or gradient that is not finite stops training with
+    :class:`~backprop.network.NonFiniteLossError`, the parameters left at the last iterate."""
+    from .network import NonFiniteLossError
+
+    minimize = scipy_minimize()
+    objective = FullBatchObjective(net, data, opt.chunk, opt.weight_decay)
+    k = net.backend.kernels
+    last = {"x": np.array(k.to_host(net.params), dtype=np.float64), "epoch": 0, "start": time.perf_counter()}
+
+    def iteration_done(xk: np.ndarray) -> None:  # SciPy calls it after each iteration, at the new iterate
+        last["x"], last["epoch"] = np.array(xk, dtype=np.float64, copy=True), last["epoch"] + 1
+        loss = objective.value_at(xk)  # the network holds xk afterwards (the last evaluation, or this one)
+        net._assign_flat(xk.astype(net.dtype))
+        history.loss.append(loss)
+        history.lr.append(float("nan"))
+        stop = _after_epoch(net, last["epoch"], history, val, batch_size, callbacks, bar, False, last["start"])
+        last["start"] = time.perf_counter()
+        if stop:
+            raise StopIteration
+
+    if bar is not None:
+        bar.start_epoch(1)
+    try:
+        result = minimize(objective, last["x"], method="L-BFGS-B", jac=True, callback=iteration_done,
+                          options={"maxiter": epochs, "maxfun": opt.max_fun, "maxcor": opt.memory, "gtol": opt.tol})
+    except NonFiniteObjective as exc:
+        net._assign_flat(last["x"].astype(net.dtype))
+        raise NonFiniteLossError(f"L-BFGS stopped in iteration {last['epoch'] + 1}: {exc}; the parameters are those "
+                                 f"of iteration {last['epoch']}") from exc
+    finally:
+        opt.steps += last["epoch"]
+        opt.evaluations += objective.evaluations
+    net._assign_flat(np.asarray(result.x, dtype=np.float64).astype(net.dtype))
+    opt.message = str(result.message)
+    if history.stop_reason is None and last["epoch"] < epochs:
+        history.stop_reason = f"L-BFGS stopped: {opt.message}"
+
+
+def fit(net: MLP, X: Any, T: Any, *, epochs: int = 10, batch_size: int = 32,
+        optimizer: Optimizer | LBFGS | None = None,
         shuffle: bool = True, validation_data: tuple[Any, Any] | None = None, progress: bool | None = False,
         callbacks: Iterable[Callback] | None = (), schedule: Callable[[int], float] | None = None,
         seed: int | None = None, validation_split: float = 0.0, early_stopping: bool = False,
@@ -326,6 +397,8 @@ def fit(net: MLP, X: Any, T: Any, *, epochs: int = 10, batch_size: int = 32, opt
     """Train ``net`` for ``epochs`` passes over ``(X, T)`` in minibatches of ``batch_size``.
 
     - ``optimizer`` defaults to ``SGD(lr=0.01)``; L2 weight decay is the optimizer's ``weight_decay``.
+      :class:`~backprop.LBFGS` trains full-batch instead (SciPy's L-BFGS-B, see :mod:`backprop.lbfgs`): each
+      iteration is an epoch, ``epochs`` bounds them, and the minibatch options play no part.
     - ``shuffle``: a fresh permutation each epoch, drawn from ``seed`` (default: the network's seed), so the
       same seed, data and backend give the same parameters (bit for bit on the CPU backends).
     - ``validation_data=(X_val, T_val)``, or ``validation_split=f``: hold out a random fraction ``f`` of
@@ -364,7 +437,13 @@ def fit(net: MLP, X: Any, T: Any, *, epochs: int = 10, batch_size: int = 32, opt
 
     epochs = check_positive(epochs, "epochs", integer=True)
     batch_size = check_positive(batch_size, "batch_size", integer=True)
-    optimizer = check_optimizer(SGD(lr=0.01) if optimizer is None else optimizer, dtype=net.dtype)
+    full_batch = isinstance(optimizer, LBFGS)
+    if full_batch:
+        optimizer.check()
+        if schedule is not None or graph:
+            raise ValueError("the LBFGS optimizer takes no schedule (it has no learning rate) and no graph=True")
+    else:
+        optimizer = check_optimizer(SGD(lr=0.01) if optimizer is None else optimizer, dtype=net.dtype)
     if schedule is not None and not callable(schedule):
         raise TypeError(f"schedule must be a callable epoch -> lr, got {type(schedule).__name__}")
     seed = check_seed(seed)
@@ -447,7 +526,9 @@ def fit(net: MLP, X: Any, T: Any, *, epochs: int = 10, batch_size: int = 32, opt
         return ws.x, ws.t
 
     try:
-        for epoch in range(1, epochs + 1):
+        if full_batch:
+            _fit_lbfgs(net, data, val, optimizer, epochs, callbacks, bar, history, batch_size)
+        for epoch in range(1, epochs + 1 if not full_batch else 1):
             if lrs is not None:
                 optimizer.lr = lrs[epoch - 1]
             optimizer.check(net.dtype)  # callbacks may have changed its settings
@@ -472,26 +553,7 @@ def fit(net: MLP, X: Any, T: Any, *, epochs: int = 10, batch_size: int = 32, opt
             total = state.loss_sum
             history.loss.append(total / n)
             history.lr.append(float(optimizer.lr))
-            if val is not None:
-                # in minibatches of the training size: bounded memory, never costlier than the epoch itself,
-                # and the same GEMM shapes as training (a multithreaded BLAS switching its threading
-                # between shapes can stall on a busy machine)
-                vl, va = evaluate(net, *val, batch_size=batch_size)
-                history.val_loss.append(vl)
-                if va is not None:
-                    history.val_accuracy.append(va)
-            history.epoch_time.append(time.perf_counter() - start)
-            if bar is not None:
-                bar.update(_metrics(history, schedule is not None))
-            # every callback runs (a checkpoint still saves the epoch at which early stopping fires)
-            stops = [cb(net, epoch, history) is True for cb in callbacks]
-            if any(stops):
-                if history.stopped_epoch is None:
-                    history.stopped_epoch = epoch
-                if history.stop_reason is None:
-                    first = callbacks[stops.index(True)]
-                    name = getattr(first, "__name__", None) or type(first).__name__
-                    history.stop_reason = f"callback {name} returned True"
+            if _after_epoch(net, epoch, history, val, batch_size, callbacks, bar, schedule is not None, start):
                 break
     finally:
         if bar is not None:
