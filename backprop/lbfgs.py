@@ -15,6 +15,7 @@ the :class:`~backprop.training.History` (loss, validation metrics, callbacks, ea
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -79,18 +80,27 @@ def scipy_minimize() -> Any:
 
 
 class FullBatchObjective:
-    """``theta -> (E(theta), dE/dtheta)`` over every row of ``data``, computed by ``net`` on its backend.
+    """``theta -> (E(theta), dE/dtheta)`` over every row of the data, computed by ``net`` on its backend.
 
-    ``theta`` is float64 in the layout of ``net.params``; the network computes in its own dtype (a float32
-    network gets ``theta`` rounded to float32) and the results come back as float64. ``weight_decay`` adds
-    ``(weight_decay / 2) ||W||^2`` on the weights, ``params[:net.n_weights]``."""
+    ``chunks()`` yields the data as ``(rows, x, t)`` on the backend, ``n`` rows in all (``Batches.epoch`` in
+    the stored order). ``theta`` is float64 in the layout of ``net.params``; the network computes in its own
+    dtype (a float32 network gets ``theta`` rounded to float32) and the results come back as float64.
+    ``weight_decay`` adds ``(weight_decay / 2) ||W||^2`` on the weights, ``params[:net.n_weights]``.
+    Subclasses that see ``theta`` in another order or add another penalty reuse :meth:`_checked`,
+    :meth:`_passes` and :meth:`_finish`."""
 
-    def __init__(self, net: MLP, data: Batches, chunk: int, weight_decay: float = 0.0) -> None:
-        self.net, self.data = net, data
-        self.chunk = min(chunk, data.n)
+    def __init__(self, net: MLP, chunks: Callable[[], Iterable[tuple[int, Any, Any]]], n: int,
+                 weight_decay: float = 0.0) -> None:
+        self.net, self.chunks, self.n = net, chunks, n
         self.weight_decay = weight_decay
         self.evaluations = 0
         self._last: tuple[np.ndarray, float] | None = None
+
+    @classmethod
+    def over(cls, net: MLP, data: Batches, chunk: int, weight_decay: float = 0.0) -> FullBatchObjective:
+        """The objective over the rows of ``data``, ``chunk`` rows per pass."""
+        rows = min(chunk, data.n)
+        return cls(net, lambda: data.epoch(rows, None, None), data.n, weight_decay)
 
     def value_at(self, theta: np.ndarray) -> float:
         """``E(theta)``: that of the last evaluation when it was at ``theta``, else computed."""
@@ -98,36 +108,52 @@ class FullBatchObjective:
             return self._last[1]
         return self(theta)[0]
 
-    def __call__(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
+    def _checked(self, theta: np.ndarray) -> np.ndarray:
+        """``theta`` in the network's dtype, counted as an evaluation; not finite there: :class:`NonFiniteObjective`."""
+        self.evaluations += 1
+        with np.errstate(over="ignore", invalid="ignore"):
+            cast = np.asarray(theta, dtype=np.float64).astype(self.net.dtype)
+        if not np.isfinite(cast).all():
+            raise NonFiniteObjective(f"at evaluation {self.evaluations} of the objective, the parameters asked for "
+                                     f"were not finite in {self.net.dtype.name}")
+        return cast
+
+    def _passes(self) -> tuple[float, np.ndarray]:
+        """The mean loss and its flat gradient (float64) over every chunk, at the network's parameters: one
+        read of each per chunk. With one chunk, exactly the network's own; else the chunks' means weighted by
+        their rows."""
         from . import step
 
         net = self.net
-        self.evaluations += 1
-        with np.errstate(over="ignore", invalid="ignore"):
-            cast = np.asarray(theta, dtype=np.float64).astype(net.dtype)
-        if not np.isfinite(cast).all():
-            raise NonFiniteObjective(f"at evaluation {self.evaluations}, the parameters asked for were not finite "
-                                     f"in {net.dtype.name}")
-        net._assign_flat(cast)
         k = net.backend.kernels
-        loss, grad = 0.0, None
-        for rows, x, t in self.data.epoch(self.chunk, None, None):
+        parts = []
+        for rows, x, t in self.chunks():
             value, _ = net.loss_and_grads_device(x, t)
-            g = np.array(k.to_host(step.workspace(net, rows).grads), dtype=np.float64)
-            loss += float(k.to_host(value)) * rows
-            if grad is None:
-                grad = g * rows
-            else:
-                grad += g * rows
-        assert grad is not None
-        loss /= self.data.n
-        grad /= self.data.n
+            parts.append((rows, float(k.to_host(value)),
+                          np.array(k.to_host(step.workspace(net, rows).grads), dtype=np.float64)))
+        if len(parts) == 1:
+            return parts[0][1], parts[0][2]
+        loss = sum(rows * value for rows, value, _ in parts) / self.n
+        grad = parts[0][0] * parts[0][2]
+        for rows, _, g in parts[1:]:
+            grad += rows * g
+        return loss, grad / self.n
+
+    def _finish(self, theta: np.ndarray, value: float, grad: np.ndarray) -> tuple[float, np.ndarray]:
+        if not (np.isfinite(value) and np.isfinite(grad).all()):
+            what = f"the loss was {value}" if not np.isfinite(value) else \
+                f"a gradient was not finite (loss {value:.6g})"
+            raise NonFiniteObjective(f"at evaluation {self.evaluations} of the objective, {what}")
+        self._last = (np.array(theta, dtype=np.float64, copy=True), float(value))
+        return float(value), grad
+
+    def __call__(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
+        net = self.net
+        cast = self._checked(theta)
+        net._assign_flat(cast)
+        loss, grad = self._passes()
         if self.weight_decay:
             weights = cast[:net.n_weights].astype(np.float64)
             loss += 0.5 * self.weight_decay * float(np.dot(weights, weights))
             grad[:net.n_weights] += self.weight_decay * weights
-        if not (np.isfinite(loss) and np.isfinite(grad).all()):
-            what = f"the loss was {loss}" if not np.isfinite(loss) else f"a gradient was not finite (loss {loss:.6g})"
-            raise NonFiniteObjective(f"at evaluation {self.evaluations}, {what}")
-        self._last = (np.array(theta, dtype=np.float64, copy=True), loss)
-        return loss, grad
+        return self._finish(theta, loss, grad)

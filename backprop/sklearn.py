@@ -104,6 +104,7 @@ from .npz import cast_finite
 from .progress import should_show
 from . import step
 from .optimizers import SGD, Adam, Optimizer
+from .lbfgs import FullBatchObjective, NonFiniteObjective
 from .staging import Batches
 
 __all__ = ["MLPClassifier", "MLPRegressor"]
@@ -461,7 +462,7 @@ class _BaseMLP(BaseEstimator):
             result = scipy.optimize.minimize(
                 objective, x0, method="L-BFGS-B", jac=True, callback=callback,
                 options={"maxfun": self.max_fun, "maxiter": self.max_iter, "gtol": self.tol})
-        except _NonFiniteObjective as exc:
+        except NonFiniteObjective as exc:
             failure = exc
         except KeyboardInterrupt:
             warnings.warn("Training interrupted by user.", stacklevel=3)
@@ -705,11 +706,7 @@ class _BaseMLP(BaseEstimator):
 
 
 # --------------------------------------------------------------------------- the L-BFGS objective
-class _NonFiniteObjective(FloatingPointError):
-    """The L-BFGS objective or its gradient was not finite at a point that L-BFGS-B asked for."""
-
-
-class _LbfgsObjective:
+class _LbfgsObjective(FullBatchObjective):
     """scikit-learn's L-BFGS objective for SciPy, computed by the network on its backend.
 
     ``f(theta) = scale * E(theta) + alpha / (2 n) * sum_l ||W^l||^2`` over the whole training set of ``n`` rows,
@@ -738,9 +735,9 @@ class _LbfgsObjective:
         ends = np.cumsum([n_out * n_in for n_out, n_in in self.shapes])
         self._coef_bounds = list(zip(np.concatenate([[0], ends[:-1]]).tolist(), ends.tolist()))
         # dense data goes to the backend once (if it fits there); sparse data is densified a chunk at a time
-        self._data = None if sp.issparse(X) else Batches(net.backend.kernels, X, y, net.dtype)
-        self.evaluations = 0
-        self._last: tuple[np.ndarray, float] | None = None
+        data = None if sp.issparse(X) else Batches(net.backend.kernels, X, y, net.dtype)
+        rows = min(self.n, _LBFGS_CHUNK)
+        super().__init__(net, lambda: _BaseMLP._minibatches(net, data, X, y, rows, None), self.n)
 
     def pack(self, params: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
         """``[(W, b)]`` (backprop's ``(n_out, n_in)`` weights) as one float64 vector, packed as scikit-learn."""
@@ -754,37 +751,10 @@ class _LbfgsObjective:
         flat[self.perm] = theta
         net._assign_flat(flat)
 
-    def value_at(self, theta: np.ndarray) -> float:
-        """``f(theta)``: that of the last evaluation when it was at ``theta``, else computed."""
-        if self._last is not None and np.array_equal(self._last[0], theta):
-            return self._last[1]
-        return self(theta)[0]
-
     def __call__(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
-        net = self.net
-        self.evaluations += 1
-        with np.errstate(over="ignore", invalid="ignore"):
-            cast = np.asarray(theta, dtype=np.float64).astype(net.dtype)
-        if not np.isfinite(cast).all():
-            raise _NonFiniteObjective(f"at evaluation {self.evaluations} of the objective, the parameters asked "
-                                      f"for were not finite in {net.dtype.name}")
-        self.set(net, cast)
-        k = net.backend.kernels
-        chunks = _BaseMLP._minibatches(net, self._data, self.X, self.y, min(self.n, _LBFGS_CHUNK), None)
-        if self.n <= _LBFGS_CHUNK:  # one pass over every row: the network's mean loss and gradient as they are
-            (rows, x, t), = chunks
-            value, _ = net.loss_and_grads_device(x, t)
-            loss = float(k.to_host(value))
-            flat = np.array(k.to_host(step.workspace(net, rows).grads), dtype=np.float64)
-        else:  # the chunks' means weighted by their rows
-            loss, flat = 0.0, None
-            for rows, x, t in chunks:
-                value, _ = net.loss_and_grads_device(x, t)
-                loss += float(k.to_host(value)) * rows
-                g = np.asarray(k.to_host(step.workspace(net, rows).grads), dtype=np.float64) * rows
-                flat = g if flat is None else flat + g
-            loss /= self.n
-            flat /= self.n
+        cast = self._checked(theta)
+        self.set(self.net, cast)
+        loss, flat = self._passes()
         f = self.scale * loss
         grad = flat[self.perm]
         if self.alpha:
@@ -794,10 +764,7 @@ class _LbfgsObjective:
                 values += np.dot(coefs[lo:hi], coefs[lo:hi])
             f += (0.5 * self.alpha) * values / self.n
             grad[:self.n_coef] += (self.alpha / self.n) * coefs
-        if not np.isfinite(f) or not np.isfinite(grad).all():
-            what = f"the loss was {f}" if not np.isfinite(f) else f"a gradient was not finite (loss {f:.6g})"
-            raise _NonFiniteObjective(f"at evaluation {self.evaluations} of the objective, {what}")
-        self._last = (np.array(theta, dtype=np.float64, copy=True), float(f))
+        return self._finish(theta, f, grad)
         return float(f), grad
 
 
@@ -920,9 +887,9 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
     """Multi-layer perceptron regressor trained by backprop (scikit-learn API).
 
     Identity output with the squared error (``loss="squared_error"``; also ``"absolute_error"`` and
-    ``"huber"``), or an exp output with half the Poisson deviance (``loss="poisson"``), any number of outputs. Parameters and attributes are scikit-learn's (see
-    ``sklearn.neural_network.MLPRegressor``) for the ``"adam"``, ``"sgd"`` and ``"lbfgs"`` solvers, plus
-    ``backend`` and ``dtype``; see :mod:`backprop.sklearn`.
+    ``"huber"``), or an exp output with half the Poisson deviance (``loss="poisson"``), any number of outputs.
+    Parameters and attributes are scikit-learn's (see ``sklearn.neural_network.MLPRegressor``) for the ``"adam"``,
+    ``"sgd"`` and ``"lbfgs"`` solvers, plus ``backend`` and ``dtype``; see :mod:`backprop.sklearn`.
     """
 
     def __init__(self, loss: str = "squared_error", hidden_layer_sizes: Any = (100,), activation: str = "relu", *,

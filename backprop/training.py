@@ -354,7 +354,7 @@ def _fit_lbfgs(net: MLP, data: Batches, val: Any, opt: LBFGS, epochs: int, callb
     from .network import NonFiniteLossError
 
     minimize = scipy_minimize()
-    objective = FullBatchObjective(net, data, opt.chunk, opt.weight_decay)
+    objective = FullBatchObjective.over(net, data, opt.chunk, opt.weight_decay)
     k = net.backend.kernels
     last = {"x": np.array(k.to_host(net.params), dtype=np.float64), "epoch": 0, "start": time.perf_counter()}
 

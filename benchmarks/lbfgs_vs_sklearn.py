@@ -35,7 +35,6 @@ import argparse
 import contextlib
 import io
 import json
-import os
 import shlex
 import sys
 import time
@@ -47,10 +46,10 @@ from typing import Any
 import numpy as np
 
 try:
-    from backprop.bench.cli import non_negative_float, positive_int, threads_int
+    from backprop.bench.cli import backend_name, json_path, non_negative_float, positive_int, threads_int
 except ImportError:  # run from a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from backprop.bench.cli import non_negative_float, positive_int, threads_int
+    from backprop.bench.cli import backend_name, json_path, non_negative_float, positive_int, threads_int
 from backprop.backend import resolve_backend
 from backprop.bench.machine import load_average, machine_info, restore_threads, set_threads
 from backprop.bench.timing import paired_ratio, time_ops
@@ -118,14 +117,6 @@ def first_at_most(trace: list[tuple[int, float, float]], target: float) -> tuple
 
 
 # --------------------------------------------------------------------------- command line
-def backend_name(text: str) -> str:
-    """``--backends``: a known backend name (whether it works here is checked after parsing)."""
-    key = text.strip().lower()
-    if key not in BACKEND_MODULES:
-        raise argparse.ArgumentTypeError(f"unknown backend {text!r}; known: {', '.join(BACKEND_MODULES)}")
-    return key
-
-
 def hidden_sizes(text: str) -> tuple[int, ...]:
     """``--hidden-layer-sizes``: comma-separated widths, such as ``64`` or ``128,64``."""
     items = [s.strip() for s in text.split(",")]
@@ -148,22 +139,6 @@ def random_state(text: str) -> int:
     if not 0 <= value <= MAX_RANDOM_STATE:
         raise argparse.ArgumentTypeError(f"must be an integer from 0 to {MAX_RANDOM_STATE}, got {text!r}")
     return value
-
-
-def json_path(text: str) -> Path:
-    """``--json``: a file path whose folder exists and can be written (checked now, written at the end)."""
-    if not text.strip() or "\0" in text:
-        raise argparse.ArgumentTypeError(f"must be a file path, got {text!r}")
-    path = Path(text)
-    if path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is a directory, not a file")
-    if os.path.lexists(path) and (not path.is_file() or not os.access(path, os.W_OK)):
-        raise argparse.ArgumentTypeError(f"{text} exists and cannot be written as a file")
-    if not path.parent.is_dir():
-        raise argparse.ArgumentTypeError(f"the folder {path.parent} does not exist")
-    if not os.access(path.parent, os.W_OK | os.X_OK):
-        raise argparse.ArgumentTypeError(f"the folder {path.parent} is not writable")
-    return path
 
 
 def build_parser() -> argparse.ArgumentParser:

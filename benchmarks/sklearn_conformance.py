@@ -41,10 +41,10 @@ from pathlib import Path
 from typing import Any
 
 try:
-    from backprop.bench.cli import non_negative_int, positive_float
+    from backprop.bench.cli import backend_name, json_path, non_negative_int, positive_float
 except ImportError:  # run from a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from backprop.bench.cli import non_negative_int, positive_float
+    from backprop.bench.cli import backend_name, json_path, non_negative_int, positive_float
 from backprop.backend import ENV_VAR, resolve_backend
 from backprop.kernels import BACKEND_MODULES
 
@@ -152,31 +152,6 @@ def run_copy(source: str, backend: str | None, timeout: float) -> dict[str, Any]
 
 
 # --------------------------------------------------------------------------- command line
-def backend_name(text: str) -> str:
-    """``--backends``: a known backend name (whether it works here is checked after parsing)."""
-    key = text.strip().lower()
-    if key not in BACKEND_MODULES:
-        raise argparse.ArgumentTypeError(f"unknown backend {text!r}; known: {', '.join(BACKEND_MODULES)}")
-    return key
-
-
-def json_path(text: str) -> Path:
-    """``--json``: a file path whose folder exists and can be written (checked now, written at the end)."""
-    if not text.strip() or "\0" in text:
-        raise argparse.ArgumentTypeError(f"must be a file path, got {text!r}")
-    path = Path(text)
-    if path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is a directory, not a file")
-    if os.path.lexists(path) and (not path.is_file() or not os.access(path, os.W_OK)):
-        raise argparse.ArgumentTypeError(f"{text} exists and cannot be written as a file")
-    parent = path.parent
-    if not parent.is_dir():
-        raise argparse.ArgumentTypeError(f"the folder {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise argparse.ArgumentTypeError(f"the folder {parent} is not writable")
-    return path
-
-
 def build_parser() -> argparse.ArgumentParser:
     doc = __doc__ or ""
     p = argparse.ArgumentParser(prog=PROG, description=doc.split("\n\n")[0], epilog=doc.split("\n\n", 1)[-1],

@@ -24,7 +24,7 @@ def _net(backend="numpy", dtype="float64", seed=0):
 def _objective(net, X, y, chunk=65536, weight_decay=0.0):
     k = net.backend.kernels
     T = np.eye(2)[y]
-    return FullBatchObjective(net, Batches(k, X, T, net.dtype), chunk, weight_decay)
+    return FullBatchObjective.over(net, Batches(k, X, T, net.dtype), chunk, weight_decay)
 
 
 def test_objective_is_the_mean_loss_plus_decay_and_its_gradient(rng):

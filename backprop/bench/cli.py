@@ -182,6 +182,31 @@ def peer_list(text: str) -> str:
     return text
 
 
+def backend_name(text: str) -> str:
+    """``--backends``: a known backend name (whether it works here is checked after parsing)."""
+    key = text.strip().lower()
+    if key not in BACKEND_MODULES:
+        raise argparse.ArgumentTypeError(f"unknown backend {text!r}; known: {', '.join(BACKEND_MODULES)}")
+    return key
+
+
+def json_path(text: str) -> Path:
+    """``--json``: a file path whose folder exists and can be written (checked now, written at the end)."""
+    if not text.strip() or "\0" in text:
+        raise argparse.ArgumentTypeError(f"must be a file path, got {text!r}")
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory, not a file")
+    if os.path.lexists(path) and (not path.is_file() or not os.access(path, os.W_OK)):
+        raise argparse.ArgumentTypeError(f"{text} exists and cannot be written as a file")
+    parent = path.parent
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"the folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"the folder {parent} is not writable")
+    return path
+
+
 def out_dir(text: str) -> str:
     """``--out``: a non-empty path (whether it can be used is checked after parsing, by :func:`out_problem`)."""
     if not text.strip():
