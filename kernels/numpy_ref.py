@@ -336,7 +336,7 @@ def output_error(
     if (rec.fused or ACTIVATIONS[output].needs_u) and u is None:
         raise ValueError(f"{output}/{loss} needs the output logits u")
     ops = _ops(y)
-    total = rec.value(y, u, t, param, ops)
+    total = rec.value(y, u, t, param, ops).sum()  # each element's loss (a scratch array), summed at once
     delta = xm.empty_like(y) if delta is None else delta
     r = xm.subtract(y, t, out=delta)  # y - t, turned into delta below
     if rec.fused:
