@@ -663,9 +663,11 @@ def test_unknown_codes_give_nan_never_a_formula():
         numba_cpu._slope_mul(g, np.ones((2, 3), dtype), np.ones((2, 3), dtype), bad, dtype(0.0))
         assert np.isnan(g).all()
         d, mean = np.empty((2, 3), dtype), np.empty(1, dtype)
-        numba_cpu._output_error(np.ones((2, 3), dtype), np.ones((2, 3), dtype), np.zeros((2, 3), dtype), d, bad_loss,
-                                nm.ACT_CODES["identity"], False, dtype(1.0), dtype(0.0), mean)
-        assert np.isnan(mean[0]) and np.isnan(d).all()
+        for weighted in (False, True):
+            numba_cpu._output_error(np.ones((2, 3), dtype), np.ones((2, 3), dtype), np.zeros((2, 3), dtype),
+                                    np.ones(2, dtype), weighted, d, bad_loss, nm.ACT_CODES["identity"], False,
+                                    dtype(1.0), dtype(0.0), mean)
+            assert np.isnan(mean[0]) and np.isnan(d).all()
 
 
 
