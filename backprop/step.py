@@ -164,12 +164,15 @@ def forward(net: MLP, ws: Workspace, x: Array, keep: bool = True, out: Array | N
     return x
 
 
-def output_error(net: MLP, ws: Workspace, t: Array) -> Array:
-    """Error at the output: the mean loss into ``ws.loss`` and ``delta^L = dE/du^L`` into the workspace."""
+def output_error(net: MLP, ws: Workspace, t: Array, weights: Array | None = None) -> Array:
+    """Error at the output: the mean loss into ``ws.loss`` and ``delta^L = dE/du^L`` into the workspace.
+
+    ``weights``: ``None``, or a backend array of one weight ``w_i`` per row in the network's dtype; the loss is
+    then ``sum_i w_i L_i / batch`` and ``delta^L`` its gradient (see the kernels' ``output_error``)."""
     out = net.output
     loss = net.loss_fn
     value, _ = net.backend.kernels.output_error(ws.y[-1], ws.u[-1], t, out.name, loss.name, loss.param, out.alpha,
-                                                delta=ws.delta[-1], value=ws.loss)
+                                                delta=ws.delta[-1], value=ws.loss, weights=weights)
     return value
 
 
@@ -191,13 +194,14 @@ def backward(net: MLP, ws: Workspace, x: Array, dW: list[Array] | None = None,
 
 
 def train_step(net: MLP, ws: Workspace, x: Array, t: Array, optimizer: Optimizer, guard: Guard,
-               weight: float = 1.0) -> None:
+               weight: float = 1.0, weights: Array | None = None) -> None:
     """One step on the batch ``(x, t)``: forward, error, backward, then the update, applied only when
     the guard finds the loss and every gradient finite and no update would leave a value that is
     not finite (see the module docstring). Nothing is read back; ``guard`` keeps the tally
-    (``weight * loss`` summed over the steps whose loss and gradients were finite)."""
+    (``weight * loss`` summed over the steps whose loss and gradients were finite). ``weights``: the
+    rows' weights of the loss (:func:`output_error`), ``None`` for the plain mean."""
     forward(net, ws, x)
-    loss = output_error(net, ws, t)
+    loss = output_error(net, ws, t, weights)
     backward(net, ws, x)
     k = net.backend.kernels
     g = guard.array

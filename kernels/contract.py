@@ -10,6 +10,12 @@ Conventions shared by every primitive:
 
 * a batch is ``(batch, n)`` C-contiguous, ``W`` is ``(n_out, n_in)``, ``b`` is ``(n_out,)``;
 * ``delta`` is ``dE/du`` of the mean loss ``E``;
+* ``weights`` (``output_error``): ``None`` or a 1-D backend array of ``batch`` row weights ``w`` in ``y``'s
+  dtype; then ``E = sum_i w_i L_i / batch`` (``L_i`` row ``i``'s loss) and row ``i`` of ``delta`` is ``w_i``
+  times its unweighted value (``w_i = s_i batch / sum(s)`` gives the mean of the losses weighted by ``s``);
+  without weights the results are those of an unweighted call, bit for bit, and so are they with weights
+  of ones. Weights of another shape or dtype raise a ``ValueError`` (:func:`check_weights`) before anything
+  is written;
 * keyword buffers (``y=``, ``u=``, ``out=``, ``delta=``, ``value=``, ``dW=``, ``db=``) are
   C-contiguous backend arrays of the right shape and dtype that receive the result, and are
   returned; without them the primitive allocates. A training step that passes them allocates
@@ -87,8 +93,8 @@ class KernelModule(Protocol):
     def weight_gradients(self, delta: Array, x_prev: Array, dW: Array | None = None,
                          db: Array | None = None) -> tuple[Array, Array]: ...
     def output_error(self, y: Array, u: Array | None, t: Array, output: str, loss: str, param: float = 0.0,
-                     alpha: float = 0.0, *, delta: Array | None = None,
-                     value: Array | None = None) -> tuple[Array, Array]: ...
+                     alpha: float = 0.0, *, delta: Array | None = None, value: Array | None = None,
+                     weights: Array | None = None) -> tuple[Array, Array]: ...
 
     def count_correct(self, y: Array, t: Array, rule: str, total: Array) -> None:
         """``total[0] +=`` the rows whose prediction ``y`` matches the target ``t``: by the position of the
@@ -141,6 +147,20 @@ FUNCTIONS: tuple[str, ...] = tuple(n for n, v in vars(KernelModule).items() if n
 
 #: Every name of :class:`KernelModule`: its functions and its constants.
 REQUIRED: tuple[str, ...] = FUNCTIONS + ("NAME", "xp")
+
+
+def check_weights(weights: Any, batch: int, dtype: Any) -> None:
+    """A ``ValueError`` naming ``weights`` unless it is ``None`` or a 1-D array of ``batch`` elements of
+    ``dtype`` (the row weights of ``output_error``)."""
+    if weights is None:
+        return
+    shape, wdtype = getattr(weights, "shape", None), getattr(weights, "dtype", None)
+    if shape is None or wdtype is None:
+        raise ValueError(f"weights must be None or a 1-D array of {batch} {np.dtype(dtype)} row weights, "
+                         f"got {type(weights).__name__}")
+    if tuple(shape) != (batch,) or np.dtype(wdtype) != np.dtype(dtype):
+        raise ValueError(f"weights must be a 1-D array of {batch} {np.dtype(dtype)} row weights, "
+                         f"got {np.dtype(wdtype)} {tuple(shape)}")
 
 
 def missing_names(module: Any) -> list[str]:

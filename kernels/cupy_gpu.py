@@ -19,7 +19,8 @@ It implements the contract of :mod:`backprop.kernels.contract` (the reference is
   (an L2 penalty kept on the device) works the same way.
 * Output error: the loss value and the output delta in two kernels (the delta and per-block
   partial sums, then their sum), numerically stable: log-sum-exp with a row max for softmax +
-  cross-entropy, sigmoid + BCE from the logits. Deterministic: no atomics.
+  cross-entropy, sigmoid + BCE from the logits; row weights, when given, scale each row's loss
+  and delta in the first kernel. Deterministic: no atomics.
   Their small scratch buffers are cached per (device, shape, dtype) and never freed.
 * Data: :func:`array_stats` reduces on the device and reads back six numbers in one copy;
   :func:`one_hot` is one kernel, :func:`gather_rows` one ``take``.
@@ -55,6 +56,7 @@ from .contract import (
     STAT_NONFINITE,
     STAT_ROW_SUM_ERROR,
     STATS_SIZE,
+    check_weights,
 )
 from .registry import ACTIVATIONS, LOSSES
 
@@ -658,15 +660,20 @@ def weight_gradients(
 # --------------------------------------------------------------------------- output error
 def output_error(
     y: Array, u: Array | None, t: Array, output: str, loss: str, param: float = 0.0, alpha: float = 0.0, *,
-    delta: Array | None = None, value: Array | None = None,
+    delta: Array | None = None, value: Array | None = None, weights: Array | None = None,
 ) -> tuple[Array, Array]:
     """The mean loss (a 0-d array, ``value`` when given) and ``delta^L`` (into ``delta`` when given), in
-    two kernels (see the module docstring). Their scratch (per-row or per-block sums) is cached."""
+    two kernels (see the module docstring); with ``weights``, each row's loss and delta times its weight.
+    Their scratch (per-row or per-block sums, the stand-in for absent weights) is cached."""
     dtype = y.dtype
     batch = y.shape[0]
+    check_weights(weights, batch, dtype)
     delta = _buffer(delta, y.shape, dtype, "delta")
     value = _buffer(value, (), dtype, "value")
     y, t = _contiguous(y), _contiguous(t)
+    # unweighted: a cached one-element array stands in for w, which the kernels then never read
+    w = _scratch("no_weights", (1,), dtype) if weights is None else _contiguous(weights)
+    weighted = np.int32(weights is not None)
     if loss in LOSSES and LOSSES[loss].rowwise:  # softmax + cross-entropy
         if u is None:
             raise ValueError("cross_entropy needs the output logits u")
@@ -677,7 +684,7 @@ def output_error(
         if rows:
             _raw("bp_softmax_xent", dtype)(
                 (grid,), (src.BLOCK,),
-                (y, u, t, delta, rowloss, np.int64(rows), np.int64(cols), _scalar(batch, dtype)))
+                (y, u, t, w, weighted, delta, rowloss, np.int64(rows), np.int64(cols), _scalar(batch, dtype)))
         _raw("bp_sum_scale", dtype)((1,), (src.BLOCK,), (rowloss, np.int64(rows), _scalar(batch, dtype), value))
         return value, delta
     if loss not in src.LOSS_BODY:
@@ -693,7 +700,8 @@ def output_error(
     partial = _scratch("loss_partial", (blocks,), dtype)
     _raw(src.loss_kernel_name(output, loss), dtype)(
         (blocks,), (src.BLOCK,),
-        (y, u, t, delta, partial, np.int64(n), _scalar(batch, dtype), _scalar(param, dtype), _scalar(alpha, dtype)))
+        (y, u, t, w, weighted, delta, partial, np.int64(n), np.int64(max(y.shape[1], 1)), _scalar(batch, dtype),
+         _scalar(param, dtype), _scalar(alpha, dtype)))
     _raw("bp_sum_scale", dtype)((1,), (src.BLOCK,), (partial, np.int64(blocks), _scalar(batch, dtype), value))
     return value, delta
 

@@ -13,7 +13,8 @@ The activation and loss formulas follow :mod:`backprop.kernels.numpy_ref` term b
 * ``ACT_SLOPE[name]``: ``(variable, expression)``, the slope as ``phi(y)`` of the output ``y``, or,
   for GELU and SiLU, ``f'(u)`` of the pre-activation ``u``;
 * ``LOSS_BODY[loss]``: per element, the loss term ``l`` (summed, then divided by the batch) and the
-  output delta ``d``, from ``y``, ``u``, ``t``, the Huber threshold ``k``, ``alpha`` and ``batch``.
+  output delta ``d``, from ``y``, ``u``, ``t``, the Huber threshold ``k``, ``alpha`` and ``batch``;
+  the loss kernels multiply both by the row's weight when they are given row weights.
 
 The guard (``guard_step``, the ``*_guarded`` updates and their ``*_probe`` twins, see
 :mod:`backprop.kernels.contract`) is a float64 ``(4,)`` array on the device. The updates read
@@ -245,13 +246,15 @@ extern "C" __global__ void bp_softmax_forward(T* u, const T* b, T* y, long long 
 
 SOFTMAX_XENT = r"""
 /* Softmax + cross-entropy from the logits: per row lse = m + log(sum exp(u - m)), the row's loss
-   sum_j t_j (lse - u_j) into rowloss[row], and delta = (y - t) / batch. One warp per row. */
-extern "C" __global__ void bp_softmax_xent(const T* py, const T* pu, const T* pt, T* delta, T* rowloss,
-                                           long long rows, long long cols, T batch) {
+   sum_j t_j (lse - u_j) into rowloss[row], and delta = (y - t) / batch; when weighted, both times
+   w[row] (w is not read otherwise). One warp per row. */
+extern "C" __global__ void bp_softmax_xent(const T* py, const T* pu, const T* pt, const T* w, int weighted,
+                                           T* delta, T* rowloss, long long rows, long long cols, T batch) {
     const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
     if (row >= rows) return;  /* the whole warp leaves together */
     const long long off = row * cols;
+    const T wr = weighted ? w[row] : (T)1;
     T m = bp_neg_inf();
     for (long long j = lane; j < cols; j += 32) m = pu[off + j] > m ? pu[off + j] : m;
     m = bp_warp_max(m);
@@ -262,10 +265,13 @@ extern "C" __global__ void bp_softmax_xent(const T* py, const T* pu, const T* pt
     T acc = (T)0;
     for (long long j = lane; j < cols; j += 32) {
         const T t = pt[off + j];
-        delta[off + j] = (py[off + j] - t) / batch;
+        T d = (py[off + j] - t) / batch;
+        if (weighted) d *= wr;
+        delta[off + j] = d;
         acc += t * (lse - pu[off + j]);
     }
     acc = bp_warp_sum(acc);
+    if (weighted) acc *= wr;
     if (lane == 0) rowloss[row] = acc;
 }
 """
@@ -398,15 +404,21 @@ def probe_kernel(name: str, spec: ElementwiseSpec) -> str:
 
 _LOSS_KERNEL = r"""
 /* %(output)s + %(loss)s: delta = d per element and, per block, the sum of the loss terms l into
-   partial[blockIdx.x] (added by bp_sum_scale). Grid-stride loop over the n = rows * cols elements. */
-extern "C" __global__ void %(name)s(const T* py, const T* pu, const T* pt, T* delta, T* partial,
-                                    long long n, T batch, T k, T alpha) {
+   partial[blockIdx.x] (added by bp_sum_scale); when weighted, d and l times the weight w[i / cols] of
+   their row (w is not read otherwise). Grid-stride loop over the n = rows * cols elements. */
+extern "C" __global__ void %(name)s(const T* py, const T* pu, const T* pt, const T* w, int weighted,
+                                    T* delta, T* partial, long long n, long long cols, T batch, T k, T alpha) {
     T acc = (T)0;
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
         %(loads)s
         T d, l;
         %(body)s
+        if (weighted) {
+            const T wr = w[i / cols];
+            d *= wr;
+            l *= wr;
+        }
         delta[i] = d;
         acc += l;
     }

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from . import numba_math as nm
+from .contract import check_weights
 
 NAME = "numba-cuda"
 IS_GPU = True
@@ -532,18 +533,19 @@ def weight_gradients(
 # --------------------------------------------------------------------------- output error
 def output_error(
     y: Array, u: Array | None, t: Array, output: str, loss: str, param: float = 0.0, alpha: float = 0.0, *,
-    delta: Array | None = None, value: Array | None = None,
+    delta: Array | None = None, value: Array | None = None, weights: Array | None = None,
 ) -> tuple[Array, Array]:
     """Mean loss ``E`` (a 0-d device array of ``y``'s dtype) and ``delta = dE/du`` (``(y - t) / batch``
     for the fused pairs, ``dL/dy * phi(y) / batch`` otherwise), into ``value`` and ``delta`` when
-    given. The loss is reduced on the device: per-row losses (a cached scratch vector), then a
-    one-block mean."""
+    given; with ``weights``, each row's loss and delta times its weight. The loss is reduced on the
+    device: per-row losses (a cached scratch vector), then a one-block mean."""
     s = _get()
     lcode, acode, fused = nm.output_loss_codes(output, loss, u is not None)
     if u is None:
         u = y
     dt = np.dtype(y.dtype)
     m, n = y.shape
+    check_weights(weights, m, dt)
     if delta is None:
         delta = _empty((m, n), dt)
     if value is None:
@@ -551,8 +553,10 @@ def output_error(
     if m == 0:
         return _zero_fill(value), delta
     rowloss = _scratch("rowloss", (m,), dt)
-    _launch(s.k.loss_rows, s.k.blocks(m), s.k.TPB, _nb(y), _nb(u), _nb(t), _nb(delta), _nb(rowloss), lcode,
-            acode, bool(fused), dt.type(param), dt.type(alpha))
+    # unweighted: a cached one-element array stands in for w (never read), so that both share one signature
+    w = _scratch("no_weights", (1,), dt) if weights is None else weights
+    _launch(s.k.loss_rows, s.k.blocks(m), s.k.TPB, _nb(y), _nb(u), _nb(t), _nb(w), weights is not None, _nb(delta),
+            _nb(rowloss), lcode, acode, bool(fused), dt.type(param), dt.type(alpha))
     _launch(s.k.kernels_for(dt.name).mean, 1, s.k.RED_T, _nb(rowloss), _flat(value))
     return value, delta
 

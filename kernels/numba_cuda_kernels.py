@@ -113,9 +113,10 @@ def slope_mul(g, y, u, code, alpha):  # pragma: no cover - compiled
 
 
 @cuda.jit
-def loss_rows(y, u, t, delta, rowloss, lcode, acode, fused, k, alpha):  # pragma: no cover - compiled
+def loss_rows(y, u, t, w, weighted, delta, rowloss, lcode, acode, fused, k, alpha):  # pragma: no cover - compiled
     """One thread per row: the row's loss into ``rowloss[i]`` and ``delta[i, :] = dE/du``: ``(y - t) / batch``
-    for a fused pair, ``dL/dy phi(y) / batch`` otherwise; cross-entropy (row-wise) from the logits."""
+    for a fused pair, ``dL/dy phi(y) / batch`` otherwise; cross-entropy (row-wise) from the logits.
+    ``weighted``: both times ``w[i]`` (``w`` is not read otherwise)."""
     c = consts(y)
     m, n = y.shape
     inv_b = c[nm.ONE] / y.dtype.type(m)
@@ -138,9 +139,14 @@ def loss_rows(y, u, t, delta, rowloss, lcode, acode, fused, k, alpha):  # pragma
         for j in range(n):
             r = y[i, j] - t[i, j]
             if fused:
-                delta[i, j] = r * inv_b
+                d = r * inv_b
             else:
-                delta[i, j] = loss_grad(r, lcode, k, c) * slope(y[i, j], u[i, j], acode, alpha, c) * inv_b
+                d = loss_grad(r, lcode, k, c) * slope(y[i, j], u[i, j], acode, alpha, c) * inv_b
+            if weighted:
+                d = d * w[i]
+            delta[i, j] = d
+        if weighted:
+            row = row * w[i]
         rowloss[i] = row
 
 

@@ -36,6 +36,7 @@ from .contract import (
     STAT_NONFINITE,
     STAT_ROW_SUM_ERROR,
     STATS_SIZE,
+    check_weights,
 )
 from .registry import ACTIVATIONS, LOSSES, loss_outputs
 
@@ -316,13 +317,15 @@ def weight_gradients(
 # --------------------------------------------------------------------------- output error
 def output_error(
     y: Array, u: Array | None, t: Array, output: str, loss: str, param: float = 0.0, alpha: float = 0.0, *,
-    delta: Array | None = None, value: Array | None = None,
+    delta: Array | None = None, value: Array | None = None, weights: Array | None = None,
 ) -> tuple[Array, Array]:
     """Error at the output: the mean loss ``E`` and ``delta^L = dE/du^L`` together.
 
     ``y = f(u)`` is the network output, ``u`` the output logits, ``t`` the targets (one-hot rows
     for cross-entropy). Fused pairs (sigmoid + bce, softmax + cross_entropy) read the logits and
     use ``delta = (y - t) / batch``; the others use ``delta = dL/dy * phi(y) / batch``.
+    ``weights`` (``None``, or ``batch`` row weights ``w`` in ``y``'s dtype): ``E = sum_i w_i L_i / batch``
+    and row ``i`` of ``delta`` is ``w_i`` times its unweighted value.
     Returns ``(loss, delta)`` with ``loss`` a 0-d array of ``y``'s dtype (``value`` when given).
     """
     xm = array_module(y)
@@ -335,8 +338,13 @@ def output_error(
         raise ValueError(f"output {output!r} does not go with loss {loss!r}")
     if (rec.fused or ACTIVATIONS[output].needs_u) and u is None:
         raise ValueError(f"{output}/{loss} needs the output logits u")
+    check_weights(weights, batch, y.dtype)
     ops = _ops(y)
-    total = rec.value(y, u, t, param, ops)
+    per_element = rec.value(y, u, t, param, ops)  # a scratch array: summed before the next form runs
+    if weights is not None:
+        # each element times its row's weight, then the same sum: weights of ones give the unweighted bits
+        per_element *= weights.reshape(batch, 1)
+    total = per_element.sum()
     delta = xm.empty_like(y) if delta is None else delta
     r = xm.subtract(y, t, out=delta)  # y - t, turned into delta below
     if rec.fused:
@@ -345,6 +353,8 @@ def output_error(
         rec.grad(r, param, delta, ops)
         delta *= activation_slope(y, u, output, alpha, out=_scratch(y, "loss"))
         delta /= batch
+    if weights is not None:
+        delta *= weights.reshape(batch, 1)
     mean = total / batch
     if value is None:
         return xm.asarray(mean, dtype=y.dtype), delta

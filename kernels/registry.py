@@ -138,7 +138,9 @@ class Loss:
 
     ``E`` is the mean over the batch of the per-sample loss ``L``. Elementwise losses (not ``fused``)
     give ``delta = dL/dy * phi(y) / batch``; fused pairs read the logits and give ``(y - t) / batch``.
-    NumPy forms: ``value(y, u, t, k, ops)`` returns the sum of ``L`` over the batch (a 0-d array);
+    NumPy forms: ``value(y, u, t, k, ops)`` returns the loss of each element, an array of ``y``'s shape
+    (a scratch array of ``ops``, overwritten by the next call: sum it at once), whose row sums are the
+    per-sample losses ``L``;
     ``grad(r, k, out, ops)`` writes ``dL/dy`` of the residual ``r = y - t`` into ``out`` (``out`` may be
     ``r``). Scalar forms: ``scalar_value(y, u, t, k, c)`` per element and ``scalar_grad(r, k, c)``.
     CUDA C: ``cuda_body`` sets ``l`` (the element's loss) and ``d`` (its delta, already divided by
@@ -612,7 +614,9 @@ ACTIVATIONS: dict[str, Activation] = {
 # ----------------------------------------------------------------------------- losses
 def _np_mse(y, u, t, k, ops):  # type: ignore[no-untyped-def]
     r = ops.xm.subtract(y, t, out=ops.scratch(y, "loss"))
-    return 0.5 * ops.xm.multiply(r, r, out=r).sum()
+    ops.xm.multiply(r, r, out=r)
+    r *= 0.5  # a power of two: their sum is 0.5 times the sum of the squares, bit for bit (no underflow)
+    return r
 
 
 def _np_mse_grad(r, k, out, ops):  # type: ignore[no-untyped-def]
@@ -641,7 +645,7 @@ MSE = Loss(
 
 def _np_mae(y, u, t, k, ops):  # type: ignore[no-untyped-def]
     r = ops.xm.subtract(y, t, out=ops.scratch(y, "loss"))
-    return ops.xm.abs(r, out=r).sum()
+    return ops.xm.abs(r, out=r)
 
 
 def _np_mae_grad(r, k, out, ops):  # type: ignore[no-untyped-def]
@@ -676,7 +680,7 @@ def _np_huber(y, u, t, k, ops):  # type: ignore[no-untyped-def]
     a -= m
     m *= 2
     a *= m
-    return a.sum()
+    return a
 
 
 def _np_huber_grad(r, k, out, ops):  # type: ignore[no-untyped-def]
@@ -708,7 +712,7 @@ def _np_bce(y, u, t, k, ops):  # type: ignore[no-untyped-def]
     # softplus(u) - t u, the cross-entropy of sigmoid(u) against t
     s = _np_softplus(u, 0.0, ops.scratch(u, "loss"), ops)
     s -= ops.xm.multiply(t, u, out=ops.scratch(u, "aux"))
-    return s.sum()
+    return s
 
 
 @scalar
@@ -738,7 +742,7 @@ def _np_cross_entropy(y, u, t, k, ops):  # type: ignore[no-untyped-def]
     lse += m
     xm.subtract(lse, u, out=s)
     s *= t
-    return s.sum()
+    return s
 
 
 CROSS_ENTROPY = Loss(
@@ -759,7 +763,7 @@ def _np_poisson(y, u, t, k, ops):  # type: ignore[no-untyped-def]
     a *= t
     a -= t
     s += a
-    return s.sum()
+    return s
 
 
 @scalar

@@ -788,6 +788,48 @@ def test_fake_primitives_match_reference(fake_any, rng):
     np.testing.assert_allclose(host(k, qd), p, **tol(dt))
 
 
+def test_fake_weighted_output_error(fake, rng):
+    """Row weights through the real launch path (kernels emulated): every pair's loss and delta against the
+    weighted reference in float32, and in both dtypes weights of ones give the unweighted bits, in the same two
+    kernels."""
+    k, batch, n = fake, 9, 5
+    w = rng.uniform(0.2, 3.0, batch)
+    for output, loss in PAIRS:
+        a = _alpha(output)
+        u = rng.normal(size=(batch, n)) * 2
+        y = ref.activate(u, output, a)
+        t = _targets(rng, loss, batch, n)
+        param = 0.5 if loss == "huber" else LOSSES[loss].default_param
+        args = (k.to_device(y, np.float32), k.to_device(u, np.float32), k.to_device(t, np.float32), output, loss,
+                param, a)
+        value, d = k.output_error(*args, weights=k.to_device(w, np.float32))
+        rv, rd = ref.output_error(y, u, t, output, loss, param, a, weights=w)
+        np.testing.assert_allclose(float(host(k, value)), float(rv), **tol(np.float32))
+        np.testing.assert_allclose(host(k, d), rd, **tol(np.float32))
+    for dt in (np.float32, np.float64):
+        for output, loss in [("softmax", "cross_entropy"), ("tanh", "huber"), ("sigmoid", "bce")]:
+            u = rng.normal(size=(batch, n)) * 2
+            args = (k.to_device(ref.activate(u, output), dt), k.to_device(u, dt),
+                    k.to_device(_targets(rng, loss, batch, n), dt), output, loss, 0.5)
+            _Fake.launches.clear()
+            plain = [np.array(host(k, x)) for x in k.output_error(*args)]
+            weighted = [np.array(host(k, x)) for x in k.output_error(*args, weights=k.to_device(np.ones(batch), dt))]
+            assert _Fake.launches[:2] == _Fake.launches[2:] and len(_Fake.launches) == 4
+            for got, want in zip(weighted, plain):
+                np.testing.assert_array_equal(got.reshape(-1).view(np.uint8), want.reshape(-1).view(np.uint8))
+
+
+def test_fake_output_error_refuses_wrong_weights_before_any_launch(fake, rng):
+    k, dt = fake, np.float32
+    d = k.to_device(rng.normal(size=(4, 3)), dt)
+    _Fake.launches.clear()
+    for weights in (k.to_device(np.ones(5), dt), k.to_device(np.ones(4), np.float64), k.to_device(np.ones((4, 1)), dt)):
+        for output, loss in [("identity", "mse"), ("softmax", "cross_entropy")]:
+            with pytest.raises(ValueError, match="weights"):
+                k.output_error(d, d, d, output, loss, weights=weights)
+    assert _Fake.launches == []
+
+
 def test_fake_one_fused_kernel_per_step(fake, rng):
     """What each primitive launches: one elementwise kernel after each GEMM, none for identity."""
     k, dt = fake, np.float32

@@ -734,18 +734,30 @@ def _sum_scale(emu: Emu, x: np.ndarray, batch: int) -> float:
     return float(got["out"][0])
 
 
+def _weights(rng, rows: int, weighted: bool, dtype) -> tuple[np.ndarray | None, np.ndarray]:
+    """Row weights for the reference (``None`` unweighted) and the kernels' ``w``: NaN when unweighted, where
+    the kernels must not read it."""
+    if not weighted:
+        return None, np.full(1, np.nan)
+    w = rng.uniform(0.2, 3.0, size=rows).astype(dtype).astype(np.float64)
+    return w, w
+
+
+@pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("cols", [2, 40])
-def test_emulated_softmax_cross_entropy(emu, rng, cols):
+def test_emulated_softmax_cross_entropy(emu, rng, cols, weighted):
     ct = "float" if emu.dtype == np.float32 else "double"
     rows = 13
     u = (rng.normal(size=(rows, cols)) * 2).astype(emu.dtype).astype(np.float64)
     y = ref.activate(u, "softmax").astype(emu.dtype).astype(np.float64)
     t = np.eye(cols)[rng.integers(0, cols, rows)]
+    weights, w = _weights(rng, rows, weighted, emu.dtype)
     grid = (rows + S.ROWS_PER_BLOCK - 1) // S.ROWS_PER_BLOCK
     got = emu("bp_softmax_xent", grid, S.BLOCK,
-              {"py": y, "pu": u, "pt": t, "delta": np.full(rows * cols, np.nan), "rowloss": np.full(rows, np.nan)},
-              {"rows": rows, "cols": cols, "batch": rows}, outputs=("delta", "rowloss"))
-    value, delta = ref.output_error(y, u, t, "softmax", "cross_entropy")
+              {"py": y, "pu": u, "pt": t, "w": w, "delta": np.full(rows * cols, np.nan),
+               "rowloss": np.full(rows, np.nan)},
+              {"weighted": int(weighted), "rows": rows, "cols": cols, "batch": rows}, outputs=("delta", "rowloss"))
+    value, delta = ref.output_error(y, u, t, "softmax", "cross_entropy", weights=weights)
     np.testing.assert_allclose(got["delta"], delta.ravel(), **_tol(ct))
     np.testing.assert_allclose(_sum_scale(emu, got["rowloss"], rows), float(value), **_tol(ct))
 
@@ -755,8 +767,9 @@ def test_emulated_softmax_cross_entropy_huge_logits(emu):
     y = ref.activate(u, "softmax")
     t = np.array([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
     got = emu("bp_softmax_xent", 1, S.BLOCK,
-              {"py": y, "pu": u, "pt": t, "delta": np.full(6, np.nan), "rowloss": np.full(3, np.nan)},
-              {"rows": 3, "cols": 2, "batch": 3}, outputs=("delta", "rowloss"))
+              {"py": y, "pu": u, "pt": t, "w": np.full(1, np.nan), "delta": np.full(6, np.nan),
+               "rowloss": np.full(3, np.nan)},
+              {"weighted": 0, "rows": 3, "cols": 2, "batch": 3}, outputs=("delta", "rowloss"))
     value, _ = ref.output_error(y, u, t, "softmax", "cross_entropy")
     assert np.isfinite(got["delta"]).all() and np.isfinite(got["rowloss"]).all()
     np.testing.assert_allclose(_sum_scale(emu, got["rowloss"], 3), float(value), rtol=1e-5)
@@ -765,8 +778,9 @@ def test_emulated_softmax_cross_entropy_huge_logits(emu):
 PAIRS = S.loss_pairs()
 
 
+@pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("output,loss", PAIRS)
-def test_emulated_elementwise_loss(emu, rng, output, loss):
+def test_emulated_elementwise_loss(emu, rng, output, loss, weighted):
     ct = "float" if emu.dtype == np.float32 else "double"
     rows, cols = 13, 11  # 143 elements over 64 threads: up to three per thread
     a = _alpha(output)
@@ -775,12 +789,14 @@ def test_emulated_elementwise_loss(emu, rng, output, loss):
     t = rng.uniform(size=(rows, cols)) if loss == "bce" else rng.normal(size=(rows, cols))
     t = t.astype(emu.dtype).astype(np.float64)
     param = 0.5 if loss == "huber" else LOSSES[loss].default_param
+    weights, w = _weights(rng, rows, weighted, emu.dtype)
     n = rows * cols
     # two blocks: each thread takes several elements (the grid-stride loop), block sums in two parts
     got = emu(S.loss_kernel_name(output, loss), 2, S.BLOCK // 8,
-              {"py": y, "pu": u, "pt": t, "delta": np.full(n, np.nan), "partial": np.full(2, np.nan)},
-              {"n": n, "batch": rows, "k": param, "alpha": a}, outputs=("delta", "partial"))
-    value, delta = ref.output_error(y, u, t, output, loss, param, a)
+              {"py": y, "pu": u, "pt": t, "w": w, "delta": np.full(n, np.nan), "partial": np.full(2, np.nan)},
+              {"weighted": int(weighted), "n": n, "cols": cols, "batch": rows, "k": param, "alpha": a},
+              outputs=("delta", "partial"))
+    value, delta = ref.output_error(y, u, t, output, loss, param, a, weights=weights)
     np.testing.assert_allclose(got["delta"], delta.ravel(), **_tol(ct))
     np.testing.assert_allclose(_sum_scale(emu, got["partial"], rows), float(value), **_tol(ct))
 
@@ -790,8 +806,9 @@ def test_emulated_bce_huge_logits(emu):
     y = ref.activate(u, "sigmoid")
     t = np.array([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
     got = emu(S.loss_kernel_name("sigmoid", "bce"), 1, S.BLOCK,
-              {"py": y, "pu": u, "pt": t, "delta": np.full(6, np.nan), "partial": np.full(1, np.nan)},
-              {"n": 6, "batch": 3, "k": 0.0, "alpha": 0.0}, outputs=("delta", "partial"))
+              {"py": y, "pu": u, "pt": t, "w": np.full(1, np.nan), "delta": np.full(6, np.nan),
+               "partial": np.full(1, np.nan)},
+              {"weighted": 0, "n": 6, "cols": 2, "batch": 3, "k": 0.0, "alpha": 0.0}, outputs=("delta", "partial"))
     value, _ = ref.output_error(y, u, t, "sigmoid", "bce")
     assert np.isfinite(got["delta"]).all()
     np.testing.assert_allclose(_sum_scale(emu, got["partial"], 3), float(value), rtol=1e-5)

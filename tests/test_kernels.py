@@ -270,6 +270,106 @@ def test_fused_losses_are_finite_for_huge_logits(backend, output, loss):
     np.testing.assert_allclose(float(host(backend, value)), float(rv), rtol=1e-5)
 
 
+# --------------------------------------------------------------------------- row weights
+def _row_weights(rng, batch: int) -> np.ndarray:
+    """Positive row weights, far from all equal."""
+    return rng.uniform(0.2, 3.0, size=batch)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("output,loss", PAIRS)
+def test_weighted_output_error(backend, small, rng, output, loss, dtype):
+    """With row weights ``w``: the loss ``sum_i w_i L_i / batch`` and each row's delta times ``w_i``, as the
+    reference computes them, written into the (poisoned) buffers given."""
+    y, u, t, param = _output_inputs(rng, small, output, loss)
+    w = _row_weights(rng, y.shape[0])
+    alpha = alpha_of(output)
+    k = backend.kernels
+    delta_buf, value_buf = poisoned(k, y.shape, dtype), poisoned(k, (), dtype)
+    value, delta = k.output_error(k.to_device(y, dtype), k.to_device(u, dtype), k.to_device(t, dtype), output, loss,
+                                  param, alpha, delta=delta_buf, value=value_buf, weights=k.to_device(w, dtype))
+    assert value is value_buf and delta is delta_buf
+    rv, rd = ref.output_error(y, u, t, output, loss, param, alpha, weights=w)
+    np.testing.assert_allclose(float(host(backend, value)), float(rv), **tolerance(dtype))
+    np.testing.assert_allclose(host(backend, delta), rd, **tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("output,loss", PAIRS)
+def test_output_error_with_unit_weights_is_the_unweighted_result(backend, small, rng, output, loss, dtype):
+    """Weights of ones give the loss and delta of the unweighted call, bit for bit."""
+    y, u, t, param = _output_inputs(rng, small, output, loss)
+    alpha = alpha_of(output)
+    k = backend.kernels
+    args = (k.to_device(y, dtype), k.to_device(u, dtype), k.to_device(t, dtype), output, loss, param, alpha)
+    value, delta = (host_copy(k, a) for a in k.output_error(*args))
+    ones = k.to_device(np.ones(y.shape[0]), dtype)
+    w_value, w_delta = (host_copy(k, a) for a in k.output_error(*args, weights=ones))
+    np.testing.assert_array_equal(w_value.reshape(-1).view(np.uint8), value.reshape(-1).view(np.uint8))
+    np.testing.assert_array_equal(w_delta.view(np.uint8), delta.view(np.uint8))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("output,loss", [("identity", "mse"), ("sigmoid", "bce"), ("softmax", "cross_entropy")])
+def test_output_error_refuses_wrong_weights_before_writing(backend, small, rng, output, loss, dtype):
+    """Weights of another length, another number of dimensions or another dtype, or no array at all: a
+    ``ValueError`` naming ``weights``, and the buffers are left as they were."""
+    y, u, t, param = _output_inputs(rng, small, output, loss)
+    batch = y.shape[0]
+    k = backend.kernels
+    other = np.float64 if dtype == np.float32 else np.float32
+    wrong = [k.to_device(np.ones(batch + 1), dtype), k.to_device(np.ones((batch, 1)), dtype),
+             k.to_device(np.ones(batch), other), [1.0] * batch]
+    args = (k.to_device(y, dtype), k.to_device(u, dtype), k.to_device(t, dtype), output, loss, param)
+    for weights in wrong:
+        delta, value = poisoned(k, y.shape, dtype), poisoned(k, (), dtype)
+        with pytest.raises(ValueError, match="weights"):
+            k.output_error(*args, delta=delta, value=value, weights=weights)
+        assert np.isnan(host(backend, delta)).all() and np.isnan(float(host(backend, value)))
+
+
+@pytest.mark.parametrize("output,loss", PAIRS)
+def test_reference_weighted_output_error_weighs_each_row(rng, output, loss):
+    """The reference's weighted loss is ``sum_i w_i L_i / batch`` with ``L_i`` the loss of row ``i`` alone, and
+    its delta row ``i`` is ``w_i`` times the unweighted one."""
+    y, u, t, param = _output_inputs(rng, True, output, loss)
+    batch = y.shape[0]
+    w = _row_weights(rng, batch)
+    alpha = alpha_of(output)
+    value, delta = ref.output_error(y, u, t, output, loss, param, alpha, weights=w)
+    _, plain_delta = ref.output_error(y, u, t, output, loss, param, alpha)
+    rows = [float(ref.output_error(y[i:i + 1], u[i:i + 1], t[i:i + 1], output, loss, param, alpha)[0])
+            for i in range(batch)]
+    assert float(value) == pytest.approx(float(np.dot(w, rows)) / batch, rel=1e-12)
+    np.testing.assert_array_equal(delta, plain_delta * w[:, None])
+
+
+@pytest.mark.parametrize("output,loss", PAIRS)
+def test_reference_weighted_delta_is_the_gradient_of_the_weighted_loss(rng, output, loss):
+    """float64: the weighted delta against central differences of the weighted loss in the logits ``u``
+    (the output ``y = f(u)`` recomputed at each point)."""
+    batch, n = 4, 3
+    alpha = alpha_of(output)
+    u = rng.normal(size=(batch, n)) * 2
+    t = _targets(rng, loss, batch, n)
+    param = 0.5 if loss == "huber" else LOSSES[loss].default_param
+    w = _row_weights(rng, batch)
+
+    def loss_at(v: np.ndarray) -> float:
+        return float(ref.output_error(ref.activate(v, output, alpha), v, t, output, loss, param, alpha,
+                                      weights=w)[0])
+
+    _, delta = ref.output_error(ref.activate(u, output, alpha), u, t, output, loss, param, alpha, weights=w)
+    h = 1e-6
+    numeric = np.empty_like(u)
+    for idx in np.ndindex(*u.shape):
+        up, down = u.copy(), u.copy()
+        up[idx] += h
+        down[idx] -= h
+        numeric[idx] = (loss_at(up) - loss_at(down)) / (2 * h)
+    np.testing.assert_allclose(delta, numeric, rtol=1e-6, atol=1e-9)
+
+
 # --------------------------------------------------------------------------- updates
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])

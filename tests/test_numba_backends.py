@@ -72,6 +72,9 @@ def _every_primitive(k, dtype, rng, batch=7, n_in=5, n_out=4):
                           ("cross_entropy", "softmax")):
         yo, uo = made[f"y_{out_act}"], made[f"u_{out_act}"]
         made[f"loss_{loss}"], made[f"dout_{loss}"] = k.output_error(yo, uo, t, out_act, loss, 1.0, 0.0)
+    weights = k.to_device(np.linspace(0.5, 2.0, batch), dtype)
+    made["loss_weighted"], made["dout_weighted"] = k.output_error(made["y_softmax"], made["u_softmax"], t, "softmax",
+                                                                  "cross_entropy", weights=weights)
     made["dW"], made["db"] = k.weight_gradients(t, x)
     # the same primitives into buffers, as a training step calls them
     yb, ub, gb = k.zeros((batch, n_out), dtype), k.zeros((batch, n_out), dtype), k.zeros((batch, n_out), dtype)
@@ -172,7 +175,7 @@ ks = K.kernels_for("float32")
 sigs = {
     "bias_act": (K.bias_act, (A2, A1, A2, I, f32, B)), "bias_softmax": (K.bias_softmax, (A2, A1, A2, B)),
     "slope_mul": (K.slope_mul, (A2, A2, A2, I, f32)),
-    "loss_rows": (K.loss_rows, (A2, A2, A2, A2, A1, I, I, B, f32, f32)),
+    "loss_rows": (K.loss_rows, (A2, A2, A2, A1, B, A2, A1, I, I, B, f32, f32)),
     "sgd": (K.sgd, (A1, A1, f32, f32, G)), "momentum": (K.momentum, (A1, A1, A1, f32, f32, B, f32, G)),
     "adam": (K.adam, (A1, A1, A1, A1, f32, f32, f32, f32, f32, f32, f32, f32, G)),
     "adam_dev": (K.adam_dev, (A1, A1, A1, A1, A1, f32, f32, f32, f32, f32, f32, G)),
@@ -663,9 +666,11 @@ def test_unknown_codes_give_nan_never_a_formula():
         numba_cpu._slope_mul(g, np.ones((2, 3), dtype), np.ones((2, 3), dtype), bad, dtype(0.0))
         assert np.isnan(g).all()
         d, mean = np.empty((2, 3), dtype), np.empty(1, dtype)
-        numba_cpu._output_error(np.ones((2, 3), dtype), np.ones((2, 3), dtype), np.zeros((2, 3), dtype), d, bad_loss,
-                                nm.ACT_CODES["identity"], False, dtype(1.0), dtype(0.0), mean)
-        assert np.isnan(mean[0]) and np.isnan(d).all()
+        for weighted in (False, True):
+            numba_cpu._output_error(np.ones((2, 3), dtype), np.ones((2, 3), dtype), np.zeros((2, 3), dtype),
+                                    np.ones(2, dtype), weighted, d, bad_loss, nm.ACT_CODES["identity"], False,
+                                    dtype(1.0), dtype(0.0), mean)
+            assert np.isnan(mean[0]) and np.isnan(d).all()
 
 
 

@@ -61,8 +61,8 @@ def test_slope_is_the_derivative_of_f(name, rng):
 
 @pytest.mark.parametrize("name", [n for n, x in r.LOSSES.items() if not x.rowwise])
 def test_loss_forms_agree_and_grad_is_the_derivative(name, rng):
-    """Per element: the scalar loss sums to the NumPy value, and the scalar and NumPy ``dL/dy`` agree with
-    a central difference of the value (for the fused loss, ``dL/du = y - t`` with the sigmoid output)."""
+    """Per element: the scalar loss equals the NumPy value's element, and the scalar and NumPy ``dL/dy`` agree
+    with a central difference of the value (for the fused loss, ``dL/du = y - t`` with the sigmoid output)."""
     rec = r.LOSSES[name]
     u = rng.normal(size=(6, 3)) * 2
     out = rec.outputs[0]
@@ -70,15 +70,16 @@ def test_loss_forms_agree_and_grad_is_the_derivative(name, rng):
     t = targets_for(rng, name, *u.shape)
     k = 0.5 if rec.param_range else rec.default_param
     ops = ref._ops(y)
-    total = float(rec.value(y, u, t, k, ops))
+    per_element = rec.value(y, u, t, k, ops)
+    assert per_element.shape == y.shape and per_element.dtype == y.dtype
     c = PLAIN.consts(y)
     code = nm.LOSS_CODES[name]
-    scalar_total = sum(PLAIN.elementwise_loss(a, b, d, code, k, c) for a, b, d in zip(y.flat, u.flat, t.flat))
-    assert scalar_total == pytest.approx(total, rel=1e-13)
+    scalar = [PLAIN.elementwise_loss(a, b, d, code, k, c) for a, b, d in zip(y.flat, u.flat, t.flat)]
+    np.testing.assert_allclose(scalar, per_element.ravel(), rtol=1e-13, atol=1e-15)
     h = 1e-6
     if rec.fused:  # d/du of the summed loss is y - t, with y = f(u)
         def at(v):  # type: ignore[no-untyped-def]
-            return float(rec.value(ref.activate(v, out, _alpha(out)), v, t, k, ops))
+            return float(rec.value(ref.activate(v, out, _alpha(out)), v, t, k, ops).sum())
 
         assert (at(u + h) - at(u - h)) / (2 * h) == pytest.approx(float((y - t).sum()), rel=1e-6)
         return
@@ -89,8 +90,29 @@ def test_loss_forms_agree_and_grad_is_the_derivative(name, rng):
     bumped.flat[0] += h
     dropped = y.copy()
     dropped.flat[0] -= h
-    numeric = (float(rec.value(bumped, u, t, k, ops)) - float(rec.value(dropped, u, t, k, ops))) / (2 * h)
+    numeric = (float(rec.value(bumped, u, t, k, ops).sum()) - float(rec.value(dropped, u, t, k, ops).sum())) / (2 * h)
     assert numeric == pytest.approx(grad.flat[0], rel=1e-5, abs=1e-8)
+
+
+@pytest.mark.parametrize("name", list(r.LOSSES))
+def test_loss_value_is_the_loss_of_each_element(name, rng):
+    """Every loss's NumPy ``value`` (row-wise cross-entropy too) returns an array of ``y``'s shape and dtype, whose
+    row sums are the per-sample losses: ``-sum_j t_j log y_j`` for cross-entropy, the scalar forms' sums for the
+    others."""
+    rec = r.LOSSES[name]
+    u = rng.normal(size=(5, 4)) * 2
+    out = rec.outputs[0] if rec.allowed_outputs else "identity"
+    y = ref.activate(u, out, _alpha(out))
+    t = targets_for(rng, name, *u.shape)
+    k = 0.5 if rec.param_range else rec.default_param
+    per_element = rec.value(y, u, t, k, ref._ops(y))
+    assert per_element.shape == y.shape and per_element.dtype == y.dtype
+    if rec.rowwise:
+        want = -(t * np.log(y)).sum(axis=1)
+    else:
+        c, code = PLAIN.consts(y), nm.LOSS_CODES[name]
+        want = [sum(PLAIN.elementwise_loss(a, b, d, code, k, c) for a, b, d in zip(*row)) for row in zip(y, u, t)]
+    np.testing.assert_allclose(per_element.sum(axis=1), want, rtol=1e-12, atol=1e-14)
 
 
 def test_every_record_has_each_backends_form():

@@ -75,6 +75,35 @@ def test_fit_loss_is_the_mean_over_the_epochs_steps(rng):
     assert history.loss[0] == pytest.approx(sum(losses) / 30, rel=1e-12)
 
 
+@pytest.mark.parametrize("head", ["regression", "multiclass", "binary"])
+def test_a_weighted_step_equals_a_step_on_repeated_rows(backend, rng, head):
+    """Whole-number weights ``c_i`` act as repetitions: a step on the rows with weights ``c_i batch / sum(c)``
+    gives the loss and the parameters of a step on the batch in which row ``i`` appears ``c_i`` times."""
+    counts = np.array([1, 3, 2, 1, 4, 2])
+    n = len(counts)
+    X = rng.normal(size=(n, 4))
+    T = {"regression": rng.normal(size=(n, 3)), "multiclass": np.eye(3)[rng.integers(0, 3, n)],
+         "binary": rng.integers(0, 2, (n, 3)).astype(np.float64)}[head]
+    k = backend.kernels
+    results = []
+    for x, t, weights in ((X, T, counts * n / counts.sum()), (np.repeat(X, counts, 0), np.repeat(T, counts, 0), None)):
+        net = bp.MLP([4, 5, 3], head=head, backend=backend.name, dtype="float64", seed=2)
+        guard = Guard(k)
+        w = None if weights is None else k.to_device(weights, np.float64)
+        step.train_step(net, step.workspace(net, len(x)), k.to_device(x, np.float64), k.to_device(t, np.float64),
+                        bp.SGD(0.5, momentum=0.9), guard, weights=w)
+        state = guard.read()
+        assert not state.failed
+        results.append((state.loss_sum, net.get_params()))
+    (loss, params), (loss_rep, params_rep) = results
+    assert loss == pytest.approx(loss_rep, rel=1e-12)
+    for (W, b), (W_rep, b_rep) in zip(params, params_rep):
+        np.testing.assert_allclose(W, W_rep, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(b, b_rep, rtol=1e-12, atol=1e-14)
+    unchanged = bp.MLP([4, 5, 3], head=head, backend=backend.name, dtype="float64", seed=2)
+    assert any(not np.array_equal(W, W0) for (W, _), (W0, _) in zip(params, unchanged.get_params()))
+
+
 def test_workspace_is_made_once_per_batch_size(backend, small):
     net = bp.MLP([4, 5, 3], backend=backend.name)
     assert step.workspace(net, 7) is step.workspace(net, 7)
