@@ -82,14 +82,16 @@ def scipy_minimize() -> Any:
 class FullBatchObjective:
     """``theta -> (E(theta), dE/dtheta)`` over every row of the data, computed by ``net`` on its backend.
 
-    ``chunks()`` yields the data as ``(rows, x, t)`` on the backend, ``n`` rows in all (``Batches.epoch`` in
-    the stored order). ``theta`` is float64 in the layout of ``net.params``; the network computes in its own
-    dtype (a float32 network gets ``theta`` rounded to float32) and the results come back as float64.
+    ``chunks()`` yields the data as ``(rows, x, t)`` or ``(rows, x, t, weights)`` on the backend, ``n`` rows in
+    all (``Batches.epoch`` in the stored order); ``weights`` are the rows' weights of ``output_error``, scaled so
+    that they average 1 over all ``n`` rows (``w_i n / sum(w)``): ``E`` is then the weighted mean loss.
+    ``theta`` is float64 in the layout of ``net.params``; the network computes in its own dtype (a float32
+    network gets ``theta`` rounded to float32) and the results come back as float64.
     ``weight_decay`` adds ``(weight_decay / 2) ||W||^2`` on the weights, ``params[:net.n_weights]``.
     Subclasses that see ``theta`` in another order or add another penalty reuse :meth:`_checked`,
     :meth:`_passes` and :meth:`_finish`."""
 
-    def __init__(self, net: MLP, chunks: Callable[[], Iterable[tuple[int, Any, Any]]], n: int,
+    def __init__(self, net: MLP, chunks: Callable[[], Iterable[tuple[Any, ...]]], n: int,
                  weight_decay: float = 0.0) -> None:
         self.net, self.chunks, self.n = net, chunks, n
         self.weight_decay = weight_decay
@@ -127,10 +129,12 @@ class FullBatchObjective:
         net = self.net
         k = net.backend.kernels
         parts = []
-        for rows, x, t in self.chunks():
-            value, _ = net.loss_and_grads_device(x, t)
-            parts.append((rows, float(k.to_host(value)),
-                          np.array(k.to_host(step.workspace(net, rows).grads), dtype=np.float64)))
+        for rows, x, t, *weights in self.chunks():
+            ws = step.workspace(net, rows)
+            step.forward(net, ws, x)
+            value = step.output_error(net, ws, t, weights=weights[0] if weights else None)
+            step.backward(net, ws, x)
+            parts.append((rows, float(k.to_host(value)), np.array(k.to_host(ws.grads), dtype=np.float64)))
         if len(parts) == 1:
             return parts[0][1], parts[0][2]
         loss = sum(rows * value for rows, value, _ in parts) / self.n

@@ -45,7 +45,10 @@ weights on to ``max_iter``; here training stops at the divergence, so ``n_iter_`
 The regressor's ``loss="poisson"`` is scikit-learn's: an ``exp`` output and half the Poisson deviance, from the
 logits (``delta = (y - t) / batch``); its targets must be non-negative.
 
-Not supported: ``sample_weight``.
+``sample_weight`` (``fit``, ``partial_fit``): as scikit-learn's, the loss is the weighted mean over each batch
+(``sum_i w_i L_i / sum w``, each row's delta scaled by its weight in the kernels) and the L2 penalty is
+``alpha / (2 sum w) ||W||^2``; early stopping splits the weights with the data and scores with them. Weights must
+be finite and non-negative. With ``alpha > 0`` the stochastic solvers read ``||W||^2`` back once per step.
 
 Agreement: with ``dtype="float64"`` the parameters, ``loss_curve_``, ``n_iter_`` and validation scores follow
 scikit-learn's to rounding error (the tests check a relative 1e-9), and so do L-BFGS's parameters, ``loss_``
@@ -85,7 +88,7 @@ try:
     from sklearn.utils import shuffle as _sk_shuffle
     from sklearn.utils.metaestimators import available_if
     from sklearn.utils.multiclass import type_of_target, unique_labels
-    from sklearn.utils.validation import check_is_fitted
+    from sklearn.utils.validation import _check_sample_weight, check_is_fitted
 except ImportError as exc:
     raise ImportError(f"backprop.sklearn needs scikit-learn (and SciPy): pip install 'backprop-kernels[sklearn]' "
                       f"({type(exc).__name__}: {exc})", name=exc.name) from exc
@@ -390,10 +393,14 @@ class _BaseMLP(BaseEstimator):
                        nesterov=bool(self.nesterovs_momentum and self.momentum > 0))
         return Adam(lr=self.learning_rate_init, beta1=self.beta_1, beta2=self.beta_2, eps=self.epsilon)
 
-    def _fit(self, X: Any, y: Any, incremental: bool = False) -> _BaseMLP:
+    def _fit(self, X: Any, y: Any, incremental: bool = False, sample_weight: Any = None) -> _BaseMLP:
         hidden = self._check_params()
         first_pass = not hasattr(self, "coefs_") or (not self.warm_start and not incremental)
         X, y = self._validate_input(X, y, incremental, reset=first_pass)
+        if sample_weight is not None:  # scikit-learn's checks: one finite, non-negative weight per sample
+            sample_weight = _check_sample_weight(sample_weight, X, dtype=np.float64)
+            if not np.isfinite(sample_weight).all() or (sample_weight < 0).any():
+                raise ValueError("sample_weight must hold finite, non-negative numbers")
         if y.ndim == 1:
             y = y.reshape(-1, 1)
         n_features = X.shape[1]
@@ -417,10 +424,10 @@ class _BaseMLP(BaseEstimator):
         X = X.astype(dtype, copy=False)
         y = np.ascontiguousarray(y, dtype=dtype)
         if self.solver == "lbfgs":
-            self._fit_lbfgs(net, X, y)
+            self._fit_lbfgs(net, X, y, sample_weight)
             return self
         try:
-            self._fit_stochastic(net, X, y, incremental)
+            self._fit_stochastic(net, X, y, incremental, sample_weight)
         except NonFiniteLossError as exc:
             self._pull()
             raise ValueError("Solver produced non-finite parameter weights. The input data may contain large values "
@@ -441,12 +448,12 @@ class _BaseMLP(BaseEstimator):
         # Poisson deviance is summed over them
         return 1.0 if self._classifier or self._head()[1] == "poisson" else 1.0 / self.n_outputs_
 
-    def _fit_lbfgs(self, net: MLP, X: Any, y: np.ndarray) -> None:
+    def _fit_lbfgs(self, net: MLP, X: Any, y: np.ndarray, sample_weight: np.ndarray | None = None) -> None:
         """scikit-learn's L-BFGS fit: SciPy's L-BFGS-B on the full-batch objective (see :class:`_LbfgsObjective`)
         over the parameters packed into one float64 vector, stopping on ``tol`` (the projected gradient),
         ``max_iter`` iterations or ``max_fun`` evaluations. ``early_stopping`` and the minibatch parameters
         play no part, as in scikit-learn."""
-        objective = _LbfgsObjective(net, X, y, float(self.alpha), self._objective_scale())
+        objective = _LbfgsObjective(net, X, y, float(self.alpha), self._objective_scale(), sample_weight)
         x0 = objective.pack(net.get_params())
         last = {"x": x0, "nit": 0}  # the latest iterate (each is finite: its loss and gradient were)
 
@@ -493,19 +500,21 @@ class _BaseMLP(BaseEstimator):
         """The L-BFGS objective and its gradient at ``packed_coef_inter`` (the parameters packed as scikit-learn
         packs them), with scikit-learn's private signature (its work buffers, if given, are not used). As
         scikit-learn's, it leaves ``coefs_``/``intercepts_`` at ``packed_coef_inter``."""
-        if sample_weight is not None:
-            raise ValueError("sample_weight is not supported by backprop's estimators")
         net = self._network()
+        if sample_weight is not None:
+            sample_weight = _check_sample_weight(sample_weight, X, dtype=np.float64)
         X = validate_data(self, X, accept_sparse=["csr", "csc"], dtype=(np.float64, np.float32), reset=False)
         y = np.asarray(y)
         y = _cast_finite(y.reshape(-1, 1) if y.ndim == 1 else y, net.dtype, "y")
-        objective = _LbfgsObjective(net, _cast_finite(X, net.dtype), y, float(self.alpha), self._objective_scale())
+        objective = _LbfgsObjective(net, _cast_finite(X, net.dtype), y, float(self.alpha), self._objective_scale(),
+                                    sample_weight)
         try:
             return objective(packed_coef_inter)
         finally:
             self._pull()
 
-    def _fit_stochastic(self, net: MLP, X: Any, y: np.ndarray, incremental: bool) -> None:
+    def _fit_stochastic(self, net: MLP, X: Any, y: np.ndarray, incremental: bool,
+                        sample_weight: np.ndarray | None = None) -> None:
         if not hasattr(self, "loss_curve_"):  # a warm start or partial_fit after an L-BFGS fit
             self._init_stochastic_state()
         if not incremental or getattr(self, "_optimizer", None) is None:
@@ -519,8 +528,14 @@ class _BaseMLP(BaseEstimator):
                 self.validation_scores_, self.best_validation_score_, self.best_loss_ = [], -np.inf, None
             # on the binarized labels as booleans, as scikit-learn does (its messages name classes 'True'/'False')
             stratify = y.astype(bool) if (self._classifier and self.n_outputs_ == 1) else None
-            X_train, X_val, y_train, y_val = train_test_split(
-                X, y, random_state=self._random_state, test_size=self.validation_fraction, stratify=stratify)
+            if sample_weight is None:
+                X_train, X_val, y_train, y_val = train_test_split(
+                    X, y, random_state=self._random_state, test_size=self.validation_fraction, stratify=stratify)
+                sw_train = sw_val = None
+            else:  # the same split, the weights going along
+                X_train, X_val, y_train, y_val, sw_train, sw_val = train_test_split(
+                    X, y, sample_weight, random_state=self._random_state, test_size=self.validation_fraction,
+                    stratify=stratify)
             if X_val.shape[0] < 2:
                 raise ValueError("The validation set is too small. Increase 'validation_fraction' or the size of "
                                  "your dataset.")
@@ -529,6 +544,7 @@ class _BaseMLP(BaseEstimator):
             if self.best_loss_ is None:  # warm start of a fit made with early stopping
                 self.best_loss_ = np.inf
             X_train, y_train, X_val, y_val = X, y, None, None
+            sw_train, sw_val = sample_weight, None
 
         n_samples = X_train.shape[0]
         sample_idx = np.arange(n_samples, dtype=int)
@@ -565,9 +581,17 @@ class _BaseMLP(BaseEstimator):
                 steps_before = opt.steps
                 if bar is not None:
                     bar.start_epoch(steps_per_epoch)
+                batch_rows = gen_batches(n_samples, batch_size)
                 for B, xb, tb in self._minibatches(net, data, X_train, y_train, batch_size, order):
-                    self._prepare_step(opt, alpha, B, penalty)
-                    step.train_step(net, step.workspace(net, B), xb, tb, opt, guard, weight=B * scale)
+                    rows = next(batch_rows)
+                    weights, total = None, float(B)
+                    if sw_train is not None:  # the batch's weights w: sum_i w_i L_i / sum w, each delta by w_i
+                        w = sw_train[order[rows] if order is not None else rows]
+                        total = float(w.sum())
+                        weights = k.to_device(w * (B / total), net.dtype)
+                    self._prepare_step(opt, alpha, total, penalty, B / total)
+                    step.train_step(net, step.workspace(net, B), xb, tb, opt, guard, weight=B * scale,
+                                    weights=weights)
                     if bar is not None:
                         bar.after_step(B, guard)  # the running loss, at most every PROGRESS_INTERVAL seconds
                 state = guard.read()
@@ -596,7 +620,7 @@ class _BaseMLP(BaseEstimator):
                 self.loss_ = accumulated / n_samples
                 self.t_ += n_samples
                 self.loss_curve_.append(self.loss_)
-                self._update_no_improvement_count(net, early_stopping, X_val, y_val)
+                self._update_no_improvement_count(net, early_stopping, X_val, y_val, sw_val)
                 if bar is not None:
                     post = {"loss": f"{self.loss_:.4g}"}
                     if early_stopping:
@@ -649,11 +673,14 @@ class _BaseMLP(BaseEstimator):
             xb, tb = X[idx].toarray(), y[idx]
             yield tb.shape[0], k.to_device(xb, net.dtype), k.to_device(tb, net.dtype)
 
-    def _prepare_step(self, opt: Optimizer, alpha: float, batch: int, penalty: Any) -> Optimizer:
+    def _prepare_step(self, opt: Optimizer, alpha: float, batch: float, penalty: Any,
+                      factor: float = 1.0) -> Optimizer:
         """Set the optimizer up for the next step so that it takes scikit-learn's step, and add the step's
-        ``||W||^2`` (before the update) to ``penalty`` on the backend.
+        ``factor * ||W||^2`` (before the update) to ``penalty``.
 
-        L2: scikit-learn's penalty ``alpha / (2 B) ||W||^2`` on a batch of ``B`` is weight decay ``alpha / B``.
+        L2: scikit-learn's penalty ``alpha / (2 B) ||W||^2`` on a batch of ``B`` is weight decay ``alpha / B``;
+        with sample weights ``B`` is the batch's sum of weights, and the epoch's loss counts the penalty
+        ``B_rows / sum w`` times (``factor``): then ``||W||^2`` is read back to the host, one read per step.
         Adam: scikit-learn steps ``lr sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + eps)``; backprop's kernel
         steps ``lr / (1 - b1^t) m / (sqrt(v / (1 - b2^t)) + eps')``, the same step for
         ``eps' = eps / sqrt(1 - b2^t)``.
@@ -662,13 +689,21 @@ class _BaseMLP(BaseEstimator):
         if isinstance(opt, Adam):
             opt.eps = float(self.epsilon) / np.sqrt(1.0 - float(self.beta_2) ** (opt.steps + 1))
         if alpha:
-            for layer in self._net.layers:
-                self._net.backend.kernels.add_sum_of_squares(penalty, layer.W)
+            net = self._net
+            weights = net.params[:net.n_weights]
+            if factor == 1.0:
+                net.backend.kernels.add_sum_of_squares(penalty, weights)
+            else:
+                k = net.backend.kernels
+                one = k.zeros((1,), np.float64)
+                k.add_sum_of_squares(one, weights)
+                penalty[0] += factor * float(k.to_host(one)[0])
         return opt
 
-    def _update_no_improvement_count(self, net: MLP, early_stopping: bool, X_val: Any, y_val: Any) -> None:
+    def _update_no_improvement_count(self, net: MLP, early_stopping: bool, X_val: Any, y_val: Any,
+                                     sw_val: np.ndarray | None = None) -> None:
         if early_stopping:
-            score = self._val_score(net, X_val, y_val)
+            score = self._val_score(net, X_val, y_val, sw_val)
             self.validation_scores_.append(score)
             if score < self.best_validation_score_ + self.tol:
                 self._no_improvement_count += 1
@@ -685,16 +720,17 @@ class _BaseMLP(BaseEstimator):
             if self.loss_curve_[-1] < self.best_loss_:
                 self.best_loss_ = self.loss_curve_[-1]
 
-    def _val_score(self, net: MLP, X_val: Any, y_val: Any) -> float:
+    def _val_score(self, net: MLP, X_val: Any, y_val: Any, sw_val: np.ndarray | None = None) -> float:
         raw = self._forward(X_val, net)
         if not np.isfinite(raw).all():
             return np.nan
-        return float(self._score_raw(raw, y_val))
+        return float(self._score_raw(raw, y_val, sw_val))
 
     # ------------------------------------------------------------------ public
-    def fit(self, X: Any, y: Any) -> _BaseMLP:
-        """Fit the model to data matrix ``X`` and target(s) ``y``; returns ``self``."""
-        return self._fit(X, y, incremental=False)
+    def fit(self, X: Any, y: Any, sample_weight: Any = None) -> _BaseMLP:
+        """Fit the model to data matrix ``X`` and target(s) ``y``, each sample weighted by ``sample_weight`` (the
+        loss is the weighted mean, as scikit-learn's); returns ``self``."""
+        return self._fit(X, y, incremental=False, sample_weight=sample_weight)
 
     def __sklearn_tags__(self) -> Any:
         tags = super().__sklearn_tags__()
@@ -720,10 +756,13 @@ class _LbfgsObjective(FullBatchObjective):
     network in chunks of ``_LBFGS_CHUNK`` (the loss and gradient summed over them on the host).
     """
 
-    def __init__(self, net: MLP, X: Any, y: np.ndarray, alpha: float, scale: float) -> None:
+    def __init__(self, net: MLP, X: Any, y: np.ndarray, alpha: float, scale: float,
+                 sample_weight: np.ndarray | None = None) -> None:
         self.net, self.X, self.y = net, X, y
         self.n = int(X.shape[0])
         self.alpha, self.scale = alpha, scale
+        # with sample weights: the weighted mean loss, and the penalty over their sum, as scikit-learn's
+        self.total = self.n if sample_weight is None else float(np.sum(sample_weight))
         # backprop's flat buffers (parameters, gradients) hold every W (n_out, n_in) row by row, then every b
         # (step.flat_views); scikit-learn packs every coefs_ (n_in, n_out) row by row, then every intercepts_
         self.shapes = [(layer.n_out, layer.n_in) for layer in net.layers]
@@ -737,7 +776,14 @@ class _LbfgsObjective(FullBatchObjective):
         # dense data goes to the backend once (if it fits there); sparse data is densified a chunk at a time
         data = None if sp.issparse(X) else Batches(net.backend.kernels, X, y, net.dtype)
         rows = min(self.n, _LBFGS_CHUNK)
-        super().__init__(net, lambda: _BaseMLP._minibatches(net, data, X, y, rows, None), self.n)
+        if sample_weight is None:
+            super().__init__(net, lambda: _BaseMLP._minibatches(net, data, X, y, rows, None), self.n)
+            return
+        k = net.backend.kernels
+        scaled = np.asarray(sample_weight, dtype=np.float64) * (self.n / self.total)
+        weights = [k.to_device(scaled[lo:lo + rows], net.dtype) for lo in range(0, self.n, rows)]  # moved once
+        super().__init__(net, lambda: ((*chunk, w) for chunk, w in zip(
+            _BaseMLP._minibatches(net, data, X, y, rows, None), weights)), self.n)
 
     def pack(self, params: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
         """``[(W, b)]`` (backprop's ``(n_out, n_in)`` weights) as one float64 vector, packed as scikit-learn."""
@@ -762,8 +808,8 @@ class _LbfgsObjective(FullBatchObjective):
             values = 0.0
             for lo, hi in self._coef_bounds:
                 values += np.dot(coefs[lo:hi], coefs[lo:hi])
-            f += (0.5 * self.alpha) * values / self.n
-            grad[:self.n_coef] += (self.alpha / self.n) * coefs
+            f += (0.5 * self.alpha) * values / self.total
+            grad[:self.n_coef] += (self.alpha / self.total) * coefs
         return self._finish(theta, f, grad)
         return float(f), grad
 
@@ -830,8 +876,8 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
     def _val_targets(self, y_val: np.ndarray) -> np.ndarray:
         return self._label_binarizer.inverse_transform(y_val)
 
-    def _score_raw(self, raw: np.ndarray, y_true: np.ndarray) -> float:
-        return accuracy_score(y_true, self._labels(raw))
+    def _score_raw(self, raw: np.ndarray, y_true: np.ndarray, sample_weight: np.ndarray | None = None) -> float:
+        return accuracy_score(y_true, self._labels(raw), sample_weight=sample_weight)
 
     def _labels(self, raw: np.ndarray) -> np.ndarray:
         if self.n_outputs_ == 1:
@@ -839,7 +885,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         return self._label_binarizer.inverse_transform(raw)
 
     @available_if(lambda est: est._check_solver())
-    def partial_fit(self, X: Any, y: Any, classes: Any = None) -> MLPClassifier:
+    def partial_fit(self, X: Any, y: Any, classes: Any = None, sample_weight: Any = None) -> MLPClassifier:
         """One pass over ``(X, y)``; ``classes`` (all the labels) is required on the first call."""
         first = not hasattr(self, "classes_")
         if first:
@@ -855,7 +901,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
             if not np.array_equal(self.classes_, unique_labels(classes)):
                 raise ValueError(f"`classes={classes!r}` is not the same as on last call to partial_fit, was: "
                                  f"{self.classes_!r}")
-        return self._fit(X, y, incremental=True)
+        return self._fit(X, y, incremental=True, sample_weight=sample_weight)
 
     def predict(self, X: Any) -> np.ndarray:
         """Predicted class labels (a 0/1 indicator matrix for multilabel ``y``)."""
@@ -932,13 +978,13 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
     def _val_targets(self, y_val: np.ndarray) -> np.ndarray:
         return y_val
 
-    def _score_raw(self, raw: np.ndarray, y_true: np.ndarray) -> float:
-        return r2_score(y_true, raw)
+    def _score_raw(self, raw: np.ndarray, y_true: np.ndarray, sample_weight: np.ndarray | None = None) -> float:
+        return r2_score(y_true, raw, sample_weight=sample_weight)
 
     @available_if(lambda est: est._check_solver())
-    def partial_fit(self, X: Any, y: Any) -> MLPRegressor:
+    def partial_fit(self, X: Any, y: Any, sample_weight: Any = None) -> MLPRegressor:
         """One pass over ``(X, y)``."""
-        return self._fit(X, y, incremental=True)
+        return self._fit(X, y, incremental=True, sample_weight=sample_weight)
 
     def predict(self, X: Any) -> np.ndarray:
         """Predicted values, ``(n_samples,)`` for one output, else ``(n_samples, n_outputs)``."""

@@ -126,6 +126,53 @@ def test_regressor_follows_sklearn_with_stopping_rules(solver, learning_rate, mo
 
 
 @pytest.mark.parametrize("solver", ["adam", "sgd", "lbfgs"])
+@pytest.mark.parametrize("kind", ["classifier", "regressor", "early_stopping"])
+@pytest.mark.parametrize("alpha", [0.0, 1e-2])
+def test_sample_weight_follows_sklearn(solver, kind, alpha):
+    """fit(X, y, sample_weight=w): the weighted mean loss (and the penalty over the sum of the weights), step for
+    step as scikit-learn's, with early stopping splitting the weights along and scoring with them."""
+    rng = np.random.default_rng(1)
+    if kind == "classifier":
+        X, y = make_classification(97, 5, n_informative=3, n_classes=3, random_state=0)
+        pair = (MLPClassifier, SkMLPClassifier)
+    else:
+        X, y = make_regression(97, 5, n_targets=2, noise=1.0, random_state=0)
+        y = y / 100
+        pair = (MLPRegressor, SkMLPRegressor)
+    w = rng.uniform(0.1, 3.0, size=len(X))
+    kw = dict(hidden_layer_sizes=(6,), activation="tanh", solver=solver, alpha=alpha, batch_size=20,
+              learning_rate_init=0.01, max_iter=6, random_state=2, early_stopping=kind == "early_stopping")
+    ours, theirs = _pair(*pair, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        ours.fit(X, y, sample_weight=w)
+        theirs.fit(X, y, sample_weight=w)
+    _close(ours.coefs_, theirs.coefs_)
+    _close(ours.intercepts_, theirs.intercepts_)
+    assert ours.loss_ == pytest.approx(theirs.loss_, rel=1e-9) and ours.n_iter_ == theirs.n_iter_
+    if solver != "lbfgs":
+        np.testing.assert_allclose(ours.loss_curve_, theirs.loss_curve_, rtol=1e-9)
+    if kind == "early_stopping" and solver != "lbfgs":
+        np.testing.assert_allclose(ours.validation_scores_, theirs.validation_scores_, rtol=1e-9)
+
+
+def test_sample_weight_in_partial_fit_and_bad_weights():
+    X, y = make_regression(40, 3, random_state=0)
+    w = np.linspace(0.5, 2.0, 40)
+    kw = dict(hidden_layer_sizes=(4,), solver="sgd", learning_rate_init=1e-3, random_state=0)
+    ours, theirs = _pair(MLPRegressor, SkMLPRegressor, **kw)
+    for _ in range(3):
+        ours.partial_fit(X, y / 100, sample_weight=w)
+        theirs.partial_fit(X, y / 100, sample_weight=w)
+    _close(ours.coefs_, theirs.coefs_)
+    est = MLPRegressor(max_iter=2, backend="numpy")
+    for bad, match in ((w[:5], "sample"), (-w, "non-negative"), (np.full(40, np.nan), "finite|NaN")):
+        with pytest.raises(ValueError, match=match):
+            est.fit(X, y, sample_weight=bad)
+        assert not hasattr(est, "coefs_")
+
+
+@pytest.mark.parametrize("solver", ["adam", "sgd", "lbfgs"])
 @pytest.mark.parametrize("n_targets", [1, 2])
 def test_poisson_regressor_follows_sklearn(solver, n_targets):
     """loss="poisson": an exp output, half the Poisson deviance summed over outputs, as scikit-learn's."""
