@@ -214,7 +214,7 @@ class MLP:
     @property
     def n_weights(self) -> int:
         """Number of weights: ``params[:n_weights]`` holds every ``W``, ``params[n_weights:]`` every ``b``."""
-        return step.n_weights(self._shapes)
+        return self._n_weights
 
     @property
     def params(self) -> Array:
@@ -243,9 +243,13 @@ class MLP:
     def _bind(self, flat_host: np.ndarray) -> None:
         """Move the flat parameters to the backend and point every layer's ``W`` and ``b`` into them."""
         self._params = self.backend.kernels.to_device(flat_host, self.dtype)
-        W, b = step.flat_views(self._params, self._shapes)
+        shapes = self._shapes
+        W, b = step.flat_views(self._params, shapes)
         for layer, Wl, bl in zip(self.layers, W, b):
             layer._W, layer._b = Wl, bl
+        self._n_weights = nw = step.n_weights(shapes)
+        #: the two pieces an optimizer updates, every weight and every bias: made once, not per step
+        self._pieces = (self._params[:nw], self._params[nw:])
 
     def __repr__(self) -> str:
         acts = ", ".join(layer.activation.name for layer in self.layers)

@@ -84,6 +84,12 @@ class Workspace:
         return self._gradients[2]
 
     @cached_property
+    def grad_pieces(self) -> tuple[Array, Array]:
+        """``grads`` as the two pieces of the parameters' layout: every ``dE/dW``, then every ``dE/db``."""
+        nw = n_weights(self._shapes)
+        return self.grads[:nw], self.grads[nw:]
+
+    @cached_property
     def loss(self) -> Array:
         return self._kernels.zeros((), self._dtype)
 
@@ -209,8 +215,7 @@ def train_step(net: MLP, ws: Workspace, x: Array, t: Array, optimizer: Optimizer
     optimizer.begin_step()
     optimizer.prepare(k, g, net.dtype)  # step-wide device work (Adam's bias corrections)
     # every layer at once: the weights in one piece of the flat buffers, the biases in the other
-    nw = net.n_weights
-    W, b, dW, db = net.params[:nw], net.params[nw:], ws.grads[:nw], ws.grads[nw:]
+    (W, b), (dW, db) = net._pieces, ws.grad_pieces
     optimizer.apply(k, net.optimizer_key, W, b, dW, db, g, probe=True)
     optimizer.apply(k, net.optimizer_key, W, b, dW, db, g)
     optimizer.finish(k, g)  # step-wide device work after the updates (Adam counts the applied step)
