@@ -130,11 +130,9 @@ class FullBatchObjective:
         k = net.backend.kernels
         parts = []
         for rows, x, t, *weights in self.chunks():
-            ws = step.workspace(net, rows)
-            step.forward(net, ws, x)
-            value = step.output_error(net, ws, t, weights=weights[0] if weights else None)
-            step.backward(net, ws, x)
-            parts.append((rows, float(k.to_host(value)), np.array(k.to_host(ws.grads), dtype=np.float64)))
+            value, _ = net.loss_and_grads_device(x, t, weights[0] if weights else None)
+            grads = step.workspace(net, rows).grads
+            parts.append((rows, float(k.to_host(value)), np.array(k.to_host(grads), dtype=np.float64)))
         if len(parts) == 1:
             return parts[0][1], parts[0][2]
         loss = sum(rows * value for rows, value, _ in parts) / self.n

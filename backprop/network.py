@@ -301,13 +301,14 @@ class MLP:
         step.backward(self, ws, x, dW, db)
         return float(self.backend.kernels.to_host(value)), list(zip(dW, db))
 
-    def loss_and_grads_device(self, x: Array, t: Array) -> tuple[Array, list[tuple[Array, Array]]]:
+    def loss_and_grads_device(self, x: Array, t: Array,
+                              weights: Array | None = None) -> tuple[Array, list[tuple[Array, Array]]]:
         """:meth:`loss_and_grads` on a batch already on the backend (unchecked), with nothing allocated: the
         loss (a 0-d array) and the gradients are the workspace's, overwritten by the next call with as many
-        rows."""
+        rows. ``weights``: the rows' weights of the kernels' ``output_error`` (``sum_i w_i L_i / batch``)."""
         ws = step.workspace(self, x.shape[0])
         step.forward(self, ws, x)
-        value = step.output_error(self, ws, t)
+        value = step.output_error(self, ws, t, weights=weights)
         step.backward(self, ws, x)
         return value, list(zip(ws.dW, ws.db))
 
