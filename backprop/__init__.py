@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from . import callbacks, datasets, schedules
+from . import callbacks, datasets, distributed, schedules
 from .activations import ACTIVATIONS, Activation
 from .backend import Backend, available_backends, get_backend, set_backend, use_backend
 from .gradcheck import gradcheck, numerical_grads
@@ -39,6 +39,7 @@ __all__ = [
     "available_backends",
     "callbacks",
     "datasets",
+    "distributed",
     "schedules",
     "get_backend",
     "get_num_threads",

@@ -195,7 +195,8 @@ class Checkpoint(Callback):
     Before the first step ``fit`` checks that the directory of ``path`` can be created and written (a parent
     that is a regular file is refused), and that ``best_only`` has a metric to watch: validation data, or
     ``monitor="loss"`` explicitly.
-    ``self.saved`` lists the paths written, ``self.best_epoch`` the epoch of the best save.
+    ``self.saved`` lists the paths written, ``self.best_epoch`` the epoch of the best save. In a data-parallel
+    run (:mod:`backprop.distributed`), where every rank holds the same parameters, only rank 0 writes.
     """
 
     def __init__(self, path: str | os.PathLike[str], every: int = 1, best_only: bool = False,
@@ -273,6 +274,10 @@ class Checkpoint(Callback):
         return False
 
     def _save(self, net: MLP, path: str) -> None:
+        from .distributed import rank
+
+        if rank() != 0:  # the same parameters on every rank: one writer
+            return
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         net.save(target)  # atomic: a failed save leaves the previous file

@@ -24,6 +24,7 @@ from . import step
 from .validation import check_inputs, check_optimizer, check_seed, check_targets
 
 if TYPE_CHECKING:
+    from .distributed import Communicator
     from .training import Callback, History
 
 __all__ = ["MLP", "Layer", "NonFiniteLossError"]
@@ -348,14 +349,15 @@ class MLP:
             callbacks: Iterable[Callback] | None = (), schedule: Callable[[int], float] | None = None,
             seed: int | None = None, validation_split: float = 0.0, early_stopping: bool = False,
             patience: int = 10, min_delta: float = 0.0, monitor: str = "auto", restore_best: bool = True,
-            graph: bool = False) -> History:
+            graph: bool = False, distributed: bool | Communicator = False) -> History:
         """Train by minibatch backpropagation for ``epochs`` passes over ``(X, T)``; returns a :class:`History`.
 
         The options (keyword only) are those of :func:`backprop.training.fit`, which documents each:
         ``optimizer`` (default ``SGD(lr=0.01)``; :class:`~backprop.LBFGS` trains full-batch, one epoch per
         L-BFGS iteration), ``shuffle`` and ``seed``, ``validation_data`` or
         ``validation_split``, ``early_stopping`` with ``patience``, ``min_delta``, ``monitor`` and
-        ``restore_best``, ``schedule(epoch) -> lr``, ``callbacks``, ``progress`` and ``graph``.
+        ``restore_best``, ``schedule(epoch) -> lr``, ``callbacks``, ``progress``, ``graph`` and ``distributed``
+        (data-parallel training over MPI processes: :mod:`backprop.distributed`).
         """
         from .training import fit
 
@@ -363,7 +365,7 @@ class MLP:
                    validation_data=validation_data, progress=progress, callbacks=callbacks, schedule=schedule,
                    seed=seed, validation_split=validation_split, early_stopping=early_stopping,
                    patience=patience, min_delta=min_delta, monitor=monitor, restore_best=restore_best,
-                   graph=graph)
+                   graph=graph, distributed=distributed)
 
     # ------------------------------------------------------------------ parameters
     def get_params(self) -> list[tuple[np.ndarray, np.ndarray]]:

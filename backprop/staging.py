@@ -49,14 +49,15 @@ class Batches:
 
     def epoch(self, batch_size: int, order: np.ndarray | None,
               buffers: Any) -> Iterator[tuple[int, Array, Array]]:
-        """Yield ``(rows, x, t)`` for each minibatch of an epoch, in ``order`` (a host permutation, or
-        ``None`` for the stored order). ``buffers(rows)`` gives the ``(x, t)`` staging buffers a
-        shuffled batch of ``rows`` is gathered into."""
+        """Yield ``(rows, x, t)`` for each minibatch of an epoch, in ``order`` (host row numbers: a
+        permutation, or a subset such as one process's share; ``None`` for every row in the stored order).
+        ``buffers(rows)`` gives the ``(x, t)`` staging buffers a shuffled batch of ``rows`` is gathered into."""
         k = self.kernels
+        count = self.n if order is None else len(order)
         if self.resident:
             idx = None if order is None else k.to_device(order, np.int64)
-            for lo in range(0, self.n, batch_size):
-                hi = min(lo + batch_size, self.n)
+            for lo in range(0, count, batch_size):
+                hi = min(lo + batch_size, count)
                 if idx is None:
                     yield hi - lo, self.X[lo:hi], self.T[lo:hi]
                 else:
@@ -66,8 +67,8 @@ class Batches:
             return
         row_bytes = (self.X.shape[1] + self.T.shape[1]) * np.dtype(self.dtype).itemsize
         chunk = max(batch_size, (STREAM_CHUNK_BYTES // max(row_bytes, 1)) // batch_size * batch_size)
-        for start in range(0, self.n, chunk):
-            stop = min(start + chunk, self.n)
+        for start in range(0, count, chunk):
+            stop = min(start + chunk, count)
             rows = slice(start, stop) if order is None else order[start:stop]
             xc, tc = k.to_device(self.X[rows], self.dtype), k.to_device(self.T[rows], self.dtype)
             for lo in range(0, stop - start, batch_size):

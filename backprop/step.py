@@ -32,8 +32,8 @@ if TYPE_CHECKING:
     from .network import MLP
     from .optimizers import Optimizer
 
-__all__ = ["Guard", "Workspace", "backward", "failure_cause", "flat_views", "forward", "gradient_buffers",
-           "n_weights", "output_error", "train_step", "workspace"]
+__all__ = ["Guard", "Workspace", "apply_update", "backward", "failure_cause", "flat_views", "forward",
+           "gradient_buffers", "gradients", "n_weights", "output_error", "train_step", "workspace"]
 
 Array = Any
 
@@ -48,7 +48,8 @@ class Workspace:
     pre-activation; ``delta[l]``: each layer's error; ``grads``: one flat buffer holding every
     ``dE/dW^l`` and ``dE/db^l``, with ``dW[l]`` and ``db[l]`` views into it; ``loss``: the step's
     mean loss, a 0-d array; ``x``, ``t``: staging buffers for a batch gathered on the backend.
-    An inference pass only ever makes ``y`` and ``u``.
+    ``reduced``: ``grads`` followed by ``loss``, one contiguous buffer (what a data-parallel step sums over
+    the processes in one call). An inference pass only ever makes ``y`` and ``u``.
     """
 
     def __init__(self, net: MLP, batch: int) -> None:
@@ -68,8 +69,14 @@ class Workspace:
         return [self._kernels.zeros(y.shape, self._dtype) for y in self.y]
 
     @cached_property
+    def reduced(self) -> Array:
+        return self._kernels.zeros((sum(n_out * (n_in + 1) for n_out, n_in in self._shapes) + 1,), self._dtype)
+
+    @cached_property
     def _gradients(self) -> tuple[Array, list[Array], list[Array]]:
-        return gradient_buffers(self._kernels, self._dtype, self._shapes)
+        flat = self.reduced[:-1]
+        dW, db = flat_views(flat, self._shapes)
+        return flat, dW, db
 
     @property
     def grads(self) -> Array:
@@ -91,7 +98,7 @@ class Workspace:
 
     @cached_property
     def loss(self) -> Array:
-        return self._kernels.zeros((), self._dtype)
+        return self.reduced[-1:].reshape(())
 
     @cached_property
     def x(self) -> Array:
@@ -206,12 +213,24 @@ def train_step(net: MLP, ws: Workspace, x: Array, t: Array, optimizer: Optimizer
     not finite (see the module docstring). Nothing is read back; ``guard`` keeps the tally
     (``weight * loss`` summed over the steps whose loss and gradients were finite). ``weights``: the
     rows' weights of the loss (:func:`output_error`), ``None`` for the plain mean."""
+    gradients(net, ws, x, t, weights)
+    apply_update(net, ws, optimizer, guard, weight)
+
+
+def gradients(net: MLP, ws: Workspace, x: Array, t: Array, weights: Array | None = None) -> None:
+    """The first half of a step: forward, error, backward on ``(x, t)``, leaving the mean loss in
+    ``ws.loss`` and every gradient in ``ws.grads`` (together ``ws.reduced``). No parameter changes."""
     forward(net, ws, x)
-    loss = output_error(net, ws, t, weights)
+    output_error(net, ws, t, weights)
     backward(net, ws, x)
+
+
+def apply_update(net: MLP, ws: Workspace, optimizer: Optimizer, guard: Guard, weight: float = 1.0) -> None:
+    """The second half of a step: the guard's verdict on ``ws.loss`` and ``ws.grads``, then the optimizer's
+    update of every parameter from ``ws.grads``, applied only when the guard allows (module docstring)."""
     k = net.backend.kernels
     g = guard.array
-    k.guard_step(g, loss, ws.grads, weight)
+    k.guard_step(g, ws.loss, ws.grads, weight)
     optimizer.begin_step()
     optimizer.prepare(k, g, net.dtype)  # step-wide device work (Adam's bias corrections)
     # every layer at once: the weights in one piece of the flat buffers, the biases in the other

@@ -23,11 +23,13 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .distributed import Communicator, DataParallel, DistributedError, world
 from .lbfgs import LBFGS, FullBatchObjective, NonFiniteObjective, scipy_minimize
 from .optimizers import SGD, Optimizer
 from . import step
@@ -387,13 +389,38 @@ def _fit_lbfgs(net: MLP, data: Batches, val: Any, opt: LBFGS, epochs: int, callb
         history.stop_reason = f"L-BFGS stopped: {opt.message}"
 
 
+def _data_parallel(net: MLP, distributed: Any) -> DataParallel | None:
+    """The data-parallel side of a fit: ``None`` for ``distributed=False``, else over :func:`world` or the
+    communicator given."""
+    if distributed is False or distributed is None:
+        return None
+    if distributed is True:
+        return DataParallel(world(), net)
+    if isinstance(distributed, Communicator):
+        return DataParallel(distributed, net)
+    raise TypeError(f"distributed must be True, False or a backprop.distributed.Communicator, got {distributed!r}")
+
+
+def _settings(net: MLP, X: Any, T: Any, val: Any, parallel: DataParallel, **options: Any) -> dict[str, Any]:
+    """What every rank of a distributed fit must agree on: the network, the data (shapes and a checksum), the
+    validation data's shapes and ``options``."""
+    return dict(
+        network=(tuple(net.sizes), [(L.activation.name, L.activation.alpha) for L in net.layers],
+                 net.loss_fn.name, net.loss_fn.param, str(np.dtype(net.dtype)), net.backend.name),
+        data=(tuple(X.shape), tuple(T.shape)),
+        data_checksum=parallel.data_checksum(X, T),
+        validation=None if val is None else (tuple(val[0].shape), tuple(val[1].shape)),
+        **options,
+    )
+
+
 def fit(net: MLP, X: Any, T: Any, *, epochs: int = 10, batch_size: int = 32,
         optimizer: Optimizer | LBFGS | None = None,
         shuffle: bool = True, validation_data: tuple[Any, Any] | None = None, progress: bool | None = False,
         callbacks: Iterable[Callback] | None = (), schedule: Callable[[int], float] | None = None,
         seed: int | None = None, validation_split: float = 0.0, early_stopping: bool = False,
         patience: int = 10, min_delta: float = 0.0, monitor: str = "auto", restore_best: bool = True,
-        graph: bool = False) -> History:
+        graph: bool = False, distributed: bool | Communicator = False) -> History:
     """Train ``net`` for ``epochs`` passes over ``(X, T)`` in minibatches of ``batch_size``.
 
     - ``optimizer`` defaults to ``SGD(lr=0.01)``; L2 weight decay is the optimizer's ``weight_decay``.
@@ -422,6 +449,11 @@ def fit(net: MLP, X: Any, T: Any, *, epochs: int = 10, batch_size: int = 32,
       the environment variable ``CI`` is set (:func:`backprop.progress.should_show`).
     - ``graph=True``: each step replays a captured CUDA graph (see :mod:`backprop.graph`; the cupy backend,
       SGD with or without momentum); the minibatch is gathered outside the graph.
+    - ``distributed=True`` (or a :class:`~backprop.distributed.Communicator`): data-parallel training over the
+      processes of an ``mpiexec`` run (see :mod:`backprop.distributed`): every rank passes the same network,
+      data and options; each step takes ``size * batch_size`` rows, each rank the gradient of its share, one
+      all-reduce sums them, and every rank applies the same update: the parameters one process would reach
+      with ``batch_size * size``. The progress bar is rank 0's; callbacks and validation run on every rank.
 
     All data, every option, every value of ``schedule`` (one call per epoch, all made before the first step)
     and every callback's ``check_setup`` are checked before any parameter changes; the data is moved to the
@@ -435,91 +467,105 @@ def fit(net: MLP, X: Any, T: Any, *, epochs: int = 10, batch_size: int = 32,
     from .callbacks import EarlyStopping, FitSetup
     from .network import NonFiniteLossError
 
-    epochs = check_positive(epochs, "epochs", integer=True)
-    batch_size = check_positive(batch_size, "batch_size", integer=True)
-    full_batch = isinstance(optimizer, LBFGS)
-    if full_batch:
-        optimizer.check()
-        if schedule is not None or graph:
-            raise ValueError("the LBFGS optimizer takes no schedule (it has no learning rate) and no graph=True")
-    else:
-        optimizer = check_optimizer(SGD(lr=0.01) if optimizer is None else optimizer, dtype=net.dtype)
-    if schedule is not None and not callable(schedule):
-        raise TypeError(f"schedule must be a callable epoch -> lr, got {type(schedule).__name__}")
-    seed = check_seed(seed)
-    validation_split = _check_fraction(validation_split, "validation_split")
-    show = should_show(progress)
-    if callbacks is None:
-        callbacks = []
-    elif callable(callbacks) or isinstance(callbacks, (str, bytes)) or not isinstance(callbacks, Iterable):
-        hint = ": wrap a single callback in a list" if callable(callbacks) else ""
-        raise TypeError(f"callbacks must be a list of callables cb(net, epoch, history) (or None), got "
-                        f"{type(callbacks).__name__}{hint}")
-    callbacks = list(callbacks)
-    for cb in callbacks:
-        if not callable(cb):
-            raise TypeError(f"callbacks must be callables cb(net, epoch, history), got {type(cb).__name__}")
+    parallel = _data_parallel(net, distributed)
+    shared_seed = None if parallel is None else parallel.shared_seed(net.seed if seed is None else seed)
+    with nullcontext() if parallel is None else parallel.setting_up():  # on a failed check, every rank raises
+        epochs = check_positive(epochs, "epochs", integer=True)
+        batch_size = check_positive(batch_size, "batch_size", integer=True)
+        full_batch = isinstance(optimizer, LBFGS)
+        if full_batch:
+            optimizer.check()
+            if schedule is not None or graph:
+                raise ValueError("the LBFGS optimizer takes no schedule (it has no learning rate) and no graph=True")
+            if parallel is not None:
+                raise ValueError("distributed=True trains with the minibatch optimizers (SGD, Adam), not LBFGS")
+        else:
+            optimizer = check_optimizer(SGD(lr=0.01) if optimizer is None else optimizer, dtype=net.dtype)
+        if schedule is not None and not callable(schedule):
+            raise TypeError(f"schedule must be a callable epoch -> lr, got {type(schedule).__name__}")
+        seed = check_seed(seed)
+        validation_split = _check_fraction(validation_split, "validation_split")
+        show = should_show(progress) and (parallel is None or parallel.rank == 0)  # one bar, rank 0's
+        if callbacks is None:
+            callbacks = []
+        elif callable(callbacks) or isinstance(callbacks, (str, bytes)) or not isinstance(callbacks, Iterable):
+            hint = ": wrap a single callback in a list" if callable(callbacks) else ""
+            raise TypeError(f"callbacks must be a list of callables cb(net, epoch, history) (or None), got "
+                            f"{type(callbacks).__name__}{hint}")
+        callbacks = list(callbacks)
+        for cb in callbacks:
+            if not callable(cb):
+                raise TypeError(f"callbacks must be callables cb(net, epoch, history), got {type(cb).__name__}")
 
-    k = net.backend.kernels
-    Xd = check_inputs(X, net.sizes[0], k, net.dtype, keep_host=True)
-    Td = check_targets(T, net.sizes[-1], net.loss_fn.name, Xd.shape[0], k, net.dtype, keep_host=True)
-    rng = np.random.default_rng(net.seed if seed is None else seed)
-    val = None
-    if validation_data is not None:
-        if validation_split:
-            raise ValueError("pass validation_data or validation_split, not both")
-        if not isinstance(validation_data, Sequence) or len(validation_data) != 2:
-            raise TypeError("validation_data must be a pair (X_val, T_val)")
-        Xv = check_inputs(validation_data[0], net.sizes[0], k, net.dtype, "X_val", keep_host=True)
-        val = (Xv, check_targets(validation_data[1], net.sizes[-1], net.loss_fn.name, Xv.shape[0], k, net.dtype,
-                                 "T_val", keep_host=True))
-    elif validation_split:
-        n_all = int(Xd.shape[0])
-        n_val = int(round(n_all * validation_split))
-        if n_val < 1 or n_val >= n_all:
-            raise ValueError(f"validation_split={validation_split} of {n_all} samples leaves "
-                             f"{n_val} for validation and {n_all - n_val} for training; both need at least one")
-        perm = rng.permutation(n_all)
-        val = (_take_rows(k, Xd, perm[:n_val], net.dtype), _take_rows(k, Td, perm[:n_val], net.dtype))
-        keep = np.sort(perm[n_val:])
-        Xd, Td = _take_rows(k, Xd, keep, net.dtype), _take_rows(k, Td, keep, net.dtype)
-    if early_stopping:
-        if val is None and monitor != "loss":
-            raise ValueError("early_stopping=True needs validation data: pass validation_split or validation_data "
-                             "(or monitor='loss' to watch the training loss)")
-        callbacks.append(EarlyStopping(patience=patience, min_delta=min_delta, monitor=monitor,
-                                       restore_best=restore_best))
+        k = net.backend.kernels
+        Xd = check_inputs(X, net.sizes[0], k, net.dtype, keep_host=True)
+        Td = check_targets(T, net.sizes[-1], net.loss_fn.name, Xd.shape[0], k, net.dtype, keep_host=True)
+        rng = np.random.default_rng(shared_seed if parallel is not None else net.seed if seed is None else seed)
+        val = None
+        if validation_data is not None:
+            if validation_split:
+                raise ValueError("pass validation_data or validation_split, not both")
+            if not isinstance(validation_data, Sequence) or len(validation_data) != 2:
+                raise TypeError("validation_data must be a pair (X_val, T_val)")
+            Xv = check_inputs(validation_data[0], net.sizes[0], k, net.dtype, "X_val", keep_host=True)
+            val = (Xv, check_targets(validation_data[1], net.sizes[-1], net.loss_fn.name, Xv.shape[0], k, net.dtype,
+                                     "T_val", keep_host=True))
+        elif validation_split:
+            n_all = int(Xd.shape[0])
+            n_val = int(round(n_all * validation_split))
+            if n_val < 1 or n_val >= n_all:
+                raise ValueError(f"validation_split={validation_split} of {n_all} samples leaves "
+                                 f"{n_val} for validation and {n_all - n_val} for training; both need at least one")
+            perm = rng.permutation(n_all)
+            val = (_take_rows(k, Xd, perm[:n_val], net.dtype), _take_rows(k, Td, perm[:n_val], net.dtype))
+            keep = np.sort(perm[n_val:])
+            Xd, Td = _take_rows(k, Xd, keep, net.dtype), _take_rows(k, Td, keep, net.dtype)
+        if early_stopping:
+            if val is None and monitor != "loss":
+                raise ValueError("early_stopping=True needs validation data: pass validation_split or validation_data "
+                                 "(or monitor='loss' to watch the training loss)")
+            callbacks.append(EarlyStopping(patience=patience, min_delta=min_delta, monitor=monitor,
+                                           restore_best=restore_best))
 
-    if not isinstance(graph, (bool, np.bool_)):
-        raise TypeError(f"graph must be True or False, got {graph!r}")
-    run_step = step.train_step
-    if graph:
-        from .graph import check_graph_support, graphed_train_step
+        if not isinstance(graph, (bool, np.bool_)):
+            raise TypeError(f"graph must be True or False, got {graph!r}")
+        run_step = step.train_step
+        if graph:
+            if parallel is not None:
+                raise ValueError("distributed=True does not replay CUDA graphs: pass graph=False")
+            from .graph import check_graph_support, graphed_train_step
 
-        check_graph_support(net, optimizer)
-        run_step = graphed_train_step
-    lrs = None
-    if schedule is not None:  # every epoch's rate, checked before the first step
-        lrs = [check_positive(schedule(e), f"scheduled learning rate of epoch {e + 1} (schedule({e}))",
-                              allow_zero=True)
-               for e in range(epochs)]
-    setup = FitSetup(epochs=epochs, validation=val is not None,
-                     accuracy=val is not None and net.loss_fn.spec.correct_rule is not None, loss=net.loss_fn.name)
-    for cb in callbacks:
-        hook = getattr(cb, "check_setup", None)
-        if hook is not None:
-            hook(net, setup)
-    data = Batches(k, Xd, Td, net.dtype)
-    if val is not None and not k.owns(val[0]) and fits_on_device(k, val[0].nbytes + val[1].nbytes):
-        val = (k.to_device(val[0], net.dtype), k.to_device(val[1], net.dtype))
-    n = data.n
+            check_graph_support(net, optimizer)
+            run_step = graphed_train_step
+        lrs = None
+        if schedule is not None:  # every epoch's rate, checked before the first step
+            lrs = [check_positive(schedule(e), f"scheduled learning rate of epoch {e + 1} (schedule({e}))",
+                                  allow_zero=True)
+                   for e in range(epochs)]
+        setup = FitSetup(epochs=epochs, validation=val is not None,
+                         accuracy=val is not None and net.loss_fn.spec.correct_rule is not None, loss=net.loss_fn.name)
+        for cb in callbacks:
+            hook = getattr(cb, "check_setup", None)
+            if hook is not None:
+                hook(net, setup)
+        data = Batches(k, Xd, Td, net.dtype)
+        if val is not None and not k.owns(val[0]) and fits_on_device(k, val[0].nbytes + val[1].nbytes):
+            val = (k.to_device(val[0], net.dtype), k.to_device(val[1], net.dtype))
+        n = data.n
+    if parallel is not None:  # every rank's settings alike, then rank 0's parameters and optimizer state everywhere
+        parallel.start(optimizer, _settings(net, Xd, Td, val, parallel, epochs=epochs, batch_size=batch_size,
+                                            shuffle=shuffle, lrs=lrs, optimizer=repr(optimizer),
+                                            validation_split=validation_split, callbacks=len(callbacks),
+                                            early_stopping=(early_stopping, patience, min_delta, monitor,
+                                                            restore_best)))
     history = History()
     for cb in callbacks:
         hook = getattr(cb, "on_train_begin", None)
         if hook is not None:
             hook(net, history)
     bar = _ProgressBar(epochs) if show else None
-    steps_per_epoch = -(-n // batch_size)
+    global_batch = batch_size * (1 if parallel is None else parallel.size)  # the rows of one step
+    steps_per_epoch = -(-n // global_batch)
 
     def staging(rows: int) -> tuple[Any, Any]:
         ws = step.workspace(net, rows)
@@ -538,14 +584,21 @@ def fit(net: MLP, X: Any, T: Any, *, epochs: int = 10, batch_size: int = 32,
             steps_before = optimizer.steps
             if bar is not None:
                 bar.start_epoch(steps_per_epoch)
-            for rows, xb, tb in data.epoch(batch_size, order, staging):
-                run_step(net, step.workspace(net, rows), xb, tb, optimizer, guard, weight=rows)
-                if bar is not None:
-                    bar.after_step(rows, guard)  # reads the guard a few times a second at most
-            state = guard.read()  # the one read of the epoch (without a bar)
-            if state.failed:
+            if parallel is None:
+                for rows, xb, tb in data.epoch(batch_size, order, staging):
+                    run_step(net, step.workspace(net, rows), xb, tb, optimizer, guard, weight=rows)
+                    if bar is not None:
+                        bar.after_step(rows, guard)  # reads the guard a few times a second at most
+                state = guard.read()  # the one read of the epoch (without a bar)
+            else:
+                for number, (rows, mine, xb, tb) in enumerate(parallel.epoch(data, batch_size, order, staging), 1):
+                    parallel.train_step(xb, tb, mine, rows, batch_size, optimizer, guard, number)
+                    if bar is not None:
+                        bar.after_step(rows, guard)
+                state = parallel.read(guard, epoch)
+            if state.failed:  # on every rank alike: they all applied the same reduced gradients
                 optimizer.steps = steps_before + state.failed_step - 1
-                cause = _failed_step_cause(net, data, order, batch_size, state.failed_step, optimizer)
+                cause = _failed_step_cause(net, data, order, global_batch, state.failed_step, optimizer)
                 raise NonFiniteLossError(
                     f"training stopped at epoch {epoch}, step {state.failed_step}: {cause}; this step was not "
                     "applied (try a smaller learning rate)"
@@ -553,8 +606,18 @@ def fit(net: MLP, X: Any, T: Any, *, epochs: int = 10, batch_size: int = 32,
             total = state.loss_sum
             history.loss.append(total / n)
             history.lr.append(float(optimizer.lr))
-            if _after_epoch(net, epoch, history, val, batch_size, callbacks, bar, schedule is not None, start):
+            stop = _after_epoch(net, epoch, history, val, batch_size, callbacks, bar, schedule is not None, start)
+            if parallel is not None and parallel.end_epoch(epoch, stop) and not stop:
+                history.stopped_epoch, history.stop_reason = epoch, "another rank's callback asked to stop"
+                stop = True
+            if stop:
                 break
+    except (NonFiniteLossError, DistributedError):
+        raise  # met by every rank at once
+    except BaseException as exc:
+        if parallel is not None:  # the other ranks wait for this one: end the job
+            parallel.fail(exc, f"epoch {len(history.loss) + 1} of fit")
+        raise
     finally:
         if bar is not None:
             bar.close()

@@ -137,6 +137,10 @@ OPTIONAL: dict[str, str] = {
     "capture_unavailable_reason": "() -> str: why capture cannot record here ('' when it can)",
     "replay": "(graph) -> None: launch a graph made by capture on the current stream",
     "copy_into": "(dst, src) -> None: device-to-device copy between arrays of one shape and dtype (capturable)",
+    "use_device": "(index) -> None: make GPU index (modulo the GPUs present) current: one process per GPU",
+    "collective": "(size, rank, share) -> engine: an engine with all_reduce(recv, send=None) (sum over the "
+                  "processes) and broadcast(a, root) for this backend's arrays (NCCL on cupy); share(value) gives "
+                  "process 0's value everywhere (the bootstrap, over MPI); an ImportError when it cannot",
     "set_tf32": "(bool) -> None: let float32 GEMMs use TF32 tensor cores",
     "tf32_enabled": "() -> bool",
     "flop_count": "(sizes, batch) -> int: GEMM flops of one training step",

@@ -180,6 +180,54 @@ def release_memory() -> None:
     _cupy.get_default_memory_pool().free_all_blocks()
 
 
+def use_device(index: int) -> None:
+    """Make GPU ``index`` (modulo the GPUs present) this process's current device: with one process per
+    GPU, each takes the GPU of its rank among the processes of its machine."""
+    _cupy.cuda.Device(int(index) % _cupy.cuda.runtime.getDeviceCount()).use()
+
+
+def _nccl() -> Any:
+    """CuPy's NCCL module (an ``ImportError`` when CuPy was built without it)."""
+    try:
+        from cupy.cuda import nccl
+    except Exception as exc:  # ImportError, or a missing libnccl
+        raise ImportError(f"CuPy's NCCL is not usable here ({type(exc).__name__}: {exc})") from exc
+    return nccl
+
+
+class NcclEngine:
+    """Sums and broadcasts of this backend's arrays over processes, by NCCL on the current stream (no host
+    wait: the collective is queued after the step's kernels, and the update's kernels after it)."""
+
+    def __init__(self, nccl: Any, comm: Any) -> None:
+        self.nccl, self.comm = nccl, comm
+
+    def _type(self, a: Array) -> int:
+        types = {"float32": self.nccl.NCCL_FLOAT32, "float64": self.nccl.NCCL_FLOAT64}
+        try:
+            return types[np.dtype(a.dtype).name]
+        except KeyError:
+            raise ValueError(f"NCCL reduces float32 or float64 arrays here, got {a.dtype}") from None
+
+    def all_reduce(self, recv: Array, send: Array | None = None) -> None:
+        """``recv = sum over the processes of send`` (``recv`` itself when ``send`` is ``None``)."""
+        src = recv if send is None else send
+        self.comm.allReduce(src.data.ptr, recv.data.ptr, recv.size, self._type(recv), self.nccl.NCCL_SUM,
+                            _cupy.cuda.get_current_stream().ptr)
+
+    def broadcast(self, a: Array, root: int = 0) -> None:
+        """``a`` = process ``root``'s ``a``, in place."""
+        self.comm.bcast(a.data.ptr, a.size, self._type(a), root, _cupy.cuda.get_current_stream().ptr)
+
+
+def collective(size: int, rank: int, share: Any) -> NcclEngine:
+    """The engine that sums this backend's arrays over ``size`` processes: NCCL through CuPy, one process
+    per GPU. ``share(value)`` returns process 0's ``value`` on every process (MPI carries NCCL's unique id)."""
+    nccl = _nccl()
+    uid = share(nccl.get_unique_id() if rank == 0 else None)
+    return NcclEngine(nccl, nccl.NcclCommunicator(size, uid, rank))
+
+
 def device_info() -> dict[str, Any]:
     """Name, memory, compute capability and CUDA versions of the current device (for benchmark reports)."""
     dev = _cupy.cuda.Device()
@@ -917,6 +965,7 @@ __all__ = [
     "as_array",
     "capture",
     "capture_unavailable_reason",
+    "collective",
     "copy_into",
     "count_correct",
     "delta_backward",
@@ -940,6 +989,7 @@ __all__ = [
     "to_device",
     "to_host",
     "unavailable_reason",
+    "use_device",
     "weight_gradients",
     "xp",
     "zeros",

@@ -262,6 +262,14 @@ def _copy_cast(src: Array, dst: Array) -> None:
             _copy_cast(src[i], dst[i])
 
 
+def copy_into(dst: Array, src: Array) -> None:
+    """``dst[...] = src``: a device-to-device copy between arrays of one shape and dtype (C-contiguous ``dst``)."""
+    if tuple(dst.shape) != tuple(src.shape) or np.dtype(dst.dtype) != np.dtype(src.dtype):
+        raise ValueError(f"copy_into needs arrays of one shape and dtype, got {np.dtype(dst.dtype)} "
+                         f"{tuple(dst.shape)} and {np.dtype(src.dtype)} {tuple(src.shape)}")
+    _copy_cast(src, dst)
+
+
 def _scratch(tag: str, shape: tuple[int, ...], dtype: Any, zero: bool = False) -> Array:
     """A device temporary reused from call to call, one per ``(tag, shape, dtype, device, stream)``
     (only for values that never leave the backend). ``zero``: zero-filled when made (a kernel that

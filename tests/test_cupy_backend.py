@@ -94,7 +94,7 @@ def test_meets_the_contract():
     assert not missing_names(k)
     assert all(callable(getattr(k, n)) for n in REQUIRED if n not in ("NAME", "xp"))
     for name in ("IS_GPU", "device_memory_free", "capture", "capture_unavailable_reason", "replay", "copy_into",
-                 "set_tf32", "tf32_enabled", "flop_count"):
+                 "set_tf32", "tf32_enabled", "flop_count", "use_device", "collective"):
         assert name in OPTIONAL and hasattr(k, name), name
     assert not hasattr(k, "sgd_update_from_delta")  # plain SGD is sgd_update on a gradient buffer
     assert not hasattr(k, "capture_train_step")  # the step is recorded by backprop.graph from capture
