@@ -70,7 +70,7 @@ class DistributedError(RuntimeError):
 def _mpi() -> Any:
     try:
         from mpi4py import MPI
-    except ImportError as exc:
+    except Exception as exc:  # ImportError, or an mpi4py that finds no MPI library (RuntimeError)
         raise ImportError("distributed training needs mpi4py and an MPI library: pip install "
                           "'backprop-kernels[mpi]' (mpi4py and MPICH from the package index)") from exc
     return MPI

@@ -25,7 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _mpi():
-    return pytest.importorskip("mpi4py.MPI", reason="mpi4py is not installed (pip install 'backprop-kernels[mpi]')")
+    try:
+        return dist._mpi()
+    except ImportError as exc:
+        pytest.skip(str(exc))
 
 
 def _mpiexec() -> str:

@@ -34,7 +34,25 @@ def test_perceptron_separates_a_separable_set_and_not_xor():
     assert "XOR: converged=False" in out.stdout
 
 
-@pytest.mark.parametrize("name", ["xor.py", "perceptron.py"])
+def test_two_ranks_train_as_one_process_with_the_whole_minibatch():
+    """The README's data-parallel command (with --check): 2 ranks end where one process with batch 2B does."""
+    import re
+    import shutil
+
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    mpiexec = str(mpiexec) if mpiexec.exists() else shutil.which("mpiexec")
+    if mpiexec is None:
+        pytest.skip("no mpiexec (pip install mpi4py mpich)")
+    env = {**os.environ, "CI": "1", "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
+    out = subprocess.run([mpiexec, "-n", "2", sys.executable, str(EXAMPLES / "train_distributed.py"), "--check",
+                          "--epochs", "5"], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "2 rank(s) x batch 32" in out.stdout
+    found = re.search(r"largest relative parameter difference (\S+)", out.stdout)
+    assert found and float(found.group(1)) <= 1e-6, out.stdout
+
+
+@pytest.mark.parametrize("name", ["xor.py", "perceptron.py", "train_distributed.py"])
 def test_examples_are_documented(name):
     text = (EXAMPLES / name).read_text()
     assert text.startswith('"""') and f"python examples/{name}" in text
