@@ -1,8 +1,8 @@
 """The processes of the distributed tests: ``mpiexec -n N python -m tests.mpi_worker MODE OUT [CASES]``.
 
 ``train``: every case of the JSON list ``CASES`` trained with ``fit(distributed=True)``; each rank writes
-its parameters and history to ``OUT/rank<r>.npz``. ``mismatch``: rank 1 passes another batch size; every
-rank writes the error it got. ``fail``: rank 1's callback raises in epoch 2 (the job must end with an
+its parameters and history to ``OUT/rank<r>.npz``. ``mismatch``: rank 1 passes another batch size, then
+other data, then epochs=0; every rank writes the errors it got. ``fail``: rank 1's callback raises in epoch 2 (the job must end with an
 error). ``hang``: rank 1 sleeps outside ``fit`` (the watchdog must end the job). The tests build the
 single-process reference with :func:`build` too, so both sides train the same network on the same data.
 """
@@ -67,11 +67,15 @@ def main(argv: list[str]) -> None:
         return
     X, y = data()
     net, opt = build({"backend": "numpy", "optimizer": "sgd"})
-    if mode == "mismatch":
-        try:
-            net.fit(X, y, epochs=1, batch_size=7 + comm.rank, optimizer=opt, distributed=True)
-        except Exception as exc:
-            (out / f"rank{comm.rank}.txt").write_text(f"{type(exc).__name__}: {exc}")
+    if mode == "mismatch":  # another batch size on rank 1, then other data there
+        said = []
+        for batch, Xr, epochs in ((7 + comm.rank, X, 1), (7, X + 1e-3 * comm.rank, 1), (7, X, 1 - comm.rank)):
+            try:
+                net.fit(Xr, y, epochs=epochs, batch_size=batch, optimizer=opt, distributed=True)
+                said.append("no error")
+            except Exception as exc:
+                said.append(f"{type(exc).__name__}: {exc}")
+        (out / f"rank{comm.rank}.json").write_text(json.dumps(said))
         return
     if mode == "fail":
         def fails_on_rank_1(net: Any, epoch: int, history: Any) -> None:

@@ -226,11 +226,17 @@ def test_ranks_train_as_one_process_with_the_concatenated_batch(n, tmp_path):
 
 @pytest.mark.slow
 def test_ranks_that_disagree_all_raise(tmp_path):
+    """Different options or data on one rank, or a check failing there alone: every rank raises, none hangs."""
     out = _run(2, "mismatch", str(tmp_path), timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     for r in range(2):
-        text = (tmp_path / f"rank{r}.txt").read_text()
-        assert "DistributedError" in text and "batch_size" in text and "rank 0: 7, rank 1: 8" in text, text
+        batch, data_, epochs = json.loads((tmp_path / f"rank{r}.json").read_text())
+        assert "DistributedError" in batch and "batch_size" in batch and "rank 0: 7, rank 1: 8" in batch, batch
+        assert "DistributedError" in data_ and "the ranks disagree on data_checksum" in data_, data_
+    # a check that fails on rank 1 alone: its own error there, the same failure named on rank 0
+    assert json.loads((tmp_path / "rank1.json").read_text())[2].startswith("ValueError: epochs")
+    epochs = json.loads((tmp_path / "rank0.json").read_text())[2]
+    assert epochs.startswith("DistributedError: fit's checks failed on rank 1 of 2: ValueError: epochs"), epochs
 
 
 @pytest.mark.slow
@@ -250,3 +256,13 @@ def test_a_rank_that_never_comes_ends_the_job_after_the_timeout(tmp_path):
     assert out.returncode != 0
     text = out.stdout + out.stderr
     assert "waited more than 3 s for the other ranks" in text and "rank 0 of 2" in text, text
+
+
+def test_checkpoints_are_written_by_rank_0_only(tmp_path, monkeypatch):
+    X, y = data()
+    for r, written in ((1, False), (0, True)):
+        monkeypatch.setattr(dist, "rank", lambda r=r: r)
+        net, opt = build({"backend": "numpy", "optimizer": "sgd"})
+        path = tmp_path / f"as-rank-{r}.npz"
+        net.fit(X, y, epochs=1, optimizer=opt, callbacks=[bp.callbacks.checkpoint(path)])
+        assert path.exists() is written
