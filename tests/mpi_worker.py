@@ -2,9 +2,10 @@
 
 ``train``: every case of the JSON list ``CASES`` trained with ``fit(distributed=True)``; each rank writes
 its parameters and history to ``OUT/rank<r>.npz``. ``mismatch``: rank 1 passes another batch size, then
-other data, then epochs=0; every rank writes the errors it got. ``fail``: rank 1's callback raises in epoch 2 (the job must end with an
-error). ``hang``: rank 1 sleeps outside ``fit`` (the watchdog must end the job). The tests build the
-single-process reference with :func:`build` too, so both sides train the same network on the same data.
+other data, then epochs=0; every rank writes the errors it got. ``fail``: rank 1's callback raises in
+epoch 2 (the job must end with an error). ``hang``: rank 1 sleeps outside ``fit`` (the watchdog must end
+the job). The tests build the single-process reference with :func:`build` too, so both sides train the
+same network on the same data.
 """
 
 from __future__ import annotations
