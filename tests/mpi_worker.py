@@ -62,7 +62,7 @@ def main(argv: list[str]) -> None:
     import backprop as bp
 
     mode, out = argv[0], Path(argv[1])
-    comm = bp.distributed.init(timeout=float(argv[2]) if mode == "hang" else 120.0)
+    comm = bp.distributed.init(timeout=float(argv[2]) if mode == "hang" else bp.distributed.DEFAULT_TIMEOUT)
     if mode == "train":
         _train(comm, out, json.loads(argv[2]))
         return

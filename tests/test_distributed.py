@@ -40,7 +40,7 @@ def _mpiexec() -> str:
     return found
 
 
-def _run(n: int, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+def _run(n: int, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
     """``mpiexec -n n python -m tests.mpi_worker *args``, one thread per rank."""
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", NUMBA_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
