@@ -366,13 +366,17 @@ def _emulated_kernels() -> str:
 
 @functools.lru_cache(maxsize=None)
 def _emulator(ctype: str) -> str:
-    """Build the emulator binary for ``ctype`` once per session; returns its path."""
+    """Build the emulator binary of the backend's kernels for ``ctype`` once per session; returns its path."""
+    return build_emulator(ctype, f"{S.MATH_PREAMBLE}\n{S.REDUCE_PREAMBLE}", _emulated_kernels(), "bp_emu")
+
+
+def build_emulator(ctype: str, preamble: str, kernels: str, stem: str) -> str:
+    """Compile ``kernels`` (after ``preamble``) for element type ``ctype`` into an emulator binary whose
+    ``main`` runs any of them by name (:class:`Emu`); returns its path."""
     if CXX is None:
         pytest.skip("no C++ compiler")
-    kernels = _emulated_kernels()
-    source = (f"typedef {ctype} T;\n{EMULATOR}\n{S.MATH_PREAMBLE}\n{S.REDUCE_PREAMBLE}\n{kernels}\n"
-              + _dispatch(kernels))
-    out = Path(tempfile.mkdtemp(prefix=f"bp_emu_{ctype}_"))
+    source = f"typedef {ctype} T;\n{EMULATOR}\n{preamble}\n{kernels}\n" + _dispatch(kernels)
+    out = Path(tempfile.mkdtemp(prefix=f"{stem}_{ctype}_"))
     (out / "emu.cpp").write_text(source)
     exe = out / "emu"
     proc = subprocess.run([CXX, "-std=c++20", "-O1", "-pthread", "-o", str(exe), str(out / "emu.cpp")],
@@ -384,16 +388,18 @@ def _emulator(ctype: str) -> str:
 
 
 class Emu:
-    """Runs one kernel in the emulator: arrays in, the written arrays out."""
+    """Runs one kernel in the emulator: arrays in, the written arrays out. By default the backend's kernels;
+    ``exe`` and ``sigs`` (:func:`build_emulator`, :func:`signatures`) name another module's."""
 
-    def __init__(self, ctype: str):
-        self.exe = _emulator(ctype)
+    def __init__(self, ctype: str, exe: str | None = None, sigs: dict[str, list[str]] | None = None):
+        self.exe = _emulator(ctype) if exe is None else exe
+        self.sigs = sigs
         self.dtype = np.float32 if ctype == "float" else np.float64
 
     def dtypes(self, kernel: str) -> dict:
         """The NumPy dtype of each array parameter of ``kernel``: ``T`` is the emulated type."""
         out = {}
-        for decl in _kernel_signatures()[kernel]:
+        for decl in (_kernel_signatures() if self.sigs is None else self.sigs)[kernel]:
             if "*" in decl:
                 ctype = _pointee(decl)
                 out[decl.replace("*", " ").split()[-1]] = self.dtype if ctype == "T" else _NP_OF[ctype]

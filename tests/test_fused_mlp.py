@@ -1,0 +1,257 @@
+"""The fused narrow-network kernels (``backprop.kernels.fused_mlp_sources``), checked without a GPU.
+
+1. ``nvcc`` compiles them for float and double; the float PTX computes nothing in double, and ``ptxas``
+   for sm_90 reports no spills and the shared memory within the 48 KB a block gets without opting in.
+2. The host emulator of test_cupy_sources runs them against the NumPy reference on fresh random inputs:
+   every activation, widths 16 to 128, batches that are not a multiple of the tile, several blocks
+   walking the tiles, and whole SGD and Adam steps (the backend's update kernels, emulated too).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import subprocess
+
+import numpy as np
+import pytest
+
+from backprop.kernels import fused_mlp_sources as F
+from backprop.kernels import numpy_ref as ref
+from backprop.kernels.registry import ACTIVATIONS
+
+from .test_cupy_sources import NVCC, Emu, _f64_instructions, _nvcc_ptx, _tol, build_emulator, signatures
+
+CTYPES = ["float", "double"]
+HIDDEN = [n for n in F.ACT_CODES if n != F.SOFTMAX and ACTIVATIONS[n].hidden]
+ALPHA = {"leaky_relu": 0.05, "elu": 0.7}
+
+
+def _alpha(act: str) -> float:
+    return ALPHA.get(act, ACTIVATIONS[act].default_alpha)
+
+
+# --------------------------------------------------------------------------- selection and layout
+def test_unserved_reasons():
+    assert F.unserved_reason([64] * 7, ["relu"] * 5 + ["identity"], np.float32) == ""
+    assert F.unserved_reason([32, 128, 128, 128, 1], ["tanh"] * 3 + ["sigmoid"], np.float64) == ""
+    assert F.unserved_reason([4, 16, 3], ["gelu", "softmax"], np.float32) == ""
+    assert "width 129" in F.unserved_reason([4, 129, 3], ["relu", "identity"], np.float32)
+    assert "width 256" in F.unserved_reason([256, 16, 3], ["relu", "identity"], np.float32)
+    assert "float16" in F.unserved_reason([4, 16, 3], ["relu", "identity"], np.float16)
+    assert "'softmax' in layer 1" in F.unserved_reason([4, 16, 3], ["softmax", "identity"], np.float32)
+
+
+def test_plan_offsets():
+    layout, y_off, u_off, ny, nu = F.plan([3, 5, 2], ["tanh", "softmax"], 7, [False, True])
+    rows = layout.reshape(2, F.LAYOUT_FIELDS)
+    assert rows[0].tolist() == [3, 5, 0, 25, F.ACT_CODES["tanh"], 0, -1]
+    assert rows[1].tolist() == [5, 2, 15, 30, F.ACT_CODES["softmax"], 35, 0]
+    assert (y_off, u_off, ny, nu) == ([0, 35], [-1, 0], 49, 14)
+
+
+# --------------------------------------------------------------------------- 1. nvcc and ptxas
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found")
+@pytest.mark.parametrize("ctype", CTYPES)
+def test_compiles_without_spills_within_static_shared_memory(ctype, tmp_path):
+    ptx = _nvcc_ptx(F.module_source(ctype), tmp_path, f"fused_{ctype}")
+    for name in F.KERNEL_NAMES:
+        assert f".entry {name}(" in ptx
+    if ctype == "float":
+        assert not _f64_instructions(ptx, frozenset()), _f64_instructions(ptx, frozenset())[:5]
+    cu = tmp_path / f"fused_{ctype}.cu"
+    proc = subprocess.run([NVCC, "-cubin", "-arch=sm_90", "-Xptxas", "-v", "-o", str(tmp_path / "f.cubin"), str(cu)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    spills = re.findall(r"(\d+) bytes spill stores", proc.stderr)
+    assert spills and all(int(n) == 0 for n in spills), proc.stderr
+    smem = [int(n) for n in re.findall(r"(\d+) bytes smem", proc.stderr)]
+    assert smem and max(smem) <= 48 * 1024, proc.stderr
+
+
+# --------------------------------------------------------------------------- 2. the emulator
+@functools.lru_cache(maxsize=None)
+def _exe(ctype: str) -> str:
+    return build_emulator(ctype, F.MATH_PREAMBLE + F.dispatch_source(), F.kernels_body(), "bp_fused")
+
+
+@pytest.fixture(params=CTYPES)
+def emu(request) -> Emu:
+    return Emu(request.param, _exe(request.param), signatures(F.kernels_body()))
+
+
+def _ctype(emu: Emu) -> str:
+    return "float" if emu.dtype == np.float32 else "double"
+
+
+class Net:
+    """A random network of ``sizes`` and activations ``acts`` in the flat parameter layout, with its
+    reference passes (``numpy_ref`` in float64 on the parameters rounded to the emulated dtype)."""
+
+    def __init__(self, rng, sizes, acts, dtype):
+        self.sizes, self.acts, self.dtype = list(sizes), list(acts), dtype
+        self.W = [(rng.normal(size=(o, i)) / np.sqrt(i)).astype(dtype).astype(np.float64)
+                  for i, o in zip(sizes[:-1], sizes[1:])]
+        self.b = [(0.1 * rng.normal(size=o)).astype(dtype).astype(np.float64) for o in sizes[1:]]
+        self.alphas = np.array([_alpha(a) if a in ACTIVATIONS else 0.0 for a in acts])
+        self.keep_u = [ACTIVATIONS[a].needs_u or i == len(acts) - 1 for i, a in enumerate(acts)]
+
+    @property
+    def params(self) -> np.ndarray:
+        return np.concatenate([W.ravel() for W in self.W] + list(self.b))
+
+    def plan(self, rows):
+        return F.plan(self.sizes, self.acts, rows, self.keep_u)
+
+    def forward(self, x):
+        ys, us = [], []
+        for W, b, act, alpha in zip(self.W, self.b, self.acts, self.alphas):
+            x, u = ref.layer_forward(x, W, b, act, alpha, True)
+            ys.append(x)
+            us.append(u)
+        return ys, us
+
+    def backward(self, x, ys, us, delta):
+        dW, db = [None] * len(self.W), [None] * len(self.W)
+        for i in range(len(self.W) - 1, -1, -1):
+            dW[i], db[i] = ref.weight_gradients(delta, ys[i - 1] if i else x)
+            if i:
+                delta = ref.delta_backward(delta, self.W[i], ys[i - 1], us[i - 1], self.acts[i - 1], self.alphas[i - 1])
+        return np.concatenate([g.ravel() for g in dW] + db)
+
+
+def _forward(emu, net, x, grid):
+    rows = x.shape[0]
+    layout, y_off, u_off, ny, nu = net.plan(rows)
+    got = emu("bp_mlp_forward", grid, F.THREADS,
+              {"x": x, "p": net.params, "layout": layout, "alphas": net.alphas,
+               "ys": np.full(ny, np.nan), "us": np.full(max(nu, 1), np.nan)},
+              {"layers": len(net.acts), "rows": rows}, outputs=("ys", "us"))
+    ys = [got["ys"][o:o + rows * n].reshape(rows, n) for o, n in zip(y_off, net.sizes[1:])]
+    us = [None if o < 0 else got["us"][o:o + rows * n].reshape(rows, n) for o, n in zip(u_off, net.sizes[1:])]
+    return ys, us
+
+
+def _backward(emu, net, x, ys, us, delta, grid):
+    rows = x.shape[0]
+    layout, y_off, u_off, ny, nu = net.plan(rows)
+    yflat, uflat = np.zeros(ny), np.zeros(max(nu, 1))
+    for o, y in zip(y_off, ys):
+        yflat[o:o + y.size] = y.ravel()
+    for o, u in zip(u_off, us):
+        if o >= 0:
+            uflat[o:o + u.size] = u.ravel()
+    n = net.params.size
+    part = emu("bp_mlp_backward", grid, F.THREADS,
+               {"x": x, "p": net.params, "layout": layout, "alphas": net.alphas, "ys": yflat, "us": uflat,
+                "delta": delta, "partial": np.full(grid * n, np.nan)},
+               {"layers": len(net.acts), "rows": rows, "n_params": n}, outputs=("partial",))["partial"]
+    return emu("bp_mlp_reduce", 2, 64, {"partial": part, "grads": np.full(n, np.nan)},
+               {"blocks": grid, "n": n}, outputs=("grads",))["grads"]
+
+
+def _data(rng, net, rows):
+    return rng.normal(size=(rows, net.sizes[0])).astype(net.dtype).astype(np.float64)
+
+
+def _check_forward(emu, rng, sizes, acts, rows=45, grid=2):
+    net = Net(rng, sizes, acts, emu.dtype)
+    x = _data(rng, net, rows)
+    ys, us = _forward(emu, net, x, grid)
+    want_y, want_u = net.forward(x)
+    for i, (y, u, wy, wu) in enumerate(zip(ys, us, want_y, want_u)):
+        np.testing.assert_allclose(y, wy, **_tol(_ctype(emu)), err_msg=f"y of layer {i + 1}")
+        if net.keep_u[i]:
+            np.testing.assert_allclose(u, wu, **_tol(_ctype(emu)), err_msg=f"u of layer {i + 1}")
+
+
+def _check_backward(emu, rng, sizes, acts, rows=45, grid=3):
+    net = Net(rng, sizes, acts, emu.dtype)
+    x = _data(rng, net, rows)
+    ys, us = net.forward(x)
+    ys = [y.astype(emu.dtype).astype(np.float64) for y in ys]
+    us = [u.astype(emu.dtype).astype(np.float64) for u in us]
+    delta = rng.normal(size=(rows, sizes[-1])).astype(emu.dtype).astype(np.float64) / rows
+    got = _backward(emu, net, x, ys, us, delta, grid)
+    want = net.backward(x, ys, us, delta)
+    scale = np.max(np.abs(want))
+    tol = _tol(_ctype(emu))
+    np.testing.assert_allclose(got, want, rtol=tol["rtol"], atol=tol["atol"] + tol["rtol"] * scale)
+
+
+@pytest.mark.parametrize("act", HIDDEN)
+def test_forward_every_hidden_activation(emu, rng, act):
+    _check_forward(emu, rng, [5, 32, 24, 3], [act, act, "identity"])
+
+
+@pytest.mark.parametrize("width", [16, 32, 64, 128])
+def test_forward_widths(emu, rng, width):
+    _check_forward(emu, rng, [width, width, width, 4], ["tanh", "relu", "sigmoid"], rows=37)
+
+
+@pytest.mark.parametrize("output", ["identity", "sigmoid", "softmax", "tanh", "exp"])
+def test_forward_outputs(emu, rng, output):
+    _check_forward(emu, rng, [6, 16, 10], ["gelu", output], rows=21, grid=1)
+
+
+@pytest.mark.parametrize("act", HIDDEN)
+def test_backward_every_hidden_activation(emu, rng, act):
+    _check_backward(emu, rng, [5, 32, 24, 3], [act, act, "identity"])
+
+
+@pytest.mark.parametrize("width", [16, 32, 64, 128])
+def test_backward_widths(emu, rng, width):
+    _check_backward(emu, rng, [width, width, width, 4], ["silu", "elu", "softmax"], rows=37)
+
+
+def test_one_row_and_more_blocks_than_tiles(emu, rng):
+    _check_forward(emu, rng, [3, 16, 2], ["relu", "identity"], rows=1, grid=3)
+    _check_backward(emu, rng, [3, 16, 2], ["relu", "identity"], rows=1, grid=3)
+
+
+def test_gradients_do_not_depend_on_the_blocks_beyond_rounding(emu, rng):
+    """Each grid gives the same gradients to rounding (each is a fixed order of the same sums), and a grid
+    gives the same bits every time."""
+    net = Net(rng, [8, 32, 32, 5], ["tanh", "relu", "identity"], emu.dtype)
+    x = _data(rng, net, 70)
+    ys, us = net.forward(x)
+    delta = rng.normal(size=(70, 5)) / 70
+    one, three, again = (_backward(emu, net, x, ys, us, delta, g) for g in (1, 3, 3))
+    assert np.array_equal(three, again)
+    np.testing.assert_allclose(one, three, **_tol(_ctype(emu)))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_a_whole_step(emu, rng, optimizer):
+    """Forward, the output error (the reference's), backward and the reduction fused; then the backend's
+    update kernel, emulated: the parameters of the reference's step."""
+    from .test_cupy_sources import Emu as BackendEmu
+
+    net = Net(rng, [6, 64, 64, 4], ["relu", "tanh", "softmax"], emu.dtype)
+    rows = 50
+    x = _data(rng, net, rows)
+    t = np.eye(4)[rng.integers(0, 4, rows)]
+    ys, us = _forward(emu, net, x, 2)
+    _, delta = ref.output_error(ys[-1], us[-1], t, "softmax", "cross_entropy")
+    grads = _backward(emu, net, x, ys, us, delta.astype(emu.dtype).astype(np.float64), 2)
+    p = net.params
+    want_ys, want_us = net.forward(x)
+    _, want_delta = ref.output_error(want_ys[-1], want_us[-1], t, "softmax", "cross_entropy")
+    want_g = net.backward(x, want_ys, want_us, want_delta)
+    n = p.size
+    updates = BackendEmu(_ctype(emu))
+    if optimizer == "sgd":
+        got = updates("ew_bp_sgd", 4, 256, {"_raw_g": grads, "_raw_p": p}, {"lr": 0.1, "wd": 0.0, "_n": n, "_ncols": n},
+                      outputs=("_raw_p",))["_raw_p"]
+        want = p.copy()
+        ref.sgd_update(want, want_g, 0.1, 0.0)
+    else:
+        m, v = np.zeros(n), np.zeros(n)
+        lr, b1, b2, eps = 1e-2, 0.9, 0.999, 1e-8
+        got = updates("ew_bp_adam", 4, 256, {"_raw_g": grads, "_raw_p": p, "_raw_m": m, "_raw_v": v},
+                      {"lr_c1": lr / (1 - b1), "beta1": b1, "beta2": b2, "one_m_beta1": 1 - b1, "one_m_beta2": 1 - b2,
+                       "c2": 1 - b2, "eps": eps, "wd": 0.0, "_n": n, "_ncols": n}, outputs=("_raw_p",))["_raw_p"]
+        want = p.copy()
+        ref.adam_update(want, want_g, m.copy(), v.copy(), lr, b1, b2, eps, 1, 0.0)
+    tol = _tol(_ctype(emu))
+    np.testing.assert_allclose(got, want, rtol=tol["rtol"], atol=10 * tol["atol"])
