@@ -117,10 +117,10 @@ def _settings(optimizer: Optimizer) -> tuple:
 def _key(net: MLP, ws: Workspace, x: Any, t: Any, optimizer: Optimizer, weight: float, kernels: Any) -> tuple:
     layers = (id(net.params),) + tuple((L.activation.name, L.activation.alpha) for L in net.layers)
     state = tuple(id(a) for a in _state_arrays(optimizer, net))
-    tf32 = getattr(kernels, "tf32_enabled", None)
+    modes = tuple(bool(mode()) if callable(mode) else None
+                  for mode in (getattr(kernels, "tf32_enabled", None), getattr(kernels, "fused_mlp_enabled", None)))
     return (id(ws), tuple(x.shape), tuple(t.shape), str(x.dtype), str(t.dtype), net.loss_fn.name, net.loss_fn.param,
-            layers, type(optimizer), id(optimizer), _settings(optimizer), state,
-            bool(tf32()) if callable(tf32) else None, float(weight))
+            layers, type(optimizer), id(optimizer), _settings(optimizer), state, modes, float(weight))
 
 
 def _record(net: MLP, ws: Workspace, optimizer: Optimizer, weight: float, kernels: Any) -> _StepGraph:

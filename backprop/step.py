@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from .network import MLP
     from .optimizers import Optimizer
 
-__all__ = ["Guard", "Workspace", "apply_update", "backward", "failure_cause", "flat_views", "forward",
+__all__ = ["Guard", "Workspace", "apply_update", "backward", "failure_cause", "flat_views", "forward", "fused",
            "gradient_buffers", "gradients", "n_weights", "output_error", "train_step", "workspace"]
 
 Array = Any
@@ -60,9 +60,14 @@ class Workspace:
         self.batch = batch
         last = len(net.layers) - 1
         k, dt = self._kernels, self._dtype
-        self.y: list[Array] = [k.zeros((batch, L.n_out), dt) for L in net.layers]
-        self.u: list[Array | None] = [k.zeros((batch, L.n_out), dt) if _keeps_u(net, i, last) else None
-                                      for i, L in enumerate(net.layers)]
+        widths = [L.n_out for L in net.layers]
+        self.keep_u = tuple(_keeps_u(net, i, last) for i in range(len(widths)))
+        # each layer's y (and kept u) is a view into one flat buffer, layer after layer: the layout the fused
+        # kernels of a narrow network read and write (kernels' mlp_forward / mlp_backward)
+        self.y_flat = k.zeros((batch * sum(widths),), dt)
+        self.u_flat = k.zeros((max(batch * sum(n for n, keep in zip(widths, self.keep_u) if keep), 1),), dt)
+        self.y: list[Array] = _views(self.y_flat, batch, widths, [True] * len(widths))
+        self.u: list[Array | None] = _views(self.u_flat, batch, widths, self.keep_u)
 
     @cached_property
     def delta(self) -> list[Array]:
@@ -107,6 +112,17 @@ class Workspace:
     @cached_property
     def t(self) -> Array:
         return self._kernels.zeros((self.batch, self._net_sizes[-1]), self._dtype)
+
+
+def _views(flat: Array, batch: int, widths: list[int], wanted: Any) -> list[Any]:
+    """``(batch, n)`` views into ``flat``, one after another, for each width ``n`` that is ``wanted``
+    (``None`` for the others)."""
+    out: list[Any] = []
+    offset = 0
+    for n, want in zip(widths, wanted):
+        out.append(flat[offset:offset + batch * n].reshape(batch, n) if want else None)
+        offset += batch * n if want else 0
+    return out
 
 
 def _keeps_u(net: MLP, i: int, last: int) -> bool:
@@ -161,13 +177,35 @@ def workspace(net: MLP, batch: int) -> Workspace:
 
 
 # --------------------------------------------------------------------------- the step
+def fused(net: MLP) -> tuple[tuple[int, ...], tuple[str, ...], tuple[float, ...]] | None:
+    """``(sizes, activations, alphas)`` when the backend runs ``net``'s passes as single fused launches
+    (its ``fused_mlp_enabled()`` is on and ``fused_mlp_reason`` has no objection: a narrow network), else
+    ``None``."""
+    k = net.backend.kernels
+    enabled = getattr(k, "fused_mlp_enabled", None)
+    if enabled is None or not enabled():
+        return None
+    acts = tuple(L.activation.name for L in net.layers)
+    if k.fused_mlp_reason(net.sizes, acts, net.dtype):
+        return None
+    return tuple(net.sizes), acts, tuple(float(L.activation.alpha) for L in net.layers)
+
+
 def forward(net: MLP, ws: Workspace, x: Array, keep: bool = True, out: Array | None = None) -> Array:
     """Forward pass ``x^l = f(W^l x^{l-1} + b^l)`` into the workspace; returns ``x^L``.
 
     ``keep``: keep each layer's ``u`` where backward or the loss needs it. ``out``: where the last
-    layer writes (a fresh array handed to the caller), instead of the workspace.
+    layer writes (a fresh array handed to the caller), instead of the workspace. A narrow network on a
+    backend with fused kernels (:func:`fused`) runs every layer in one launch, into the workspace.
     """
     k = net.backend.kernels
+    spec = fused(net)
+    if spec is not None:
+        k.mlp_forward(x, net.params, *spec, ws.keep_u, ws.y_flat, ws.u_flat)
+        if out is None:
+            return ws.y[-1]
+        k.copy_into(out, ws.y[-1])
+        return out
     last = len(net.layers) - 1
     for i, layer in enumerate(net.layers):
         a = layer.activation
@@ -195,6 +233,10 @@ def backward(net: MLP, ws: Workspace, x: Array, dW: list[Array] | None = None,
     then ``delta^{l-1} = f'(u^{l-1}) * (W^l)^T delta^l``, for ``l = L..1``; the gradients go to the
     workspace (or to ``dW``/``db``). No parameter changes."""
     k = net.backend.kernels
+    spec = fused(net) if dW is None and db is None else None
+    if spec is not None:  # every layer in one launch (and a reduction), into the workspace's flat gradients
+        k.mlp_backward(x, net.params, *spec, ws.keep_u, ws.y_flat, ws.u_flat, ws.delta[-1], ws.grads)
+        return
     dW = ws.dW if dW is None else dW
     db = ws.db if db is None else db
     for i in range(len(net.layers) - 1, -1, -1):

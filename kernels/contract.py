@@ -142,6 +142,13 @@ OPTIONAL: dict[str, str] = {
                   "processes) and broadcast(a, root) for this backend's arrays (NCCL on cupy); share(value) gives "
                   "process 0's value everywhere (the bootstrap, over MPI); an ImportError when it cannot",
     "set_tf32": "(bool) -> None: let float32 GEMMs use TF32 tensor cores",
+    "set_fused_mlp": "(bool) -> None: run the passes of narrow networks as single fused launches (off by default)",
+    "fused_mlp_enabled": "() -> bool: whether set_fused_mlp is on",
+    "fused_mlp_reason": "(sizes, acts, dtype) -> str: why the fused launches do not serve a network ('' when they do)",
+    "mlp_forward": "(x, params, sizes, acts, alphas, keep_u, y_flat, u_flat) -> None: the forward pass of every "
+                   "layer in one launch, each layer's y (and kept u) into flat buffers, layer after layer",
+    "mlp_backward": "(x, params, sizes, acts, alphas, keep_u, y_flat, u_flat, delta, grads) -> None: from delta^L, "
+                    "every gradient into the flat gradient buffer, deterministically",
     "tf32_enabled": "() -> bool",
     "flop_count": "(sizes, batch) -> int: GEMM flops of one training step",
 }

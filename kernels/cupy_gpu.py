@@ -32,6 +32,8 @@ It implements the contract of :mod:`backprop.kernels.contract` (the reference is
   builds the graph of a whole training step from them. Recording needs nvmath-python (CuPy 14's
   cuBLAS wrappers refuse to run while a stream is being captured).
 * :func:`set_tf32` lets float32 GEMMs use TF32 tensor cores.
+* Narrow networks (every width at most 128): with :func:`set_fused_mlp`, each pass is one launch of the
+  fused kernels of :mod:`backprop.kernels.fused_mlp_sources` (:func:`mlp_forward`, :func:`mlp_backward`).
 
 The CUDA sources live in :mod:`backprop.kernels.cupy_sources` (importable without CuPy). Importing
 this module never fails for want of CuPy or a GPU: :func:`is_available` says why it cannot run.
@@ -46,6 +48,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import cupy_sources as src
+from . import fused_mlp_sources as fused
 from .numpy_ref import count_correct  # noqa: F401  (CuPy reductions on the device; no host read)
 from .contract import (
     GUARD_SIZE,
@@ -946,6 +949,115 @@ def copy_into(dst: Array, src: Array) -> None:
     _cupy.copyto(dst, src)
 
 
+# --------------------------------------------------------------------------- fused narrow networks
+_fused_on = False
+_fused_modules: dict[tuple[int, str], Any] = {}
+#: (device, sizes, activations, alphas, kept u, rows, dtype) -> the device layout and alphas of the fused kernels
+_fused_plans: dict[tuple, tuple[Array, Array]] = {}
+_sm_counts: dict[int, int] = {}
+
+
+def set_fused_mlp(enabled: bool) -> None:
+    """Let narrow networks (every width at most 128, float32 or float64, activations the fused kernels
+    compute: :func:`fused_mlp_reason`) run each pass of a training step or of inference as one kernel
+    launch (:func:`mlp_forward`, :func:`mlp_backward`) instead of a GEMM and an elementwise kernel per layer.
+    Off by default. The results equal the layer-by-layer path's to rounding (a different order of sums)."""
+    global _fused_on
+    _fused_on = bool(enabled)
+
+
+def fused_mlp_enabled() -> bool:
+    return _fused_on
+
+
+def fused_mlp_reason(sizes: Any, acts: Any, dtype: Any) -> str:
+    """Why :func:`mlp_forward` and :func:`mlp_backward` do not serve a network of widths ``sizes`` (input first)
+    and activations ``acts``; ``""`` when they do."""
+    return fused.unserved_reason(list(sizes), list(acts), dtype)
+
+
+def _fused_kernel(name: str, dtype: Any) -> Any:
+    ctype = src.CTYPES[np.dtype(dtype).name]
+    key = (_cupy.cuda.Device().id, ctype)
+    module = _fused_modules.get(key)
+    if module is None:
+        module = _fused_modules[key] = _cupy.RawModule(code=fused.module_source(ctype))
+    return module.get_function(name)
+
+
+def _fused_plan(sizes: tuple, acts: tuple, alphas: tuple, keep_u: tuple, rows: int, dtype: Any) -> tuple[Array, Array]:
+    key = (_cupy.cuda.Device().id, sizes, acts, alphas, keep_u, rows, np.dtype(dtype).char)
+    plan = _fused_plans.get(key)
+    if plan is None:
+        reason = fused_mlp_reason(sizes, acts, dtype)
+        if reason:
+            raise ValueError(f"the fused kernels do not serve this network: {reason}")
+        layout = fused.plan(sizes, acts, rows, keep_u)[0]
+        plan = _fused_plans[key] = (_cupy.asarray(layout, dtype=np.int64),
+                                    _cupy.asarray(np.array(alphas, dtype=np.float64), dtype=dtype))
+    return plan
+
+
+def _fused_args(x: Array, params: Array, sizes: Any, acts: Any, alphas: Any, keep_u: Any, y_flat: Array,
+                u_flat: Array) -> tuple[int, Array, Array, tuple, tuple]:
+    """Check the arrays of a fused pass against the network; returns ``(rows, layout, alphas, sizes, acts)``."""
+    sizes, acts = tuple(int(n) for n in sizes), tuple(acts)
+    keep_u = tuple(bool(k) for k in keep_u)
+    dtype = params.dtype
+    rows = int(x.shape[0]) if x.ndim == 2 else -1
+    if x.ndim != 2 or x.shape[1] != sizes[0] or x.dtype != dtype or not x.flags.c_contiguous:
+        raise ValueError(f"x must be a C-contiguous {dtype} array of shape (rows, {sizes[0]}), got {x.dtype} "
+                         f"{tuple(x.shape)}")
+    _, _, _, ny, nu = fused.plan(sizes, acts, rows, keep_u)
+    n_params = sum(i * o + o for i, o in zip(sizes[:-1], sizes[1:]))
+    _buffer(params, (n_params,), dtype, "params")
+    _buffer(y_flat, (ny,), dtype, "y_flat")
+    _buffer(u_flat, (max(nu, 1),), dtype, "u_flat")
+    layout, alph = _fused_plan(sizes, acts, tuple(float(a) for a in alphas), keep_u, rows, dtype)
+    return rows, layout, alph, sizes, acts
+
+
+def mlp_forward(x: Array, params: Array, sizes: Any, acts: Any, alphas: Any, keep_u: Any, y_flat: Array,
+                u_flat: Array) -> None:
+    """``u^l = W^l x^{l-1} + b^l``, ``x^l = f(u^l)`` for every layer in one launch: each layer's ``y`` into
+    ``y_flat`` and, where ``keep_u``, its ``u`` into ``u_flat``, layer after layer as ``(rows, n_l)`` blocks
+    (``fused_mlp_sources.plan``). ``params``: the network's flat ``[W^1 | ... | W^L | b^1 | ... | b^L]``."""
+    rows, layout, alph, sizes, acts = _fused_args(x, params, sizes, acts, alphas, keep_u, y_flat, u_flat)
+    if rows == 0:
+        return
+    tiles = -(-rows // fused.TILE[src.CTYPES[params.dtype.name]])
+    _fused_kernel("bp_mlp_forward", params.dtype)((tiles,), (fused.THREADS,), (
+        x, params, layout, alph, np.int32(len(acts)), np.int64(rows), y_flat, u_flat))
+
+
+def _backward_blocks() -> int:
+    """Blocks of the fused backward pass: two per multiprocessor (each keeps a slice of partial gradients)."""
+    dev = _cupy.cuda.Device().id
+    if dev not in _sm_counts:
+        _sm_counts[dev] = int(_cupy.cuda.runtime.getDeviceProperties(dev).get("multiProcessorCount", 4))
+    return 2 * _sm_counts[dev]
+
+
+def mlp_backward(x: Array, params: Array, sizes: Any, acts: Any, alphas: Any, keep_u: Any, y_flat: Array,
+                 u_flat: Array, delta: Array, grads: Array) -> None:
+    """From ``delta^L`` (``(rows, n_L)``), every ``dE/dW^l = delta^l (x^{l-1})^T`` and ``dE/db^l = sum delta^l``
+    into ``grads`` (the parameters' flat layout), with ``delta^{l-1} = phi(y^{l-1}) * (W^l)^T delta^l`` kept in
+    shared memory: one launch whose blocks each sum their tiles into a slice of a cached buffer, then one that
+    adds the slices in a fixed order (deterministic). ``y_flat``, ``u_flat``: what :func:`mlp_forward` wrote."""
+    rows, layout, alph, sizes, acts = _fused_args(x, params, sizes, acts, alphas, keep_u, y_flat, u_flat)
+    dtype = params.dtype
+    _buffer(delta, (rows, sizes[-1]), dtype, "delta")
+    n = int(params.size)
+    _buffer(grads, (n,), dtype, "grads")
+    tiles = -(-rows // fused.TILE[src.CTYPES[dtype.name]])
+    grid = max(1, min(tiles, _backward_blocks()))
+    partial = _scratch("fused_partial", (grid * n,), dtype)
+    _fused_kernel("bp_mlp_backward", dtype)((grid,), (fused.THREADS,), (
+        x, params, layout, alph, np.int32(len(acts)), np.int64(rows), y_flat, u_flat, delta, partial, np.int64(n)))
+    blocks = min(-(-n // src.BLOCK), 1024)
+    _fused_kernel("bp_mlp_reduce", dtype)((blocks,), (src.BLOCK,), (partial, np.int64(grid), np.int64(n), grads))
+
+
 def flop_count(sizes: list[int], batch: int) -> int:
     """Floating-point operations of the GEMMs of one training step (forward, backward, weight update)."""
     pairs = [n_in * n_out for n_in, n_out in zip(sizes[:-1], sizes[1:])]
@@ -972,16 +1084,21 @@ __all__ = [
     "device_info",
     "device_memory_free",
     "flop_count",
+    "fused_mlp_enabled",
+    "fused_mlp_reason",
     "gather_rows",
     "guard_step",
     "is_available",
     "layer_forward",
+    "mlp_backward",
+    "mlp_forward",
     "momentum_update",
     "one_hot",
     "output_error",
     "owns",
     "release_memory",
     "replay",
+    "set_fused_mlp",
     "set_tf32",
     "sgd_update",
     "synchronize",

@@ -94,7 +94,8 @@ def test_meets_the_contract():
     assert not missing_names(k)
     assert all(callable(getattr(k, n)) for n in REQUIRED if n not in ("NAME", "xp"))
     for name in ("IS_GPU", "device_memory_free", "capture", "capture_unavailable_reason", "replay", "copy_into",
-                 "set_tf32", "tf32_enabled", "flop_count", "use_device", "collective"):
+                 "set_tf32", "tf32_enabled", "flop_count", "use_device", "collective", "set_fused_mlp",
+                 "fused_mlp_enabled", "fused_mlp_reason", "mlp_forward", "mlp_backward"):
         assert name in OPTIONAL and hasattr(k, name), name
     assert not hasattr(k, "sgd_update_from_delta")  # plain SGD is sgd_update on a gradient buffer
     assert not hasattr(k, "capture_train_step")  # the step is recorded by backprop.graph from capture
@@ -528,8 +529,9 @@ _C_SCALAR = {"long long": np.int64, "int": np.int32, "double": np.float64}
 
 
 class _RawKernel:
-    def __init__(self, name, ctype, params):
+    def __init__(self, name, ctype, params, emulator=None):
         self.name, self.ctype, self.params = name, ctype, params
+        self.emulator = emulator or (lambda: _src_tests.Emu(ctype))  # the backend module's emulator by default
 
     def __call__(self, grid, block, args):
         assert len(grid) == 1 and len(block) == 1 and block[0] % 32 == 0
@@ -558,7 +560,7 @@ class _RawKernel:
                 scalars[pname] = a
 
         def fn():
-            emu = _src_tests.Emu(self.ctype)
+            emu = self.emulator()
             got = emu(self.name, grid[0], block[0], {k: np.asarray(v).ravel() for k, v in arrays.items()},
                       {k: float(v) for k, v in scalars.items()}, aliases, outputs=tuple(outputs))
             for pname in outputs:
@@ -568,14 +570,25 @@ class _RawKernel:
 
 
 class _RawModule:
+    """The backend's raw module, or the fused narrow-network module (each run by its own emulator)."""
+
     def __init__(self, code=None, **kw):
         from backprop.kernels import cupy_sources as S
+        from backprop.kernels import fused_mlp_sources as F
 
-        self.ctype = next(c for c in ("float", "double") if code == S.raw_module_source(c))
+        from tests import test_fused_mlp
+
+        modules = {(c, "raw"): S.raw_module_source(c) for c in ("float", "double")}
+        modules.update({(c, "fused"): F.module_source(c) for c in ("float", "double")})
+        self.ctype, kind = next(key for key, source in modules.items() if code == source)
         self.sigs = {n: [" ".join(p.split()) for p in ps.split(",")] for n, ps in _src_tests._SIG.findall(code)}
+        self.emulator = None
+        if kind == "fused":
+            ctype = self.ctype
+            self.emulator = lambda: _src_tests.Emu(ctype, test_fused_mlp._exe(ctype), self.sigs)
 
     def get_function(self, name):
-        return _RawKernel(name, self.ctype, self.sigs[name])
+        return _RawKernel(name, self.ctype, self.sigs[name], self.emulator)
 
 
 def _make_fake_cupy() -> dict:
@@ -1594,11 +1607,12 @@ def test_fake_benchmark_script_runs(fake, tmp_path, monkeypatch):
     monkeypatch.setattr(up, "STEP_CASES", [tiny, bound])
     monkeypatch.setattr(up, "GRAPH_CASE", tiny)
     monkeypatch.setattr(up, "TF32_CASE", bound)
-    rc = up.main(["--quick", "--backend", "cupy", "--sections", "fit,api,step,graph,tf32", "--out", str(tmp_path),
+    monkeypatch.setattr(up, "FUSED_CASE", up.Case("narrow", (6, 16, 2), 8, "relu", "regression", (6, 16, 2), 8))
+    rc = up.main(["--quick", "--backend", "cupy", "--sections", "fit,api,step,graph,tf32,fused", "--out", str(tmp_path),
                   "--repeats", "1", "--fit-repeats", "1", "--min-sample-time", "0", "--gemm-size", "16"])
     doc = json.loads((tmp_path / "gpu_vs_torch.json").read_text())
     by_name = {s["name"]: s for s in doc["sections"]}
-    assert [by_name[n]["status"] for n in ("fit", "api", "step", "tf32")] == ["ok"] * 4, \
+    assert [by_name[n]["status"] for n in ("fit", "api", "step", "tf32", "fused")] == ["ok"] * 5, \
         {n: s.get("error") or s.get("reason") for n, s in by_name.items()}
     assert by_name["graph"]["status"] in ("ok", "skipped"), by_name["graph"].get("error")
     assert rc == 0
@@ -1608,6 +1622,8 @@ def test_fake_benchmark_script_runs(fake, tmp_path, monkeypatch):
     assert step["cases"]["gemm_bound"]["fraction_of_gemm"] > 0
     assert {"host", "device"} == set(by_name["fit"]["timings"])
     assert len(by_name["api"]["targets"]) == 2 and by_name["tf32"]["settings"]["tf32_before"] is False
+    assert [r[0] for r in by_name["fused"]["tables"][0]["rows"]] == ["sgd", "adam", "infer"]
+    assert not fake.fused_mlp_enabled()  # the section puts the switch back
     assert any(g["backend"] == "cupy" for g in doc["machine"]["gpus"])
     md = (tmp_path / "step_vs_torch.md").read_text()
     assert "| tiny | [6, 7, 3] | 8 |" in md and "PyTorch not measured" in md
@@ -1633,6 +1649,59 @@ def test_fake_fit_trains(fake_any, rng):
     for _ in range(15):
         net.train_step(X, T, SGD(lr=0.5), graph=False)
     assert net.loss(X, T) < before
+
+
+def test_fake_fused_narrow_networks_are_opt_in(fake, rng):
+    """Off by default; switched on, a narrow network's passes are the fused launches, and a network the fused
+    kernels do not serve (a layer wider than 128) keeps the layer-by-layer kernels."""
+    from backprop import MLP, SGD
+
+    assert not fake.fused_mlp_enabled()
+    X, y = rng.normal(size=(20, 5)), rng.integers(0, 3, 20)
+    narrow = MLP([5, 16, 3], activation="tanh", head="multiclass", seed=1, backend="cupy")
+    wide = MLP([5, 130, 3], activation="tanh", head="multiclass", seed=1, backend="cupy")
+    _Fake.launches.clear()
+    narrow.train_step(X, y, SGD(0.1))
+    assert not any(name.startswith("bp_mlp") for name in _Fake.launches)
+    fake.set_fused_mlp(True)
+    try:
+        _Fake.launches.clear()
+        narrow.train_step(X, y, SGD(0.1))
+        assert [n for n in _Fake.launches if n.startswith("bp_mlp")] == ["bp_mlp_forward", "bp_mlp_backward",
+                                                                         "bp_mlp_reduce"]
+        assert "bp_fwd_tanh" not in _Fake.launches
+        _Fake.launches.clear()
+        wide.train_step(X, y, SGD(0.1))
+        assert not any(name.startswith("bp_mlp") for name in _Fake.launches)
+    finally:
+        fake.set_fused_mlp(False)
+
+
+@pytest.mark.parametrize("hidden,head,dtype", [("tanh", "multiclass", "float32"), ("gelu", "regression", "float64"),
+                                               ("relu", "binary", "float32")])
+def test_fake_fused_fit_equals_layer_by_layer_fit(fake, rng, hidden, head, dtype):
+    """fit() through the fused launches reaches the parameters and losses of the layer-by-layer kernels to
+    rounding (shuffled minibatches with a short last one, Adam), and forward/predict agree too."""
+    from backprop import MLP, Adam
+
+    X, y = _fake_batch(rng, head, batch=37, n_in=6, n_out=3 if head != "binary" else 1)
+    nets = [MLP([6, 32, 32, 3 if head != "binary" else 1], activation=hidden, head=head, dtype=dtype, seed=4,
+                backend="cupy") for _ in range(2)]
+    histories = []
+    for net, on in zip(nets, (False, True)):
+        fake.set_fused_mlp(on)
+        _Fake.launches.clear()
+        try:
+            histories.append(net.fit(X, y, epochs=2, batch_size=16, optimizer=Adam(1e-2)))
+            out = net.predict(X)
+        finally:
+            fake.set_fused_mlp(False)
+        assert ("bp_mlp_backward" in _Fake.launches) is on
+        net.out_ = out
+    close = dict(rtol=1e-4, atol=1e-5) if dtype == "float32" else dict(rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(histories[1].loss, histories[0].loss, **close)
+    np.testing.assert_allclose(host(fake, nets[1].params), host(fake, nets[0].params), **close)
+    np.testing.assert_allclose(nets[1].out_, nets[0].out_, **close)
 
 
 @pytest.mark.parametrize("shuffle", [True, False], ids=["shuffled", "in_order"])
@@ -2349,3 +2418,35 @@ def test_tf32_within_documented_tolerance(k, rng):
     major = int(cupy.cuda.Device().compute_capability) // 10
     if major >= 8:  # TF32 tensor cores exist: the mode must have taken effect
         assert errtf > 10 * err32, (errtf, err32)
+
+
+@gpu
+@pytest.mark.parametrize("dt", [np.float32, np.float64])
+@pytest.mark.parametrize("act", HIDDEN)
+def test_gpu_fused_passes_match_reference(k, rng, poisoned_memory, dt, act):
+    """The fused forward and backward launches on the GPU, in poisoned memory, against the float64 reference:
+    a [64]*4 network at a batch that is no multiple of the tile, each hidden activation, softmax output."""
+    from backprop.kernels import fused_mlp_sources as F
+    from tests.test_fused_mlp import Net
+
+    net = Net(rng, [64, 64, 64, 10], [act, act, "softmax"], dt)
+    rows = 1000
+    x = rng.normal(size=(rows, 64)).astype(dt).astype(np.float64)
+    layout, y_off, u_off, ny, nu = net.plan(rows)
+    with poisoned_memory():
+        xd, pd = k.to_device(x, dt), k.to_device(net.params, dt)
+        yd, ud = k.xp.empty(ny, dtype=dt), k.xp.empty(max(nu, 1), dtype=dt)
+        k.mlp_forward(xd, pd, net.sizes, net.acts, net.alphas, net.keep_u, yd, ud)
+        delta = rng.normal(size=(rows, 10)).astype(dt).astype(np.float64) / rows
+        grads = k.xp.empty(net.params.size, dtype=dt)
+        k.mlp_backward(xd, pd, net.sizes, net.acts, net.alphas, net.keep_u, yd, ud, k.to_device(delta, dt), grads)
+        ys, us, g = k.to_host(yd), k.to_host(ud), k.to_host(grads)
+    want_y, want_u = net.forward(x)
+    for i, (o, n) in enumerate(zip(y_off, net.sizes[1:])):
+        np.testing.assert_allclose(ys[o:o + rows * n].reshape(rows, n), want_y[i], **tol(dt))
+        if u_off[i] >= 0:
+            np.testing.assert_allclose(us[u_off[i]:u_off[i] + rows * n].reshape(rows, n), want_u[i], **tol(dt))
+    want_g = net.backward(x, want_y, want_u, delta)
+    scale = np.max(np.abs(want_g))
+    np.testing.assert_allclose(g, want_g, rtol=tol(dt)["rtol"], atol=tol(dt)["rtol"] * scale)
+    assert F.unserved_reason(net.sizes, net.acts, dt) == ""

@@ -50,7 +50,7 @@ import numpy as np
 from ..backend import Backend, resolve_backend
 from ..kernels import BACKEND_MODULES
 from ..network import MLP
-from ..optimizers import SGD
+from ..optimizers import SGD, Adam
 from .cli import (
     non_negative_float,
     out_dir,
@@ -559,7 +559,74 @@ def section_tf32(ctx: Context) -> dict[str, Any]:
     }
 
 
-# --------------------------------------------------------------------------- 6. the CPU
+# --------------------------------------------------------------------------- 6. fused narrow networks
+FUSED_CASE = Case("narrow_deep", (64,) * 6, 262144, "relu", "regression", (16,) * 4, 256)
+FUSED_TARGET = 3.0
+
+
+def section_fused(ctx: Context) -> dict[str, Any]:
+    """The narrow net's training step (SGD, Adam) and inference, layer by layer and fused (one launch per pass,
+    ``set_fused_mlp``), against PyTorch eager on the same device."""
+    b = ctx.require_device()
+    k = b.kernels
+    set_fused = getattr(k, "set_fused_mlp", None)
+    if not callable(set_fused):
+        raise SkipSection(f"backend {b.name!r} has no fused kernels (set_fused_mlp)")
+    before = bool(k.fused_mlp_enabled())
+    sizes, batch = FUSED_CASE.at(ctx.quick)
+    device, why = ctx.torch_device(b)
+    net = _net(sizes, FUSED_CASE.activation, FUSED_CASE.head, b)
+    reason = k.fused_mlp_reason(net.sizes, [L.activation.name for L in net.layers], net.dtype)
+    if reason:
+        raise SkipSection(f"the fused kernels do not serve {sizes}: {reason}")
+    x_h, t_h = _data(sizes, batch, FUSED_CASE.head, np.random.default_rng(6))
+    x, t = k.to_device(x_h, DTYPE), k.to_device(t_h, DTYPE)
+    sgd, adam = SGD(lr=1e-3), Adam(1e-3)
+
+    def mode(on: bool, fn: Callable[[], Any]) -> Callable[[], Any]:
+        def run() -> Any:
+            set_fused(on)
+            return fn()
+        return run
+
+    ops: dict[str, Callable[[], Any]] = {}
+    for on, tag in ((False, "layers"), (True, "fused")):
+        ops[f"sgd_{tag}"] = mode(on, lambda: net.train_step_device(x, t, sgd))
+        ops[f"adam_{tag}"] = mode(on, lambda: net.train_step_device(x, t, adam))
+        ops[f"infer_{tag}"] = mode(on, lambda: net.forward_device(x))
+    if device is not None and ctx.peer is not None:
+        ops["sgd_torch"] = ctx.peer.step_fn(net, x_h, t_h, device, lr=1e-3)
+        ops["infer_torch"] = ctx.peer.forward_fn(net, x_h, device)
+    try:
+        tm = ctx.time(ops, ctx.sync(b, device))
+    finally:
+        set_fused(before)
+    flops = _step_flops(sizes, batch)
+    rows, targets = [], []
+    for what in ("sgd", "adam", "infer"):
+        layers, fused_t = tm[f"{what}_layers"].median, tm[f"{what}_fused"].median
+        peer = tm.get(f"{what}_torch")
+        rows.append([what, _ms(layers), _ms(fused_t), _x(layers / fused_t), _ms(peer.median if peer else None),
+                     _x(peer.median / fused_t if peer else None)])
+        if peer is not None:
+            ratio = peer.median / fused_t
+            targets.append({"what": f"{what}: torch eager / fused", "target": f">= {FUSED_TARGET}", "measured": ratio,
+                            "met": bool(ratio >= FUSED_TARGET)})
+    return {
+        "description": (f"The narrow net {sizes} @ {batch} ({FUSED_CASE.activation}, MSE) in float32: "
+                        "`train_step_device` with SGD and Adam, and `forward_device`, with the fused kernels off "
+                        "(a GEMM and an elementwise kernel per layer) and on (one launch per pass), against the "
+                        f"PyTorch eager step (SGD) and inference; median of {ctx.repeats} interleaved samples. "
+                        f"Training step: {flops / 1e9:.3g} GFLOP."),
+        "tables": [{"header": ["", "layers ms", "fused ms", "layers / fused", "torch eager ms", "torch / fused"],
+                    "rows": rows}],
+        "targets": targets, "notes": [why] if why else [],
+        "timings": {op: _timing(v) for op, v in tm.items()},
+        "settings": {"backend": b.name, "sizes": sizes, "batch": batch, "fused_before": before},
+    }
+
+
+# --------------------------------------------------------------------------- 7. the CPU
 def _cpu_backends(spec: str) -> tuple[list[Backend], list[str]]:
     chosen, notes = [], []
     for name in [n.strip() for n in spec.split(",") if n.strip()]:
@@ -648,7 +715,8 @@ SECTIONS: dict[str, tuple[str, str, Callable[[Context], dict[str, Any]]]] = {
     "step": ("step_vs_torch", "3. The device-level step against PyTorch eager and torch.compile", section_step),
     "graph": ("graph_step", "4. CUDA-graph step against the plain step", section_graph),
     "tf32": ("tf32", "5. TF32 off and on, the GEMM-bound net", section_tf32),
-    "cpu": ("cpu_step_vs_torch", "6. CPU: the training step against PyTorch on the CPU", section_cpu),
+    "fused": ("fused_narrow", "6. Fused kernels for a narrow net, off and on, against PyTorch", section_fused),
+    "cpu": ("cpu_step_vs_torch", "7. CPU: the training step against PyTorch on the CPU", section_cpu),
 }
 
 
