@@ -1025,8 +1025,9 @@ def mlp_forward(x: Array, params: Array, sizes: Any, acts: Any, alphas: Any, kee
     rows, layout, alph, sizes, acts = _fused_args(x, params, sizes, acts, alphas, keep_u, y_flat, u_flat)
     if rows == 0:
         return
-    tiles = -(-rows // fused.TILE[src.CTYPES[params.dtype.name]])
-    _fused_kernel("bp_mlp_forward", params.dtype)((tiles,), (fused.THREADS,), (
+    width = fused.kernel_width(sizes)
+    tiles = -(-rows // fused.tile_rows(width, src.CTYPES[params.dtype.name]))
+    _fused_kernel(fused.kernel_name("forward", width), params.dtype)((tiles,), (fused.THREADS,), (
         x, params, layout, alph, np.int32(len(acts)), np.int64(rows), y_flat, u_flat))
 
 
@@ -1049,13 +1050,18 @@ def mlp_backward(x: Array, params: Array, sizes: Any, acts: Any, alphas: Any, ke
     _buffer(delta, (rows, sizes[-1]), dtype, "delta")
     n = int(params.size)
     _buffer(grads, (n,), dtype, "grads")
-    tiles = -(-rows // fused.TILE[src.CTYPES[dtype.name]])
+    if rows == 0:
+        _fused_kernel("bp_mlp_reduce", dtype)((1,), (src.BLOCK,), (grads, np.int64(0), np.int64(n), grads))  # zeros
+        return
+    width = fused.kernel_width(sizes)
+    tiles = -(-rows // fused.tile_rows(width, src.CTYPES[dtype.name]))
     grid = max(1, min(tiles, _backward_blocks()))
-    partial = _scratch("fused_partial", (grid * n,), dtype)
-    _fused_kernel("bp_mlp_backward", dtype)((grid,), (fused.THREADS,), (
+    slices = grid * (fused.THREADS // width)  # one per group of threads of each block
+    partial = _scratch("fused_partial", (slices * n,), dtype)
+    _fused_kernel(fused.kernel_name("backward", width), dtype)((grid,), (fused.THREADS,), (
         x, params, layout, alph, np.int32(len(acts)), np.int64(rows), y_flat, u_flat, delta, partial, np.int64(n)))
     blocks = min(-(-n // src.BLOCK), 1024)
-    _fused_kernel("bp_mlp_reduce", dtype)((blocks,), (src.BLOCK,), (partial, np.int64(grid), np.int64(n), grads))
+    _fused_kernel("bp_mlp_reduce", dtype)((blocks,), (src.BLOCK,), (partial, np.int64(slices), np.int64(n), grads))
 
 
 def flop_count(sizes: list[int], batch: int) -> int:

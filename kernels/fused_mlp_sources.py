@@ -9,13 +9,18 @@ other pass reads (each layer's output ``y``, and ``u`` where the slope or the lo
 * ``bp_mlp_backward``: from ``delta^L``, for ``l = L..1``: ``dE/dW^l += delta^l (x^{l-1})^T`` and
   ``dE/db^l += sum delta^l`` into this block's own slice of ``partial``, then
   ``delta^{l-1} = phi(y^{l-1}) * (W^l)^T delta^l`` (the slope from ``u`` for GELU and SiLU), in
-  shared memory. Each block walks the tiles ``blockIdx.x, blockIdx.x + gridDim.x, ...`` in order.
-* ``bp_mlp_reduce``: ``grads[i] = sum over blocks b of partial[b][i]``, in the order of ``b``: with the
+  shared memory. Each block walks the tiles ``blockIdx.x, blockIdx.x + gridDim.x, ...`` in order, and
+  each group of its threads sums into its own slice of ``partial``.
+* ``bp_mlp_reduce``: ``grads[i] = sum over slices b of partial[b][i]``, in the order of ``b``: with the
   same grid, the same bits every time (no atomics).
 
-A block has :data:`THREADS` threads, thread ``t`` owning column ``t`` of a layer; a tile is
-``TILE[ctype]`` rows (32 in float, 16 in double: the two shared buffers stay at 33 KB). The layers are
-described by an int64 ``layout`` array of :data:`LAYOUT_FIELDS` per layer (:func:`layout_row`); the
+A block has :data:`THREADS` threads. A network runs at a kernel ``width`` of 32, 64 or 128, the
+smallest that holds its widest layer (:func:`kernel_width`): thread ``t`` owns column ``t % width`` of
+every layer and ``BASE_ROWS`` rows (32 in float, 16 in double), those of its group ``t // width``, so
+that every thread works whatever the width, and a tile is ``THREADS // width`` groups of rows
+(:func:`tile_rows`; two buffers of it in shared memory, about 34 KB). The backward pass gives each
+group of each block its own slice of partial gradients. The layers are
+described by an int64 ``layout`` array of :data:`LAYOUT_FIELDS` per layer (:func:`plan`); the
 parameters and gradients use the network's flat layout ``[W^1 | ... | W^L | b^1 | ... | b^L]`` and
 the activations one flat buffer each for ``y`` and ``u``, layer ``l`` at its offset. The formulas are the
 registry's CUDA forms, dispatched by activation code (:data:`ACT_CODES`). CUDA cores only, in ``T``.
@@ -34,11 +39,29 @@ from .registry import ACTIVATIONS
 
 _registry.close("cupy")
 
-#: Widest layer (input included) the fused kernels serve, and the threads of a block (one per column).
+#: Widest layer (input included) the fused kernels serve, and the threads of a block.
 MAX_WIDTH = 128
 THREADS = MAX_WIDTH
-#: Rows per tile, by C type: two ``TILE x (MAX_WIDTH + 1)`` buffers of shared memory, 33 KB either way.
-TILE = {"float": 32, "double": 16}
+#: The kernels' widths: a network runs at the smallest of these that holds its widest layer.
+WIDTHS = (32, 64, 128)
+#: Rows each thread carries, by C type; a tile is ``BASE_ROWS * (THREADS // width)`` rows (two buffers of it
+#: in shared memory: about 34 KB either way).
+BASE_ROWS = {"float": 32, "double": 16}
+
+
+def kernel_width(sizes: Sequence[int]) -> int:
+    """The kernels' ``width`` for layer widths ``sizes``: the smallest of :data:`WIDTHS` that holds them all.
+    Thread ``t`` of a block owns column ``t % width`` and a group of ``BASE_ROWS`` rows, ``t // width``."""
+    widest = max(sizes)
+    for w in WIDTHS:
+        if widest <= w:
+            return w
+    raise ValueError(f"a layer of width {widest} is wider than {MAX_WIDTH}")
+
+
+def tile_rows(width: int, ctype: str) -> int:
+    """Rows of a tile: every thread's group of :data:`BASE_ROWS` rows, ``THREADS // width`` groups."""
+    return BASE_ROWS[ctype] * (THREADS // width)
 
 #: The int64 fields of a layer in ``layout``.
 N_IN, N_OUT, W_OFFSET, B_OFFSET, ACT, Y_OFFSET, U_OFFSET = range(7)
@@ -105,22 +128,31 @@ def dispatch_source() -> str:
 
 
 KERNELS = r"""
-#define BP_W %(width)d
-#define BP_TILE ((int)(%(tile_bytes)d / sizeof(T)))
+#define BP_THREADS %(threads)d
+#define BP_BASE ((int)(%(base_bytes)d / sizeof(T)))
 #define BP_F %(fields)d
 #define BP_SOFTMAX %(softmax)d
+/* Shared memory of a pass: two buffers of R = BP_BASE * G rows of width + 1 elements, G * width == BP_THREADS. */
+#define BP_SMEM (2 * BP_BASE * (BP_THREADS + BP_THREADS / 32))
+#define BP_AT(buf, r, k) smem[((buf) * R + (r)) * pitch + (k)]
 
-/* The forward pass of every layer for each tile of rows; blockDim.x == BP_W. */
-extern "C" __global__ void bp_mlp_forward(const T* x, const T* p, const long long* layout, const T* alphas,
-                                          int layers, long long rows, T* ys, T* us) {
-    __shared__ T a[2][BP_TILE][BP_W + 1];
-    const int t = threadIdx.x;
-    for (long long row0 = (long long)blockIdx.x * BP_TILE; row0 < rows; row0 += (long long)gridDim.x * BP_TILE) {
-        const int valid = rows - row0 < BP_TILE ? (int)(rows - row0) : BP_TILE;
+
+/* The forward pass of every layer for each tile of R rows. Thread t owns column t %% WIDTH of every layer and
+   the BP_BASE rows of its group t / WIDTH; blockDim.x == BP_THREADS. WIDTH is a constant of each entry point,
+   so that every shared-memory offset is one too. */
+template <int WIDTH>
+__device__ __forceinline__ void bp_mlp_forward_at(const T* x, const T* p, const long long* layout, const T* alphas,
+                                                  int layers, long long rows, T* ys, T* us) {
+    __shared__ T smem[BP_SMEM];
+    constexpr int pitch = WIDTH + 1, R = BP_BASE * (BP_THREADS / WIDTH);
+    const int t = threadIdx.x, col = t %% WIDTH, r0 = (t / WIDTH) * BP_BASE;
+    for (long long row0 = (long long)blockIdx.x * R; row0 < rows; row0 += (long long)gridDim.x * R) {
+        const int valid = rows - row0 < R ? (int)(rows - row0) : R;
         const int n0 = (int)layout[%(n_in)d];
-#pragma unroll
-        for (int r = 0; r < BP_TILE; ++r)
-            if (t < n0) a[0][r][t] = r < valid ? x[(row0 + r) * n0 + t] : (T)0;
+        for (int i = t; i < R * n0; i += BP_THREADS) {
+            const int r = i / n0, k = i %% n0;
+            BP_AT(0, r, k) = r < valid ? x[(row0 + r) * n0 + k] : (T)0;
+        }
         __syncthreads();
         int cur = 0;
         for (int l = 0; l < layers; ++l) {
@@ -129,38 +161,38 @@ extern "C" __global__ void bp_mlp_forward(const T* x, const T* p, const long lon
             const T* W = p + L[%(w_offset)d];
             const T alpha = alphas[l];
             const int nxt = cur ^ 1;
-            if (t < n_out) {
-                T acc[BP_TILE];
-                const T bias = p[L[%(b_offset)d] + t];
+            if (col < n_out) {
+                T acc[BP_BASE];
+                const T bias = p[L[%(b_offset)d] + col];
 #pragma unroll
-                for (int r = 0; r < BP_TILE; ++r) acc[r] = (T)0;
+                for (int r = 0; r < BP_BASE; ++r) acc[r] = (T)0;
                 for (int k = 0; k < n_in; ++k) {
-                    const T w = W[(long long)t * n_in + k];
+                    const T w = W[(long long)col * n_in + k];
 #pragma unroll
-                    for (int r = 0; r < BP_TILE; ++r) acc[r] += w * a[cur][r][k];
+                    for (int r = 0; r < BP_BASE; ++r) acc[r] += w * BP_AT(cur, r0 + r, k);
                 }
 #pragma unroll
-                for (int r = 0; r < BP_TILE; ++r) {
+                for (int r = 0; r < BP_BASE; ++r) {
                     const T v = acc[r] + bias;
                     const T y = act == BP_SOFTMAX ? v : bp_mlp_act(act, v, alpha);  /* softmax: below */
-                    a[nxt][r][t] = y;
-                    if (r < valid) {
-                        const long long row = row0 + r;
-                        if (L[%(u_offset)d] >= 0) us[L[%(u_offset)d] + row * n_out + t] = v;
-                        if (act != BP_SOFTMAX) ys[L[%(y_offset)d] + row * n_out + t] = y;
+                    BP_AT(nxt, r0 + r, col) = y;
+                    if (r0 + r < valid) {
+                        const long long row = row0 + r0 + r;
+                        if (L[%(u_offset)d] >= 0) us[L[%(u_offset)d] + row * n_out + col] = v;
+                        if (act != BP_SOFTMAX) ys[L[%(y_offset)d] + row * n_out + col] = y;
                     }
                 }
             }
             __syncthreads();
-            if (act == BP_SOFTMAX) {  /* one thread per row: exp(u - max) / sum */
+            if (act == BP_SOFTMAX) {  /* one thread per row (R <= BP_THREADS): exp(u - max) / sum */
                 if (t < valid) {
-                    T m = a[nxt][t][0];
-                    for (int j = 1; j < n_out; ++j) m = a[nxt][t][j] > m ? a[nxt][t][j] : m;
+                    T m = BP_AT(nxt, t, 0);
+                    for (int j = 1; j < n_out; ++j) m = BP_AT(nxt, t, j) > m ? BP_AT(nxt, t, j) : m;
                     T s = (T)0;
-                    for (int j = 0; j < n_out; ++j) s += exp(a[nxt][t][j] - m);
+                    for (int j = 0; j < n_out; ++j) s += exp(BP_AT(nxt, t, j) - m);
                     for (int j = 0; j < n_out; ++j) {
-                        const T y = exp(a[nxt][t][j] - m) / s;
-                        a[nxt][t][j] = y;
+                        const T y = exp(BP_AT(nxt, t, j) - m) / s;
+                        BP_AT(nxt, t, j) = y;
                         ys[L[%(y_offset)d] + (row0 + t) * n_out + j] = y;
                     }
                 }
@@ -171,23 +203,26 @@ extern "C" __global__ void bp_mlp_forward(const T* x, const T* p, const long lon
     }
 }
 
-/* The backward pass of every layer for each tile of rows, the gradients summed into this block's slice of
-   partial (n_params values, the parameters' layout); blockDim.x == BP_W. */
-extern "C" __global__ void bp_mlp_backward(const T* x, const T* p, const long long* layout, const T* alphas,
-                                           int layers, long long rows, const T* ys, const T* us, const T* delta,
-                                           T* partial, long long n_params) {
-    __shared__ T d[2][BP_TILE][BP_W + 1];
-    const int t = threadIdx.x;
-    T* mine = partial + (long long)blockIdx.x * n_params;
-    for (long long i = t; i < n_params; i += blockDim.x) mine[i] = (T)0;
-    __syncthreads();
+/* The backward pass of every layer for each tile of R rows. Each group of threads (t / WIDTH) sums the
+   gradients of its BP_BASE rows of every tile into a slice of partial of its own (n_params values, the
+   parameters' layout): slice blockIdx.x * G + group. blockDim.x == BP_THREADS. */
+template <int WIDTH>
+__device__ __forceinline__ void bp_mlp_backward_at(const T* x, const T* p, const long long* layout, const T* alphas,
+                                                   int layers, long long rows, const T* ys, const T* us,
+                                                   const T* delta, T* partial, long long n_params) {
+    __shared__ T smem[BP_SMEM];
+    constexpr int pitch = WIDTH + 1, G = BP_THREADS / WIDTH, R = BP_BASE * G;
+    const int t = threadIdx.x, col = t %% WIDTH, group = t / WIDTH, r0 = group * BP_BASE;
+    T* mine = partial + ((long long)blockIdx.x * G + group) * n_params;
+    for (long long i = col; i < n_params; i += WIDTH) mine[i] = (T)0;  /* each group zeroes its own slice */
     const long long* out = layout + (long long)(layers - 1) * BP_F;
     const int n_last = (int)out[%(n_out)d];
-    for (long long row0 = (long long)blockIdx.x * BP_TILE; row0 < rows; row0 += (long long)gridDim.x * BP_TILE) {
-        const int valid = rows - row0 < BP_TILE ? (int)(rows - row0) : BP_TILE;
-#pragma unroll
-        for (int r = 0; r < BP_TILE; ++r)
-            if (t < n_last) d[0][r][t] = r < valid ? delta[(row0 + r) * n_last + t] : (T)0;
+    for (long long row0 = (long long)blockIdx.x * R; row0 < rows; row0 += (long long)gridDim.x * R) {
+        const int valid = rows - row0 < R ? (int)(rows - row0) : R;
+        for (int i = t; i < R * n_last; i += BP_THREADS) {
+            const int r = i / n_last, j = i %% n_last;
+            BP_AT(0, r, j) = r < valid ? delta[(row0 + r) * n_last + j] : (T)0;
+        }
         __syncthreads();
         int cur = 0;
         for (int l = layers - 1; l >= 0; --l) {
@@ -195,39 +230,40 @@ extern "C" __global__ void bp_mlp_backward(const T* x, const T* p, const long lo
             const int n_in = (int)L[%(n_in)d], n_out = (int)L[%(n_out)d];
             const T* W = p + L[%(w_offset)d];
             const T* x_prev = l > 0 ? ys + layout[(long long)(l - 1) * BP_F + %(y_offset)d] : x;
-            if (t < n_out) {  /* dE/db^l += sum over the tile's rows of delta^l */
+            if (col < n_out) {  /* dE/db^l += sum over this group's rows of delta^l */
                 T s = (T)0;
 #pragma unroll
-                for (int r = 0; r < BP_TILE; ++r) s += d[cur][r][t];
-                mine[L[%(b_offset)d] + t] += s;
+                for (int r = 0; r < BP_BASE; ++r) s += BP_AT(cur, r0 + r, col);
+                mine[L[%(b_offset)d] + col] += s;
             }
-            if (t < n_in) {  /* column t of dE/dW^l and of (W^l)^T delta^l */
-                T xr[BP_TILE], acc[BP_TILE];
+            if (col < n_in) {  /* column col of dE/dW^l and of (W^l)^T delta^l, over this group's rows */
+                T xr[BP_BASE], acc[BP_BASE];
 #pragma unroll
-                for (int r = 0; r < BP_TILE; ++r) {
-                    xr[r] = r < valid ? x_prev[(row0 + r) * n_in + t] : (T)0;
+                for (int r = 0; r < BP_BASE; ++r) {
+                    xr[r] = r0 + r < valid ? x_prev[(row0 + r0 + r) * n_in + col] : (T)0;
                     acc[r] = (T)0;
                 }
                 for (int j = 0; j < n_out; ++j) {
-                    const T w = W[(long long)j * n_in + t];
+                    const T w = W[(long long)j * n_in + col];
                     T s = (T)0;
 #pragma unroll
-                    for (int r = 0; r < BP_TILE; ++r) {
-                        const T dj = d[cur][r][j];
+                    for (int r = 0; r < BP_BASE; ++r) {
+                        const T dj = BP_AT(cur, r0 + r, j);
                         s += dj * xr[r];
                         acc[r] += w * dj;
                     }
-                    mine[L[%(w_offset)d] + (long long)j * n_in + t] += s;
+                    mine[L[%(w_offset)d] + (long long)j * n_in + col] += s;
                 }
                 if (l > 0) {  /* delta^{l-1} = phi(y^{l-1}) * (W^l)^T delta^l, y^{l-1} being x_prev */
                     const long long* P = layout + (long long)(l - 1) * BP_F;
                     const int code = (int)P[%(act)d];
                     const T alpha = alphas[l - 1];
 #pragma unroll
-                    for (int r = 0; r < BP_TILE; ++r) {
-                        const T u = (P[%(u_offset)d] >= 0 && r < valid) ? us[P[%(u_offset)d] + (row0 + r) * n_in + t]
-                                                                         : (T)0;
-                        d[cur ^ 1][r][t] = r < valid ? acc[r] * bp_mlp_slope(code, xr[r], u, alpha) : (T)0;
+                    for (int r = 0; r < BP_BASE; ++r) {
+                        const bool in = r0 + r < valid;
+                        const T u = (P[%(u_offset)d] >= 0 && in) ? us[P[%(u_offset)d] + (row0 + r0 + r) * n_in + col]
+                                                                 : (T)0;
+                        BP_AT(cur ^ 1, r0 + r, col) = in ? acc[r] * bp_mlp_slope(code, xr[r], u, alpha) : (T)0;
                     }
                 }
             }
@@ -237,27 +273,47 @@ extern "C" __global__ void bp_mlp_backward(const T* x, const T* p, const long lo
     }
 }
 
-/* grads[i] = sum over the blocks of partial[b * n + i], in the order of the blocks. */
-extern "C" __global__ void bp_mlp_reduce(const T* partial, long long blocks, long long n, T* grads) {
+%(entries)s
+/* grads[i] = sum over the slices of partial[b * n + i], in the order of the slices. */
+extern "C" __global__ void bp_mlp_reduce(const T* partial, long long slices, long long n, T* grads) {
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
         T s = (T)0;
-        for (long long b = 0; b < blocks; ++b) s += partial[b * n + i];
+        for (long long b = 0; b < slices; ++b) s += partial[b * n + i];
         grads[i] = s;
     }
 }
 """
 
 
+_ENTRIES = r"""extern "C" __global__ void bp_mlp_forward_w%(w)d(const T* x, const T* p, const long long* layout,
+    const T* alphas, int layers, long long rows, T* ys, T* us) {
+    bp_mlp_forward_at<%(w)d>(x, p, layout, alphas, layers, rows, ys, us);
+}
+extern "C" __global__ void bp_mlp_backward_w%(w)d(const T* x, const T* p, const long long* layout,
+    const T* alphas, int layers, long long rows, const T* ys, const T* us, const T* delta, T* partial,
+    long long n_params) {
+    bp_mlp_backward_at<%(w)d>(x, p, layout, alphas, layers, rows, ys, us, delta, partial, n_params);
+}
+"""
+
+
+def kernel_name(pass_: str, width: int) -> str:
+    """The entry point of pass ``"forward"`` or ``"backward"`` at kernel width ``width``."""
+    return f"bp_mlp_{pass_}_w{width}"
+
+
 def kernels_body() -> str:
-    """The three kernels (after :data:`MATH_PREAMBLE` and the dispatch functions), for a ``typedef`` of ``T``."""
-    return KERNELS % {"width": MAX_WIDTH, "tile_bytes": TILE["float"] * 4, "fields": LAYOUT_FIELDS,
+    """The kernels (after :data:`MATH_PREAMBLE` and the dispatch functions), for a ``typedef`` of ``T``: a
+    forward and a backward entry point per width of :data:`WIDTHS`, and the reduction."""
+    return KERNELS % {"entries": "".join(_ENTRIES % {"w": w} for w in WIDTHS),
+                      "threads": THREADS, "base_bytes": BASE_ROWS["float"] * 4, "fields": LAYOUT_FIELDS,
                       "softmax": ACT_CODES[SOFTMAX], "n_in": N_IN, "n_out": N_OUT, "w_offset": W_OFFSET,
                       "b_offset": B_OFFSET, "act": ACT, "y_offset": Y_OFFSET, "u_offset": U_OFFSET}
 
 
 #: The kernels of the module, as CuPy's RawModule names them.
-KERNEL_NAMES = ("bp_mlp_forward", "bp_mlp_backward", "bp_mlp_reduce")
+KERNEL_NAMES = tuple(kernel_name(p, w) for w in WIDTHS for p in ("forward", "backward")) + ("bp_mlp_reduce",)
 
 
 def module_source(ctype: str) -> str:

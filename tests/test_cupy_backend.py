@@ -1667,7 +1667,7 @@ def test_fake_fused_narrow_networks_are_opt_in(fake, rng):
     try:
         _Fake.launches.clear()
         narrow.train_step(X, y, SGD(0.1))
-        assert [n for n in _Fake.launches if n.startswith("bp_mlp")] == ["bp_mlp_forward", "bp_mlp_backward",
+        assert [n for n in _Fake.launches if n.startswith("bp_mlp")] == ["bp_mlp_forward_w32", "bp_mlp_backward_w32",
                                                                          "bp_mlp_reduce"]
         assert "bp_fwd_tanh" not in _Fake.launches
         _Fake.launches.clear()
@@ -1696,7 +1696,7 @@ def test_fake_fused_fit_equals_layer_by_layer_fit(fake, rng, hidden, head, dtype
             out = net.predict(X)
         finally:
             fake.set_fused_mlp(False)
-        assert ("bp_mlp_backward" in _Fake.launches) is on
+        assert ("bp_mlp_backward_w32" in _Fake.launches) is on
         net.out_ = out
     close = dict(rtol=1e-4, atol=1e-5) if dtype == "float32" else dict(rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(histories[1].loss, histories[0].loss, **close)

@@ -42,6 +42,14 @@ def test_unserved_reasons():
     assert "'softmax' in layer 1" in F.unserved_reason([4, 16, 3], ["softmax", "identity"], np.float32)
 
 
+def test_kernel_width_and_tiles():
+    assert [F.kernel_width(s) for s in ([3, 16, 2], [33, 8], [64] * 7, [32, 128, 1])] == [32, 64, 64, 128]
+    assert [F.tile_rows(w, "float") for w in F.WIDTHS] == [128, 64, 32]
+    assert [F.tile_rows(w, "double") for w in F.WIDTHS] == [64, 32, 16]
+    with pytest.raises(ValueError, match="wider than 128"):
+        F.kernel_width([4, 200, 3])
+
+
 def test_plan_offsets():
     layout, y_off, u_off, ny, nu = F.plan([3, 5, 2], ["tanh", "softmax"], 7, [False, True])
     rows = layout.reshape(2, F.LAYOUT_FIELDS)
@@ -123,7 +131,7 @@ class Net:
 def _forward(emu, net, x, grid):
     rows = x.shape[0]
     layout, y_off, u_off, ny, nu = net.plan(rows)
-    got = emu("bp_mlp_forward", grid, F.THREADS,
+    got = emu(F.kernel_name("forward", F.kernel_width(net.sizes)), grid, F.THREADS,
               {"x": x, "p": net.params, "layout": layout, "alphas": net.alphas,
                "ys": np.full(ny, np.nan), "us": np.full(max(nu, 1), np.nan)},
               {"layers": len(net.acts), "rows": rows}, outputs=("ys", "us"))
@@ -142,12 +150,14 @@ def _backward(emu, net, x, ys, us, delta, grid):
         if o >= 0:
             uflat[o:o + u.size] = u.ravel()
     n = net.params.size
-    part = emu("bp_mlp_backward", grid, F.THREADS,
+    width = F.kernel_width(net.sizes)
+    slices = grid * (F.THREADS // width)
+    part = emu(F.kernel_name("backward", width), grid, F.THREADS,
                {"x": x, "p": net.params, "layout": layout, "alphas": net.alphas, "ys": yflat, "us": uflat,
-                "delta": delta, "partial": np.full(grid * n, np.nan)},
+                "delta": delta, "partial": np.full(slices * n, np.nan)},
                {"layers": len(net.acts), "rows": rows, "n_params": n}, outputs=("partial",))["partial"]
     return emu("bp_mlp_reduce", 2, 64, {"partial": part, "grads": np.full(n, np.nan)},
-               {"blocks": grid, "n": n}, outputs=("grads",))["grads"]
+               {"slices": slices, "n": n}, outputs=("grads",))["grads"]
 
 
 def _data(rng, net, rows):
@@ -202,6 +212,14 @@ def test_backward_every_hidden_activation(emu, rng, act):
 @pytest.mark.parametrize("width", [16, 32, 64, 128])
 def test_backward_widths(emu, rng, width):
     _check_backward(emu, rng, [width, width, width, 4], ["silu", "elu", "softmax"], rows=37)
+
+
+@pytest.mark.parametrize("width", [16, 64])
+def test_several_tiles_per_block(emu, rng, width):
+    """300 rows: several tiles (of 128 or 64 rows at kernel width 32, 64 or 32 at width 64), a block taking two
+    of them and the last one short."""
+    _check_forward(emu, rng, [width, width, 3], ["tanh", "softmax"], rows=300, grid=2)
+    _check_backward(emu, rng, [width, width, 3], ["tanh", "softmax"], rows=300, grid=2)
 
 
 def test_one_row_and_more_blocks_than_tiles(emu, rng):
