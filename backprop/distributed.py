@@ -61,6 +61,9 @@ Array = Any
 
 #: Seconds a collective may wait for the other ranks before the job is aborted (``init(timeout=...)``).
 DEFAULT_TIMEOUT = 600.0
+#: Seconds between printing why the job is aborted and aborting it (MPICH's launcher may drop output still
+#: on its way when a process aborts).
+ABORT_GRACE = 0.5
 
 
 class DistributedError(RuntimeError):
@@ -145,9 +148,11 @@ class Communicator:
 
     # ---------------------------------------------------------------- faults
     def abort(self, message: str, code: int = 1) -> None:
-        """Print ``message`` naming this rank on stderr and end every process of the job."""
+        """Print ``message`` naming this rank on stderr and end every process of the job (after
+        :data:`ABORT_GRACE` seconds, in which the launcher forwards the message: an abort ends its output too)."""
         print(f"backprop.distributed: rank {self.rank} of {self.size}: {message}; aborting all {self.size} ranks",
               file=sys.stderr, flush=True)
+        time.sleep(ABORT_GRACE)
         self.mpi.Abort(code)
 
     @contextmanager
@@ -437,6 +442,19 @@ class DataParallel:
         """The guard, read under the watchdog (on a GPU the read waits for the epoch's reductions)."""
         with self.comm.waiting(f"the end of epoch {epoch}"):
             return guard.read()
+
+    def evaluate(self, sums: Callable[..., tuple[float, float | None]], X: Array, T: Array, batch_size: int,
+                 epoch: int) -> tuple[float, float | None]:
+        """Validation over the ranks: rank ``r`` scores its contiguous share of the rows with ``sums(net, X, T,
+        batch_size)`` (the loss summed over them, and the rows classified correctly), and every rank adds the
+        ranks' sums in rank order: the mean loss and accuracy over all rows, the same on every rank."""
+        n = int(X.shape[0])
+        lo, hi = (n * self.rank) // self.size, (n * (self.rank + 1)) // self.size
+        scored = self.net.loss_fn.spec.correct_rule is not None
+        mine = sums(self.net, X[lo:hi], T[lo:hi], batch_size) if hi > lo else (0.0, 0.0 if scored else None)
+        said = self.comm.allgather(mine, f"the validation of epoch {epoch}")
+        loss = sum(s[0] for s in said) / n
+        return loss, (sum(s[1] for s in said) / n if scored else None)
 
     def end_epoch(self, epoch: int, stop: bool) -> bool:
         """Compare the ranks' parameters (a digest each) and whether a callback asked to stop; returns True

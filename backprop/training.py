@@ -269,6 +269,14 @@ def evaluate(net: MLP, X: Any, T: Any, batch_size: int = 4096) -> tuple[float, f
 
     Both are summed on the backend over the minibatches and read once at the end. A non-finite loss
     gives ``nan``."""
+    loss_sum, correct = evaluation_sums(net, X, T, batch_size)
+    n = int(X.shape[0])
+    return loss_sum / n, (correct / n if correct is not None else None)
+
+
+def evaluation_sums(net: MLP, X: Any, T: Any, batch_size: int = 4096) -> tuple[float, float | None]:
+    """:func:`evaluate`'s sums: the loss summed over the rows (``nan`` when not finite) and the rows
+    classified correctly (``None`` for a regression head)."""
     k = net.backend.kernels
     rule = net.loss_fn.spec.correct_rule  # how a classification head's prediction is scored, if at all
     tally = step.Guard(k)  # sums rows * loss over the batches; its "gradients" are none
@@ -285,8 +293,7 @@ def evaluate(net: MLP, X: Any, T: Any, batch_size: int = 4096) -> tuple[float, f
         if rule:
             k.count_correct(ws.y[-1], t, rule, correct)
     state = tally.read()
-    loss = float("nan") if state.failed else state.loss_sum / n
-    return loss, (float(k.to_host(correct)[0]) / n if rule else None)
+    return (float("nan") if state.failed else state.loss_sum), (float(k.to_host(correct)[0]) if rule else None)
 
 
 def _take_rows(kernels: Any, A: Any, idx: np.ndarray, dtype: np.dtype) -> Any:
@@ -321,14 +328,16 @@ def _failed_step_cause(net: MLP, data: Batches, order: np.ndarray | None, batch_
 
 
 def _after_epoch(net: MLP, epoch: int, history: History, val: Any, batch_size: int, callbacks: list,
-                 bar: _ProgressBar | None, show_lr: bool, start: float) -> bool:
-    """What follows each epoch (or L-BFGS iteration) begun at ``start``: validation metrics, its time, the bar,
-    every callback; returns True when one asks to stop (``history`` then says which and when)."""
+                 bar: _ProgressBar | None, show_lr: bool, start: float, parallel: DataParallel | None = None) -> bool:
+    """What follows each epoch (or L-BFGS iteration) begun at ``start``: validation metrics (each rank scoring
+    its share of the rows in a data-parallel fit), its time, the bar, every callback; returns True when one
+    asks to stop (``history`` then says which and when)."""
     if val is not None:
         # in minibatches of the training size: bounded memory, never costlier than the epoch itself,
         # and the same GEMM shapes as training (a multithreaded BLAS switching its threading
         # between shapes can stall on a busy machine)
-        vl, va = evaluate(net, *val, batch_size=batch_size)
+        vl, va = (evaluate(net, *val, batch_size=batch_size) if parallel is None
+                  else parallel.evaluate(evaluation_sums, *val, batch_size=batch_size, epoch=epoch))
         history.val_loss.append(vl)
         if va is not None:
             history.val_accuracy.append(va)
@@ -453,7 +462,8 @@ def fit(net: MLP, X: Any, T: Any, *, epochs: int = 10, batch_size: int = 32,
       processes of an ``mpiexec`` run (see :mod:`backprop.distributed`): every rank passes the same network,
       data and options; each step takes ``size * batch_size`` rows, each rank the gradient of its share, one
       all-reduce sums them, and every rank applies the same update: the parameters one process would reach
-      with ``batch_size * size``. The progress bar is rank 0's; callbacks and validation run on every rank.
+      with ``batch_size * size``. Each rank scores its share of the validation rows; the progress bar is rank
+      0's; callbacks run on every rank.
 
     All data, every option, every value of ``schedule`` (one call per epoch, all made before the first step)
     and every callback's ``check_setup`` are checked before any parameter changes; the data is moved to the
@@ -606,7 +616,8 @@ def fit(net: MLP, X: Any, T: Any, *, epochs: int = 10, batch_size: int = 32,
             total = state.loss_sum
             history.loss.append(total / n)
             history.lr.append(float(optimizer.lr))
-            stop = _after_epoch(net, epoch, history, val, batch_size, callbacks, bar, schedule is not None, start)
+            stop = _after_epoch(net, epoch, history, val, batch_size, callbacks, bar, schedule is not None, start,
+                                parallel)
             if parallel is not None and parallel.end_epoch(epoch, stop) and not stop:
                 history.stopped_epoch, history.stop_reason = epoch, "another rank's callback asked to stop"
                 stop = True
