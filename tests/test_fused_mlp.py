@@ -189,29 +189,25 @@ def _check_backward(emu, rng, sizes, acts, rows=45, grid=3):
     np.testing.assert_allclose(got, want, rtol=tol["rtol"], atol=tol["atol"] + tol["rtol"] * scale)
 
 
+PASSES = {"forward": _check_forward, "backward": _check_backward}
+
+
+@pytest.mark.parametrize("pass_", PASSES)
 @pytest.mark.parametrize("act", HIDDEN)
-def test_forward_every_hidden_activation(emu, rng, act):
-    _check_forward(emu, rng, [5, 32, 24, 3], [act, act, "identity"])
+def test_every_hidden_activation(emu, rng, act, pass_):
+    PASSES[pass_](emu, rng, [5, 32, 24, 3], [act, act, "identity"])
 
 
+@pytest.mark.parametrize("pass_,acts", [("forward", ["tanh", "relu", "sigmoid"]),
+                                        ("backward", ["silu", "elu", "softmax"])])
 @pytest.mark.parametrize("width", [16, 32, 64, 128])
-def test_forward_widths(emu, rng, width):
-    _check_forward(emu, rng, [width, width, width, 4], ["tanh", "relu", "sigmoid"], rows=37)
+def test_widths(emu, rng, width, pass_, acts):
+    PASSES[pass_](emu, rng, [width, width, width, 4], acts, rows=37)
 
 
 @pytest.mark.parametrize("output", ["identity", "sigmoid", "softmax", "tanh", "exp"])
 def test_forward_outputs(emu, rng, output):
     _check_forward(emu, rng, [6, 16, 10], ["gelu", output], rows=21, grid=1)
-
-
-@pytest.mark.parametrize("act", HIDDEN)
-def test_backward_every_hidden_activation(emu, rng, act):
-    _check_backward(emu, rng, [5, 32, 24, 3], [act, act, "identity"])
-
-
-@pytest.mark.parametrize("width", [16, 32, 64, 128])
-def test_backward_widths(emu, rng, width):
-    _check_backward(emu, rng, [width, width, width, 4], ["silu", "elu", "softmax"], rows=37)
 
 
 @pytest.mark.parametrize("width", [16, 64])
