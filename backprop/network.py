@@ -210,7 +210,7 @@ class MLP:
     @property
     def n_params(self) -> int:
         """Number of weights and biases, the notes' N."""
-        return sum(layer.n_out * (layer.n_in + 1) for layer in self.layers)
+        return step.n_params(self._shapes)
 
     @property
     def n_weights(self) -> int:

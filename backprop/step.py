@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from .optimizers import Optimizer
 
 __all__ = ["Guard", "Workspace", "apply_update", "backward", "failure_cause", "flat_views", "forward", "fused",
-           "gradient_buffers", "gradients", "n_weights", "output_error", "train_step", "workspace"]
+           "gradient_buffers", "gradients", "n_params", "n_weights", "output_error", "train_step", "workspace"]
 
 Array = Any
 
@@ -75,7 +75,7 @@ class Workspace:
 
     @cached_property
     def reduced(self) -> Array:
-        return self._kernels.zeros((sum(n_out * (n_in + 1) for n_out, n_in in self._shapes) + 1,), self._dtype)
+        return self._kernels.zeros((n_params(self._shapes) + 1,), self._dtype)
 
     @cached_property
     def _gradients(self) -> tuple[Array, list[Array], list[Array]]:
@@ -136,6 +136,11 @@ def n_weights(shapes: list[tuple[int, int]]) -> int:
     return sum(n_out * n_in for n_out, n_in in shapes)
 
 
+def n_params(shapes: list[tuple[int, int]]) -> int:
+    """How many parameters (weights and biases) the layers of ``shapes`` ``(n_out, n_in)`` hold."""
+    return sum(n_out * (n_in + 1) for n_out, n_in in shapes)
+
+
 def flat_views(flat: Array, shapes: list[tuple[int, int]]) -> tuple[list[Array], list[Array]]:
     """Each layer's ``W`` ``(n_out, n_in)`` and ``b`` ``(n_out,)`` as views into the flat buffer ``flat``,
     laid out ``[W^1 | W^2 | ... | W^L | b^1 | ... | b^L]`` (rows of ``W`` in order): the weights, which take
@@ -156,7 +161,7 @@ def gradient_buffers(kernels: Any, dtype: Any, shapes: list[tuple[int, int]]) ->
     """One flat buffer for the gradients of layers with weights of ``shapes`` ``(n_out, n_in)``, and each
     layer's ``dE/dW`` and ``dE/db`` views into it, in the layout of :func:`flat_views` (one buffer, so that
     one reduction checks them all, and one update per piece applies them)."""
-    flat = kernels.zeros((sum(n_out * (n_in + 1) for n_out, n_in in shapes),), dtype)
+    flat = kernels.zeros((n_params(shapes),), dtype)
     dW, db = flat_views(flat, shapes)
     return flat, dW, db
 
