@@ -308,10 +308,8 @@ class MLP:
         loss (a 0-d array) and the gradients are the workspace's, overwritten by the next call with as many
         rows. ``weights``: the rows' weights of the kernels' ``output_error`` (``sum_i w_i L_i / batch``)."""
         ws = step.workspace(self, x.shape[0])
-        step.forward(self, ws, x)
-        value = step.output_error(self, ws, t, weights=weights)
-        step.backward(self, ws, x)
-        return value, list(zip(ws.dW, ws.db))
+        step.gradients(self, ws, x, t, weights)
+        return ws.loss, list(zip(ws.dW, ws.db))
 
     # ------------------------------------------------------------------ training
     def train_step(self, X: Any, T: Any, optimizer: Optimizer, graph: bool = False) -> float:

@@ -266,9 +266,16 @@ def train_step(net: MLP, ws: Workspace, x: Array, t: Array, optimizer: Optimizer
 
 def gradients(net: MLP, ws: Workspace, x: Array, t: Array, weights: Array | None = None) -> None:
     """The first half of a step: forward, error, backward on ``(x, t)``, leaving the mean loss in
-    ``ws.loss`` and every gradient in ``ws.grads`` (together ``ws.reduced``). No parameter changes."""
-    forward(net, ws, x)
-    output_error(net, ws, t, weights)
+    ``ws.loss`` and every gradient in ``ws.grads`` (together ``ws.reduced``). No parameter changes. With
+    fused kernels (:func:`fused`), the forward pass computes the error at its end."""
+    spec = fused(net)
+    if spec is not None:
+        loss = net.loss_fn
+        net.backend.kernels.mlp_forward_error(x, net.params, *spec, ws.keep_u, ws.y_flat, ws.u_flat, t, loss.name,
+                                              loss.param, delta=ws.delta[-1], value=ws.loss, weights=weights)
+    else:
+        forward(net, ws, x)
+        output_error(net, ws, t, weights)
     backward(net, ws, x)
 
 

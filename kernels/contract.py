@@ -147,6 +147,8 @@ OPTIONAL: dict[str, str] = {
     "fused_mlp_reason": "(sizes, acts, dtype) -> str: why the fused launches do not serve a network ('' when they do)",
     "mlp_forward": "(x, params, sizes, acts, alphas, keep_u, y_flat, u_flat) -> None: the forward pass of every "
                    "layer in one launch, each layer's y (and kept u) into flat buffers, layer after layer",
+    "mlp_forward_error": "(x, params, sizes, acts, alphas, keep_u, y_flat, u_flat, t, loss, param, *, delta, value, "
+                         "weights=None) -> None: mlp_forward, then the error at the output as output_error computes it",
     "mlp_backward": "(x, params, sizes, acts, alphas, keep_u, y_flat, u_flat, delta, grads) -> None: from delta^L, "
                     "every gradient into the flat gradient buffer, deterministically",
     "tf32_enabled": "() -> bool",

@@ -1022,13 +1022,46 @@ def mlp_forward(x: Array, params: Array, sizes: Any, acts: Any, alphas: Any, kee
     """``u^l = W^l x^{l-1} + b^l``, ``x^l = f(u^l)`` for every layer in one launch: each layer's ``y`` into
     ``y_flat`` and, where ``keep_u``, its ``u`` into ``u_flat``, layer after layer as ``(rows, n_l)`` blocks
     (``fused_mlp_sources.plan``). ``params``: the network's flat ``[W^1 | ... | W^L | b^1 | ... | b^L]``."""
+    _mlp_forward(x, params, sizes, acts, alphas, keep_u, y_flat, u_flat, None)
+
+
+def mlp_forward_error(x: Array, params: Array, sizes: Any, acts: Any, alphas: Any, keep_u: Any, y_flat: Array,
+                      u_flat: Array, t: Array, loss: str, param: float = 0.0, *, delta: Array, value: Array,
+                      weights: Array | None = None) -> None:
+    """:func:`mlp_forward`, and at its end the error at the output, as :func:`output_error` computes it (the same
+    formulas, row ``weights`` included): ``delta^L`` into ``delta`` (``(rows, n_L)``) and the mean loss into
+    ``value`` (0-d), the loss summed per block and the blocks' sums added by one more launch."""
+    dtype = params.dtype
+    rows = int(x.shape[0]) if x.ndim == 2 else -1
+    pair = fused.PAIR_CODES.get((tuple(acts)[-1], loss))
+    if pair is None:
+        raise ValueError(f"output {tuple(acts)[-1]!r} does not go with loss {loss!r}")
+    check_weights(weights, rows, dtype)
+    _buffer(t, (rows, int(tuple(sizes)[-1])), dtype, "t")
+    _buffer(delta, (rows, int(tuple(sizes)[-1])), dtype, "delta")
+    _buffer(value, (), dtype, "value")
+    _mlp_forward(x, params, sizes, acts, alphas, keep_u, y_flat, u_flat, (t, weights, pair, param, delta, value))
+
+
+def _mlp_forward(x: Array, params: Array, sizes: Any, acts: Any, alphas: Any, keep_u: Any, y_flat: Array,
+                 u_flat: Array, error: tuple | None) -> None:
     rows, layout, alph, sizes, acts = _fused_args(x, params, sizes, acts, alphas, keep_u, y_flat, u_flat)
-    if rows == 0:
-        return
+    dtype = params.dtype
     width = fused.kernel_width(sizes)
-    tiles = -(-rows // fused.tile_rows(width, src.CTYPES[params.dtype.name]))
-    _fused_kernel(fused.kernel_name("forward", width), params.dtype)((tiles,), (fused.THREADS,), (
-        x, params, layout, alph, np.int32(len(acts)), np.int64(rows), y_flat, u_flat))
+    tiles = -(-rows // fused.tile_rows(width, src.CTYPES[dtype.name]))
+    none = _scratch("no_weights", (1,), dtype)  # stands in for the arrays a pass without its error never reads
+    if error is None:
+        t, w, weighted, pair, k, delta, partial = none, none, 0, fused.NO_ERROR, 0.0, none, none
+    else:
+        t, weights, pair, k, delta, value = error
+        w, weighted = (none, 0) if weights is None else (_contiguous(weights), 1)
+        partial = _scratch("fused_loss_partial", (max(tiles, 1),), dtype)
+    if rows > 0:
+        _fused_kernel(fused.kernel_name("forward", width), dtype)((tiles,), (fused.THREADS,), (
+            x, params, layout, alph, np.int32(len(acts)), np.int64(rows), y_flat, u_flat, t, w, np.int32(weighted),
+            np.int32(pair), _scalar(k, dtype), _scalar(max(rows, 1), dtype), delta, partial))
+    if error is not None:
+        _fused_kernel("bp_mlp_mean", dtype)((1,), (src.BLOCK,), (partial, np.int64(tiles), _scalar(rows, dtype), value))
 
 
 def _backward_blocks() -> int:
@@ -1098,6 +1131,7 @@ __all__ = [
     "layer_forward",
     "mlp_backward",
     "mlp_forward",
+    "mlp_forward_error",
     "momentum_update",
     "one_hot",
     "output_error",

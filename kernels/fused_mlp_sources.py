@@ -6,6 +6,9 @@ other pass reads (each layer's output ``y``, and ``u`` where the slope or the lo
 
 * ``bp_mlp_forward``: ``u^l = W^l x^{l-1} + b^l``, ``x^l = f(u^l)`` for ``l = 1..L`` (softmax as the
   output's row-wise activation); each layer's ``y`` (and kept ``u``) is written for the backward pass.
+  Given an (output, loss) pair (:data:`PAIR_CODES`), it ends with the error at the output, as the
+  backend's loss kernels compute it: ``delta^L`` and each block's sum of the loss terms, which
+  ``bp_mlp_mean`` adds and divides by the batch.
 * ``bp_mlp_backward``: from ``delta^L``, for ``l = L..1``: ``dE/dW^l += delta^l (x^{l-1})^T`` and
   ``dE/db^l += sum delta^l`` into this block's own slice of ``partial``, then
   ``delta^{l-1} = phi(y^{l-1}) * (W^l)^T delta^l`` (the slope from ``u`` for GELU and SiLU), in
@@ -34,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from . import registry as _registry
-from .cupy_sources import ACT_FORWARD, ACT_SLOPE, CTYPES, MATH_PREAMBLE
+from .cupy_sources import ACT_FORWARD, ACT_SLOPE, CTYPES, LOSS_BODY, MATH_PREAMBLE, REDUCE_PREAMBLE, loss_pairs
 from .registry import ACTIVATIONS
 
 _registry.close("cupy")
@@ -118,13 +121,26 @@ def _switch(name: str, signature: str, cases: dict[int, str], default: str) -> s
             f"    return {default};\n}}\n")
 
 
+#: Code of each (output activation, loss) pair whose error the forward pass computes at its end: the
+#: elementwise pairs of the backend's loss kernels, then softmax + cross-entropy (row by row).
+PAIR_CODES: dict[tuple[str, str], int] = {pair: i for i, pair in enumerate(loss_pairs())}
+PAIR_CODES[(SOFTMAX, "cross_entropy")] = len(PAIR_CODES)
+#: The pair code of a pass that computes no error (inference).
+NO_ERROR = -1
+
+
 def dispatch_source() -> str:
     """``bp_mlp_act(code, v, alpha)`` and ``bp_mlp_slope(code, y, u, alpha)``: each activation's CUDA form
-    from the registry, by its code."""
+    from the registry, by its code; ``bp_mlp_loss(pair, y, u, t, k, alpha, batch, l, d)``: each elementwise
+    (output, loss) pair's loss term ``l`` and delta ``d`` (divided by ``batch``), the backend's loss bodies."""
     act = {code: ACT_FORWARD[n] for n, code in ACT_CODES.items() if n != SOFTMAX}
     slope = {code: ACT_SLOPE[n][1] for n, code in ACT_CODES.items() if n != SOFTMAX}
+    cases = "".join(f"    case {code}: {{ {LOSS_BODY[loss].replace('SLOPE', ACT_SLOPE[out][1])} }} return;\n"
+                    for (out, loss), code in PAIR_CODES.items() if out != SOFTMAX)
+    loss = ("__device__ __noinline__ void bp_mlp_loss(int code, T y, T u, T t, T k, T alpha, T batch, T& l, "
+            f"T& d) {{\n    l = (T)0; d = (T)0;\n    switch (code) {{\n{cases}    }}\n}}\n")
     return (_switch("bp_mlp_act", "int code, T v, T alpha", act, "v")
-            + _switch("bp_mlp_slope", "int code, T y, T u, T alpha", slope, "(T)1"))
+            + _switch("bp_mlp_slope", "int code, T y, T u, T alpha", slope, "(T)1") + loss)
 
 
 KERNELS = r"""
@@ -142,10 +158,13 @@ KERNELS = r"""
    so that every shared-memory offset is one too. */
 template <int WIDTH>
 __device__ __forceinline__ void bp_mlp_forward_at(const T* x, const T* p, const long long* layout, const T* alphas,
-                                                  int layers, long long rows, T* ys, T* us) {
+                                                  int layers, long long rows, T* ys, T* us, const T* target,
+                                                  const T* w, int weighted, int pair, T k, T batch, T* delta,
+                                                  T* partial) {
     __shared__ T smem[BP_SMEM];
     constexpr int pitch = WIDTH + 1, R = BP_BASE * (BP_THREADS / WIDTH);
     const int t = threadIdx.x, col = t %% WIDTH, r0 = (t / WIDTH) * BP_BASE;
+    T loss = (T)0;  /* this thread's loss terms (weighted), over its tiles */
     for (long long row0 = (long long)blockIdx.x * R; row0 < rows; row0 += (long long)gridDim.x * R) {
         const int valid = rows - row0 < R ? (int)(rows - row0) : R;
         const int n0 = (int)layout[%(n_in)d];
@@ -180,26 +199,53 @@ __device__ __forceinline__ void bp_mlp_forward_at(const T* x, const T* p, const 
                         const long long row = row0 + r0 + r;
                         if (L[%(u_offset)d] >= 0) us[L[%(u_offset)d] + row * n_out + col] = v;
                         if (act != BP_SOFTMAX) ys[L[%(y_offset)d] + row * n_out + col] = y;
+                        if (pair >= 0 && act != BP_SOFTMAX && l == layers - 1) {  /* the error at the output */
+                            T lt, d;
+                            bp_mlp_loss(pair, y, v, target[row * n_out + col], k, alpha, batch, lt, d);
+                            if (weighted) {
+                                d *= w[row];
+                                lt *= w[row];
+                            }
+                            delta[row * n_out + col] = d;
+                            loss += lt;
+                        }
                     }
                 }
             }
             __syncthreads();
             if (act == BP_SOFTMAX) {  /* one thread per row (R <= BP_THREADS): exp(u - max) / sum */
                 if (t < valid) {
+                    const long long row = row0 + t;
                     T m = BP_AT(nxt, t, 0);
                     for (int j = 1; j < n_out; ++j) m = BP_AT(nxt, t, j) > m ? BP_AT(nxt, t, j) : m;
                     T s = (T)0;
                     for (int j = 0; j < n_out; ++j) s += exp(BP_AT(nxt, t, j) - m);
+                    const T lse = m + log(s);  /* cross-entropy from the logits: sum_j t_j (lse - u_j) */
+                    const T wr = weighted ? w[row] : (T)1;
+                    T lt = (T)0;
                     for (int j = 0; j < n_out; ++j) {
-                        const T y = exp(BP_AT(nxt, t, j) - m) / s;
+                        const T u = BP_AT(nxt, t, j);
+                        const T y = exp(u - m) / s;
                         BP_AT(nxt, t, j) = y;
-                        ys[L[%(y_offset)d] + (row0 + t) * n_out + j] = y;
+                        ys[L[%(y_offset)d] + row * n_out + j] = y;
+                        if (pair >= 0 && l == layers - 1) {
+                            const T tj = target[row * n_out + j];
+                            T d = (y - tj) / batch;
+                            if (weighted) d *= wr;
+                            delta[row * n_out + j] = d;
+                            lt += tj * (lse - u);
+                        }
                     }
+                    loss += weighted ? lt * wr : lt;
                 }
                 __syncthreads();
             }
             cur = nxt;
         }
+    }
+    if (pair >= 0) {  /* the block's sum of the loss terms; bp_mlp_mean adds the blocks' */
+        loss = bp_block_sum(loss);
+        if (t == 0) partial[blockIdx.x] = loss;
     }
 }
 
@@ -274,6 +320,14 @@ __device__ __forceinline__ void bp_mlp_backward_at(const T* x, const T* p, const
 }
 
 %(entries)s
+/* out[0] = sum(partial[0:blocks]) / batch, one block, fixed order: the mean loss of a forward pass with its error. */
+extern "C" __global__ void bp_mlp_mean(const T* partial, long long blocks, T batch, T* out) {
+    T acc = (T)0;
+    for (long long i = threadIdx.x; i < blocks; i += blockDim.x) acc += partial[i];
+    acc = bp_block_sum(acc);
+    if (threadIdx.x == 0) out[0] = acc / batch;
+}
+
 /* grads[i] = sum over the slices of partial[b * n + i], in the order of the slices. */
 extern "C" __global__ void bp_mlp_reduce(const T* partial, long long slices, long long n, T* grads) {
     const long long stride = (long long)gridDim.x * blockDim.x;
@@ -287,8 +341,10 @@ extern "C" __global__ void bp_mlp_reduce(const T* partial, long long slices, lon
 
 
 _ENTRIES = r"""extern "C" __global__ void bp_mlp_forward_w%(w)d(const T* x, const T* p, const long long* layout,
-    const T* alphas, int layers, long long rows, T* ys, T* us) {
-    bp_mlp_forward_at<%(w)d>(x, p, layout, alphas, layers, rows, ys, us);
+    const T* alphas, int layers, long long rows, T* ys, T* us, const T* target, const T* w, int weighted, int pair,
+    T k, T batch, T* delta, T* partial) {
+    bp_mlp_forward_at<%(w)d>(x, p, layout, alphas, layers, rows, ys, us, target, w, weighted, pair, k, batch, delta,
+                             partial);
 }
 extern "C" __global__ void bp_mlp_backward_w%(w)d(const T* x, const T* p, const long long* layout,
     const T* alphas, int layers, long long rows, const T* ys, const T* us, const T* delta, T* partial,
@@ -312,12 +368,16 @@ def kernels_body() -> str:
                       "b_offset": B_OFFSET, "act": ACT, "y_offset": Y_OFFSET, "u_offset": U_OFFSET}
 
 
+#: What the kernels need before them: the registry's device helpers, the block reductions, the dispatch functions.
+PREAMBLE = f"{MATH_PREAMBLE}\n{REDUCE_PREAMBLE}\n{dispatch_source()}"
+
 #: The kernels of the module, as CuPy's RawModule names them.
-KERNEL_NAMES = tuple(kernel_name(p, w) for w in WIDTHS for p in ("forward", "backward")) + ("bp_mlp_reduce",)
+KERNEL_NAMES = tuple(kernel_name(p, w) for w in WIDTHS for p in ("forward", "backward")) + ("bp_mlp_mean",
+                                                                                              "bp_mlp_reduce")
 
 
 def module_source(ctype: str) -> str:
     """The whole RawModule source for C type ``ctype`` (``"float"`` or ``"double"``)."""
     if ctype not in CTYPES.values():
         raise ValueError(f"ctype must be one of {sorted(CTYPES.values())}, got {ctype!r}")
-    return f"typedef {ctype} T;\n{MATH_PREAMBLE}\n{dispatch_source()}\n{kernels_body()}"
+    return f"typedef {ctype} T;\n{PREAMBLE}\n{kernels_body()}"

@@ -95,7 +95,7 @@ def test_meets_the_contract():
     assert all(callable(getattr(k, n)) for n in REQUIRED if n not in ("NAME", "xp"))
     for name in ("IS_GPU", "device_memory_free", "capture", "capture_unavailable_reason", "replay", "copy_into",
                  "set_tf32", "tf32_enabled", "flop_count", "use_device", "collective", "set_fused_mlp",
-                 "fused_mlp_enabled", "fused_mlp_reason", "mlp_forward", "mlp_backward"):
+                 "fused_mlp_enabled", "fused_mlp_reason", "mlp_forward", "mlp_forward_error", "mlp_backward"):
         assert name in OPTIONAL and hasattr(k, name), name
     assert not hasattr(k, "sgd_update_from_delta")  # plain SGD is sgd_update on a gradient buffer
     assert not hasattr(k, "capture_train_step")  # the step is recorded by backprop.graph from capture
@@ -1667,14 +1667,37 @@ def test_fake_fused_narrow_networks_are_opt_in(fake, rng):
     try:
         _Fake.launches.clear()
         narrow.train_step(X, y, SGD(0.1))
-        assert [n for n in _Fake.launches if n.startswith("bp_mlp")] == ["bp_mlp_forward_w32", "bp_mlp_backward_w32",
-                                                                         "bp_mlp_reduce"]
-        assert "bp_fwd_tanh" not in _Fake.launches
+        assert [n for n in _Fake.launches if n.startswith("bp_mlp")] == [
+            "bp_mlp_forward_w32", "bp_mlp_mean", "bp_mlp_backward_w32", "bp_mlp_reduce"]
+        assert "bp_fwd_tanh" not in _Fake.launches and "bp_softmax_xent" not in _Fake.launches  # the error fused
         _Fake.launches.clear()
         wide.train_step(X, y, SGD(0.1))
         assert not any(name.startswith("bp_mlp") for name in _Fake.launches)
     finally:
         fake.set_fused_mlp(False)
+
+
+@pytest.mark.parametrize("head", ["multiclass", "regression"])
+def test_fake_fused_weighted_loss_and_gradients(fake, rng, head):
+    """loss_and_grads_device with row weights: the fused launches (the error at the end of the forward pass)
+    give the loss and gradients of the layer-by-layer kernels."""
+    from backprop import MLP
+
+    X, y = _fake_batch(rng, head, batch=40, n_in=6, n_out=3)
+    net = MLP([6, 24, 3], activation="silu", head=head, dtype="float64", seed=2, backend="cupy")
+    x, t = net._inputs(X), net._targets(y, 40)
+    w = fake.to_device(rng.uniform(0.1, 2.0, 40), np.float64)
+    results = []
+    for on in (False, True):
+        fake.set_fused_mlp(on)
+        try:
+            value, grads = net.loss_and_grads_device(x, t, weights=w)
+            results.append((float(host(fake, value)), [host(fake, g) for pair in grads for g in pair]))
+        finally:
+            fake.set_fused_mlp(False)
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-12)
+    for a, b in zip(results[0][1], results[1][1]):
+        np.testing.assert_allclose(b, a, rtol=1e-10, atol=1e-13)
 
 
 @pytest.mark.parametrize("hidden,head,dtype", [("tanh", "multiclass", "float32"), ("gelu", "regression", "float64"),
@@ -2450,3 +2473,31 @@ def test_gpu_fused_passes_match_reference(k, rng, poisoned_memory, dt, act):
     scale = np.max(np.abs(want_g))
     np.testing.assert_allclose(g, want_g, rtol=tol(dt)["rtol"], atol=tol(dt)["rtol"] * scale)
     assert F.unserved_reason(net.sizes, net.acts, dt) == ""
+
+
+@gpu
+@pytest.mark.parametrize("dt", [np.float32, np.float64])
+@pytest.mark.parametrize("output,loss", [("softmax", "cross_entropy"), ("identity", "mse"), ("sigmoid", "bce")])
+def test_gpu_fused_error_matches_reference(k, rng, poisoned_memory, dt, output, loss):
+    """The error at the end of the fused forward pass on the GPU (row weights included), in poisoned memory,
+    against the reference's output_error."""
+    from tests.conftest import targets_for
+    from tests.test_fused_mlp import Net
+
+    net = Net(rng, [32, 64, 64, 8], ["relu", "tanh", output], dt)
+    rows = 777
+    x = rng.normal(size=(rows, 32)).astype(dt).astype(np.float64)
+    t = targets_for(rng, loss, rows, 8).astype(dt).astype(np.float64)
+    w = rng.uniform(0.1, 2.0, rows).astype(dt).astype(np.float64)
+    _, _, _, ny, nu = net.plan(rows)
+    with poisoned_memory():
+        yd, ud = k.xp.empty(ny, dtype=dt), k.xp.empty(max(nu, 1), dtype=dt)
+        delta, value = k.xp.empty((rows, 8), dtype=dt), k.xp.empty((), dtype=dt)
+        k.mlp_forward_error(k.to_device(x, dt), k.to_device(net.params, dt), net.sizes, net.acts, net.alphas,
+                            net.keep_u, yd, ud, k.to_device(t, dt), loss, 0.0, delta=delta, value=value,
+                            weights=k.to_device(w, dt))
+        got_delta, got_value = k.to_host(delta), float(k.to_host(value))
+    ys, us = net.forward(x)
+    want_value, want_delta = ref.output_error(ys[-1], us[-1], t, output, loss, 0.0, 0.0, weights=w)
+    np.testing.assert_allclose(got_delta, want_delta, rtol=tol(dt)["rtol"], atol=tol(dt)["atol"] / rows)
+    np.testing.assert_allclose(got_value, float(want_value), **tol(dt))

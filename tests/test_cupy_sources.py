@@ -236,6 +236,7 @@ using std::sqrt; using std::tanh;
 #define __global__
 #define __device__
 #define __forceinline__ inline
+#define __noinline__
 #define __shared__ static
 
 struct bp_dim3 { unsigned x = 0, y = 0, z = 0; };

@@ -80,7 +80,7 @@ def test_compiles_without_spills_within_static_shared_memory(ctype, tmp_path):
 # --------------------------------------------------------------------------- 2. the emulator
 @functools.lru_cache(maxsize=None)
 def _exe(ctype: str) -> str:
-    return build_emulator(ctype, F.MATH_PREAMBLE + F.dispatch_source(), F.kernels_body(), "bp_fused")
+    return build_emulator(ctype, F.PREAMBLE, F.kernels_body(), "bp_fused")
 
 
 @pytest.fixture(params=CTYPES)
@@ -128,16 +128,32 @@ class Net:
         return np.concatenate([g.ravel() for g in dW] + db)
 
 
-def _forward(emu, net, x, grid):
-    rows = x.shape[0]
+def _forward(emu, net, x, grid, error=None):
+    """The fused forward pass; with ``error = (t, loss, param, weights)`` also the error at the output: returns
+    each layer's ``y`` and ``u``, and then ``delta`` and the mean loss."""
+    rows, n_out = x.shape[0], net.sizes[-1]
     layout, y_off, u_off, ny, nu = net.plan(rows)
-    got = emu(F.kernel_name("forward", F.kernel_width(net.sizes)), grid, F.THREADS,
-              {"x": x, "p": net.params, "layout": layout, "alphas": net.alphas,
-               "ys": np.full(ny, np.nan), "us": np.full(max(nu, 1), np.nan)},
-              {"layers": len(net.acts), "rows": rows}, outputs=("ys", "us"))
+    arrays = {"x": x, "p": net.params, "layout": layout, "alphas": net.alphas, "ys": np.full(ny, np.nan),
+              "us": np.full(max(nu, 1), np.nan), "target": np.zeros(1), "w": np.zeros(1), "delta": np.zeros(1),
+              "partial": np.zeros(1)}
+    scalars = {"layers": len(net.acts), "rows": rows, "weighted": 0, "pair": F.NO_ERROR, "k": 0.0, "batch": rows}
+    outputs = ("ys", "us")
+    if error is not None:
+        t, loss, param, weights = error
+        arrays.update(target=t, delta=np.full(rows * n_out, np.nan), partial=np.full(grid, np.nan))
+        scalars.update(pair=F.PAIR_CODES[(net.acts[-1], loss)], k=param)
+        if weights is not None:
+            arrays["w"], scalars["weighted"] = weights, 1
+        outputs += ("delta", "partial")
+    got = emu(F.kernel_name("forward", F.kernel_width(net.sizes)), grid, F.THREADS, arrays, scalars, outputs=outputs)
     ys = [got["ys"][o:o + rows * n].reshape(rows, n) for o, n in zip(y_off, net.sizes[1:])]
     us = [None if o < 0 else got["us"][o:o + rows * n].reshape(rows, n) for o, n in zip(u_off, net.sizes[1:])]
-    return ys, us
+    if error is None:
+        return ys, us
+    tiles = -(-rows // F.tile_rows(F.kernel_width(net.sizes), _ctype(emu)))
+    mean = emu("bp_mlp_mean", 1, 256, {"partial": got["partial"][:tiles], "out": np.full(1, np.nan)},
+               {"blocks": tiles, "batch": rows}, outputs=("out",))["out"][0]
+    return ys, us, got["delta"].reshape(rows, n_out), mean
 
 
 def _backward(emu, net, x, ys, us, delta, grid):
@@ -208,6 +224,33 @@ def test_widths(emu, rng, width, pass_, acts):
 @pytest.mark.parametrize("output", ["identity", "sigmoid", "softmax", "tanh", "exp"])
 def test_forward_outputs(emu, rng, output):
     _check_forward(emu, rng, [6, 16, 10], ["gelu", output], rows=21, grid=1)
+
+
+#: Every pair without row weights, and one pair of each kind of loss body with them.
+ERROR_CASES = [(o, loss, False) for o, loss in sorted(F.PAIR_CODES)] + [
+    ("identity", "mse", True), ("tanh", "huber", True), ("sigmoid", "bce", True), ("softmax", "cross_entropy", True),
+    ("exp", "poisson", True)]
+
+
+@pytest.mark.parametrize("output,loss,weighted", ERROR_CASES)
+def test_forward_with_the_error_at_the_output(emu, rng, output, loss, weighted):
+    """Every (output, loss) pair, with and without row weights: ``delta^L`` and the mean loss of the reference's
+    ``output_error`` on the reference's forward pass (several tiles, blocks taking more than one)."""
+    from .conftest import targets_for
+
+    n_out = 1 if weighted and loss == "bce" else 4
+    net = Net(rng, [5, 16, n_out], ["tanh", output], emu.dtype)
+    rows = 150
+    x = _data(rng, net, rows)
+    t = targets_for(rng, loss, rows, n_out).astype(emu.dtype).astype(np.float64)
+    weights = rng.uniform(0.2, 2.0, rows).astype(emu.dtype).astype(np.float64) if weighted else None
+    param = 0.7 if loss == "huber" else 0.0
+    _, _, delta, mean = _forward(emu, net, x, 2, (t, loss, param, weights))
+    ys, us = net.forward(x)
+    want_mean, want_delta = ref.output_error(ys[-1], us[-1], t, output, loss, param, net.alphas[-1], weights=weights)
+    tol = _tol(_ctype(emu))
+    np.testing.assert_allclose(delta, want_delta, rtol=tol["rtol"], atol=tol["atol"] / rows)
+    np.testing.assert_allclose(mean, float(want_mean), **tol)
 
 
 @pytest.mark.parametrize("width", [16, 64])
