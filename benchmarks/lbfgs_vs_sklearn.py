@@ -46,10 +46,10 @@ from typing import Any
 import numpy as np
 
 try:
-    from backprop.bench.cli import backend_name, json_path, non_negative_float, positive_int, threads_int
+    from backprop.bench.cli import backend_name, doc_parser, json_path, non_negative_float, positive_int, threads_int
 except ImportError:  # run from a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from backprop.bench.cli import backend_name, json_path, non_negative_float, positive_int, threads_int
+    from backprop.bench.cli import backend_name, doc_parser, json_path, non_negative_float, positive_int, threads_int
 from backprop.backend import resolve_backend
 from backprop.bench.machine import load_average, machine_info, restore_threads, set_threads
 from backprop.bench.timing import paired_ratio, time_ops
@@ -142,9 +142,7 @@ def random_state(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    doc = __doc__ or ""
-    p = argparse.ArgumentParser(prog=PROG, description=doc.split("\n\n")[0], epilog=doc.split("\n\n", 1)[-1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = doc_parser(PROG, __doc__)
     p.add_argument("--backends", nargs="+", type=backend_name, default=["numpy", "numba"],
                    help=f"backprop's backends (default: numpy numba); known: {', '.join(BACKEND_MODULES)}")
     p.add_argument("--dtypes", nargs="+", choices=sorted(TARGET_RTOL), default=["float64", "float32"],

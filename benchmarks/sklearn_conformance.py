@@ -41,10 +41,10 @@ from pathlib import Path
 from typing import Any
 
 try:
-    from backprop.bench.cli import backend_name, json_path, non_negative_int, positive_float
+    from backprop.bench.cli import backend_name, doc_parser, json_path, non_negative_int, positive_float
 except ImportError:  # run from a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from backprop.bench.cli import backend_name, json_path, non_negative_int, positive_float
+    from backprop.bench.cli import backend_name, doc_parser, json_path, non_negative_int, positive_float
 from backprop.backend import ENV_VAR, resolve_backend
 from backprop.kernels import BACKEND_MODULES
 
@@ -153,9 +153,7 @@ def run_copy(source: str, backend: str | None, timeout: float) -> dict[str, Any]
 
 # --------------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
-    doc = __doc__ or ""
-    p = argparse.ArgumentParser(prog=PROG, description=doc.split("\n\n")[0], epilog=doc.split("\n\n", 1)[-1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = doc_parser(PROG, __doc__)
     p.add_argument("--backends", nargs="+", type=backend_name, default=["numpy", "numba"],
                    help=f"backends to run the file on (default: numpy numba); known: {', '.join(BACKEND_MODULES)}")
     p.add_argument("--min-passed", type=non_negative_int, default=57,

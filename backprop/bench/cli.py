@@ -182,6 +182,14 @@ def peer_list(text: str) -> str:
     return text
 
 
+def doc_parser(prog: str | None, doc: str | None) -> argparse.ArgumentParser:
+    """A parser whose description is the first paragraph of a script's docstring ``doc`` and whose epilog is the
+    rest, kept as written."""
+    doc = doc or ""
+    return argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0], epilog=doc.split("\n\n", 1)[-1],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def backend_name(text: str) -> str:
     """``--backends``: a known backend name (whether it works here is checked after parsing)."""
     key = text.strip().lower()

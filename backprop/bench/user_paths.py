@@ -52,6 +52,7 @@ from ..kernels import BACKEND_MODULES
 from ..network import MLP
 from ..optimizers import SGD, Adam
 from .cli import (
+    doc_parser,
     non_negative_float,
     out_dir,
     positive_float,
@@ -783,9 +784,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    doc = __doc__ or ""
-    p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0], epilog=doc.split("\n\n", 1)[-1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = doc_parser(prog, __doc__)
     p.add_argument("--out", type=out_dir, default=os.environ.get("OUT") or "bench-out",
                    help="folder of the results: one .json and .md per section and gpu_vs_torch.json/.md, the "
                         "summary (default: $OUT, else bench-out)")
