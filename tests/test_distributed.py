@@ -40,11 +40,14 @@ def _mpiexec() -> str:
     return found
 
 
-def _run(n: int, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    """``mpiexec -n n python -m tests.mpi_worker *args``, one thread per rank."""
+def _run(n: int, *args: str, timeout: float = 900, simulator: bool = False) -> subprocess.CompletedProcess[str]:
+    """``mpiexec -n n python -m tests.mpi_worker *args``, one thread per rank (``simulator``: numba-cuda under
+    the CUDA simulator)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", NUMBA_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     env.pop("NUMBA_ENABLE_CUDASIM", None)
+    if simulator:
+        env["NUMBA_ENABLE_CUDASIM"] = "1"
     return subprocess.run([_mpiexec(), "-n", str(n), sys.executable, "-m", "tests.mpi_worker", *args], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -222,6 +225,29 @@ def test_ranks_train_as_one_process_with_the_concatenated_batch(n, tmp_path):
         assert rel <= 1e-6, (case, rel)
         np.testing.assert_allclose(ranks[0][f"loss{i}"], history.loss, rtol=1e-9)
         np.testing.assert_allclose(ranks[0][f"val_loss{i}"], history.val_loss, rtol=1e-9)
+
+
+@pytest.mark.slow
+def test_a_gpu_backend_without_collectives_reduces_through_the_host(tmp_path):
+    """numba-cuda (under the CUDA simulator here) has no device collectives: its arrays go through the host, with
+    a warning, and 2 ranks still reach one process's parameters with the doubled batch."""
+    try:
+        bp.backend.resolve_backend("numba-cuda")
+    except ValueError as exc:
+        pytest.skip(str(exc))
+    if not bp.backend.resolve_backend("numba-cuda").is_simulated:
+        pytest.skip("runs on the CUDA simulator; a real GPU takes the GPU tests")
+    case = {"backend": "numba-cuda", "optimizer": "adam", "batch_size": 7, "epochs": 1}
+    out = _run(2, "train", str(tmp_path), json.dumps([case]), simulator=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "reducing through the host" in out.stderr
+    X, y = data()
+    net, opt = build(case)
+    net.fit(X, y, optimizer=opt, **fit_options(case, 14))
+    got = [np.load(tmp_path / f"rank{r}.npz")["params0"] for r in range(2)]
+    assert np.array_equal(got[0], got[1])
+    one = net.backend.kernels.to_host(net.params)
+    assert np.max(np.abs(got[0] - one)) / np.max(np.abs(one)) <= 1e-6
 
 
 @pytest.mark.slow
