@@ -130,13 +130,17 @@ class Communicator:
     def __init__(self, mpi: Any = None, timeout: float | None = DEFAULT_TIMEOUT, abort_on_error: bool = True) -> None:
         MPI = _mpi()
         if timeout is not None:
+            if isinstance(timeout, bool) or not isinstance(timeout, (int, float, np.integer, np.floating)):
+                raise TypeError(f"timeout must be a number of seconds or None, got {type(timeout).__name__}")
             timeout = float(timeout)
             if not (np.isfinite(timeout) and timeout > 0):
                 raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout}")
         self.mpi = MPI.COMM_WORLD if mpi is None else mpi
         self.rank: int = self.mpi.Get_rank()
         self.size: int = self.mpi.Get_size()
-        self.local_rank: int = self.mpi.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
+        machine = self.mpi.Split_type(MPI.COMM_TYPE_SHARED)  # the processes of this machine
+        self.local_rank: int = machine.Get_rank()
+        machine.Free()
         self.timeout = timeout
         self.abort_on_error = bool(abort_on_error)
         self._engines: dict[int, tuple[Any, Any]] = {}

@@ -135,6 +135,9 @@ def test_timeout_must_be_positive():
     for bad in (0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="timeout must be a positive number"):
             dist.Communicator(timeout=bad)
+    for bad in ("60", True, [1]):
+        with pytest.raises(TypeError, match="timeout must be a number of seconds or None"):
+            dist.Communicator(timeout=bad)
 
 
 # --------------------------------------------------------------------------- engines
