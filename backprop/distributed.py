@@ -165,11 +165,11 @@ class Communicator:
         if self.timeout is not None and self.size > 1 and self._watchdog is None:
             self._watchdog = threading.Thread(target=self._watch, name="backprop-watchdog", daemon=True)
             self._watchdog.start()
-        self._waiting = (what, time.monotonic())
+        outer, self._waiting = self._waiting, (what, time.monotonic())
         try:
             yield
         finally:
-            self._waiting = None
+            self._waiting = outer  # a collective inside another (an engine's start) hands the watch back
 
     def _watch(self) -> None:
         assert self.timeout is not None
