@@ -46,10 +46,14 @@ from typing import Any
 import numpy as np
 
 try:
-    from backprop.bench.cli import backend_name, doc_parser, json_path, non_negative_float, positive_int, threads_int
+    from backprop.bench.cli import (
+        backend_name, doc_parser, json_path, non_negative_float, positive_int, require_backends, threads_int,
+    )
 except ImportError:  # run from a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from backprop.bench.cli import backend_name, doc_parser, json_path, non_negative_float, positive_int, threads_int
+    from backprop.bench.cli import (
+        backend_name, doc_parser, json_path, non_negative_float, positive_int, require_backends, threads_int,
+    )
 from backprop.backend import resolve_backend
 from backprop.bench.machine import load_average, machine_info, restore_threads, set_threads
 from backprop.bench.timing import paired_ratio, time_ops
@@ -171,13 +175,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     elif args.trace_max_iter < args.max_iter:
         parser.error(f"argument --trace-max-iter: must be at least --max-iter ({args.max_iter}), "
                      f"got {args.trace_max_iter}")
-    for name in args.backends:
-        try:
-            backend = resolve_backend(name)
-        except ValueError as exc:
-            parser.error(f"argument --backends: {name!r} does not work here: {str(exc).splitlines()[0]}")
-        if backend.is_simulated:
-            parser.error(f"argument --backends: {name!r} runs on the CUDA simulator here: its timings say nothing")
+    require_backends(parser, args.backends, ": its timings say nothing")
     try:
         import sklearn  # noqa: F401
         import threadpoolctl  # noqa: F401

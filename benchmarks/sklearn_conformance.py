@@ -41,11 +41,15 @@ from pathlib import Path
 from typing import Any
 
 try:
-    from backprop.bench.cli import backend_name, doc_parser, json_path, non_negative_int, positive_float
+    from backprop.bench.cli import (
+        backend_name, doc_parser, json_path, non_negative_int, positive_float, require_backends,
+    )
 except ImportError:  # run from a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from backprop.bench.cli import backend_name, doc_parser, json_path, non_negative_int, positive_float
-from backprop.backend import ENV_VAR, resolve_backend
+    from backprop.bench.cli import (
+        backend_name, doc_parser, json_path, non_negative_int, positive_float, require_backends,
+    )
+from backprop.backend import ENV_VAR
 from backprop.kernels import BACKEND_MODULES
 
 PROG = "python benchmarks/sklearn_conformance.py"
@@ -169,13 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Every backend must work here (``parser.error``, exit status 2, naming the option otherwise)."""
     args.backends = list(dict.fromkeys(args.backends))
-    for name in args.backends:
-        try:
-            backend = resolve_backend(name)
-        except ValueError as exc:
-            parser.error(f"argument --backends: {name!r} does not work here: {str(exc).splitlines()[0]}")
-        if backend.is_simulated:
-            parser.error(f"argument --backends: {name!r} runs on the CUDA simulator here, far too slowly")
+    require_backends(parser, args.backends, ", far too slowly")
 
 
 def _print_run(name: str, res: dict[str, Any], min_passed: int | None) -> None:

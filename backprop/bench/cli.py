@@ -190,6 +190,20 @@ def doc_parser(prog: str | None, doc: str | None) -> argparse.ArgumentParser:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
+def require_backends(parser: argparse.ArgumentParser, names: Iterable[str], simulated: str) -> None:
+    """``parser.error`` (exit status 2, naming ``--backends``) unless every backend of ``names`` works here and
+    none runs on the CUDA simulator (``simulated`` says why that is refused)."""
+    from ..backend import resolve_backend
+
+    for name in names:
+        try:
+            backend = resolve_backend(name)
+        except ValueError as exc:
+            parser.error(f"argument --backends: {name!r} does not work here: {str(exc).splitlines()[0]}")
+        if backend.is_simulated:
+            parser.error(f"argument --backends: {name!r} runs on the CUDA simulator here{simulated}")
+
+
 def backend_name(text: str) -> str:
     """``--backends``: a known backend name (whether it works here is checked after parsing)."""
     key = text.strip().lower()
