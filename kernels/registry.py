@@ -52,6 +52,9 @@ _INV_SQRT2 = 1.0 / sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / sqrt(2.0 * 3.141592653589793)
 _SELU_LAMBDA_ALPHA = SELU_LAMBDA * SELU_ALPHA
 _NAN = float("nan")
+#: The tanh form of GELU: ``sqrt(2 / pi)`` and the cubic coefficient (cuBLASLt's GELU epilogue uses this form).
+_SQRT_2_OVER_PI = sqrt(2.0 / 3.141592653589793)
+GELU_TANH_CUBIC = 0.044715
 
 #: Every scalar form, in the order it was defined (numba_math compiles them all, in this order).
 SCALAR_FUNCTIONS: list[Callable[..., Any]] = []
@@ -65,7 +68,7 @@ def scalar(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 # ----------------------------------------------------------------------------- the scalar constants
 #: Indices into the tuple of :func:`consts`.
-ZERO, ONE, HALF, INV_SQRT2, INV_SQRT_2PI, S_LAMBDA, S_ALPHA, S_LAMBDA_ALPHA, NAN = range(9)
+ZERO, ONE, HALF, INV_SQRT2, INV_SQRT_2PI, S_LAMBDA, S_ALPHA, S_LAMBDA_ALPHA, NAN, SQRT_2_OVER_PI, CUBIC, CUBIC3 = range(12)
 
 
 @scalar
@@ -73,7 +76,7 @@ def consts(a):  # type: ignore[no-untyped-def]
     """The constants of the scalar forms, typed with array ``a``'s dtype."""
     dt = a.dtype.type
     return (dt(0.0), dt(1.0), dt(0.5), dt(_INV_SQRT2), dt(_INV_SQRT_2PI), dt(SELU_LAMBDA), dt(SELU_ALPHA),
-            dt(_SELU_LAMBDA_ALPHA), dt(_NAN))
+            dt(_SELU_LAMBDA_ALPHA), dt(_NAN), dt(_SQRT_2_OVER_PI), dt(GELU_TANH_CUBIC), dt(3 * GELU_TANH_CUBIC))
 
 
 # ----------------------------------------------------------------------------- records
@@ -522,6 +525,76 @@ __device__ __forceinline__ T bp_gelu_cdf(T v) { return (T)0.5 * ((T)1 + erf(v * 
 )
 
 
+def _np_gelu_tanh_t(v, out, ops):  # type: ignore[no-untyped-def]
+    """``tanh(sqrt(2 / pi) (v + 0.044715 v^3))`` into ``out``."""
+    ops.xm.multiply(v, v, out=out)
+    out *= GELU_TANH_CUBIC
+    out += 1
+    out *= v
+    out *= _SQRT_2_OVER_PI
+    return ops.xm.tanh(out, out=out)
+
+
+def _np_gelu_tanh(v, alpha, out, ops):  # type: ignore[no-untyped-def]
+    _np_gelu_tanh_t(v, out, ops)
+    out += 1
+    out *= v
+    out *= 0.5
+    return out
+
+
+def _np_gelu_tanh_phi(y, u, alpha, out, ops):  # type: ignore[no-untyped-def]
+    # (1 + t) / 2 + u (1 - t^2) sqrt(2 / pi) (1 + 3 c u^2) / 2
+    t = _np_gelu_tanh_t(u, ops.scratch(u, "aux"), ops)
+    ops.xm.multiply(u, u, out=out)
+    out *= 3 * GELU_TANH_CUBIC
+    out += 1
+    out *= u
+    out *= _SQRT_2_OVER_PI
+    tt = ops.xm.multiply(t, t, out=ops.scratch(u, "aux2"))
+    ops.xm.subtract(1, tt, out=tt)
+    out *= tt
+    out += t
+    out += 1
+    out *= 0.5
+    return out
+
+
+@scalar
+def gelu_tanh_t(v, c):  # type: ignore[no-untyped-def]
+    return tanh(c[SQRT_2_OVER_PI] * (v + c[CUBIC] * v * v * v))
+
+
+@scalar
+def gelu_tanh_f(v, alpha, c):  # type: ignore[no-untyped-def]
+    return c[HALF] * v * (c[ONE] + gelu_tanh_t(v, c))
+
+
+@scalar
+def gelu_tanh_phi(y, u, alpha, c):  # type: ignore[no-untyped-def]
+    t = gelu_tanh_t(u, c)
+    return c[HALF] * (c[ONE] + t) + c[HALF] * u * (c[ONE] - t * t) * c[SQRT_2_OVER_PI] * (c[ONE] + c[CUBIC3] * u * u)
+
+
+GELU_TANH = Activation(
+    "gelu_tanh", "u (1 + tanh(sqrt(2/pi) (u + 0.044715 u^3))) / 2  (the tanh approximation of GELU)",
+    "f'(u) = (1 + t) / 2 + u (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 u^2) / 2, t = tanh(...)  (keeps u)",
+    _np_gelu_tanh, _np_gelu_tanh_phi, gelu_tanh_f, gelu_tanh_phi, "((T)0.5 * v * ((T)1 + bp_gelu_tanh_t(v)))",
+    "bp_gelu_tanh_slope(u)", needs_u=True, init="he",
+    cuda_helpers="""
+/* tanh(sqrt(2/pi) (v + 0.044715 v^3)), the tanh form of GELU */
+__device__ __forceinline__ T bp_gelu_tanh_t(T v) {
+    return tanh((T)0.79788456080286535588 * (v + (T)0.044715 * v * v * v));
+}
+__device__ __forceinline__ T bp_gelu_tanh_slope(T u) {
+    T t = bp_gelu_tanh_t(u);
+    return (T)0.5 * ((T)1 + t)
+        + (T)0.5 * u * ((T)1 - t * t) * (T)0.79788456080286535588 * ((T)1 + (T)0.134145 * u * u);
+}
+""",
+)
+
+
 def _np_silu(v, alpha, out, ops):  # type: ignore[no-untyped-def]
     _np_sigmoid(v, alpha, out, ops)
     out *= v
@@ -606,7 +679,7 @@ SOFTMAX = Activation(
 
 #: name -> record, in code order (the Numba backends number them in this order).
 ACTIVATIONS: dict[str, Activation] = {
-    a.name: a for a in (IDENTITY, STEP, SIGMOID, TANH, RELU, LEAKY_RELU, ELU, SELU, SOFTPLUS, GELU, SILU, EXP,
+    a.name: a for a in (IDENTITY, STEP, SIGMOID, TANH, RELU, LEAKY_RELU, ELU, SELU, SOFTPLUS, GELU, GELU_TANH, SILU, EXP,
                         SOFTMAX)
 }
 
