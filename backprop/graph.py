@@ -114,11 +114,15 @@ def _settings(optimizer: Optimizer) -> tuple:
                         if not name.startswith("_") and name != "steps" and isinstance(value, (Number, str))))
 
 
+#: The backend switches that change what a step issues (a graph recorded under one is not replayed under another).
+_MODES = ("tf32_enabled", "fused_mlp_enabled", "epilogues_enabled")
+
+
 def _key(net: MLP, ws: Workspace, x: Any, t: Any, optimizer: Optimizer, weight: float, kernels: Any) -> tuple:
     layers = (id(net.params),) + tuple((L.activation.name, L.activation.alpha) for L in net.layers)
     state = tuple(id(a) for a in _state_arrays(optimizer, net))
     modes = tuple(bool(mode()) if callable(mode) else None
-                  for mode in (getattr(kernels, "tf32_enabled", None), getattr(kernels, "fused_mlp_enabled", None)))
+                  for mode in (getattr(kernels, name, None) for name in _MODES))
     return (id(ws), tuple(x.shape), tuple(t.shape), str(x.dtype), str(t.dtype), net.loss_fn.name, net.loss_fn.param,
             layers, type(optimizer), id(optimizer), _settings(optimizer), state, modes, float(weight))
 

@@ -68,6 +68,13 @@ class Workspace:
         self.u_flat = k.zeros((max(batch * sum(n for n, keep in zip(widths, self.keep_u) if keep), 1),), dt)
         self.y: list[Array] = _views(self.y_flat, batch, widths, [True] * len(widths))
         self.u: list[Array | None] = _views(self.u_flat, batch, widths, self.keep_u)
+        # what a backend's training forward pass hands to its backward pass besides y and u (the ReLU mask
+        # of a cuBLASLt epilogue): its layer_aux hook says, per layer; None elsewhere
+        aux = getattr(k, "layer_aux", None)
+        self.aux: list[Any] = [None if aux is None or i == last else aux(L.activation.name, batch, L.n_out, dt)
+                               for i, L in enumerate(net.layers)]
+        #: the last forward pass into this workspace was a layer-by-layer training pass (it wrote ``aux``)
+        self.aux_written = False
 
     @cached_property
     def delta(self) -> list[Array]:
@@ -205,6 +212,7 @@ def forward(net: MLP, ws: Workspace, x: Array, keep: bool = True, out: Array | N
     """
     k = net.backend.kernels
     spec = fused(net)
+    ws.aux_written = False
     if spec is not None:
         k.mlp_forward(x, net.params, *spec, ws.keep_u, ws.y_flat, ws.u_flat)
         if out is None:
@@ -216,7 +224,9 @@ def forward(net: MLP, ws: Workspace, x: Array, keep: bool = True, out: Array | N
         a = layer.activation
         y = out if (i == last and out is not None) else ws.y[i]
         keep_u = keep and ws.u[i] is not None
-        x, _ = k.layer_forward(x, layer.W, layer.b, a.name, a.alpha, keep_u, y=y, u=ws.u[i])
+        aux = {"aux": ws.aux[i]} if keep and ws.aux[i] is not None else {}
+        x, _ = k.layer_forward(x, layer.W, layer.b, a.name, a.alpha, keep_u, y=y, u=ws.u[i], **aux)
+    ws.aux_written = keep
     return x
 
 
@@ -249,8 +259,9 @@ def backward(net: MLP, ws: Workspace, x: Array, dW: list[Array] | None = None,
         k.weight_gradients(ws.delta[i], x_prev, dW[i], db[i])
         if i > 0:
             prev = net.layers[i - 1].activation
+            aux = {"aux_prev": ws.aux[i - 1]} if ws.aux_written and ws.aux[i - 1] is not None else {}
             k.delta_backward(ws.delta[i], net.layers[i].W, ws.y[i - 1], ws.u[i - 1], prev.name, prev.alpha,
-                             out=ws.delta[i - 1])
+                             out=ws.delta[i - 1], **aux)
 
 
 def train_step(net: MLP, ws: Workspace, x: Array, t: Array, optimizer: Optimizer, guard: Guard,
@@ -270,6 +281,7 @@ def gradients(net: MLP, ws: Workspace, x: Array, t: Array, weights: Array | None
     fused kernels (:func:`fused`), the forward pass computes the error at its end."""
     spec = fused(net)
     if spec is not None:
+        ws.aux_written = False
         loss = net.loss_fn
         net.backend.kernels.mlp_forward_error(x, net.params, *spec, ws.keep_u, ws.y_flat, ws.u_flat, t, loss.name,
                                               loss.param, delta=ws.delta[-1], value=ws.loss, weights=weights)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmarks on the user's paths, against PyTorch (the GPU sections, and one for the CPU).
 
-    python benchmarks/gpu_vs_torch.py [--out DIR] [--quick] [--sections fit,api,step,graph,tf32,fused,cpu]
+    python benchmarks/gpu_vs_torch.py [--out DIR] [--quick] [--sections fit,api,step,graph,tf32,fused,epilogues,cpu]
                                       [--no-torch] [--no-compile] [--no-tf32] [--time-limit S]
 
 The sections, their targets and their options are those of :mod:`backprop.bench.user_paths` (``--help``);

@@ -152,6 +152,12 @@ OPTIONAL: dict[str, str] = {
     "mlp_backward": "(x, params, sizes, acts, alphas, keep_u, y_flat, u_flat, delta, grads) -> None: from delta^L, "
                     "every gradient into the flat gradient buffer, deterministically",
     "tf32_enabled": "() -> bool",
+    "set_epilogues": "(bool) -> None: let a layer's GEMMs apply bias, activation, slope and bias gradient in cuBLASLt "
+                     "epilogues (off by default)",
+    "epilogues_enabled": "() -> bool: whether set_epilogues is on",
+    "epilogue_paths": "() -> dict: what served each GEMM the last time it ran, (kind, act, m, n, k, dtype) -> text",
+    "layer_aux": "(act, batch, n_out, dtype) -> aux | None: a buffer a training forward pass hands to the backward "
+                 "pass; when given, layer_forward takes it as aux= and delta_backward (below) as aux_prev=",
     "flop_count": "(sizes, batch) -> int: GEMM flops of one training step",
 }
 

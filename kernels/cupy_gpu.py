@@ -42,12 +42,14 @@ this module never fails for want of CuPy or a GPU: :func:`is_available` says why
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from . import cupy_sources as src
+from . import epilogues as epi
 from . import fused_mlp_sources as fused
 from .numpy_ref import count_correct  # noqa: F401  (CuPy reductions on the device; no host read)
 from .contract import (
@@ -413,6 +415,7 @@ class _Blas:
         self.lib.set_stream(self.handle, stream_ptr)
         self.lib.set_workspace(self.handle, workspace.data.ptr, workspace.nbytes)
         self.stream = stream_ptr
+        self.bound = workspace  # cuBLASLt calls take the same workspace on the same stream
 
     def ready(self, dtype: Any) -> int:
         """The handle, bound to CuPy's current stream and in the math mode ``_tf32`` says for ``dtype``."""
@@ -566,6 +569,234 @@ def _bias_gemv(delta: Array, out: Array, alpha: float, beta: float) -> Array:
     return out
 
 
+# --------------------------------------------------------------------------- cuBLASLt epilogues
+# With :func:`set_epilogues`, a layer's GEMMs go through cuBLASLt (``nvmath.bindings.cublasLt``) with
+# the epilogue :mod:`backprop.kernels.epilogues` picks: bias and activation in the forward GEMM, the
+# slope in the backward GEMM, the bias gradient in the weight-gradient GEMM. Each (epilogue, shape,
+# dtype, alignment) has one plan: descriptors and the heuristic's algorithm, made once and kept, so a
+# call issues one ``cublasLtMatmul`` on the current stream with the cuBLAS workspace bound there (a
+# captured graph's own while it records) and allocates nothing. The bias, aux and bias-gradient
+# pointers are set on the descriptor before each call (cuBLASLt reads them when the call is issued).
+# A plan the heuristic refuses (no algorithm, or an error such as CUBLAS_STATUS_NOT_SUPPORTED) is
+# remembered, and its calls take the GEMM and the elementwise kernel instead.
+
+#: ``cublasComputeType_t`` and ``cudaDataType_t`` values (``nvmath.bindings.cublas.ComputeType``,
+#: ``nvmath.CudaDataType``).
+_COMPUTE_32F, _COMPUTE_32F_FAST_TF32, _COMPUTE_64F = 68, 77, 70
+_CUDA_R_32F, _CUDA_R_64F = 0, 1
+#: Pointers of the bias (or bias gradient) and of the aux that an epilogue call takes: cuBLASLt's
+#: vector loads want this alignment (a misaligned one takes the GEMM and kernel path).
+LT_POINTER_ALIGN = 16
+
+_epilogues_on = False
+_lt_lib: Any = None
+_lt_error: str | None = None
+_lt_warned = False
+
+
+def set_epilogues(enabled: bool) -> None:
+    """Let a layer's GEMMs apply their bias, activation, slope and bias gradient in cuBLASLt epilogues
+    (ReLU, the tanh form of GELU, identity: :mod:`backprop.kernels.epilogues`) instead of separate
+    kernels. Off by default. Needs nvmath-python; without it the GEMM and kernel path stays (one warning)."""
+    global _epilogues_on
+    _epilogues_on = bool(enabled)
+
+
+def epilogues_enabled() -> bool:
+    return _epilogues_on
+
+
+def _nvmath_cublaslt() -> Any:
+    """``nvmath.bindings.cublasLt`` or ``None`` (then one warning names the reason)."""
+    global _lt_lib, _lt_error, _lt_warned
+    if _lt_lib is None and _lt_error is None:
+        try:
+            from nvmath.bindings import cublasLt as lib
+        except Exception as exc:  # ImportError, or its CUDA libraries missing
+            _lt_error = f"{type(exc).__name__}: {exc}"
+        else:
+            _lt_lib = lib
+    if _lt_lib is None and not _lt_warned:
+        _lt_warned = True
+        warnings.warn(f"cuBLASLt epilogues need nvmath-python ({_lt_error}): {_NVMATH_HINT}; the layers keep a "
+                      "GEMM and an elementwise kernel", RuntimeWarning, stacklevel=3)
+    return _lt_lib
+
+
+def _alignment(ptr: int) -> int:
+    """The largest power of two, up to 256, that divides the address ``ptr``."""
+    return min(256, ptr & -ptr) if ptr else 256
+
+
+class _LtPlan:
+    """One cuBLASLt matmul: its descriptor (transposes, epilogue, aux leading dimension), the layouts of
+    A, B and D (C is D, beta 0), and the heuristic's algorithm (``None`` with ``reason`` when refused)."""
+
+    def __init__(self, lt: _Lt, key: tuple) -> None:
+        lib = self.lib = lt.lib
+        epilogue, dt_char, tf32, ops, aux_ld, aligns = key[1:]
+        f64 = np.dtype(dt_char) == np.float64
+        data = _CUDA_R_64F if f64 else _CUDA_R_32F
+        compute = _COMPUTE_64F if f64 else (_COMPUTE_32F_FAST_TF32 if tf32 else _COMPUTE_32F)
+        self.algo: np.ndarray | None = None
+        self.reason = ""
+        self.desc = lib.matmul_desc_create(compute, data)
+        A = lib.MatmulDescAttribute
+        self._set(A.TRANSA, CUBLAS_OP_T if ops.trans_a else CUBLAS_OP_N)
+        self._set(A.TRANSB, CUBLAS_OP_T if ops.trans_b else CUBLAS_OP_N)
+        self._set(A.EPILOGUE, epi.EPILOGUE[epilogue])
+        if aux_ld:
+            self._set(A.EPILOGUE_AUX_LD, aux_ld)
+        self.layouts = (lib.matrix_layout_create(data, *ops.a_shape(), ops.lda),
+                        lib.matrix_layout_create(data, *ops.b_shape(), ops.ldb),
+                        lib.matrix_layout_create(data, ops.m, ops.n, ops.ldd))
+        pref = lib.matmul_preference_create()
+        P = lib.MatmulPreferenceAttribute
+        try:
+            for attr, value in ((P.MAX_WORKSPACE_BYTES, CUBLAS_WORKSPACE_BYTES), (P.MIN_ALIGNMENT_A_BYTES, aligns[0]),
+                                (P.MIN_ALIGNMENT_B_BYTES, aligns[1]), (P.MIN_ALIGNMENT_C_BYTES, aligns[2]),
+                                (P.MIN_ALIGNMENT_D_BYTES, aligns[2])):
+                v = np.array([value], dtype=lib.get_matmul_preference_attribute_dtype(attr))
+                lib.matmul_preference_set_attribute(pref, attr, v.ctypes.data, v.itemsize)
+            result = np.zeros(1, dtype=lib.matmul_heuristic_result_dtype)
+            found = np.zeros(1, dtype=np.int32)
+            a, b, d = self.layouts
+            lib.matmul_algo_get_heuristic(lt.handle, self.desc, a, b, d, d, pref, 1, result.ctypes.data,
+                                          found.ctypes.data)
+            if found[0] < 1:
+                self.reason = f"cuBLASLt has no algorithm for {epilogue} here"
+            elif int(result["workspace_size"][0]) > CUBLAS_WORKSPACE_BYTES:
+                self.reason = f"cuBLASLt's algorithm for {epilogue} wants more workspace than {CUBLAS_WORKSPACE_BYTES}"
+            else:
+                self.algo = result
+        except Exception as exc:  # e.g. cuBLASLtError: CUBLAS_STATUS_NOT_SUPPORTED (an epilogue in float64)
+            self.reason = f"cuBLASLt refuses {epilogue}: {type(exc).__name__}: {exc}"
+        finally:
+            lib.matmul_preference_destroy(pref)
+
+    def _set(self, attr: Any, value: int) -> None:
+        v = np.array([value], dtype=self.lib.get_matmul_desc_attribute_dtype(attr))
+        self.lib.matmul_desc_set_attribute(self.desc, attr, v.ctypes.data, v.itemsize)
+
+
+class _Lt:
+    """Our cuBLASLt handle on one device and its plans (kept for the process: a captured graph may use them)."""
+
+    def __init__(self, lib: Any) -> None:
+        self.lib = lib
+        self.handle = lib.create()
+        self.plans: dict[tuple, _LtPlan] = {}
+
+
+_lt_handles: dict[int, _Lt] = {}
+
+
+def _lt() -> _Lt | None:
+    """Our cuBLASLt handle on the current device, or ``None`` without nvmath-python."""
+    global _lt_lib, _lt_error
+    lib = _nvmath_cublaslt()
+    if lib is None or _blas() is None:
+        return None
+    dev = _cupy.cuda.Device().id
+    lt = _lt_handles.get(dev)
+    if lt is None:
+        with _lock:
+            lt = _lt_handles.get(dev)
+            if lt is None:
+                try:
+                    lt = _lt_handles[dev] = _Lt(lib)
+                except Exception as exc:  # nvmath imports but cannot load or start cuBLASLt
+                    _lt_lib, _lt_error = None, f"its cuBLASLt cannot make a handle: {type(exc).__name__}: {exc}"
+                    return None
+    return lt
+
+
+#: (kind, activation, m, n, k, dtype) -> what served that GEMM the last time: an epilogue, or why not.
+_lt_paths: dict[tuple, str] = {}
+
+
+def _lt_matmul(kind: str, act: str, choice: epi.Choice, ops: epi.Operands, a: Array, b: Array, d: Array,
+               bias: Array | None = None, aux: Array | None = None, aux_ld: int = 0) -> bool:
+    """``D = op(A) op(B)`` with ``choice``'s epilogue, issued on the current stream; ``False`` (nothing
+    issued) when it takes the GEMM and kernel path. ``bias``: the bias, or where the bias gradient goes."""
+    path_key = (kind, act, ops.m, ops.n, ops.k, d.dtype.char)
+    if choice.epilogue is None or not _epilogues_on:
+        _lt_paths[path_key] = f"GEMM + kernel ({choice.reason or 'epilogues off'})"
+        return False
+    for p in (bias, aux):
+        if p is not None and p.data.ptr % LT_POINTER_ALIGN:
+            _lt_paths[path_key] = f"GEMM + kernel (a bias or aux pointer not {LT_POINTER_ALIGN}-byte aligned)"
+            return False
+    lt = _lt()
+    if lt is None:
+        _lt_paths[path_key] = f"GEMM + kernel (no cuBLASLt: {_lt_error})"
+        return False
+    blas = _blas()
+    assert blas is not None
+    dt = d.dtype
+    tf32 = _tf32 and dt == np.float32
+    aligns = (_alignment(a.data.ptr), _alignment(b.data.ptr), _alignment(d.data.ptr))
+    key = (_cupy.cuda.Device().id, choice.epilogue, dt.char, tf32, ops, aux_ld, aligns)
+    plan = lt.plans.get(key)
+    if plan is None:
+        plan = lt.plans[key] = _LtPlan(lt, key)
+    if plan.algo is None:
+        _lt_paths[path_key] = f"GEMM + kernel ({plan.reason})"
+        return False
+    blas.ready(dt)  # binds our cuBLAS handle's stream and workspace: the cuBLASLt call shares them
+    A = lt.lib.MatmulDescAttribute
+    if bias is not None:
+        plan._set(A.BIAS_POINTER, bias.data.ptr)
+    if aux is not None:
+        plan._set(A.EPILOGUE_AUX_POINTER, aux.data.ptr)
+    la, lb, ld = plan.layouts
+    lt.lib.matmul(lt.handle, plan.desc, _host_scalar(1.0, dt), a.data.ptr, la, b.data.ptr, lb,
+                  _host_scalar(0.0, dt), d.data.ptr, ld, d.data.ptr, ld, plan.algo.ctypes.data,
+                  blas.bound.data.ptr, blas.bound.nbytes, blas.stream)
+    _lt_paths[path_key] = f"cuBLASLt {choice.epilogue}"
+    return True
+
+
+class ReluMask:
+    """The bit mask ``u > 0`` of a ReLU layer's ``(batch, n)`` output, written by the forward GEMM's
+    ``RELU_AUX_BIAS`` epilogue and read by the ``DRELU`` epilogue of the backward GEMM below it
+    (column-major bits, ``ld`` per row of the batch: :func:`~backprop.kernels.epilogues.relu_mask_layout`).
+    ``source``: the address and shape of the ``y`` it was written with (``None`` until then, or when the
+    forward pass took another path), so the backward pass reads it only for that ``y``."""
+
+    __slots__ = ("bits", "ld", "shape", "source")
+
+    def __init__(self, batch: int, n: int) -> None:
+        self.ld, nbytes = epi.relu_mask_layout(n, batch)
+        self.bits = _cupy.zeros((nbytes,), dtype=np.uint8)
+        self.shape = (batch, n)
+        self.source: tuple[int, tuple[int, ...]] | None = None
+
+
+def layer_aux(act: str, batch: int, n_out: int, dtype: Any) -> ReluMask | None:
+    """The buffer a training forward pass of a ``(batch, n_out)`` layer with activation ``act`` hands to the
+    backward pass through the epilogues (``layer_forward(aux=)``, ``delta_backward(aux_prev=)``): a
+    :class:`ReluMask` for ReLU (``batch n_out / 8`` bytes, padded; written only while :func:`set_epilogues`
+    is on), else ``None``."""
+    if act != "relu" or epi.forward_epilogue(act, False, n_out, dtype, True).epilogue is None:
+        return None
+    return ReluMask(batch, n_out)
+
+
+def _mask_for(aux: Any, y: Array) -> ReluMask | None:
+    """``aux`` when it is a :class:`ReluMask` written with ``y``, else ``None``."""
+    if isinstance(aux, ReluMask) and aux.source == (y.data.ptr, tuple(y.shape)):
+        return aux
+    return None
+
+
+def epilogue_paths() -> dict[tuple, str]:
+    """What served each GEMM the last time it ran: ``(kind, activation, m, n, k, dtype char) -> "cuBLASLt
+    EPILOGUE"`` or ``"GEMM + kernel (why)"``; kind is ``forward``, ``backward`` or ``gradients``, and
+    ``m, n, k`` are the column-major sizes of :mod:`backprop.kernels.epilogues`."""
+    return dict(_lt_paths)
+
+
 def _contiguous(a: Array) -> Array:
     return a if a.flags.c_contiguous else _cupy.ascontiguousarray(a)
 
@@ -645,13 +876,15 @@ def _check_act(act: str) -> None:
 # --------------------------------------------------------------------------- forward
 def layer_forward(
     x: Array, W: Array, b: Array, act: str, alpha: float = 0.0, keep_u: bool = False, *,
-    y: Array | None = None, u: Array | None = None,
+    y: Array | None = None, u: Array | None = None, aux: ReluMask | None = None,
 ) -> tuple[Array, Array | None]:
     """``u = x W^T + b``, ``y = f(u)``: one GEMM and one fused kernel. Returns ``(y, u if keep_u else None)``.
 
     Without ``keep_u`` the GEMM writes into ``y`` and the bias and ``f`` are applied there in place
     (``u`` is ignored); with it the GEMM writes into ``u``, which gets the bias, and ``f(u)`` goes
-    to ``y``. Either buffer is allocated when not given.
+    to ``y``. Either buffer is allocated when not given. With :func:`set_epilogues`, one cuBLASLt call
+    where an epilogue computes ``f`` (``BIAS``, ``RELU_BIAS``, ``GELU_BIAS``; ``GELU_AUX_BIAS`` writes
+    the kept ``u``; ``RELU_AUX_BIAS`` also writes the mask ``aux`` of :func:`layer_aux` for the backward pass).
     """
     _check_act(act)
     batch, n_out = x.shape[0], W.shape[0]
@@ -663,6 +896,18 @@ def layer_forward(
     else:
         y = _buffer(y, shape, W.dtype, "y")
         z = y
+    mask = aux if isinstance(aux, ReluMask) and aux.shape == shape else None
+    if mask is not None:
+        mask.source = None
+    if _epilogues_on and y.size and x.shape[1] and x.dtype == W.dtype:
+        choice = epi.forward_epilogue(act, keep_u, n_out, W.dtype, mask is not None)
+        ops = epi.forward_operands(batch, x.shape[1], n_out)
+        aux_arr, aux_ld = (mask.bits, mask.ld) if choice.epilogue == "RELU_AUX_BIAS" and mask is not None else \
+            ((u, n_out) if choice.epilogue == "GELU_AUX_BIAS" else (None, 0))
+        if _lt_matmul("forward", act, choice, ops, _contiguous(W), _contiguous(x), y, _contiguous(b), aux_arr, aux_ld):
+            if aux_arr is not None and mask is not None:
+                mask.source = (y.data.ptr, shape)
+            return y, (u if keep_u else None)
     _gemm("N", "T", x, W, z)
     if z.size == 0:  # nothing to activate
         return y, (u if keep_u else None)
@@ -680,10 +925,12 @@ def layer_forward(
 # --------------------------------------------------------------------------- backward
 def delta_backward(
     delta: Array, W: Array, y_prev: Array, u_prev: Array | None, act_prev: str, alpha_prev: float = 0.0, *,
-    out: Array | None = None,
+    out: Array | None = None, aux_prev: ReluMask | None = None,
 ) -> Array:
     """``delta^{l-1} = (delta W) * phi(y_prev)``: one GEMM into ``out`` and one fused kernel in place
-    (none for identity)."""
+    (none for identity). With :func:`set_epilogues`, one cuBLASLt call where an epilogue applies the
+    slope: ``DGELU`` from ``u_prev`` (``gelu_tanh``), ``DRELU`` from the mask ``aux_prev`` that the
+    forward pass wrote with this ``y_prev``."""
     _check_act(act_prev)
     if act_prev not in src.ACT_SLOPE:
         raise ValueError(f"activation {act_prev!r} has no elementwise slope")
@@ -691,6 +938,14 @@ def delta_backward(
     if var == "u" and u_prev is None:
         raise ValueError(f"{act_prev}'s slope needs the pre-activation u")
     g = _buffer(out, (delta.shape[0], W.shape[1]), W.dtype, "out")
+    if _epilogues_on and g.size and delta.shape[1] and delta.dtype == W.dtype:
+        mask = _mask_for(aux_prev, y_prev)
+        choice = epi.backward_epilogue(act_prev, W.shape[0], W.shape[1], W.dtype, mask is not None)
+        aux_arr, aux_ld = (mask.bits, mask.ld) if choice.epilogue == "DRELU" and mask is not None else \
+            ((_contiguous(u_prev), W.shape[1]) if choice.epilogue == "DGELU" else (None, 0))
+        ops = epi.backward_operands(delta.shape[0], W.shape[0], W.shape[1])
+        if _lt_matmul("backward", act_prev, choice, ops, _contiguous(W), _contiguous(delta), g, None, aux_arr, aux_ld):
+            return g
     _gemm("N", "N", delta, W, g)
     if not ACTIVATIONS[act_prev].linear and g.size:
         _ew(f"bp_slope_{act_prev}")(u_prev if var == "u" else y_prev, _scalar(alpha_prev, g.dtype), g)
@@ -700,9 +955,15 @@ def delta_backward(
 def weight_gradients(
     delta: Array, x_prev: Array, dW: Array | None = None, db: Array | None = None
 ) -> tuple[Array, Array]:
-    """``dE/dW = delta^T x_prev`` (GEMM) and ``dE/db = delta^T 1`` (GEMV), into ``dW``/``db`` when given."""
+    """``dE/dW = delta^T x_prev`` (GEMM) and ``dE/db = delta^T 1`` (GEMV), into ``dW``/``db`` when given;
+    with :func:`set_epilogues`, both in one cuBLASLt call (``BGRADB``)."""
     dW = _buffer(dW, (delta.shape[1], x_prev.shape[1]), delta.dtype, "dW")
     db = _buffer(db, (delta.shape[1],), delta.dtype, "db")
+    if _epilogues_on and dW.size and delta.shape[0] and x_prev.dtype == delta.dtype:
+        choice = epi.gradient_epilogue(delta.shape[0], delta.dtype)
+        ops = epi.gradient_operands(delta.shape[0], delta.shape[1], x_prev.shape[1])
+        if _lt_matmul("gradients", "", choice, ops, _contiguous(x_prev), _contiguous(delta), dW, db):
+            return dW, db
     _gemm("T", "N", delta, x_prev, dW)
     _bias_gemv(delta, db, 1.0, 0.0)
     return dW, db
@@ -1106,7 +1367,9 @@ def flop_count(sizes: list[int], batch: int) -> int:
 __all__ = [
     "CUBLAS_TF32_TENSOR_OP_MATH",
     "IS_GPU",
+    "LT_POINTER_ALIGN",
     "NAME",
+    "ReluMask",
     "TF32_RTOL",
     "adam_corrections",
     "adam_update",
@@ -1122,12 +1385,15 @@ __all__ = [
     "delta_backward",
     "device_info",
     "device_memory_free",
+    "epilogue_paths",
+    "epilogues_enabled",
     "flop_count",
     "fused_mlp_enabled",
     "fused_mlp_reason",
     "gather_rows",
     "guard_step",
     "is_available",
+    "layer_aux",
     "layer_forward",
     "mlp_backward",
     "mlp_forward",
@@ -1138,6 +1404,7 @@ __all__ = [
     "owns",
     "release_memory",
     "replay",
+    "set_epilogues",
     "set_fused_mlp",
     "set_tf32",
     "sgd_update",

@@ -68,7 +68,8 @@ def scalar(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 # ----------------------------------------------------------------------------- the scalar constants
 #: Indices into the tuple of :func:`consts`.
-ZERO, ONE, HALF, INV_SQRT2, INV_SQRT_2PI, S_LAMBDA, S_ALPHA, S_LAMBDA_ALPHA, NAN, SQRT_2_OVER_PI, CUBIC, CUBIC3 = range(12)
+(ZERO, ONE, HALF, INV_SQRT2, INV_SQRT_2PI, S_LAMBDA, S_ALPHA, S_LAMBDA_ALPHA, NAN, SQRT_2_OVER_PI, CUBIC,
+ CUBIC3) = range(12)
 
 
 @scalar
@@ -679,8 +680,8 @@ SOFTMAX = Activation(
 
 #: name -> record, in code order (the Numba backends number them in this order).
 ACTIVATIONS: dict[str, Activation] = {
-    a.name: a for a in (IDENTITY, STEP, SIGMOID, TANH, RELU, LEAKY_RELU, ELU, SELU, SOFTPLUS, GELU, GELU_TANH, SILU, EXP,
-                        SOFTMAX)
+    a.name: a for a in (IDENTITY, STEP, SIGMOID, TANH, RELU, LEAKY_RELU, ELU, SELU, SOFTPLUS, GELU, GELU_TANH, SILU,
+                        EXP, SOFTMAX)
 }
 
 

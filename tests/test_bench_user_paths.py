@@ -19,7 +19,7 @@ from backprop.bench.sections import SectionWriter, SkipSection
 from .conftest import must_not_run, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
-GPU_SECTIONS = ("fit", "api", "step", "graph", "tf32", "fused")
+GPU_SECTIONS = ("fit", "api", "step", "graph", "tf32", "fused", "epilogues")
 
 
 def _gpu_backend_here() -> bool:
@@ -75,14 +75,15 @@ def test_quick_run_on_the_cpu(tmp_path: Path, no_torch: None, monkeypatch: pytes
 
 
 def test_device_sections_on_a_cpu_backend(tmp_path: Path, no_torch: None) -> None:
-    """Sections 1-6 on the numpy backend (--backend): fit, API and step run; graph, TF32 and fused say why not."""
+    """Sections 1-7 on the numpy backend (--backend): fit, API and step run; graph, TF32, fused and epilogues say
+    why not."""
     rc = user_paths.main(["--quick", "--out", str(tmp_path), "--backend", "numpy",
                           "--sections", ",".join(GPU_SECTIONS)])
     assert rc == 0
     by_name = {s["name"]: s for s in _summary(tmp_path)["sections"]}
-    assert [by_name[n]["status"] for n in GPU_SECTIONS] == ["ok", "ok", "ok", "skipped", "skipped", "skipped"]
+    assert [by_name[n]["status"] for n in GPU_SECTIONS] == ["ok", "ok", "ok"] + ["skipped"] * 4
     assert "CUDA graph" in by_name["graph"]["reason"] and "set_tf32" in by_name["tf32"]["reason"]
-    assert "no fused kernels" in by_name["fused"]["reason"]
+    assert "no fused kernels" in by_name["fused"]["reason"] and "set_epilogues" in by_name["epilogues"]["reason"]
     fit = by_name["fit"]
     assert {"host", "device"} <= set(fit["timings"]) and all(np.isfinite(v) for v in fit["epoch_loss"].values())
     assert fit["timings"]["host"]["repeats"] == 1 and fit["timings"]["host"]["first_call"] > 0

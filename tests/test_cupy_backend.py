@@ -95,7 +95,8 @@ def test_meets_the_contract():
     assert all(callable(getattr(k, n)) for n in REQUIRED if n not in ("NAME", "xp"))
     for name in ("IS_GPU", "device_memory_free", "capture", "capture_unavailable_reason", "replay", "copy_into",
                  "set_tf32", "tf32_enabled", "flop_count", "use_device", "collective", "set_fused_mlp",
-                 "fused_mlp_enabled", "fused_mlp_reason", "mlp_forward", "mlp_forward_error", "mlp_backward"):
+                 "fused_mlp_enabled", "fused_mlp_reason", "mlp_forward", "mlp_forward_error", "mlp_backward",
+                 "set_epilogues", "epilogues_enabled", "epilogue_paths", "layer_aux"):
         assert name in OPTIONAL and hasattr(k, name), name
     assert not hasattr(k, "sgd_update_from_delta")  # plain SGD is sgd_update on a gradient buffer
     assert not hasattr(k, "capture_train_step")  # the step is recorded by backprop.graph from capture
@@ -137,6 +138,7 @@ import ctypes as _ctypes
 import enum as _enum
 import types as _types
 
+from tests import fake_cublaslt as _fake_cublaslt
 from tests import test_cupy_sources as _src_tests
 from tests import test_graph as _colmajor
 from tests.test_kernels import _targets
@@ -181,12 +183,16 @@ class _Fake:
     captured_allocations = 0  # ... of them while a stream was capturing
     handles: dict = {}  # nvmath cuBLAS handle -> its state
     blas_calls: list = []  # (name, stream pointer, capturing) of every nvmath GEMM/GEMV
+    lt_calls: list = []  # (epilogue, stream pointer, capturing) of every fake cuBLASLt matmul
+    lt_refused: set = set()  # (epilogue name, dtype) the fake cuBLASLt's heuristic refuses
     memory: dict = {}  # start address -> the NumPy array owning that memory
     starts: list = []  # sorted start addresses
 
     @classmethod
     def reset(cls):
         cls.stream_stack, cls.streams, cls.launches, cls.modes_set, cls.blas_calls = [], {}, [], [], []
+        cls.lt_calls.clear()
+        cls.lt_refused.clear()
         cls.math_mode = cls.allocations = cls.captured_allocations = 0
         cls.handles, cls.memory, cls.starts = {}, {}, []
 
@@ -467,11 +473,26 @@ def _make_fake_nvmath() -> dict:
     lib.set_math_mode, lib.get_math_mode = _nv_set_math_mode, lambda handle: _nv_state(handle).mode
     lib.sgemm, lib.dgemm = _nv_gemm(np.float32), _nv_gemm(np.float64)
     lib.sgemv, lib.dgemv = _nv_gemv(np.float32), _nv_gemv(np.float64)
+    lt = _fake_cublaslt.make(_FakeDevice, _Fake.lt_refused, _Fake.lt_calls)
     bindings = _types.ModuleType("nvmath.bindings")
-    bindings.cublas = lib
+    bindings.cublas, bindings.cublasLt = lib, lt
     nvmath = _types.ModuleType("nvmath")
     nvmath.bindings = bindings
-    return {"nvmath": nvmath, "nvmath.bindings": bindings, "nvmath.bindings.cublas": lib}
+    return {"nvmath": nvmath, "nvmath.bindings": bindings, "nvmath.bindings.cublas": lib,
+            "nvmath.bindings.cublasLt": lt}
+
+
+class _FakeDevice:
+    """What the fake cuBLASLt (tests/fake_cublaslt.py) reads of the fake device."""
+
+    flat = _Fake.flat
+    current = _Fake.current
+    run = _Fake.run
+    host_value = staticmethod(_host_value)
+
+    @staticmethod
+    def stream(ptr):
+        return _Fake.streams[ptr]
 
 
 class _EK:
@@ -707,7 +728,8 @@ def _load_fake(monkeypatch, nvmath: bool):
     if nvmath:
         mods.update(_make_fake_nvmath())
     else:
-        mods.update({"nvmath": None, "nvmath.bindings": None, "nvmath.bindings.cublas": None})  # ImportError
+        mods.update({"nvmath": None, "nvmath.bindings": None, "nvmath.bindings.cublas": None,
+                     "nvmath.bindings.cublasLt": None})  # ImportError
     for name, mod in mods.items():
         monkeypatch.setitem(sys.modules, name, mod)
     monkeypatch.delitem(sys.modules, "backprop.kernels.cupy_gpu", raising=False)
@@ -1608,11 +1630,14 @@ def test_fake_benchmark_script_runs(fake, tmp_path, monkeypatch):
     monkeypatch.setattr(up, "GRAPH_CASE", tiny)
     monkeypatch.setattr(up, "TF32_CASE", bound)
     monkeypatch.setattr(up, "FUSED_CASE", up.Case("narrow", (6, 16, 2), 8, "relu", "regression", (6, 16, 2), 8))
-    rc = up.main(["--quick", "--backend", "cupy", "--sections", "fit,api,step,graph,tf32,fused", "--out", str(tmp_path),
+    narrow = up.Case("narrow", (6, 16, 16, 2), 8, "relu", "regression", (6, 16, 16, 2), 8)
+    monkeypatch.setattr(up, "EPILOGUE_CASES", [(narrow, 1.5), (bound, None)])
+    rc = up.main(["--quick", "--backend", "cupy", "--sections", "fit,api,step,graph,tf32,fused,epilogues", "--out",
+                  str(tmp_path),
                   "--repeats", "1", "--fit-repeats", "1", "--min-sample-time", "0", "--gemm-size", "16"])
     doc = json.loads((tmp_path / "gpu_vs_torch.json").read_text())
     by_name = {s["name"]: s for s in doc["sections"]}
-    assert [by_name[n]["status"] for n in ("fit", "api", "step", "tf32", "fused")] == ["ok"] * 5, \
+    assert [by_name[n]["status"] for n in ("fit", "api", "step", "tf32", "fused", "epilogues")] == ["ok"] * 6, \
         {n: s.get("error") or s.get("reason") for n, s in by_name.items()}
     assert by_name["graph"]["status"] in ("ok", "skipped"), by_name["graph"].get("error")
     assert rc == 0
@@ -1624,6 +1649,10 @@ def test_fake_benchmark_script_runs(fake, tmp_path, monkeypatch):
     assert len(by_name["api"]["targets"]) == 2 and by_name["tf32"]["settings"]["tf32_before"] is False
     assert [r[0] for r in by_name["fused"]["tables"][0]["rows"]] == ["sgd", "adam", "infer"]
     assert not fake.fused_mlp_enabled()  # the section puts the switch back
+    epilogues = by_name["epilogues"]
+    assert [r[0] for r in epilogues["tables"][0]["rows"]] == ["narrow", "gemm_bound"] and not fake.epilogues_enabled()
+    assert "cuBLASLt RELU_AUX_BIAS" in epilogues["cases"][0]["paths"]  # the step took the epilogues
+    assert [t["what"] for t in epilogues["targets"]] == ["gemm_bound: rate with epilogues / measured cuBLAS rate"]
     assert any(g["backend"] == "cupy" for g in doc["machine"]["gpus"])
     md = (tmp_path / "step_vs_torch.md").read_text()
     assert "| tiny | [6, 7, 3] | 8 |" in md and "PyTorch not measured" in md

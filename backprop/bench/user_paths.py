@@ -627,7 +627,84 @@ def section_fused(ctx: Context) -> dict[str, Any]:
     }
 
 
-# --------------------------------------------------------------------------- 7. the CPU
+# --------------------------------------------------------------------------- 7. cuBLASLt epilogues
+EPILOGUE_CASES = [
+    (Case("narrow_deep", (64,) * 6, 262144, "relu", "regression", (16,) * 4, 256), 1.5),
+    (Case("mnist_like", (784, 1024, 1024, 10), 4096, "relu", "multiclass", (32, 64, 64, 4), 64), 1.25),
+    (Case("gemm_bound", (4096,) * 4, 4096, "relu", "regression", (64,) * 4, 64, gemm_bound=True), None),
+]
+#: The GEMM-bound net with epilogues keeps at least this share of the measured cuBLAS rate.
+EPILOGUE_GEMM_SHARE = 0.95
+
+
+def section_epilogues(ctx: Context) -> dict[str, Any]:
+    """The SGD training step with cuBLASLt epilogues off and on (``set_epilogues``) against the PyTorch eager
+    step, on the nets of the targets; the GEMM-bound net's rate against the measured cuBLAS rate."""
+    b = ctx.require_device()
+    k = b.kernels
+    switch = getattr(k, "set_epilogues", None)
+    if not callable(switch):
+        raise SkipSection(f"backend {b.name!r} has no cuBLASLt epilogues (set_epilogues)")
+    before = bool(k.epilogues_enabled())
+    rows, targets, raw, notes = [], [], [], []
+    try:
+        for case, target in EPILOGUE_CASES:
+            sizes, batch = case.at(ctx.quick)
+            device, why = ctx.torch_device(b)
+            if why and why not in notes:
+                notes.append(why)
+            net = _net(sizes, case.activation, case.head, b)
+            x_h, t_h = _data(sizes, batch, case.head, np.random.default_rng(7))
+            x, t = k.to_device(x_h, DTYPE), k.to_device(t_h, DTYPE)
+            sgd = SGD(lr=1e-3)
+
+            def mode(on: bool) -> Callable[[], Any]:
+                def run() -> Any:
+                    switch(on)
+                    return net.train_step_device(x, t, sgd)
+                return run
+
+            ops: dict[str, Callable[[], Any]] = {"off": mode(False), "on": mode(True)}
+            if device is not None and ctx.peer is not None:
+                ops["torch"] = ctx.peer.step_fn(net, x_h, t_h, device, lr=1e-3)
+            tm = ctx.time(ops, ctx.sync(b, device))
+            switch(True)
+            paths = sorted({p for key, p in k.epilogue_paths().items() if key[-1] == "f"})
+            switch(False)
+            flops = _step_flops(sizes, batch)
+            off, on = tm["off"].median, tm["on"].median
+            peer = tm.get("torch")
+            share = None
+            if case.gemm_bound:
+                rate = gemm_rate(b, sizes[1], ctx)  # epilogues off: cuBLAS's own GEMM
+                share = flops / on / rate
+                targets.append({"what": f"{case.name}: rate with epilogues / measured cuBLAS rate",
+                                "target": f">= {EPILOGUE_GEMM_SHARE}", "measured": share,
+                                "met": bool(share >= EPILOGUE_GEMM_SHARE)})
+            if peer is not None and target is not None:
+                ratio = peer.median / on
+                targets.append({"what": f"{case.name}: torch eager / epilogues", "target": f">= {target}",
+                                "measured": ratio, "met": bool(ratio >= target)})
+            rows.append([case.name, str(list(sizes)), str(batch), _ms(off), _ms(on), _x(off / on),
+                         _ms(peer.median if peer else None), _x(peer.median / on if peer else None),
+                         f"{flops / on / 1e12:.1f}", "" if share is None else f"{share:.2f}"])
+            raw.append({"name": case.name, "sizes": list(sizes), "batch": batch, "paths": paths,
+                        "timings": {op: _timing(v) for op, v in tm.items()}})
+    finally:
+        switch(before)
+    return {
+        "description": ("`train_step_device` with SGD (lr 1e-3) in float32, cuBLASLt epilogues off (a GEMM and an "
+                        "elementwise kernel per step of each layer, a GEMV for db) and on (`set_epilogues`: bias and "
+                        "activation in the forward GEMM, the ReLU slope in the backward GEMM, db in the gradient "
+                        f"GEMM), against the PyTorch eager step; median of {ctx.repeats} interleaved samples."),
+        "tables": [{"header": ["net", "sizes", "batch", "off ms", "on ms", "off / on", "torch eager ms",
+                               "torch / on", "TFLOP/s on", "share of cuBLAS rate"], "rows": rows}],
+        "targets": targets, "notes": notes, "cases": raw,
+        "settings": {"backend": b.name, "epilogues_before": before},
+    }
+
+
+# --------------------------------------------------------------------------- 8. the CPU
 def _cpu_backends(spec: str) -> tuple[list[Backend], list[str]]:
     chosen, notes = [], []
     for name in [n.strip() for n in spec.split(",") if n.strip()]:
@@ -717,7 +794,8 @@ SECTIONS: dict[str, tuple[str, str, Callable[[Context], dict[str, Any]]]] = {
     "graph": ("graph_step", "4. CUDA-graph step against the plain step", section_graph),
     "tf32": ("tf32", "5. TF32 off and on, the GEMM-bound net", section_tf32),
     "fused": ("fused_narrow", "6. Fused kernels for a narrow net, off and on, against PyTorch", section_fused),
-    "cpu": ("cpu_step_vs_torch", "7. CPU: the training step against PyTorch on the CPU", section_cpu),
+    "epilogues": ("epilogues", "7. cuBLASLt epilogues, off and on, against PyTorch", section_epilogues),
+    "cpu": ("cpu_step_vs_torch", "8. CPU: the training step against PyTorch on the CPU", section_cpu),
 }
 
 
