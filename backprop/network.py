@@ -257,6 +257,29 @@ class MLP:
         return (f"MLP({self.sizes}, activations=[{acts}], loss={self.loss_fn.name!r}, "
                 f"dtype={self.dtype.name}, backend={self.backend.name!r})")
 
+    def describe(self, batch: int | None = None) -> str:
+        """How the backend runs each layer: one line per layer with what served its forward, backward and
+        gradient GEMMs the last time a step ran at ``batch`` rows (default: the last batch size used), as the
+        backend reports it (its ``layer_paths``: a cuBLASLt epilogue, or the GEMM and kernel and why), or the
+        fused narrow-network launches."""
+        lines = [repr(self)]
+        if step.fused(self) is not None:
+            return "\n".join(lines + ["  every layer: the fused narrow-network kernels, one launch per pass"])
+        cache = self.__dict__.get("_workspaces")
+        if batch is None and cache:
+            batch = next(reversed(cache))
+        paths = getattr(self.backend.kernels, "layer_paths", None)
+        for i, L in enumerate(self.layers):
+            head = f"  layer {i + 1}: {L.n_in} -> {L.n_out} {L.activation.name}"
+            if paths is None or batch is None:
+                lines.append(f"{head}: a GEMM and an elementwise kernel per pass" if paths is None
+                             else f"{head}: not run yet")
+                continue
+            prev = self.layers[i - 1].activation.name if i else None
+            got = paths(L.n_in, L.n_out, L.activation.name, prev, int(batch), self.dtype)
+            lines.append(f"{head} (batch {batch}): " + "; ".join(f"{kind} {path}" for kind, path in got.items()))
+        return "\n".join(lines)
+
     # ------------------------------------------------------------------ data
     def _inputs(self, X: Any) -> Array:
         return check_inputs(X, self.sizes[0], self.backend.kernels, self.dtype)

@@ -156,6 +156,8 @@ OPTIONAL: dict[str, str] = {
                      "epilogues (off by default)",
     "epilogues_enabled": "() -> bool: whether set_epilogues is on",
     "epilogue_paths": "() -> dict: what served each GEMM the last time it ran, (kind, act, m, n, k, dtype) -> text",
+    "layer_paths": "(n_in, n_out, act, act_prev, batch, dtype) -> dict: what served a layer's forward, backward and "
+                   "gradients GEMMs the last time (MLP.describe shows it)",
     "layer_aux": "(act, batch, n_out, dtype) -> aux | None: a buffer a training forward pass hands to the backward "
                  "pass; when given, layer_forward takes it as aux= and delta_backward (below) as aux_prev=",
     "flop_count": "(sizes, batch) -> int: GEMM flops of one training step",

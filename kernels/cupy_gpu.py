@@ -797,6 +797,18 @@ def epilogue_paths() -> dict[tuple, str]:
     return dict(_lt_paths)
 
 
+def layer_paths(n_in: int, n_out: int, act: str, act_prev: str | None, batch: int, dtype: Any) -> dict[str, str]:
+    """What served a ``n_in -> n_out`` layer's GEMMs at ``batch`` rows the last time they ran (from
+    :func:`epilogue_paths`): ``forward``, ``gradients``, and ``backward`` (the delta into the layer below,
+    whose activation is ``act_prev``; absent for the first layer)."""
+    ch = np.dtype(dtype).char
+    kinds = {"forward": ("forward", act, n_out, batch, n_in, ch), "gradients": ("gradients", "", n_in, n_out, batch, ch)}
+    if act_prev is not None:
+        kinds["backward"] = ("backward", act_prev, n_in, batch, n_out, ch)
+    default = "GEMM + kernel (epilogues off)" if not _epilogues_on else "not run yet"
+    return {kind: _lt_paths.get(key, default) for kind, key in kinds.items()}
+
+
 def _contiguous(a: Array) -> Array:
     return a if a.flags.c_contiguous else _cupy.ascontiguousarray(a)
 
@@ -1395,6 +1407,7 @@ __all__ = [
     "is_available",
     "layer_aux",
     "layer_forward",
+    "layer_paths",
     "mlp_backward",
     "mlp_forward",
     "mlp_forward_error",

@@ -306,3 +306,19 @@ def test_gpu_epilogues_match_reference(k, rng, poisoned_memory, dtype):  # noqa:
         print({key: path for key, path in k.epilogue_paths().items() if key[-1] == np.dtype(dtype).char})
     finally:
         k.set_epilogues(False)
+
+
+def test_describe_names_each_layers_path(lt, rng):
+    """MLP.describe() reads the backend's layer_paths: the epilogue of each GEMM, or why not."""
+    from backprop import MLP, SGD
+
+    net = MLP([5, 16, 12, 3], activation=["relu", "gelu"], head="multiclass", seed=1, backend="cupy")
+    assert "not run yet" in net.describe()
+    net.train_step(rng.normal(size=(8, 5)), rng.integers(0, 3, 8), SGD(0.1))
+    lines = net.describe().splitlines()
+    assert lines[0] == repr(net) and len(lines) == 4
+    assert "forward cuBLASLt RELU_AUX_BIAS" in lines[1] and "gradients cuBLASLt BGRADB" in lines[1]
+    assert "backward" not in lines[1]  # nothing below the first layer
+    assert "forward GEMM + kernel ('gelu' is exact" in lines[2] and "backward cuBLASLt DRELU" in lines[2]
+    assert "backward GEMM + kernel (no cuBLASLt epilogue computes the slope of gelu)" in lines[3]
+    assert "(batch 8)" in lines[1]

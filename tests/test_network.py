@@ -737,3 +737,10 @@ def test_compressed_and_fortran_order_files_load(tmp_path):
     np.savez_compressed(tmp_path / "c.npz", **arrays)
     back = bp.MLP.load(tmp_path / "c.npz", backend="numpy")
     _assert_params_equal(back, net.get_params())
+
+
+def test_describe_without_layer_paths():
+    net = bp.MLP([3, 4, 2], backend="numpy")
+    lines = net.describe().splitlines()
+    assert lines[0] == repr(net) and all("a GEMM and an elementwise kernel per pass" in line for line in lines[1:])
+    assert len(lines) == 3
