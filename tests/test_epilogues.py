@@ -322,3 +322,28 @@ def test_describe_names_each_layers_path(lt, rng):
     assert "forward GEMM + kernel ('gelu' is exact" in lines[2] and "backward cuBLASLt DRELU" in lines[2]
     assert "backward GEMM + kernel (no cuBLASLt epilogue computes the slope of gelu)" in lines[3]
     assert "(batch 8)" in lines[1]
+
+
+@gpu
+@pytest.mark.parametrize("hidden,dtype", [("relu", "float32"), ("gelu_tanh", "float32"), ("relu", "float64")])
+def test_gpu_fit_with_epilogues_equals_fit_without(k, rng, hidden, dtype):  # noqa: F811 - the fixture imported above
+    """On the GPU: fit() with the epilogues against fit() without, then the same with graph=True (the cuBLASLt
+    calls recorded into the step's graph), to rounding; describe() names the epilogues."""
+    from backprop import MLP, SGD
+
+    X, y = rng.normal(size=(300, 24)), rng.integers(0, 4, 300)
+    results = []
+    for on, graph in ((False, False), (True, False), (True, True)):
+        k.set_epilogues(on)
+        try:
+            net = MLP([24, 64, 32, 4], activation=hidden, head="multiclass", dtype=dtype, seed=3, backend="cupy")
+            hist = net.fit(X, y, epochs=2, batch_size=64, optimizer=SGD(0.05, momentum=0.9), graph=graph)
+            results.append((hist.loss, host(k, net.params)))
+            if on and not graph:
+                print(net.describe())
+        finally:
+            k.set_epilogues(False)
+    close = dict(rtol=2e-4, atol=2e-5) if dtype == "float32" else dict(rtol=1e-10, atol=1e-12)
+    for other in results[1:]:
+        np.testing.assert_allclose(other[0], results[0][0], **close)
+        np.testing.assert_allclose(other[1], results[0][1], **close)
