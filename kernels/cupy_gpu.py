@@ -11,8 +11,9 @@ It implements the contract of :mod:`backprop.kernels.contract` (the reference is
   one GEMM, ``delta^T 1`` by one GEMV, into the caller's views of its flat gradient buffer.
 * Updates: plain SGD, momentum and Adam are each one fused in-place elementwise kernel per
   parameter array, reading a gradient buffer. Adam's bias corrections can live on the device
-  (:func:`adam_corrections`, one thread), so that a recorded CUDA graph replays them correctly. Given the guard, they read ``guard[0]`` on the
-  device and leave the parameters and the optimizer state untouched unless it is ``1.0``.
+  (:func:`adam_corrections`, one thread), so that a recorded CUDA graph replays them correctly. Given the
+  guard, they read ``guard[0]`` on the device and leave the parameters and the optimizer state untouched
+  unless it is ``1.0``.
 * Guard: :func:`guard_step` checks the loss and the whole flat gradient buffer on the device, in
   two kernels (per-block counts of non-finite elements, then one block that adds them and keeps
   the tally in the float64 guard). Nothing is read back to the host; :func:`add_sum_of_squares`
@@ -32,6 +33,8 @@ It implements the contract of :mod:`backprop.kernels.contract` (the reference is
   builds the graph of a whole training step from them. Recording needs nvmath-python (CuPy 14's
   cuBLAS wrappers refuse to run while a stream is being captured).
 * :func:`set_tf32` lets float32 GEMMs use TF32 tensor cores.
+* cuBLASLt epilogues: with :func:`set_epilogues`, a layer's GEMMs apply bias and activation, the slope, and
+  the bias gradient themselves (:mod:`backprop.kernels.epilogues` picks them; see "cuBLASLt epilogues" below).
 * Narrow networks (every width at most 128): with :func:`set_fused_mlp`, each pass is one launch of the
   fused kernels of :mod:`backprop.kernels.fused_mlp_sources` (:func:`mlp_forward`, :func:`mlp_backward`).
 
@@ -439,18 +442,24 @@ def _blas() -> _Blas | None:
     lib = _nvmath_cublas()
     if lib is None:
         return None
+    try:
+        return _per_device(_blas_handles, lambda: _Blas(lib))
+    except Exception as exc:  # nvmath imports but cannot load or start cuBLAS
+        _nvmath_lib, _nvmath_error = None, f"its cuBLAS cannot make a handle: {type(exc).__name__}: {exc}"
+        return None
+
+
+def _per_device(cache: dict[int, Any], make: Callable[[], Any]) -> Any:
+    """``cache``'s object for the current device, made by ``make()`` on first use (once, under the lock;
+    an exception from ``make`` caches nothing)."""
     dev = _cupy.cuda.Device().id
-    blas = _blas_handles.get(dev)
-    if blas is None:
+    obj = cache.get(dev)
+    if obj is None:
         with _lock:
-            blas = _blas_handles.get(dev)
-            if blas is None:
-                try:
-                    blas = _blas_handles[dev] = _Blas(lib)
-                except Exception as exc:  # nvmath imports but cannot load or start cuBLAS
-                    _nvmath_lib, _nvmath_error = None, f"its cuBLAS cannot make a handle: {type(exc).__name__}: {exc}"
-                    return None
-    return blas
+            obj = cache.get(dev)
+            if obj is None:
+                obj = cache[dev] = make()
+    return obj
 
 
 def _tf32_mode() -> int:
@@ -697,18 +706,11 @@ def _lt() -> _Lt | None:
     lib = _nvmath_cublaslt()
     if lib is None or _blas() is None:
         return None
-    dev = _cupy.cuda.Device().id
-    lt = _lt_handles.get(dev)
-    if lt is None:
-        with _lock:
-            lt = _lt_handles.get(dev)
-            if lt is None:
-                try:
-                    lt = _lt_handles[dev] = _Lt(lib)
-                except Exception as exc:  # nvmath imports but cannot load or start cuBLASLt
-                    _lt_lib, _lt_error = None, f"its cuBLASLt cannot make a handle: {type(exc).__name__}: {exc}"
-                    return None
-    return lt
+    try:
+        return _per_device(_lt_handles, lambda: _Lt(lib))
+    except Exception as exc:  # nvmath imports but cannot load or start cuBLASLt
+        _lt_lib, _lt_error = None, f"its cuBLASLt cannot make a handle: {type(exc).__name__}: {exc}"
+        return None
 
 
 #: (kind, activation, m, n, k, dtype) -> what served that GEMM the last time: an epilogue, or why not.
@@ -802,7 +804,8 @@ def layer_paths(n_in: int, n_out: int, act: str, act_prev: str | None, batch: in
     :func:`epilogue_paths`): ``forward``, ``gradients``, and ``backward`` (the delta into the layer below,
     whose activation is ``act_prev``; absent for the first layer)."""
     ch = np.dtype(dtype).char
-    kinds = {"forward": ("forward", act, n_out, batch, n_in, ch), "gradients": ("gradients", "", n_in, n_out, batch, ch)}
+    kinds = {"forward": ("forward", act, n_out, batch, n_in, ch),
+             "gradients": ("gradients", "", n_in, n_out, batch, ch)}
     if act_prev is not None:
         kinds["backward"] = ("backward", act_prev, n_in, batch, n_out, ch)
     default = "GEMM + kernel (epilogues off)" if not _epilogues_on else "not run yet"

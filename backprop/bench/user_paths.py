@@ -565,6 +565,15 @@ FUSED_CASE = Case("narrow_deep", (64,) * 6, 262144, "relu", "regression", (16,) 
 FUSED_TARGET = 3.0
 
 
+def _switched(switch: Callable[[bool], None], on: bool, fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` run with a backend switch (``set_fused_mlp``, ``set_epilogues``) set to ``on`` first: the timed
+    sides of an off/on comparison, interleaved by ``Context.time``."""
+    def run() -> Any:
+        switch(on)
+        return fn()
+    return run
+
+
 def section_fused(ctx: Context) -> dict[str, Any]:
     """The narrow net's training step (SGD, Adam) and inference, layer by layer and fused (one launch per pass,
     ``set_fused_mlp``), against PyTorch eager on the same device."""
@@ -584,17 +593,11 @@ def section_fused(ctx: Context) -> dict[str, Any]:
     x, t = k.to_device(x_h, DTYPE), k.to_device(t_h, DTYPE)
     sgd, adam = SGD(lr=1e-3), Adam(1e-3)
 
-    def mode(on: bool, fn: Callable[[], Any]) -> Callable[[], Any]:
-        def run() -> Any:
-            set_fused(on)
-            return fn()
-        return run
-
     ops: dict[str, Callable[[], Any]] = {}
     for on, tag in ((False, "layers"), (True, "fused")):
-        ops[f"sgd_{tag}"] = mode(on, lambda: net.train_step_device(x, t, sgd))
-        ops[f"adam_{tag}"] = mode(on, lambda: net.train_step_device(x, t, adam))
-        ops[f"infer_{tag}"] = mode(on, lambda: net.forward_device(x))
+        ops[f"sgd_{tag}"] = _switched(set_fused, on, lambda: net.train_step_device(x, t, sgd))
+        ops[f"adam_{tag}"] = _switched(set_fused, on, lambda: net.train_step_device(x, t, adam))
+        ops[f"infer_{tag}"] = _switched(set_fused, on, lambda: net.forward_device(x))
     if device is not None and ctx.peer is not None:
         ops["sgd_torch"] = ctx.peer.step_fn(net, x_h, t_h, device, lr=1e-3)
         ops["infer_torch"] = ctx.peer.forward_fn(net, x_h, device)
@@ -657,14 +660,9 @@ def section_epilogues(ctx: Context) -> dict[str, Any]:
             x_h, t_h = _data(sizes, batch, case.head, np.random.default_rng(7))
             x, t = k.to_device(x_h, DTYPE), k.to_device(t_h, DTYPE)
             sgd = SGD(lr=1e-3)
-
-            def mode(on: bool) -> Callable[[], Any]:
-                def run() -> Any:
-                    switch(on)
-                    return net.train_step_device(x, t, sgd)
-                return run
-
-            ops: dict[str, Callable[[], Any]] = {"off": mode(False), "on": mode(True)}
+            ops: dict[str, Callable[[], Any]] = {
+                tag: _switched(switch, on, lambda: net.train_step_device(x, t, sgd))
+                for tag, on in (("off", False), ("on", True))}
             if device is not None and ctx.peer is not None:
                 ops["torch"] = ctx.peer.step_fn(net, x_h, t_h, device, lr=1e-3)
             tm = ctx.time(ops, ctx.sync(b, device))
