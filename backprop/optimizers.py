@@ -122,6 +122,25 @@ class Optimizer(ABC):
                 if owners is None or any(owner is o for o in owners)
                 for _, a in sorted(slots.items())]
 
+    def apply_in_one_launch(self, kernels: ModuleType, owner: Any, W: Any, b: Any, dW: Any, db: Any, guard: Any,
+                            loss: Any, weight: float, dtype: Any) -> bool:
+        """The step's whole guarded update (the guard's verdict on ``loss`` and the gradients, the probes, the
+        updates, and any step-wide work) in one launch, through the backend's ``guarded_step``; ``False``,
+        with nothing done, where the backend has none or it does not serve this size (the caller then runs
+        ``guard_step``, :meth:`prepare`, :meth:`apply` twice and :meth:`finish`)."""
+        run = getattr(kernels, "guarded_step", None)
+        spec = None if run is None else self._one_launch(kernels, owner, W, b, dtype)
+        if spec is None:
+            return False
+        kind, state, hyper, count = spec
+        return bool(run(kind, guard, loss, weight, (W, b), (dW, db), state, hyper, count=count))
+
+    def _one_launch(self, kernels: ModuleType, owner: Any, W: Any, b: Any,
+                    dtype: Any) -> tuple[str, tuple, dict, Any] | None:
+        """``(kind, state pairs, hyper-parameters, count)`` for ``guarded_step``; ``None`` for an optimizer it
+        does not know (the base)."""
+        return None
+
     @abstractmethod
     def apply(self, kernels: ModuleType, owner: Any, W: Any, b: Any, dW: Any, db: Any, guard: Any = None,
               probe: bool = False) -> None:
@@ -162,6 +181,15 @@ class SGD(Optimizer):
     def __repr__(self) -> str:
         return (f"SGD(lr={self.lr}, momentum={self.momentum}, nesterov={self.nesterov}, "
                 f"weight_decay={self.weight_decay})")
+
+    def _one_launch(self, kernels: ModuleType, owner: Any, W: Any, b: Any,
+                    dtype: Any) -> tuple[str, tuple, dict, Any] | None:
+        hyper = {"lr": self.lr, "weight_decay": self.weight_decay}
+        if self.momentum == 0:
+            return "sgd", (), hyper, None
+        s = self._slots(owner, kernels, W, b, ("velocity",))
+        hyper.update(momentum=self.momentum, nesterov=self.nesterov)
+        return "momentum", ((s["velocity_W"], s["velocity_b"]),), hyper, None
 
     def apply(self, kernels: ModuleType, owner: Any, W: Any, b: Any, dW: Any, db: Any, guard: Any = None,
               probe: bool = False) -> None:
@@ -241,6 +269,13 @@ class Adam(Optimizer):
         """The moments held for ``owners``, then the device step counts and corrections (every step
         reads and writes them, whatever the layers)."""
         return super().state_arrays(owners) + [a for _, *arrays in self._device.values() for a in arrays]
+
+    def _one_launch(self, kernels: ModuleType, owner: Any, W: Any, b: Any,
+                    dtype: Any) -> tuple[str, tuple, dict, Any] | None:
+        s = self._slots(owner, kernels, W, b, ("m", "v"))
+        hyper = {"lr": self.lr, "beta1": self.beta1, "beta2": self.beta2, "eps": self.eps,
+                 "weight_decay": self.weight_decay}
+        return "adam", ((s["m_W"], s["m_b"]), (s["v_W"], s["v_b"])), hyper, self._counter(kernels, dtype)[0]
 
     def apply(self, kernels: ModuleType, owner: Any, W: Any, b: Any, dW: Any, db: Any, guard: Any = None,
               probe: bool = False) -> None:

@@ -296,11 +296,15 @@ def apply_update(net: MLP, ws: Workspace, optimizer: Optimizer, guard: Guard, we
     update of every parameter from ``ws.grads``, applied only when the guard allows (module docstring)."""
     k = net.backend.kernels
     g = guard.array
-    k.guard_step(g, ws.loss, ws.grads, weight)
+    (W, b), (dW, db) = net._pieces, ws.grad_pieces
     optimizer.begin_step()
+    # a narrow network's step on fused kernels: the whole update in one launch, where the backend can
+    if fused(net) is not None and optimizer.apply_in_one_launch(k, net.optimizer_key, W, b, dW, db, g, ws.loss,
+                                                                weight, net.dtype):
+        return
+    k.guard_step(g, ws.loss, ws.grads, weight)
     optimizer.prepare(k, g, net.dtype)  # step-wide device work (Adam's bias corrections)
     # every layer at once: the weights in one piece of the flat buffers, the biases in the other
-    (W, b), (dW, db) = net._pieces, ws.grad_pieces
     optimizer.apply(k, net.optimizer_key, W, b, dW, db, g, probe=True)
     optimizer.apply(k, net.optimizer_key, W, b, dW, db, g)
     optimizer.finish(k, g)  # step-wide device work after the updates (Adam counts the applied step)

@@ -152,6 +152,8 @@ OPTIONAL: dict[str, str] = {
     "mlp_backward": "(x, params, sizes, acts, alphas, keep_u, y_flat, u_flat, delta, grads) -> None: from delta^L, "
                     "every gradient into the flat gradient buffer, deterministically",
     "tf32_enabled": "() -> bool",
+    "guarded_step": "(optimizer, guard, loss, weight, params, grads, state, hyper, count=None) -> bool: guard_step, "
+                    "the probes and the updates of a step in one launch (False when it does not serve that size)",
     "set_epilogues": "(bool) -> None: let a layer's GEMMs apply bias, activation, slope and bias gradient in cuBLASLt "
                      "epilogues (off by default)",
     "epilogues_enabled": "() -> bool: whether set_epilogues is on",

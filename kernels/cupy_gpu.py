@@ -14,6 +14,9 @@ It implements the contract of :mod:`backprop.kernels.contract` (the reference is
   (:func:`adam_corrections`, one thread), so that a recorded CUDA graph replays them correctly. Given the
   guard, they read ``guard[0]`` on the device and leave the parameters and the optimizer state untouched
   unless it is ``1.0``.
+* One-launch update: :func:`guarded_step` does the guard, the probes and the update of SGD, momentum or Adam
+  in one launch of one block (networks up to ``STEP_MAX_PARAMS`` parameters; the fused narrow-network step
+  uses it).
 * Guard: :func:`guard_step` checks the loss and the whole flat gradient buffer on the device, in
   two kernels (per-block counts of non-finite elements, then one block that adds them and keeps
   the tally in the float64 guard). Nothing is read back to the host; :func:`add_sum_of_squares`
@@ -1151,6 +1154,44 @@ def adam_update(
                 probe)
 
 
+def guarded_step(optimizer: str, guard: Array, loss: Array, weight: float, params: tuple[Array, Array],
+                 grads: tuple[Array, Array], state: tuple[tuple[Array, Array], ...], hyper: dict[str, Any],
+                 count: Array | None = None) -> bool:
+    """A whole guarded update in one launch of one block (``bp_step_<optimizer>``): :func:`guard_step`, the
+    probe of every update, then the updates (and Adam's corrections and step count), with the arithmetic of
+    those kernels, so the same bits. ``optimizer``: ``"sgd"`` (``hyper``: ``lr``, ``weight_decay``),
+    ``"momentum"`` (also ``momentum``, ``nesterov``; ``state``: the velocities) or ``"adam"`` (``lr``, ``beta1``,
+    ``beta2``, ``eps``, ``weight_decay``; ``state``: the moments m, v; ``count``: the applied steps). Every
+    pair is (weights, biases); the weights take the decay. ``False``, with nothing launched, above
+    ``STEP_MAX_PARAMS`` parameters (then the multi-launch path serves)."""
+    W, b = params
+    d = W.dtype
+    n = W.size + b.size
+    if n > src.STEP_MAX_PARAMS or n == 0:
+        return False
+    _guard_bits(guard)  # checks it
+    pieces = [*params, *(a for pair in state for a in pair)]
+    if any(a.dtype != d for a in (*pieces, *grads)) or grads[0].shape != W.shape or grads[1].shape != b.shape:
+        raise ValueError("guarded_step: parameters, gradients and state must be pieces of one dtype and shape")
+    lr, wd = _scalar(hyper["lr"], d), _scalar(hyper.get("weight_decay", 0.0), d)
+    if optimizer == "sgd":
+        ins: tuple = (*grads, lr, wd)
+    elif optimizer == "momentum":
+        ins = (*grads, lr, _scalar(hyper["momentum"], d), wd, np.int32(bool(hyper["nesterov"])))
+    elif optimizer == "adam":
+        if count is None:
+            raise ValueError("guarded_step('adam') needs the count of applied steps")
+        _check_count(count)
+        b1, b2 = hyper["beta1"], hyper["beta2"]
+        ins = (*grads, _scalar(b1, d), _scalar(b2, d), _scalar(1 - b1, d), _scalar(1 - b2, d), _scalar(hyper["eps"], d),
+               wd, count, np.float64(hyper["lr"]), np.float64(b1), np.float64(b2))
+    else:
+        raise ValueError(f"unknown optimizer {optimizer!r} (sgd, momentum, adam)")
+    args = (*pieces, *ins, guard, loss, np.float64(weight), np.int64(W.size), np.int64(b.size))
+    _raw(f"bp_step_{optimizer}", d)((1,), (src.STEP_THREADS,), args)
+    return True
+
+
 # --------------------------------------------------------------------------- CUDA graphs
 def capture_unavailable_reason() -> str:
     """Why :func:`capture` cannot record here ("" when it can)."""
@@ -1407,6 +1448,7 @@ __all__ = [
     "fused_mlp_reason",
     "gather_rows",
     "guard_step",
+    "guarded_step",
     "is_available",
     "layer_aux",
     "layer_forward",

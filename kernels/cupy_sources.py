@@ -402,6 +402,91 @@ def probe_kernel(name: str, spec: ElementwiseSpec) -> str:
             f"    }}\n}}\n")
 
 
+#: The single-launch steps: kernel name -> (update spec, its scalars computed in the kernel from the count of
+#: applied steps, as :data:`ADAM_CORRECTIONS` computes them). See :func:`step_kernel`.
+STEP_UPDATES: dict[str, tuple[ElementwiseSpec, dict[str, str]]] = {
+    "bp_step_sgd": (SGD, {}),
+    "bp_step_momentum": (MOMENTUM, {}),
+    "bp_step_adam": (ADAM, {"lr_c1": "s_corr[0]", "c2": "s_corr[1]"}),
+}
+#: Most parameters a single-launch step takes (one block walks them three times).
+STEP_MAX_PARAMS = 1 << 18
+#: Threads of the single-launch step's one block.
+STEP_THREADS = 1024
+
+
+def step_kernel(name: str, spec: ElementwiseSpec, computed: dict[str, str]) -> str:
+    """Raw kernel ``name``: a whole guarded update of the flat parameters in one launch of one block, the
+    work of ``bp_guard_scan``, ``bp_guard_finish``, every ``_probe`` and every guarded update (and, for
+    Adam, ``bp_adam_corrections`` and ``bp_count_step``) in that order, with the same arithmetic:
+
+    1. the guard: steps + 1; the step is ok when no step failed before, the loss is finite and every
+       gradient is finite; an ok step adds ``weight * loss`` to the sum, a failing one records its number;
+    2. the probe: ``spec``'s operation on copies of every element; a value that is not finite fails the
+       step (as ``bp_fail_step`` does) and nothing is written;
+    3. the update: ``spec``'s operation in place on every element.
+
+    The parameters come in two pieces, the weights ``[0, nw)`` (weight decay ``wd_w``) and the biases
+    ``[0, nb)`` (none): each array of ``spec`` is passed as ``<name>_w`` and ``<name>_b``. ``computed``: the
+    spec's scalars the kernel derives from ``count`` (Adam's bias corrections, in double from
+    ``lr``, ``beta1``, ``beta2`` given as ``d_lr``, ``d_beta1``, ``d_beta2``); with them, ``count[0] += 1``
+    once the update is applied."""
+    in_params, out_params, operation = spec
+    args, loads, stores, finite = [], ["const T wd = w_ ? wd_w : (T)0;"], [], []
+    for typ, pname in _params(out_params):
+        args += [f"T* {pname}_w", f"T* {pname}_b"]
+        loads.append(f"{_C_PARAM[typ]} {pname} = w_ ? {pname}_w[j_] : {pname}_b[j_];")
+        stores.append(f"if (w_) {pname}_w[j_] = {pname}; else {pname}_b[j_] = {pname};")
+        finite.append(f"bp_finite({pname})")
+    for typ, pname in _params(in_params):
+        if pname == "wd":
+            args.append("T wd_w")
+        elif pname in computed:
+            loads.append(f"const T {pname} = {computed[pname]};")
+        elif pname in SCALAR_PARAMS:
+            args.append(f"{_C_PARAM[typ]} {pname}")
+        else:
+            args += [f"const T* {pname}_w", f"const T* {pname}_b"]
+            loads.append(f"const T {pname} = w_ ? {pname}_w[j_] : {pname}_b[j_];")
+    if computed:
+        args += ["double* count", "double d_lr", "double d_beta1", "double d_beta2"]
+    grads = next(pname for typ, pname in _params(in_params) if pname not in SCALAR_PARAMS and pname not in computed)
+    index = "const bool w_ = i < nw; const long long j_ = w_ ? i : i - nw;"
+    loop = "for (long long i = threadIdx.x; i < nw + nb; i += blockDim.x) {"
+    corrections = ("        const double t = count[0] + 1.0;\n"
+                   "        s_corr[0] = (T)(d_lr / (1.0 - pow(d_beta1, t)));\n"
+                   "        s_corr[1] = (T)(1.0 - pow(d_beta2, t));\n") if computed else ""
+    return (f'extern "C" __global__ void {name}({", ".join(args)}, double* guard, const T* loss, double weight, '
+            f"long long nw, long long nb) {{\n"
+            f"    __shared__ int s_ok, s_fail;\n    __shared__ T s_corr[2];\n"
+            f"    T bad = (T)0;\n"
+            f"    {loop}\n        {index}\n"
+            f"        bad += bp_finite(w_ ? {grads}_w[j_] : {grads}_b[j_]) ? (T)0 : (T)1;\n    }}\n"
+            f"    bad = bp_block_sum(bad);\n"
+            f"    if (threadIdx.x == 0) {{\n"
+            f"        const T l = loss[0];\n"
+            f"        guard[1] = guard[1] + 1.0;\n"
+            f"        const bool ok = guard[2] == 0.0 && bad == (T)0 && bp_finite(l);\n"
+            f"        guard[0] = ok ? 1.0 : 0.0;\n"
+            f"        if (ok) guard[3] = guard[3] + weight * (double)l;\n"
+            f"        else if (guard[2] == 0.0) guard[2] = guard[1];\n"
+            f"        s_ok = ok ? 1 : 0;\n        s_fail = 0;\n{corrections}"
+            f"    }}\n    __syncthreads();\n"
+            f"    if (!s_ok) return;  /* the whole block */\n"
+            f"    int fails = 0;\n"
+            f"    {loop}\n        {index}\n        {' '.join(loads)}\n        {operation}\n"
+            f"        if (!({' && '.join(finite)})) fails = 1;\n    }}\n"
+            f"    if (fails) s_fail = 1;  /* racing threads write the same value */\n"
+            f"    __syncthreads();\n"
+            f"    if (s_fail) {{\n"
+            f"        if (threadIdx.x == 0) {{ guard[0] = 0.0; if (guard[2] == 0.0) guard[2] = guard[1]; }}\n"
+            f"        return;\n    }}\n"
+            f"    {loop}\n        {index}\n        {' '.join(loads)}\n        {operation}\n"
+            f"        {' '.join(stores)}\n    }}\n"
+            + ("    if (threadIdx.x == 0) count[0] = count[0] + 1.0;\n" if computed else "")
+            + "}\n")
+
+
 _LOSS_KERNEL = r"""
 /* %(output)s + %(loss)s: delta = d per element and, per block, the sum of the loss terms l into
    partial[blockIdx.x] (added by bp_sum_scale); when weighted, d and l times the weight w[i / cols] of
@@ -450,11 +535,11 @@ def _loss_kernel(output: str, loss: str) -> str:
 #: Names of the kernels of the raw module.
 RAW_KERNELS = ("bp_softmax_forward", "bp_softmax_xent", "bp_sum_scale", "bp_guard_scan", "bp_guard_finish",
                "bp_sum_squares", "bp_add_to_total", "bp_adam_corrections", "bp_count_step",
-               *(f"{name}_probe" for name in UPDATES))
+               *(f"{name}_probe" for name in UPDATES), *STEP_UPDATES)
 
 #: Raw kernels that compute in double whatever ``T`` is: one thread's float64 bookkeeping (the guard,
 #: a running total, Adam's step count and bias corrections).
-F64_KERNELS = frozenset({"bp_guard_finish", "bp_add_to_total", "bp_adam_corrections", "bp_count_step"})
+F64_KERNELS = frozenset({"bp_guard_finish", "bp_add_to_total", "bp_adam_corrections", "bp_count_step", *STEP_UPDATES})
 
 
 def raw_kernel_names() -> list[str]:
@@ -465,6 +550,7 @@ def raw_module_body() -> str:
     """Every raw kernel, without the typedef and preambles."""
     return "\n".join([SOFTMAX_FORWARD, SOFTMAX_XENT, SUM_SCALE, GUARD_SCAN, GUARD_FINISH, SUM_SQUARES, ADAM_CORRECTIONS,
                       COUNT_STEP] + [probe_kernel(name, spec) for name, spec in UPDATES.items()]
+                     + [step_kernel(name, spec, computed) for name, (spec, computed) in STEP_UPDATES.items()]
                      + [_loss_kernel(o, loss) for o, loss in loss_pairs()])
 
 
@@ -495,11 +581,15 @@ __all__ = [
     "MOMENTUM",
     "ONE_HOT",
     "RAW_KERNELS",
+    "STEP_MAX_PARAMS",
+    "STEP_THREADS",
+    "STEP_UPDATES",
     "REDUCE_PREAMBLE",
     "ROWS_PER_BLOCK",
     "SCALAR_PARAMS",
     "SGD",
     "SUM_SQUARES",
+    "step_kernel",
     "UPDATES",
     "elementwise_kernels",
     "loss_kernel_name",

@@ -1478,6 +1478,81 @@ def test_fake_guarded_updates(fake, rng, dt):
         np.testing.assert_array_equal(host(k, guard), [ok, 1.0, 0.0, 0.0])  # read, never written
 
 
+def _one_launch_case(k, rng, dt, make_opt, steps):
+    """Run ``steps`` (loss, gradient scale) of two like optimizers on like parameters: one through the
+    multi-launch update (guard_step, prepare, probe, apply, finish), one through guarded_step; return the
+    host arrays of both after every step (parameters, state, guard, and Adam's count)."""
+    from backprop.kernels.contract import GUARD_SIZE as G
+    from backprop.optimizers import Optimizer
+
+    nw, nb = 37, 6
+    W0, b0 = rng.normal(size=nw).astype(dt), rng.normal(size=nb).astype(dt)
+    sides = []
+    for _ in range(2):
+        opt = make_opt()
+        W, b = k.to_device(W0, dt), k.to_device(b0, dt)
+        sides.append((opt, W, b, k.zeros((G,), np.float64), object()))
+    out = [[], []]
+    for loss, scale, lr in steps:
+        gW, gb = (rng.normal(size=n) * scale for n in (nw, nb))
+        if not np.isfinite(scale):
+            gW[3] = scale
+        for side, (opt, W, b, guard, owner) in enumerate(sides):
+            opt.lr = lr
+            dW, db, lv = k.to_device(gW, dt), k.to_device(gb, dt), k.to_device(np.asarray(loss), dt)
+            opt.begin_step()
+            if side == 0:
+                k.guard_step(guard, lv, k.to_device(np.concatenate([gW, gb]), dt), 0.5)
+                opt.prepare(k, guard, dt)
+                opt.apply(k, owner, W, b, dW, db, guard, probe=True)
+                opt.apply(k, owner, W, b, dW, db, guard)
+                opt.finish(k, guard)
+            else:
+                _Fake.launches.clear()
+                assert opt.apply_in_one_launch(k, owner, W, b, dW, db, guard, lv, 0.5, dt)
+                assert _Fake.launches == [f"bp_step_{opt._one_launch(k, owner, W, b, dt)[0]}"]
+            # the moments or velocities, and Adam's count (its corrections array is the multi-launch path's own)
+            arrays = [W, b, guard, *Optimizer.state_arrays(opt, [owner])]
+            if hasattr(opt, "_device"):
+                arrays.append(opt._counter(k, dt)[0])
+            out[side].append([host(k, a) for a in arrays])
+    return out
+
+
+@pytest.mark.parametrize("dt", [np.float32, np.float64])
+@pytest.mark.parametrize("opt", ["sgd", "momentum", "nesterov", "adam"])
+def test_fake_guarded_step_is_the_multi_launch_update_in_one(fake, rng, dt, opt):
+    """guarded_step (one launch) against the guard, probes and updates it replaces, step after step: an ok
+    step, one with an infinite gradient (nothing applied; its number kept), one whose update overflows (lr
+    huge: refused by the probe), then ok steps the sticky failure refuses; weight decay on the weights only."""
+    from backprop import SGD, Adam
+
+    make = {"sgd": lambda: SGD(0.1, weight_decay=0.01),
+            "momentum": lambda: SGD(0.1, momentum=0.9, weight_decay=0.01),
+            "nesterov": lambda: SGD(0.1, momentum=0.9, nesterov=True),
+            "adam": lambda: Adam(1e-2, weight_decay=0.01)}[opt]
+    for steps in ([(1.5, 1.0, 0.1), (0.5, 1.0, 0.1), (2.0, np.inf, 0.1), (1.0, 1.0, 0.1)],
+                  [(1.0, 1.0, 0.1), (1.0, 1e30, 1e30), (1.0, 1.0, 0.1)],
+                  [(1.0, 1.0, 0.1), (np.nan, 1.0, 0.1)]):
+        multi, one = _one_launch_case(fake, rng, dt, make, steps)
+        for i, (a, b) in enumerate(zip(multi, one)):
+            for x, y in zip(a, b):
+                np.testing.assert_array_equal(y, x, err_msg=f"{opt}, step {i + 1} of {steps}")
+
+
+def test_fake_guarded_step_declines_large_networks(fake, rng, monkeypatch):
+    from backprop import SGD
+    from backprop.kernels import cupy_sources as S
+
+    monkeypatch.setattr(S, "STEP_MAX_PARAMS", 40)
+    W, b = fake.to_device(rng.normal(size=37), np.float32), fake.to_device(rng.normal(size=6), np.float32)
+    guard = fake.zeros((GUARD_SIZE,), np.float64)
+    _Fake.launches.clear()
+    assert not SGD(0.1).apply_in_one_launch(fake, object(), W, b, W, b, guard, fake.zeros((), np.float32), 1.0,
+                                            np.float32)
+    assert not _Fake.launches
+
+
 def test_fake_guard_and_updates_record_into_a_graph(fake, rng):
     """The guard step and the guarded updates are device work only: they record into a capture (no host
     read, no synchronization) and a replay does what a direct call does."""
@@ -1698,6 +1773,7 @@ def test_fake_fused_narrow_networks_are_opt_in(fake, rng):
         narrow.train_step(X, y, SGD(0.1))
         assert [n for n in _Fake.launches if n.startswith("bp_mlp")] == [
             "bp_mlp_forward_w32", "bp_mlp_mean", "bp_mlp_backward_w32", "bp_mlp_reduce"]
+        assert _Fake.launches[-1] == "bp_step_sgd" and "bp_guard_scan" not in _Fake.launches  # the update: one launch
         assert "bp_fwd_tanh" not in _Fake.launches and "bp_softmax_xent" not in _Fake.launches  # the error fused
         _Fake.launches.clear()
         wide.train_step(X, y, SGD(0.1))
