@@ -391,16 +391,21 @@ _nvmath_lib: Any = None
 _nvmath_error: str | None = None
 
 
+def _import_binding(name: str) -> tuple[Any, str | None]:
+    """``(nvmath.bindings.<name>, None)``, or ``(None, why)`` when it does not import."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"nvmath.bindings.{name}"), None
+    except Exception as exc:  # ImportError, or its CUDA libraries missing
+        return None, f"{type(exc).__name__}: {exc}"
+
+
 def _nvmath_cublas() -> Any:
     """``nvmath.bindings.cublas``, or ``None`` when it does not import (the reason is kept)."""
     global _nvmath_lib, _nvmath_error
     if _nvmath_lib is None and _nvmath_error is None:
-        try:
-            from nvmath.bindings import cublas as lib
-        except Exception as exc:  # ImportError, or its CUDA libraries missing
-            _nvmath_error = f"{type(exc).__name__}: {exc}"
-        else:
-            _nvmath_lib = lib
+        _nvmath_lib, _nvmath_error = _import_binding("cublas")
     return _nvmath_lib
 
 
@@ -622,12 +627,7 @@ def _nvmath_cublaslt() -> Any:
     """``nvmath.bindings.cublasLt`` or ``None`` (then one warning names the reason)."""
     global _lt_lib, _lt_error, _lt_warned
     if _lt_lib is None and _lt_error is None:
-        try:
-            from nvmath.bindings import cublasLt as lib
-        except Exception as exc:  # ImportError, or its CUDA libraries missing
-            _lt_error = f"{type(exc).__name__}: {exc}"
-        else:
-            _lt_lib = lib
+        _lt_lib, _lt_error = _import_binding("cublasLt")
     if _lt_lib is None and not _lt_warned:
         _lt_warned = True
         warnings.warn(f"cuBLASLt epilogues need nvmath-python ({_lt_error}): {_NVMATH_HINT}; the layers keep a "

@@ -565,6 +565,14 @@ FUSED_CASE = Case("narrow_deep", (64,) * 6, 262144, "relu", "regression", (16,) 
 FUSED_TARGET = 3.0
 
 
+def _switch_of(backend: Backend, name: str, what: str) -> Callable[[bool], None]:
+    """The backend's switch ``name`` (``set_fused_mlp``, ``set_epilogues``), or a skipped section naming ``what``."""
+    switch = getattr(backend.kernels, name, None)
+    if not callable(switch):
+        raise SkipSection(f"backend {backend.name!r} has no {what} ({name})")
+    return switch
+
+
 def _switched(switch: Callable[[bool], None], on: bool, fn: Callable[[], Any]) -> Callable[[], Any]:
     """``fn`` run with a backend switch (``set_fused_mlp``, ``set_epilogues``) set to ``on`` first: the timed
     sides of an off/on comparison, interleaved by ``Context.time``."""
@@ -579,9 +587,7 @@ def section_fused(ctx: Context) -> dict[str, Any]:
     ``set_fused_mlp``), against PyTorch eager on the same device."""
     b = ctx.require_device()
     k = b.kernels
-    set_fused = getattr(k, "set_fused_mlp", None)
-    if not callable(set_fused):
-        raise SkipSection(f"backend {b.name!r} has no fused kernels (set_fused_mlp)")
+    set_fused = _switch_of(b, "set_fused_mlp", "fused kernels")
     before = bool(k.fused_mlp_enabled())
     sizes, batch = FUSED_CASE.at(ctx.quick)
     device, why = ctx.torch_device(b)
@@ -645,9 +651,7 @@ def section_epilogues(ctx: Context) -> dict[str, Any]:
     step, on the nets of the targets; the GEMM-bound net's rate against the measured cuBLAS rate."""
     b = ctx.require_device()
     k = b.kernels
-    switch = getattr(k, "set_epilogues", None)
-    if not callable(switch):
-        raise SkipSection(f"backend {b.name!r} has no cuBLASLt epilogues (set_epilogues)")
+    switch = _switch_of(b, "set_epilogues", "cuBLASLt epilogues")
     before = bool(k.epilogues_enabled())
     rows, targets, raw, notes = [], [], [], []
     try:
