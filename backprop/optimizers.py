@@ -138,7 +138,8 @@ class Optimizer(ABC):
     def _one_launch(self, kernels: ModuleType, owner: Any, W: Any, b: Any,
                     dtype: Any) -> tuple[str, tuple, dict, Any] | None:
         """``(kind, state pairs, hyper-parameters, count)`` for ``guarded_step``; ``None`` for an optimizer it
-        does not know (the base)."""
+        does not know: the base, and a subclass with an ``apply`` of its own (the one-launch kernels compute
+        the built-in updates)."""
         return None
 
     @abstractmethod
@@ -184,6 +185,8 @@ class SGD(Optimizer):
 
     def _one_launch(self, kernels: ModuleType, owner: Any, W: Any, b: Any,
                     dtype: Any) -> tuple[str, tuple, dict, Any] | None:
+        if type(self).apply is not SGD.apply:
+            return None
         hyper = {"lr": self.lr, "weight_decay": self.weight_decay}
         if self.momentum == 0:
             return "sgd", (), hyper, None
@@ -272,6 +275,8 @@ class Adam(Optimizer):
 
     def _one_launch(self, kernels: ModuleType, owner: Any, W: Any, b: Any,
                     dtype: Any) -> tuple[str, tuple, dict, Any] | None:
+        if type(self).apply is not Adam.apply:
+            return None
         s = self._slots(owner, kernels, W, b, ("m", "v"))
         hyper = {"lr": self.lr, "beta1": self.beta1, "beta2": self.beta2, "eps": self.eps,
                  "weight_decay": self.weight_decay}

@@ -644,7 +644,7 @@ class _LtPlan:
     """One cuBLASLt matmul: its descriptor (transposes, epilogue, aux leading dimension), the layouts of
     A, B and D (C is D, beta 0), and the heuristic's algorithm (``None`` with ``reason`` when refused)."""
 
-    def __init__(self, lt: _Lt, key: tuple) -> None:
+    def __init__(self, lt: _Lt, key: tuple, bias_ptr: int, aux_ptr: int) -> None:
         lib = self.lib = lt.lib
         epilogue, dt_char, tf32, ops, aux_ld, aligns = key[1:]
         f64 = np.dtype(dt_char) == np.float64
@@ -659,6 +659,12 @@ class _LtPlan:
         self._set(A.EPILOGUE, epi.EPILOGUE[epilogue])
         if aux_ld:
             self._set(A.EPILOGUE_AUX_LD, aux_ld)
+        # the heuristic reads the bias and aux pointers for their alignment: the first call's (the key holds
+        # their alignments, so a call whose pointers are less aligned gets a plan of its own)
+        if bias_ptr:
+            self._set(A.BIAS_POINTER, bias_ptr)
+        if aux_ptr:
+            self._set(A.EPILOGUE_AUX_POINTER, aux_ptr)
         self.layouts = (lib.matrix_layout_create(data, *ops.a_shape(), ops.lda),
                         lib.matrix_layout_create(data, *ops.b_shape(), ops.ldb),
                         lib.matrix_layout_create(data, ops.m, ops.n, ops.ldd))
@@ -740,24 +746,30 @@ def _lt_matmul(kind: str, act: str, choice: epi.Choice, ops: epi.Operands, a: Ar
     assert blas is not None
     dt = d.dtype
     tf32 = _tf32 and dt == np.float32
-    aligns = (_alignment(a.data.ptr), _alignment(b.data.ptr), _alignment(d.data.ptr))
+    bias_ptr, aux_ptr = (0 if v is None else int(v.data.ptr) for v in (bias, aux))
+    aligns = tuple(_alignment(p) for p in (a.data.ptr, b.data.ptr, d.data.ptr, bias_ptr, aux_ptr))
     key = (_cupy.cuda.Device().id, choice.epilogue, dt.char, tf32, ops, aux_ld, aligns)
     plan = lt.plans.get(key)
     if plan is None:
-        plan = lt.plans[key] = _LtPlan(lt, key)
+        plan = lt.plans[key] = _LtPlan(lt, key, bias_ptr, aux_ptr)
     if plan.algo is None:
         _lt_paths[path_key] = f"GEMM + kernel ({plan.reason})"
         return False
     blas.ready(dt)  # binds our cuBLAS handle's stream and workspace: the cuBLASLt call shares them
     A = lt.lib.MatmulDescAttribute
-    if bias is not None:
-        plan._set(A.BIAS_POINTER, bias.data.ptr)
-    if aux is not None:
-        plan._set(A.EPILOGUE_AUX_POINTER, aux.data.ptr)
+    if bias_ptr:
+        plan._set(A.BIAS_POINTER, bias_ptr)
+    if aux_ptr:
+        plan._set(A.EPILOGUE_AUX_POINTER, aux_ptr)
     la, lb, ld = plan.layouts
-    lt.lib.matmul(lt.handle, plan.desc, _host_scalar(1.0, dt), a.data.ptr, la, b.data.ptr, lb,
-                  _host_scalar(0.0, dt), d.data.ptr, ld, d.data.ptr, ld, plan.algo.ctypes.data,
-                  blas.bound.data.ptr, blas.bound.nbytes, blas.stream)
+    try:
+        lt.lib.matmul(lt.handle, plan.desc, _host_scalar(1.0, dt), a.data.ptr, la, b.data.ptr, lb,
+                      _host_scalar(0.0, dt), d.data.ptr, ld, d.data.ptr, ld, plan.algo.ctypes.data,
+                      blas.bound.data.ptr, blas.bound.nbytes, blas.stream)
+    except Exception as exc:  # refused when issued (cuBLASLt checks before it enqueues): this plan is done
+        plan.algo, plan.reason = None, f"cuBLASLt refused the call: {type(exc).__name__}: {exc}"
+        _lt_paths[path_key] = f"GEMM + kernel ({plan.reason})"
+        return False
     _lt_paths[path_key] = f"cuBLASLt {choice.epilogue}"
     return True
 
@@ -1170,6 +1182,9 @@ def guarded_step(optimizer: str, guard: Array, loss: Array, weight: float, param
     if n > src.STEP_MAX_PARAMS or n == 0:
         return False
     _guard_bits(guard)  # checks it
+    if loss.dtype != d or loss.size != 1:
+        raise TypeError(f"the loss must be one {d} value, got {loss.dtype} of shape {tuple(loss.shape)}")
+    loss = _contiguous(loss)
     pieces = [*params, *(a for pair in state for a in pair)]
     if any(a.dtype != d for a in (*pieces, *grads)) or grads[0].shape != W.shape or grads[1].shape != b.shape:
         raise ValueError("guarded_step: parameters, gradients and state must be pieces of one dtype and shape")

@@ -5,12 +5,15 @@ It works as cuBLASLt's documentation says, on the fake device memory:
 * descriptors copy an attribute's value when it is set, from host memory of the attribute's type
   (the sizes must match);
 * the heuristic checks the layouts against the data type, the compute type against the scale type,
-  and the epilogue's documented limits: the ReLU bit mask's leading dimension a multiple of 128 bits,
-  the GELU aux's a multiple of 8, ``k > 1`` for DRELU, DGELU and BGRADB. It refuses what ``refused``
-  lists (as CUBLAS_STATUS_NOT_SUPPORTED), and it records the alignments the preference promised;
+  and the epilogue's limits as nvmath-python checks them: the ReLU bit mask's leading dimension a
+  multiple of 128 bits, the GELU aux's a multiple of 8, ``k > 1`` for DRELU, DGELU and BGRADB (BGRADB
+  takes ``k = 1`` from cuBLASLt 12.3.4). It refuses what ``refused`` lists (as
+  CUBLAS_STATUS_NOT_SUPPORTED), and it records the alignments the algorithm may assume: those the
+  preference promised for A, B, C, D, and those of the bias and aux pointers on the descriptor then;
 * ``matmul`` reads alpha, beta, and the bias and aux pointers when the call is issued. It checks each
-  pointer's alignment, the workspace, and that the stream is CuPy's current one. It runs the call on
-  that stream, or records it while the stream captures.
+  pointer against the alignment its algorithm assumed (a less aligned bias or aux is refused), the
+  workspace, and that the stream is CuPy's current one. It runs the call on that stream, or records it
+  while the stream captures.
 
 Epilogues, in the column-major ``D (m x n) = alpha op(A) op(B)``:
 
@@ -96,6 +99,11 @@ def _read(ptr: int, size: int, dtype: Any) -> int:
     dt = np.dtype(dtype)
     assert size == dt.itemsize, f"attribute of {dt} set with {size} bytes"
     return int(np.frombuffer(ctypes.string_at(ptr, size), dtype=dt)[0])
+
+
+def _promise(ptr: int) -> int:
+    """The alignment an algorithm chosen for pointer ``ptr`` may assume: its own, up to 256 (NULL: 256)."""
+    return min(256, ptr & -ptr) if ptr else 256
 
 
 def _gelu_t(x: np.ndarray) -> np.ndarray:
@@ -186,6 +194,9 @@ def make(env: Any, refused: set, calls: list) -> types.ModuleType:
         res = np.zeros(1, HEURISTIC_RESULT)
         res["algo"]["data_"][0, 0] = desc  # the descriptor it was found for
         res["algo"]["data_"][0, 1:5] = [P[a] for a in MatmulPreferenceAttribute if a.name.startswith("MIN_ALIGN")]
+        # the bias and aux pointers on the descriptor now (NULL: any) fix the alignment the algorithm assumes
+        res["algo"]["data_"][0, 5:7] = [_promise(D[MatmulDescAttribute.BIAS_POINTER]),
+                                        _promise(D[MatmulDescAttribute.EPILOGUE_AUX_POINTER])]
         ctypes.memmove(results, res.ctypes.data, HEURISTIC_RESULT.itemsize)
         ctypes.c_int32.from_address(count).value = 1
 
@@ -198,6 +209,11 @@ def make(env: Any, refused: set, calls: list) -> types.ModuleType:
         for ptr, promised in zip((A, B, C, Dp), found["algo"]["data_"][1:5]):
             assert ptr % int(promised) == 0, f"pointer {ptr:#x} less aligned than the {int(promised)} promised"
         D = dict(descs[desc])  # what the call reads when it is issued
+        for attr, promised in zip((MatmulDescAttribute.BIAS_POINTER, MatmulDescAttribute.EPILOGUE_AUX_POINTER),
+                                  found["algo"]["data_"][5:7]):
+            if D[attr] % int(promised):
+                raise cuBLASLtError(f"CUBLAS_STATUS_INVALID_VALUE: {attr.name} {D[attr]:#x} less aligned than the "
+                                    f"{int(promised)} bytes its algorithm was chosen for")
         ep = Epilogue(D[MatmulDescAttribute.EPILOGUE])
         cur = env.current()
         assert stream == cur.ptr, f"matmul on stream {stream:#x}, CuPy's current is {cur.ptr:#x}"
@@ -215,16 +231,16 @@ def make(env: Any, refused: set, calls: list) -> types.ModuleType:
         if ep in (Epilogue.BIAS, Epilogue.RELU_BIAS, Epilogue.RELU_AUX_BIAS, Epilogue.GELU_BIAS,
                   Epilogue.GELU_AUX_BIAS, Epilogue.BGRADB):
             ptr = D[MatmulDescAttribute.BIAS_POINTER]
-            assert ptr and ptr % 16 == 0, f"bias pointer {ptr:#x}"
+            assert ptr, "no bias pointer"
             bias = env.flat(ptr, dt, n if ep == Epilogue.BGRADB else m)
         ld = D[MatmulDescAttribute.EPILOGUE_AUX_LD]
         if ep in (Epilogue.RELU_AUX_BIAS, Epilogue.DRELU):
             ptr = D[MatmulDescAttribute.EPILOGUE_AUX_POINTER]
-            assert ptr and ptr % 16 == 0, f"aux pointer {ptr:#x}"
+            assert ptr, "no aux pointer"
             aux = env.flat(ptr, np.uint8, ld // 8 * n)
         elif ep in (Epilogue.GELU_AUX_BIAS, Epilogue.DGELU):
             ptr = D[MatmulDescAttribute.EPILOGUE_AUX_POINTER]
-            assert ptr and ptr % 16 == 0, f"aux pointer {ptr:#x}"
+            assert ptr, "no aux pointer"
             aux = env.flat(ptr, dt, ld * (n - 1) + m)
         ta, tb = D[MatmulDescAttribute.TRANSA], D[MatmulDescAttribute.TRANSB]
         calls.append((ep.name, stream, cur._ops is not None))

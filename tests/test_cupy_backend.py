@@ -1478,10 +1478,11 @@ def test_fake_guarded_updates(fake, rng, dt):
         np.testing.assert_array_equal(host(k, guard), [ok, 1.0, 0.0, 0.0])  # read, never written
 
 
-def _one_launch_case(k, rng, dt, make_opt, steps):
-    """Run ``steps`` (loss, gradient scale) of two like optimizers on like parameters: one through the
+def _one_launch_case(k, rng, dt, make_opt, steps, fake=True):
+    """Run ``steps`` (loss, gradient scale, lr) of two like optimizers on like parameters: one through the
     multi-launch update (guard_step, prepare, probe, apply, finish), one through guarded_step; return the
-    host arrays of both after every step (parameters, state, guard, and Adam's count)."""
+    host arrays of both after every step (parameters, state, guard, and Adam's count). ``fake``: also check
+    that guarded_step was one launch of the fake CuPy."""
     from backprop.kernels.contract import GUARD_SIZE as G
     from backprop.optimizers import Optimizer
 
@@ -1510,7 +1511,7 @@ def _one_launch_case(k, rng, dt, make_opt, steps):
             else:
                 _Fake.launches.clear()
                 assert opt.apply_in_one_launch(k, owner, W, b, dW, db, guard, lv, 0.5, dt)
-                assert _Fake.launches == [f"bp_step_{opt._one_launch(k, owner, W, b, dt)[0]}"]
+                assert not fake or _Fake.launches == [f"bp_step_{opt._one_launch(k, owner, W, b, dt)[0]}"]
             # the moments or velocities, and Adam's count (its corrections array is the multi-launch path's own)
             arrays = [W, b, guard, *Optimizer.state_arrays(opt, [owner])]
             if hasattr(opt, "_device"):
@@ -1519,25 +1520,52 @@ def _one_launch_case(k, rng, dt, make_opt, steps):
     return out
 
 
+def _one_launch_optimizer(name):
+    from backprop import SGD, Adam
+
+    return {"sgd": lambda: SGD(0.1, weight_decay=0.01),
+            "momentum": lambda: SGD(0.1, momentum=0.9, weight_decay=0.01),
+            "nesterov": lambda: SGD(0.1, momentum=0.9, nesterov=True),
+            "adam": lambda: Adam(1e-2, weight_decay=0.01)}[name]
+
+
+#: An ok step, one with an infinite gradient (nothing applied; its number kept), then one the sticky failure
+#: refuses; a step whose update overflows (lr huge: refused by the probe); a NaN loss.
+_ONE_LAUNCH_STEPS = ([(1.5, 1.0, 0.1), (0.5, 1.0, 0.1), (2.0, np.inf, 0.1), (1.0, 1.0, 0.1)],
+                     [(1.0, 1.0, 0.1), (1.0, 1e30, 1e30), (1.0, 1.0, 0.1)],
+                     [(1.0, 1.0, 0.1), (np.nan, 1.0, 0.1)])
+
+
 @pytest.mark.parametrize("dt", [np.float32, np.float64])
 @pytest.mark.parametrize("opt", ["sgd", "momentum", "nesterov", "adam"])
 def test_fake_guarded_step_is_the_multi_launch_update_in_one(fake, rng, dt, opt):
-    """guarded_step (one launch) against the guard, probes and updates it replaces, step after step: an ok
-    step, one with an infinite gradient (nothing applied; its number kept), one whose update overflows (lr
-    huge: refused by the probe), then ok steps the sticky failure refuses; weight decay on the weights only."""
-    from backprop import SGD, Adam
-
-    make = {"sgd": lambda: SGD(0.1, weight_decay=0.01),
-            "momentum": lambda: SGD(0.1, momentum=0.9, weight_decay=0.01),
-            "nesterov": lambda: SGD(0.1, momentum=0.9, nesterov=True),
-            "adam": lambda: Adam(1e-2, weight_decay=0.01)}[opt]
-    for steps in ([(1.5, 1.0, 0.1), (0.5, 1.0, 0.1), (2.0, np.inf, 0.1), (1.0, 1.0, 0.1)],
-                  [(1.0, 1.0, 0.1), (1.0, 1e30, 1e30), (1.0, 1.0, 0.1)],
-                  [(1.0, 1.0, 0.1), (np.nan, 1.0, 0.1)]):
-        multi, one = _one_launch_case(fake, rng, dt, make, steps)
+    """guarded_step (one launch) against the guard, probes and updates it replaces, step after step (see
+    _ONE_LAUNCH_STEPS); weight decay on the weights only: the same bits in the emulator."""
+    for steps in _ONE_LAUNCH_STEPS:
+        multi, one = _one_launch_case(fake, rng, dt, _one_launch_optimizer(opt), steps)
         for i, (a, b) in enumerate(zip(multi, one)):
             for x, y in zip(a, b):
                 np.testing.assert_array_equal(y, x, err_msg=f"{opt}, step {i + 1} of {steps}")
+
+
+def test_fake_guarded_step_leaves_a_custom_apply_alone(fake, rng):
+    """A subclass with an apply of its own keeps it: apply_in_one_launch declines, nothing is launched."""
+    from backprop import SGD
+
+    class Clipped(SGD):
+        def apply(self, kernels, owner, W, b, dW, db, guard=None, probe=False):
+            super().apply(kernels, owner, W, b, dW, db, guard, probe)
+
+    W, b = fake.to_device(rng.normal(size=6), np.float32), fake.to_device(rng.normal(size=2), np.float32)
+    guard = fake.zeros((GUARD_SIZE,), np.float64)
+    _Fake.launches.clear()
+    assert not Clipped(0.1).apply_in_one_launch(fake, object(), W, b, W, b, guard, fake.zeros((), np.float32), 1.0,
+                                                np.float32)
+    assert not _Fake.launches
+    assert SGD(0.1).apply_in_one_launch(fake, object(), W, b, W, b, guard, fake.zeros((), np.float32), 1.0,
+                                        np.float32)
+    with pytest.raises(TypeError, match="loss"):
+        fake.guarded_step("sgd", guard, fake.zeros((), np.float64), 1.0, (W, b), (W, b), (), {"lr": 0.1})
 
 
 def test_fake_guarded_step_declines_large_networks(fake, rng, monkeypatch):
@@ -1887,6 +1915,23 @@ def rng(request) -> np.random.Generator:
     import zlib
 
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+@gpu
+@pytest.mark.parametrize("dt", [np.float32, np.float64])
+@pytest.mark.parametrize("opt", ["sgd", "momentum", "nesterov", "adam"])
+def test_gpu_guarded_step_is_the_multi_launch_update_in_one(k, rng, dt, opt):
+    """On the GPU: guarded_step against the guard, probes and updates it replaces (see _ONE_LAUNCH_STEPS). The
+    guard, Adam's count and every refused step are exact; applied updates agree to the last bits (two
+    compilations of the same arithmetic may contract it differently)."""
+    for steps in _ONE_LAUNCH_STEPS:
+        multi, one = _one_launch_case(k, rng, dt, _one_launch_optimizer(opt), steps, fake=False)
+        for i, (a, b) in enumerate(zip(multi, one)):
+            np.testing.assert_array_equal(b[2], a[2], err_msg=f"{opt}, guard after step {i + 1} of {steps}")
+            for x, y in zip(a, b):
+                eps = float(np.finfo(dt).eps)
+                np.testing.assert_allclose(y, x, rtol=4 * eps, atol=4 * eps * float(np.abs(x).max(initial=1.0)),
+                                           err_msg=f"{opt}, step {i + 1} of {steps}")
 
 
 _POOLS: list = []  # CuPy frees a pool's memory with the pool: keep them for the session

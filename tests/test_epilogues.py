@@ -10,6 +10,7 @@ On a GPU (``gpu``): each epilogue against numpy_ref in float64, on poisoned memo
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import numpy as np
@@ -206,6 +207,43 @@ def test_a_misaligned_bias_takes_the_kernels(lt, rng):
     assert not _Fake.lt_calls
     np.testing.assert_allclose(host(lt, y), ref.layer_forward(x, W, b[1:], "relu")[0], **tol(dt))
     assert "aligned" in lt.epilogue_paths()[("forward", "relu", 8, 4, 3, "f")]
+
+
+def test_a_bias_less_aligned_than_its_plans_gets_a_plan_of_its_own(lt, rng):
+    """The heuristic chooses for the bias pointer it sees: a later bias that is less aligned (still 16 bytes)
+    must not reuse that algorithm (the model of cuBLASLt refuses it), so it gets its own plan."""
+    dt = np.float32
+    x, W, b = rng.normal(size=(4, 3)), rng.normal(size=(8, 3)), rng.normal(size=72)
+    flat = lt.to_device(b, dt)
+
+    def alignment(o: int) -> int:
+        ptr = flat.data.ptr + 4 * o
+        return ptr & -ptr
+
+    high = next(o for o in range(64) if alignment(o) >= 64)
+    low = next(o for o in range(64) if alignment(o) == 16)
+    xd, Wd, y = *_dev(lt, dt, x, W), lt.zeros((4, 8), dt)  # the same A, B and D every call: only the bias moves
+    for offset in (high, low, high):  # the first plan's bias is better aligned than the second call's
+        _Fake.lt_calls.clear()
+        lt.layer_forward(xd, Wd, flat[offset:offset + 8], "relu", y=y)
+        assert [c[0] for c in _Fake.lt_calls] == ["RELU_BIAS"], offset
+        np.testing.assert_allclose(host(lt, y), ref.layer_forward(x, W, b[offset:offset + 8], "relu")[0], **tol(dt))
+
+
+def test_a_call_cublaslt_refuses_takes_the_kernels(lt, rng, monkeypatch):
+    dt = np.float32
+    x, W, b = rng.normal(size=(4, 3)), rng.normal(size=(8, 3)), rng.normal(size=8)
+    lib = sys.modules["nvmath.bindings.cublasLt"]
+
+    def refuse(*args):
+        raise lib.cuBLASLtError("CUBLAS_STATUS_NOT_SUPPORTED")
+
+    monkeypatch.setattr(lib, "matmul", refuse)
+    y, _ = lt.layer_forward(*_dev(lt, dt, x, W, b), "relu")
+    np.testing.assert_allclose(host(lt, y), ref.layer_forward(x, W, b, "relu")[0], **tol(dt))
+    assert "refused the call" in lt.epilogue_paths()[("forward", "relu", 8, 4, 3, "f")]
+    y2, _ = lt.layer_forward(*_dev(lt, dt, x, W, b), "relu")  # the plan is marked: no second try
+    assert "bp_fwd_relu" in _Fake.launches
 
 
 @pytest.mark.parametrize("hidden,head,dtype", [("relu", "multiclass", "float32"),
