@@ -115,6 +115,21 @@ def plan(sizes: Sequence[int], acts: Sequence[str], rows: int,
     return np.array(rows_out, dtype=np.int64).reshape(-1), y_offsets, u_offsets, y, u
 
 
+def traffic_bytes(sizes: Sequence[int], keep_u: Sequence[bool], rows: int, itemsize: int) -> dict[str, int]:
+    """Bytes the activations move through global memory in each fused pass of ``rows`` rows: what memory
+    carries once the layers stay on chip. ``inference``: ``x`` read, every layer's ``y`` (and kept ``u``)
+    written; ``forward`` (training) also reads the targets and writes ``delta^L``; ``backward`` reads ``delta^L``,
+    ``x`` and every hidden layer's ``y`` (and kept ``u``) again. The parameters and the per-block gradient
+    slices are left out (small next to these at a large batch)."""
+    widths = list(sizes[1:])
+    kept = sum(n for n, keep in zip(widths, keep_u) if keep)
+    kept_hidden = sum(n for n, keep in zip(widths[:-1], keep_u[:-1]) if keep)
+    inference = sizes[0] + sum(widths) + kept
+    return {"inference": rows * inference * itemsize,
+            "forward": rows * (inference + 2 * widths[-1]) * itemsize,
+            "backward": rows * (widths[-1] + sizes[0] + sum(widths[:-1]) + kept_hidden) * itemsize}
+
+
 def _switch(name: str, signature: str, cases: dict[int, str], default: str) -> str:
     body = "".join(f"    case {code}: return {expr};\n" for code, expr in cases.items())
     return (f"__device__ __forceinline__ T {name}({signature}) {{\n    switch (code) {{\n{body}    }}\n"

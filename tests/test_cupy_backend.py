@@ -1751,6 +1751,10 @@ def test_fake_benchmark_script_runs(fake, tmp_path, monkeypatch):
     assert {"host", "device"} == set(by_name["fit"]["timings"])
     assert len(by_name["api"]["targets"]) == 2 and by_name["tf32"]["settings"]["tf32_before"] is False
     assert [r[0] for r in by_name["fused"]["tables"][0]["rows"]] == ["sgd", "adam", "infer"]
+    achieved = by_name["fused"]["achieved"]  # TFLOP/s and GB/s against the SGEMM rate and copy bandwidth measured
+    assert achieved["sgemm_tflops"] > 0 and achieved["copy_gb_per_s"] > 0
+    assert achieved["sgd_fused"]["bytes"] == achieved["adam_fused"]["bytes"] > achieved["infer_fused"]["bytes"] > 0
+    assert [r[0] for r in by_name["fused"]["tables"][1]["rows"]] == ["sgd", "adam", "infer"]
     assert not fake.fused_mlp_enabled()  # the section puts the switch back
     epilogues = by_name["epilogues"]
     assert [r[0] for r in epilogues["tables"][0]["rows"]] == ["narrow", "gemm_bound"] and not fake.epilogues_enabled()

@@ -312,3 +312,12 @@ def test_a_whole_step(emu, rng, optimizer):
         ref.adam_update(want, want_g, m.copy(), v.copy(), lr, b1, b2, eps, 1, 0.0)
     tol = _tol(_ctype(emu))
     np.testing.assert_allclose(got, want, rtol=tol["rtol"], atol=10 * tol["atol"])
+
+
+def test_traffic_bytes_counts_the_activations():
+    """[3, 4, 2] with u kept only at the output, 5 rows of float32: inference reads x and writes both layers' y and
+    the output's u; training also reads t and writes delta; backward reads delta, x and the hidden y."""
+    got = F.traffic_bytes([3, 4, 2], [False, True], 5, 4)
+    assert got == {"inference": 5 * (3 + 4 + 2 + 2) * 4, "forward": 5 * (3 + 4 + 2 + 2 + 2 * 2) * 4,
+                   "backward": 5 * (2 + 3 + 4) * 4}
+    assert F.traffic_bytes([3, 4, 2], [True, True], 5, 8)["backward"] == 5 * (2 + 3 + 4 + 4) * 8  # a kept hidden u

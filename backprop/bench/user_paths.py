@@ -47,8 +47,10 @@ from typing import Any
 
 import numpy as np
 
+from .. import step
 from ..backend import Backend, resolve_backend
 from ..kernels import BACKEND_MODULES
+from ..kernels import fused_mlp_sources as fused_sources
 from ..network import MLP
 from ..optimizers import SGD, Adam
 from .cli import (
@@ -612,6 +614,8 @@ def section_fused(ctx: Context) -> dict[str, Any]:
     finally:
         set_fused(before)
     flops = _step_flops(sizes, batch)
+    rates = _achieved(ctx, b, net, sizes, batch, {f"{w}_fused": tm[f"{w}_fused"].median for w in ("sgd", "adam",
+                                                                                                 "infer")})
     rows, targets = [], []
     for what in ("sgd", "adam", "infer"):
         layers, fused_t = tm[f"{what}_layers"].median, tm[f"{what}_fused"].median
@@ -629,11 +633,43 @@ def section_fused(ctx: Context) -> dict[str, Any]:
                         f"PyTorch eager step (SGD) and inference; median of {ctx.repeats} interleaved samples. "
                         f"Training step: {flops / 1e9:.3g} GFLOP."),
         "tables": [{"header": ["", "layers ms", "fused ms", "layers / fused", "torch eager ms", "torch / fused"],
-                    "rows": rows}],
-        "targets": targets, "notes": [why] if why else [],
-        "timings": {op: _timing(v) for op, v in tm.items()},
+                    "rows": rows}, rates["table"]],
+        "targets": targets, "notes": ([why] if why else []) + [rates["note"]],
+        "timings": {op: _timing(v) for op, v in tm.items()}, "achieved": rates["values"],
         "settings": {"backend": b.name, "sizes": sizes, "batch": batch, "fused_before": before},
     }
+
+
+def _achieved(ctx: Context, b: Backend, net: MLP, sizes: list[int], batch: int,
+              seconds: dict[str, float]) -> dict[str, Any]:
+    """The fused passes' achieved TFLOP/s and GB/s (activations' traffic, ``fused_mlp_sources.traffic_bytes``)
+    against the measured SGEMM rate and the device's copy bandwidth, both measured here."""
+    k = b.kernels
+    gemm_n = ctx.args.gemm_size if ctx.args.gemm_size is not None else (64 if ctx.quick else 4096)
+    sgemm = gemm_rate(b, gemm_n, ctx)
+    n_copy = 2**16 if ctx.quick else 2**26  # 256 MB of float32 in full runs
+    src, dst = k.zeros((n_copy,), DTYPE), k.zeros((n_copy,), DTYPE)
+    copy_s = ctx.time({"copy": lambda: k.copy_into(dst, src)}, b.synchronize)["copy"].median
+    copy_bw = 2 * n_copy * np.dtype(DTYPE).itemsize / copy_s  # read and write
+    keep_u = step.workspace(net, batch).keep_u
+    traffic = fused_sources.traffic_bytes(sizes, keep_u, batch, np.dtype(DTYPE).itemsize)
+    fwd_flops = flop_counts(sizes, batch)["forward"]
+    work = {"sgd_fused": (_step_flops(sizes, batch), traffic["forward"] + traffic["backward"]),
+            "adam_fused": (_step_flops(sizes, batch), traffic["forward"] + traffic["backward"]),
+            "infer_fused": (fwd_flops, traffic["inference"])}
+    rows, values = [], {}
+    for op, (flop, nbytes) in work.items():
+        tflops, gbs = flop / seconds[op] / 1e12, nbytes / seconds[op] / 1e9
+        values[op] = {"tflops": tflops, "gb_per_s": gbs, "of_sgemm": flop / seconds[op] / sgemm,
+                      "of_copy": nbytes / seconds[op] / copy_bw, "flop": flop, "bytes": nbytes}
+        rows.append([op.split("_")[0], f"{tflops:.2f}", f"{values[op]['of_sgemm']:.2f}", f"{gbs:.0f}",
+                     f"{values[op]['of_copy']:.2f}"])
+    values["sgemm_tflops"], values["copy_gb_per_s"] = sgemm / 1e12, copy_bw / 1e9
+    return {"table": {"header": ["fused", "TFLOP/s", "of SGEMM", "GB/s", "of copy bandwidth"], "rows": rows},
+            "values": values,
+            "note": (f"Measured here: SGEMM {sgemm / 1e12:.2f} TFLOP/s ({gemm_n}^3 through layer_forward), device "
+                     f"copy {copy_bw / 1e9:.0f} GB/s ({n_copy * 4 / 1e6:.0f} MB copied); GB/s counts the activations "
+                     "the fused passes read and write (kernels.fused_mlp_sources.traffic_bytes).")}
 
 
 # --------------------------------------------------------------------------- 7. cuBLASLt epilogues
