@@ -17,7 +17,9 @@
 # has its own limit (INSTALL_TIMEOUT 60, TEST_TIMEOUT 150, BENCH_TIMEOUT 150 by default) and never gets
 # more than what the budget has left; the benchmark stops starting sections 15 s before its limit
 # (--time-limit), so a section cut short is the only thing lost. PYTEST_ARGS replaces the test selection
-# (default: tests/); BENCH_ARGS is passed on to the benchmark (e.g. "--no-compile" or "--sections fit,step").
+# (default: tests/); BENCH_ARGS is passed on to the benchmark (e.g. "--no-compile"). BENCH_SECTIONS sets the
+# sections and their order (default: the ones open work needs first, step,fused,epilogues,api,graph,tf32,fit;
+# the CPU section has its own results), so that a run cut short by its limit loses the least.
 # Exit status: non-zero if the tests or the benchmark failed or ran out of time.
 #
 # Wheels the machine lacks (nvmath-python for graph=True on CuPy, and its cuda-bindings, cuda-core,
@@ -96,7 +98,8 @@ bench_limit=$(limit "${BENCH_TIMEOUT:-150}")
 echo "== benchmark (limit ${bench_limit} s)"
 # shellcheck disable=SC2086
 timeout "$bench_limit" "$PY" benchmarks/gpu_vs_torch.py --out "$OUTDIR" --time-limit $(( bench_limit > 30 ? bench_limit - 15 : bench_limit / 2 )) \
-    --compile-budget 40 ${BENCH_ARGS:-} > "$OUTDIR/bench.txt" 2>&1
+    --compile-budget 40 --sections "${BENCH_SECTIONS:-step,fused,epilogues,api,graph,tf32,fit}" ${BENCH_ARGS:-} \
+    > "$OUTDIR/bench.txt" 2>&1
 bench_rc=$?
 cat "$OUTDIR/bench.txt"
 [ "$bench_rc" -eq 124 ] && echo "benchmark: stopped by its time limit (the sections written before are in $OUTDIR)"
