@@ -731,8 +731,8 @@ def _lt_matmul(kind: str, act: str, choice: epi.Choice, ops: epi.Operands, a: Ar
     """``D = op(A) op(B)`` with ``choice``'s epilogue, issued on the current stream; ``False`` (nothing
     issued) when it takes the GEMM and kernel path. ``bias``: the bias, or where the bias gradient goes."""
     path_key = (kind, act, ops.m, ops.n, ops.k, d.dtype.char)
-    if choice.epilogue is None or not _epilogues_on:
-        _lt_paths[path_key] = f"GEMM + kernel ({choice.reason or 'epilogues off'})"
+    if choice.epilogue is None:
+        _lt_paths[path_key] = f"GEMM + kernel ({choice.reason})"
         return False
     for p in (bias, aux):
         if p is not None and p.data.ptr % LT_POINTER_ALIGN:

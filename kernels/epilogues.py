@@ -32,10 +32,6 @@ EPILOGUE: dict[str, int] = {
     "DGELU_BGRAD": 208, "BGRADA": 256, "BGRADB": 512,
 }
 
-#: Epilogues that write (forward) or read (backward) the aux buffer.
-WRITES_AUX = frozenset({"RELU_AUX_BIAS", "GELU_AUX_BIAS"})
-READS_AUX = frozenset({"DRELU", "DGELU"})
-
 #: cuBLASLt wants the leading dimension of a ReLU bit mask to be a multiple of 128 bits (16 bytes)...
 RELU_MASK_LD_BITS = 128
 #: ... and that of a GELU aux (``u``, in D's dtype) a multiple of 8 elements.

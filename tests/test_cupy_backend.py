@@ -1548,6 +1548,17 @@ def test_fake_guarded_step_is_the_multi_launch_update_in_one(fake, rng, dt, opt)
                 np.testing.assert_array_equal(y, x, err_msg=f"{opt}, step {i + 1} of {steps}")
 
 
+def _one_launch_declines(k, rng, opt, nw, nb) -> bool:
+    """``opt.apply_in_one_launch`` on ``nw`` weights and ``nb`` biases in float32 declined, and then launched
+    nothing (else it launched exactly one kernel)."""
+    W, b = k.to_device(rng.normal(size=nw), np.float32), k.to_device(rng.normal(size=nb), np.float32)
+    _Fake.launches.clear()
+    done = opt.apply_in_one_launch(k, object(), W, b, W, b, k.zeros((GUARD_SIZE,), np.float64),
+                                   k.zeros((), np.float32), 1.0, np.float32)
+    assert len(_Fake.launches) == (1 if done else 0)
+    return not done
+
+
 def test_fake_guarded_step_leaves_a_custom_apply_alone(fake, rng):
     """A subclass with an apply of its own keeps it: apply_in_one_launch declines, nothing is launched."""
     from backprop import SGD
@@ -1556,16 +1567,12 @@ def test_fake_guarded_step_leaves_a_custom_apply_alone(fake, rng):
         def apply(self, kernels, owner, W, b, dW, db, guard=None, probe=False):
             super().apply(kernels, owner, W, b, dW, db, guard, probe)
 
+    assert _one_launch_declines(fake, rng, Clipped(0.1), 6, 2)
+    assert not _one_launch_declines(fake, rng, SGD(0.1), 6, 2)
     W, b = fake.to_device(rng.normal(size=6), np.float32), fake.to_device(rng.normal(size=2), np.float32)
-    guard = fake.zeros((GUARD_SIZE,), np.float64)
-    _Fake.launches.clear()
-    assert not Clipped(0.1).apply_in_one_launch(fake, object(), W, b, W, b, guard, fake.zeros((), np.float32), 1.0,
-                                                np.float32)
-    assert not _Fake.launches
-    assert SGD(0.1).apply_in_one_launch(fake, object(), W, b, W, b, guard, fake.zeros((), np.float32), 1.0,
-                                        np.float32)
     with pytest.raises(TypeError, match="loss"):
-        fake.guarded_step("sgd", guard, fake.zeros((), np.float64), 1.0, (W, b), (W, b), (), {"lr": 0.1})
+        fake.guarded_step("sgd", fake.zeros((GUARD_SIZE,), np.float64), fake.zeros((), np.float64), 1.0, (W, b),
+                          (W, b), (), {"lr": 0.1})
 
 
 def test_fake_guarded_step_declines_large_networks(fake, rng, monkeypatch):
@@ -1573,12 +1580,7 @@ def test_fake_guarded_step_declines_large_networks(fake, rng, monkeypatch):
     from backprop.kernels import cupy_sources as S
 
     monkeypatch.setattr(S, "STEP_MAX_PARAMS", 40)
-    W, b = fake.to_device(rng.normal(size=37), np.float32), fake.to_device(rng.normal(size=6), np.float32)
-    guard = fake.zeros((GUARD_SIZE,), np.float64)
-    _Fake.launches.clear()
-    assert not SGD(0.1).apply_in_one_launch(fake, object(), W, b, W, b, guard, fake.zeros((), np.float32), 1.0,
-                                            np.float32)
-    assert not _Fake.launches
+    assert _one_launch_declines(fake, rng, SGD(0.1), 37, 6)
 
 
 def test_fake_guard_and_updates_record_into_a_graph(fake, rng):
