@@ -163,29 +163,71 @@ KERNELS = r"""
 #define BP_BASE ((int)(%(base_bytes)d / sizeof(T)))
 #define BP_F %(fields)d
 #define BP_SOFTMAX %(softmax)d
-/* Shared memory of a pass: two buffers of R = BP_BASE * G rows of width + 1 elements, G * width == BP_THREADS. */
-#define BP_SMEM (2 * BP_BASE * (BP_THREADS + BP_THREADS / 32))
+/* Shared memory of a pass: two buffers of R = BP_BASE * G rows (G * WIDTH == BP_THREADS) of a pitch of WIDTH + 1
+   elements on the CUDA cores (no bank conflicts for a column), WIDTH + 8 on the tensor cores (none for a fragment). */
+#define BP_PITCH(width, tc) ((tc) ? (width) + 8 : (width) + 1)
 #define BP_AT(buf, r, k) smem[((buf) * R + (r)) * pitch + (k)]
+
+/* D = A B on the tensor cores in TF32 (inputs rounded to a 10-bit mantissa, float sums), in tiles of 16 x 8 with
+   k in steps of 8: m_tiles x n_tiles tiles over k_steps, shared out among `warps` warps (this one `warp`) in items
+   of one 16-row tile by BP_NT column tiles. load_a(m, k) and load_b(k, n) give the elements (zero beyond the
+   matrices), store(m, n, v) takes each element of D once. Called by every lane of the warps taking part. */
+#define BP_NT 4
+template <class A, class B, class D>
+__device__ __forceinline__ void bp_tc_tiles(int m_tiles, int n_tiles, int k_steps, int warp, int warps,
+                                            const A& load_a, const B& load_b, const D& store) {
+    const int lane = threadIdx.x %% 32, g = lane / 4, q = lane %% 4;
+    const int groups = (n_tiles + BP_NT - 1) / BP_NT;
+    for (int item = warp; item < m_tiles * groups; item += warps) {
+        const int m0 = item / groups * 16, nb = item %% groups * BP_NT;
+        float d[BP_NT][4];
+#pragma unroll
+        for (int j = 0; j < BP_NT; ++j) d[j][0] = d[j][1] = d[j][2] = d[j][3] = 0.0f;
+        for (int k0 = 0; k0 < 8 * k_steps; k0 += 8) {
+            const unsigned a[4] = {bp_to_tf32(load_a(m0 + g, k0 + q)), bp_to_tf32(load_a(m0 + g + 8, k0 + q)),
+                                   bp_to_tf32(load_a(m0 + g, k0 + q + 4)), bp_to_tf32(load_a(m0 + g + 8, k0 + q + 4))};
+#pragma unroll
+            for (int j = 0; j < BP_NT; ++j) {
+                if (nb + j < n_tiles) {  /* the same for every lane */
+                    const int n = (nb + j) * 8 + g;
+                    const unsigned b[2] = {bp_to_tf32(load_b(k0 + q, n)), bp_to_tf32(load_b(k0 + q + 4, n))};
+                    bp_mma_tf32(d[j], a, b);
+                }
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < BP_NT; ++j) {
+            if (nb + j < n_tiles) {
+                const int n = (nb + j) * 8 + 2 * q;
+                store(m0 + g, n, d[j][0]);
+                store(m0 + g, n + 1, d[j][1]);
+                store(m0 + g + 8, n, d[j][2]);
+                store(m0 + g + 8, n + 1, d[j][3]);
+            }
+        }
+    }
+}
 
 
 /* The forward pass of every layer for each tile of R rows. Thread t owns column t %% WIDTH of every layer and
    the BP_BASE rows of its group t / WIDTH; blockDim.x == BP_THREADS. WIDTH is a constant of each entry point,
    so that every shared-memory offset is one too. */
-template <int WIDTH>
+template <int WIDTH, bool TC>
 __device__ __forceinline__ void bp_mlp_forward_at(const T* x, const T* p, const long long* layout, const T* alphas,
                                                   int layers, long long rows, T* ys, T* us, const T* target,
                                                   const T* w, int weighted, int pair, T k, T batch, T* delta,
                                                   T* partial) {
-    __shared__ T smem[BP_SMEM];
-    constexpr int pitch = WIDTH + 1, R = BP_BASE * (BP_THREADS / WIDTH);
+    constexpr int pitch = BP_PITCH(WIDTH, TC), R = BP_BASE * (BP_THREADS / WIDTH);
+    __shared__ __align__(16) T smem[2 * R * pitch];
     const int t = threadIdx.x, col = t %% WIDTH, r0 = (t / WIDTH) * BP_BASE;
     T loss = (T)0;  /* this thread's loss terms (weighted), over its tiles */
     for (long long row0 = (long long)blockIdx.x * R; row0 < rows; row0 += (long long)gridDim.x * R) {
         const int valid = rows - row0 < R ? (int)(rows - row0) : R;
         const int n0 = (int)layout[%(n_in)d];
-        for (int i = t; i < R * n0; i += BP_THREADS) {
-            const int r = i / n0, k = i %% n0;
-            BP_AT(0, r, k) = r < valid ? x[(row0 + r) * n0 + k] : (T)0;
+        const int span = TC ? WIDTH : n0;  /* tensor cores read the padding columns: zero them */
+        for (int i = t; i < R * span; i += BP_THREADS) {
+            const int r = i / span, k = i %% span;
+            BP_AT(0, r, k) = r < valid && k < n0 ? x[(row0 + r) * n0 + k] : (T)0;
         }
         __syncthreads();
         int cur = 0;
@@ -195,15 +237,27 @@ __device__ __forceinline__ void bp_mlp_forward_at(const T* x, const T* p, const 
             const T* W = p + L[%(w_offset)d];
             const T alpha = alphas[l];
             const int nxt = cur ^ 1;
+            if constexpr (TC) {  /* W x^{l-1} of the whole tile on the tensor cores, into the next buffer */
+                bp_tc_tiles(R / 16, (n_out + 7) / 8, (n_in + 7) / 8, t / 32, BP_THREADS / 32,
+                            [&](int m, int k) { return BP_AT(cur, m, k); },
+                            [&](int k, int n) { return k < n_in && n < n_out ? W[(long long)n * n_in + k] : (T)0; },
+                            [&](int m, int n, T v) { BP_AT(nxt, m, n) = v; });
+                __syncthreads();
+            }
             if (col < n_out) {
                 T acc[BP_BASE];
                 const T bias = p[L[%(b_offset)d] + col];
+                if constexpr (TC) {
 #pragma unroll
-                for (int r = 0; r < BP_BASE; ++r) acc[r] = (T)0;
-                for (int k = 0; k < n_in; ++k) {
-                    const T w = W[(long long)col * n_in + k];
+                    for (int r = 0; r < BP_BASE; ++r) acc[r] = BP_AT(nxt, r0 + r, col);
+                } else {
 #pragma unroll
-                    for (int r = 0; r < BP_BASE; ++r) acc[r] += w * BP_AT(cur, r0 + r, k);
+                    for (int r = 0; r < BP_BASE; ++r) acc[r] = (T)0;
+                    for (int k = 0; k < n_in; ++k) {
+                        const T w = W[(long long)col * n_in + k];
+#pragma unroll
+                        for (int r = 0; r < BP_BASE; ++r) acc[r] += w * BP_AT(cur, r0 + r, k);
+                    }
                 }
 #pragma unroll
                 for (int r = 0; r < BP_BASE; ++r) {
@@ -267,12 +321,12 @@ __device__ __forceinline__ void bp_mlp_forward_at(const T* x, const T* p, const 
 /* The backward pass of every layer for each tile of R rows. Each group of threads (t / WIDTH) sums the
    gradients of its BP_BASE rows of every tile into a slice of partial of its own (n_params values, the
    parameters' layout): slice blockIdx.x * G + group. blockDim.x == BP_THREADS. */
-template <int WIDTH>
+template <int WIDTH, bool TC>
 __device__ __forceinline__ void bp_mlp_backward_at(const T* x, const T* p, const long long* layout, const T* alphas,
                                                    int layers, long long rows, const T* ys, const T* us,
                                                    const T* delta, T* partial, long long n_params) {
-    __shared__ T smem[BP_SMEM];
-    constexpr int pitch = WIDTH + 1, G = BP_THREADS / WIDTH, R = BP_BASE * G;
+    constexpr int pitch = BP_PITCH(WIDTH, TC), G = BP_THREADS / WIDTH, R = BP_BASE * G;
+    __shared__ __align__(16) T smem[2 * R * pitch];
     const int t = threadIdx.x, col = t %% WIDTH, group = t / WIDTH, r0 = group * BP_BASE;
     T* mine = partial + ((long long)blockIdx.x * G + group) * n_params;
     for (long long i = col; i < n_params; i += WIDTH) mine[i] = (T)0;  /* each group zeroes its own slice */
@@ -280,9 +334,10 @@ __device__ __forceinline__ void bp_mlp_backward_at(const T* x, const T* p, const
     const int n_last = (int)out[%(n_out)d];
     for (long long row0 = (long long)blockIdx.x * R; row0 < rows; row0 += (long long)gridDim.x * R) {
         const int valid = rows - row0 < R ? (int)(rows - row0) : R;
-        for (int i = t; i < R * n_last; i += BP_THREADS) {
-            const int r = i / n_last, j = i %% n_last;
-            BP_AT(0, r, j) = r < valid ? delta[(row0 + r) * n_last + j] : (T)0;
+        const int span = TC ? WIDTH : n_last;  /* tensor cores read the padding columns: zero them */
+        for (int i = t; i < R * span; i += BP_THREADS) {
+            const int r = i / span, j = i %% span;
+            BP_AT(0, r, j) = r < valid && j < n_last ? delta[(row0 + r) * n_last + j] : (T)0;
         }
         __syncthreads();
         int cur = 0;
@@ -297,7 +352,44 @@ __device__ __forceinline__ void bp_mlp_backward_at(const T* x, const T* p, const
                 for (int r = 0; r < BP_BASE; ++r) s += BP_AT(cur, r0 + r, col);
                 mine[L[%(b_offset)d] + col] += s;
             }
-            if (col < n_in) {  /* column col of dE/dW^l and of (W^l)^T delta^l, over this group's rows */
+            if constexpr (TC) {
+                /* x^{l-1} of this group's rows into the other buffer (zero beyond n_in and the valid rows) */
+                T xr[BP_BASE];
+#pragma unroll
+                for (int r = 0; r < BP_BASE; ++r) {
+                    xr[r] = col < n_in && r0 + r < valid ? x_prev[(row0 + r0 + r) * n_in + col] : (T)0;
+                    BP_AT(cur ^ 1, r0 + r, col) = xr[r];
+                }
+                __syncthreads();
+                /* dE/dW^l += (delta^l)^T x^{l-1} over this group's rows, by the group's warps into its slice */
+                bp_tc_tiles((n_out + 15) / 16, (n_in + 7) / 8, BP_BASE / 8, col / 32, WIDTH / 32,
+                            [&](int m, int k) { return BP_AT(cur, r0 + k, m); },
+                            [&](int k, int n) { return BP_AT(cur ^ 1, r0 + k, n); },
+                            [&](int m, int n, T v) {
+                                if (m < n_out && n < n_in) mine[L[%(w_offset)d] + (long long)m * n_in + n] += v;
+                            });
+                if (l > 0) {
+                    __syncthreads();  /* every group has read its x^{l-1} */
+                    /* (W^l)^T delta^l of the whole tile, into the other buffer */
+                    bp_tc_tiles(R / 16, (n_in + 7) / 8, (n_out + 7) / 8, t / 32, BP_THREADS / 32,
+                                [&](int m, int k) { return BP_AT(cur, m, k); },
+                                [&](int k, int n) { return k < n_out && n < n_in ? W[(long long)k * n_in + n] : (T)0; },
+                                [&](int m, int n, T v) { BP_AT(cur ^ 1, m, n) = v; });
+                    __syncthreads();
+                    /* delta^{l-1} = phi(y^{l-1}) * (W^l)^T delta^l on this thread's column; the padding stays zero */
+                    const long long* P = layout + (long long)(l - 1) * BP_F;
+                    const int code = (int)P[%(act)d];
+                    const T alpha = alphas[l - 1];
+#pragma unroll
+                    for (int r = 0; r < BP_BASE; ++r) {
+                        const bool in = col < n_in && r0 + r < valid;
+                        const T u = (P[%(u_offset)d] >= 0 && in) ? us[P[%(u_offset)d] + (row0 + r0 + r) * n_in + col]
+                                                                 : (T)0;
+                        const T v = BP_AT(cur ^ 1, r0 + r, col);
+                        BP_AT(cur ^ 1, r0 + r, col) = in ? v * bp_mlp_slope(code, xr[r], u, alpha) : (T)0;
+                    }
+                }
+            } else if (col < n_in) {  /* column col of dE/dW^l and of (W^l)^T delta^l, over this group's rows */
                 T xr[BP_BASE], acc[BP_BASE];
 #pragma unroll
                 for (int r = 0; r < BP_BASE; ++r) {
@@ -355,44 +447,84 @@ extern "C" __global__ void bp_mlp_reduce(const T* partial, long long slices, lon
 """
 
 
-_ENTRIES = r"""extern "C" __global__ void bp_mlp_forward_w%(w)d(const T* x, const T* p, const long long* layout,
+_ENTRIES = r"""extern "C" __global__ void bp_mlp_forward%(tag)s_w%(w)d(const T* x, const T* p, const long long* layout,
     const T* alphas, int layers, long long rows, T* ys, T* us, const T* target, const T* w, int weighted, int pair,
     T k, T batch, T* delta, T* partial) {
-    bp_mlp_forward_at<%(w)d>(x, p, layout, alphas, layers, rows, ys, us, target, w, weighted, pair, k, batch, delta,
-                             partial);
+    bp_mlp_forward_at<%(w)d, %(tc)s>(x, p, layout, alphas, layers, rows, ys, us, target, w, weighted, pair, k, batch,
+                                     delta, partial);
 }
-extern "C" __global__ void bp_mlp_backward_w%(w)d(const T* x, const T* p, const long long* layout,
+extern "C" __global__ void bp_mlp_backward%(tag)s_w%(w)d(const T* x, const T* p, const long long* layout,
     const T* alphas, int layers, long long rows, const T* ys, const T* us, const T* delta, T* partial,
     long long n_params) {
-    bp_mlp_backward_at<%(w)d>(x, p, layout, alphas, layers, rows, ys, us, delta, partial, n_params);
+    bp_mlp_backward_at<%(w)d, %(tc)s>(x, p, layout, alphas, layers, rows, ys, us, delta, partial, n_params);
 }
 """
 
-
-def kernel_name(pass_: str, width: int) -> str:
-    """The entry point of pass ``"forward"`` or ``"backward"`` at kernel width ``width``."""
-    return f"bp_mlp_{pass_}_w{width}"
+#: The tag of the tensor-core (TF32) entry points: ``bp_mlp_forward_tf32_w64``.
+TF32_TAG = "_tf32"
 
 
-def kernels_body() -> str:
-    """The kernels (after :data:`MATH_PREAMBLE` and the dispatch functions), for a ``typedef`` of ``T``: a
-    forward and a backward entry point per width of :data:`WIDTHS`, and the reduction."""
-    return KERNELS % {"entries": "".join(_ENTRIES % {"w": w} for w in WIDTHS),
+def kernel_name(pass_: str, width: int, tensor_cores: bool = False) -> str:
+    """The entry point of pass ``"forward"`` or ``"backward"`` at kernel width ``width``, on the CUDA cores or
+    (``tensor_cores``, float only) on the tensor cores in TF32."""
+    return f"bp_mlp_{pass_}{TF32_TAG if tensor_cores else ''}_w{width}"
+
+
+def kernels_body(tensor_cores: bool = False) -> str:
+    """The kernels (after :data:`PREAMBLE`), for a ``typedef`` of ``T``: a forward and a backward entry point per
+    width of :data:`WIDTHS` (with ``tensor_cores``, also their TF32 twins: float only), and the reductions."""
+    entries = [_ENTRIES % {"w": w, "tag": "", "tc": "false"} for w in WIDTHS]
+    if tensor_cores:
+        entries += [_ENTRIES % {"w": w, "tag": TF32_TAG, "tc": "true"} for w in WIDTHS]
+    return KERNELS % {"entries": "".join(entries),
                       "threads": THREADS, "base_bytes": BASE_ROWS["float"] * 4, "fields": LAYOUT_FIELDS,
                       "softmax": ACT_CODES[SOFTMAX], "n_in": N_IN, "n_out": N_OUT, "w_offset": W_OFFSET,
                       "b_offset": B_OFFSET, "act": ACT, "y_offset": Y_OFFSET, "u_offset": U_OFFSET}
 
 
-#: What the kernels need before them: the registry's device helpers, the block reductions, the dispatch functions.
-PREAMBLE = f"{MATH_PREAMBLE}\n{REDUCE_PREAMBLE}\n{dispatch_source()}"
+#: The tensor cores' two primitives, in PTX (sm_80 and newer; a trap before): ``bp_to_tf32(v)`` rounds a float to
+#: TF32 (10-bit mantissa, to nearest, ties away from zero: ``cvt.rna.tf32.f32``), and ``bp_mma_tf32(d, a, b)`` is
+#: ``d += a b`` for one 16 x 8 x 8 tile (``mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32``), each lane of the
+#: warp holding its fragment as the PTX ISA lays it out: with ``g = lane / 4``, ``q = lane % 4``, ``a = (A[g][q],
+#: A[g+8][q], A[g][q+4], A[g+8][q+4])``, ``b = (B[q][g], B[q+4][g])``, ``d = (D[g][2q], D[g][2q+1], D[g+8][2q],
+#: D[g+8][2q+1])``. Unused by the CUDA-core kernels; the host emulator of the tests stands in its own.
+MMA_PRIMITIVES = r"""
+__device__ __forceinline__ unsigned bp_to_tf32(float v) {
+    unsigned r = 0u;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(v));
+#else
+    __trap();
+#endif
+    return r;
+}
+__device__ __forceinline__ void bp_mma_tf32(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+                 "{%0, %1, %2, %3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+    __trap();
+#endif
+}
+"""
 
-#: The kernels of the module, as CuPy's RawModule names them.
+#: What the kernels need before them: the registry's device helpers, the block reductions, the dispatch functions,
+#: the tensor cores' primitives.
+PREAMBLE = f"{MATH_PREAMBLE}\n{REDUCE_PREAMBLE}\n{dispatch_source()}\n{MMA_PRIMITIVES}"
+
+#: The kernels of the CUDA-core module, as CuPy's RawModule names them; the TF32 module adds :data:`TF32_KERNEL_NAMES`.
 KERNEL_NAMES = tuple(kernel_name(p, w) for w in WIDTHS for p in ("forward", "backward")) + ("bp_mlp_mean",
                                                                                               "bp_mlp_reduce")
+TF32_KERNEL_NAMES = tuple(kernel_name(p, w, True) for w in WIDTHS for p in ("forward", "backward"))
 
 
-def module_source(ctype: str) -> str:
-    """The whole RawModule source for C type ``ctype`` (``"float"`` or ``"double"``)."""
+def module_source(ctype: str, tensor_cores: bool = False) -> str:
+    """The whole RawModule source for C type ``ctype`` (``"float"`` or ``"double"``); with ``tensor_cores``
+    (float only: TF32 is a float32 format), the TF32 entry points too (they need sm_80 or newer)."""
     if ctype not in CTYPES.values():
         raise ValueError(f"ctype must be one of {sorted(CTYPES.values())}, got {ctype!r}")
-    return f"typedef {ctype} T;\n{PREAMBLE}\n{kernels_body()}"
+    if tensor_cores and ctype != "float":
+        raise ValueError(f"the tensor-core (TF32) kernels are float only, got {ctype!r}")
+    return f"typedef {ctype} T;\n{PREAMBLE}\n{kernels_body(tensor_cores)}"

@@ -238,6 +238,7 @@ using std::sqrt; using std::tanh;
 #define __forceinline__ inline
 #define __noinline__
 #define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
 
 struct bp_dim3 { unsigned x = 0, y = 0, z = 0; };
 static bp_dim3 blockIdx, blockDim, gridDim;

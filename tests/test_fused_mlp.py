@@ -1,10 +1,13 @@
 """The fused narrow-network kernels (``backprop.kernels.fused_mlp_sources``), checked without a GPU.
 
-1. ``nvcc`` compiles them for float and double; the float PTX computes nothing in double, and ``ptxas``
-   for sm_90 reports no spills and the shared memory within the 48 KB a block gets without opting in.
+1. ``nvcc`` compiles them for float and double, and the float module with its tensor-core (TF32) twins; the
+   float PTX computes nothing in double, and ``ptxas`` for sm_90 reports no spills and the shared memory within
+   the 48 KB a block gets without opting in.
 2. The host emulator of test_cupy_sources runs them against the NumPy reference on fresh random inputs:
    every activation, widths 16 to 128, batches that are not a multiple of the tile, several blocks
-   walking the tiles, and whole SGD and Adam steps (the backend's update kernels, emulated too).
+   walking the tiles, and whole SGD and Adam steps (the backend's update kernels, emulated too). Every check
+   runs in float, in double, and in float on the tensor cores (``tf32``: the emulator's ``mma`` follows the
+   PTX ISA's fragment layout and rounds the inputs as ``cvt.rna.tf32.f32`` does), the last to TF32's error.
 """
 
 from __future__ import annotations
@@ -23,6 +26,11 @@ from backprop.kernels.registry import ACTIVATIONS
 from .test_cupy_sources import NVCC, Emu, _f64_instructions, _nvcc_ptx, _tol, build_emulator, signatures
 
 CTYPES = ["float", "double"]
+#: The emulated variants: each C type on the CUDA cores, and float on the tensor cores.
+VARIANTS = [*CTYPES, "tf32"]
+#: Error of the TF32 kernels against the float64 reference, relative to the values' scale: inputs of every layer's
+#: GEMMs rounded to a 10-bit mantissa (relative 2^-11 each), through up to four layers.
+TF32_TOL = {"rtol": 1e-2, "atol": 1e-2}
 HIDDEN = [n for n in F.ACT_CODES if n != F.SOFTMAX and ACTIVATIONS[n].hidden]
 ALPHA = {"leaky_relu": 0.05, "elu": 0.7}
 
@@ -60,14 +68,17 @@ def test_plan_offsets():
 
 # --------------------------------------------------------------------------- 1. nvcc and ptxas
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found")
-@pytest.mark.parametrize("ctype", CTYPES)
-def test_compiles_without_spills_within_static_shared_memory(ctype, tmp_path):
-    ptx = _nvcc_ptx(F.module_source(ctype), tmp_path, f"fused_{ctype}")
-    for name in F.KERNEL_NAMES:
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_compiles_without_spills_within_static_shared_memory(variant, tmp_path):
+    tensor_cores = variant == "tf32"
+    ctype = "float" if tensor_cores else variant
+    ptx = _nvcc_ptx(F.module_source(ctype, tensor_cores), tmp_path, f"fused_{variant}")
+    for name in F.KERNEL_NAMES + (F.TF32_KERNEL_NAMES if tensor_cores else ()):
         assert f".entry {name}(" in ptx
+    assert ("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32" in ptx) == tensor_cores
     if ctype == "float":
         assert not _f64_instructions(ptx, frozenset()), _f64_instructions(ptx, frozenset())[:5]
-    cu = tmp_path / f"fused_{ctype}.cu"
+    cu = tmp_path / f"fused_{variant}.cu"
     proc = subprocess.run([NVCC, "-cubin", "-arch=sm_90", "-Xptxas", "-v", "-o", str(tmp_path / "f.cubin"), str(cu)],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -78,18 +89,65 @@ def test_compiles_without_spills_within_static_shared_memory(ctype, tmp_path):
 
 
 # --------------------------------------------------------------------------- 2. the emulator
+#: The tensor cores' primitives for the host emulator, as the PTX ISA defines them (see
+#: ``fused_mlp_sources.MMA_PRIMITIVES``): each lane leaves its fragments in the warp's slots and, after a warp
+#: barrier, computes its own four elements of ``D`` from everyone's (TF32 products are exact in float).
+EMULATED_MMA = r"""
+static unsigned bp_mma_slots[1024][6];
+inline unsigned bp_to_tf32(float v) {  /* to nearest, ties away from zero; inf and NaN kept */
+    unsigned u;
+    std::memcpy(&u, &v, 4);
+    return (u & 0x7f800000u) == 0x7f800000u ? u : (u + 0x1000u) & 0xffffe000u;
+}
+inline float bp_tf32_value(unsigned u) { u &= 0xffffe000u; float f; std::memcpy(&f, &u, 4); return f; }
+inline void bp_mma_tf32(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+    const unsigned t = threadIdx.x, w = t / 32, lane = t % 32, g = lane / 4, q = lane % 4;
+    for (int i = 0; i < 4; ++i) bp_mma_slots[t][i] = a[i];
+    bp_mma_slots[t][4] = b[0];
+    bp_mma_slots[t][5] = b[1];
+    bp_warp_barriers[w]->arrive_and_wait();
+    auto A = [&](unsigned m, unsigned k) {  /* a = (A[g][q], A[g+8][q], A[g][q+4], A[g+8][q+4]) */
+        return bp_tf32_value(bp_mma_slots[w * 32 + (m % 8) * 4 + k % 4][(m / 8) + 2 * (k / 4)]); };
+    auto B = [&](unsigned k, unsigned n) {  /* b = (B[q][g], B[q+4][g]) */
+        return bp_tf32_value(bp_mma_slots[w * 32 + n * 4 + k % 4][4 + k / 4]); };
+    for (unsigned i = 0; i < 4; ++i) {  /* d = (D[g][2q], D[g][2q+1], D[g+8][2q], D[g+8][2q+1]) */
+        const unsigned m = g + 8 * (i / 2), n = 2 * q + i % 2;
+        float s = d[i];
+        for (unsigned k = 0; k < 8; ++k) s += A(m, k) * B(k, n);
+        d[i] = s;
+    }
+    bp_warp_barriers[w]->arrive_and_wait();
+}
+"""
+
+
 @functools.lru_cache(maxsize=None)
 def _exe(ctype: str) -> str:
-    return build_emulator(ctype, F.PREAMBLE, F.kernels_body(), "bp_fused")
+    """The emulator of the fused module for ``ctype``; float's has the tensor-core (TF32) kernels too."""
+    return build_emulator(ctype, F.PREAMBLE.replace(F.MMA_PRIMITIVES, EMULATED_MMA),
+                          F.kernels_body(tensor_cores=ctype == "float"), "bp_fused")
 
 
-@pytest.fixture(params=CTYPES)
+@functools.lru_cache(maxsize=None)
+def _sigs(ctype: str) -> dict:
+    return signatures(F.kernels_body(tensor_cores=ctype == "float"))
+
+
+@pytest.fixture(params=VARIANTS)
 def emu(request) -> Emu:
-    return Emu(request.param, _exe(request.param), signatures(F.kernels_body()))
+    """The emulated fused kernels of one variant; ``emu.tensor_cores`` picks the TF32 entry points."""
+    ctype = "float" if request.param == "tf32" else request.param
+    e = Emu(ctype, _exe(ctype), _sigs(ctype))
+    e.tensor_cores = request.param == "tf32"
+    return e
 
 
 def _ctype(emu: Emu) -> str:
     return "float" if emu.dtype == np.float32 else "double"
+
+
+def _tol_of(emu: Emu) -> dict:
+    return TF32_TOL if emu.tensor_cores else _tol(_ctype(emu))
 
 
 class Net:
@@ -145,7 +203,8 @@ def _forward(emu, net, x, grid, error=None):
         if weights is not None:
             arrays["w"], scalars["weighted"] = weights, 1
         outputs += ("delta", "partial")
-    got = emu(F.kernel_name("forward", F.kernel_width(net.sizes)), grid, F.THREADS, arrays, scalars, outputs=outputs)
+    name = F.kernel_name("forward", F.kernel_width(net.sizes), emu.tensor_cores)
+    got = emu(name, grid, F.THREADS, arrays, scalars, outputs=outputs)
     ys = [got["ys"][o:o + rows * n].reshape(rows, n) for o, n in zip(y_off, net.sizes[1:])]
     us = [None if o < 0 else got["us"][o:o + rows * n].reshape(rows, n) for o, n in zip(u_off, net.sizes[1:])]
     if error is None:
@@ -168,7 +227,7 @@ def _backward(emu, net, x, ys, us, delta, grid):
     n = net.params.size
     width = F.kernel_width(net.sizes)
     slices = grid * (F.THREADS // width)
-    part = emu(F.kernel_name("backward", width), grid, F.THREADS,
+    part = emu(F.kernel_name("backward", width, emu.tensor_cores), grid, F.THREADS,
                {"x": x, "p": net.params, "layout": layout, "alphas": net.alphas, "ys": yflat, "us": uflat,
                 "delta": delta, "partial": np.full(slices * n, np.nan)},
                {"layers": len(net.acts), "rows": rows, "n_params": n}, outputs=("partial",))["partial"]
@@ -186,9 +245,9 @@ def _check_forward(emu, rng, sizes, acts, rows=45, grid=2):
     ys, us = _forward(emu, net, x, grid)
     want_y, want_u = net.forward(x)
     for i, (y, u, wy, wu) in enumerate(zip(ys, us, want_y, want_u)):
-        np.testing.assert_allclose(y, wy, **_tol(_ctype(emu)), err_msg=f"y of layer {i + 1}")
+        np.testing.assert_allclose(y, wy, **_tol_of(emu), err_msg=f"y of layer {i + 1}")
         if net.keep_u[i]:
-            np.testing.assert_allclose(u, wu, **_tol(_ctype(emu)), err_msg=f"u of layer {i + 1}")
+            np.testing.assert_allclose(u, wu, **_tol_of(emu), err_msg=f"u of layer {i + 1}")
 
 
 def _check_backward(emu, rng, sizes, acts, rows=45, grid=3):
@@ -201,7 +260,7 @@ def _check_backward(emu, rng, sizes, acts, rows=45, grid=3):
     got = _backward(emu, net, x, ys, us, delta, grid)
     want = net.backward(x, ys, us, delta)
     scale = np.max(np.abs(want))
-    tol = _tol(_ctype(emu))
+    tol = _tol_of(emu)
     np.testing.assert_allclose(got, want, rtol=tol["rtol"], atol=tol["atol"] + tol["rtol"] * scale)
 
 
@@ -235,7 +294,9 @@ ERROR_CASES = [(o, loss, False) for o, loss in sorted(F.PAIR_CODES)] + [
 @pytest.mark.parametrize("output,loss,weighted", ERROR_CASES)
 def test_forward_with_the_error_at_the_output(emu, rng, output, loss, weighted):
     """Every (output, loss) pair, with and without row weights: ``delta^L`` and the mean loss of the reference's
-    ``output_error`` on the reference's forward pass (several tiles, blocks taking more than one)."""
+    ``output_error`` on the reference's forward pass (several tiles, blocks taking more than one). On the tensor
+    cores, on the kernel's own forward pass (checked by the other tests): TF32's error could flip the sign MAE's
+    delta takes."""
     from .conftest import targets_for
 
     n_out = 1 if weighted and loss == "bce" else 4
@@ -245,9 +306,10 @@ def test_forward_with_the_error_at_the_output(emu, rng, output, loss, weighted):
     t = targets_for(rng, loss, rows, n_out).astype(emu.dtype).astype(np.float64)
     weights = rng.uniform(0.2, 2.0, rows).astype(emu.dtype).astype(np.float64) if weighted else None
     param = 0.7 if loss == "huber" else 0.0
-    _, _, delta, mean = _forward(emu, net, x, 2, (t, loss, param, weights))
-    ys, us = net.forward(x)
-    want_mean, want_delta = ref.output_error(ys[-1], us[-1], t, output, loss, param, net.alphas[-1], weights=weights)
+    got_ys, got_us, delta, mean = _forward(emu, net, x, 2, (t, loss, param, weights))
+    ys, us = (got_ys, got_us) if emu.tensor_cores else net.forward(x)
+    y_out, u_out = ys[-1].astype(np.float64), us[-1].astype(np.float64)
+    want_mean, want_delta = ref.output_error(y_out, u_out, t, output, loss, param, net.alphas[-1], weights=weights)
     tol = _tol(_ctype(emu))
     np.testing.assert_allclose(delta, want_delta, rtol=tol["rtol"], atol=tol["atol"] / rows)
     np.testing.assert_allclose(mean, float(want_mean), **tol)
@@ -266,6 +328,24 @@ def test_one_row_and_more_blocks_than_tiles(emu, rng):
     _check_backward(emu, rng, [3, 16, 2], ["relu", "identity"], rows=1, grid=3)
 
 
+@pytest.mark.parametrize("pass_", PASSES)
+def test_tensor_cores_compute_in_tf32(rng, pass_):
+    """The TF32 kernels are not the float kernels under another name: on the same inputs they differ from them by
+    TF32's rounding (about 2^-11 of the values' scale), far more than float's, and stay within TF32_TOL."""
+    plain, tc = (Emu("float", _exe("float"), _sigs("float")) for _ in range(2))
+    plain.tensor_cores, tc.tensor_cores = False, True
+    net = Net(rng, [24, 64, 64, 8], ["tanh", "relu", "identity"], np.float32)
+    x = _data(rng, net, 40)
+    if pass_ == "forward":
+        a, b = (_forward(e, net, x, 1)[0][-1] for e in (plain, tc))
+    else:
+        ys, us = net.forward(x)
+        delta = rng.normal(size=(40, 8)) / 40
+        a, b = (_backward(e, net, x, ys, us, delta, 1) for e in (plain, tc))
+    scale = np.max(np.abs(a))
+    assert 1e-5 * scale < np.max(np.abs(a - b)) < TF32_TOL["atol"] * scale
+
+
 def test_gradients_do_not_depend_on_the_blocks_beyond_rounding(emu, rng):
     """Each grid gives the same gradients to rounding (each is a fixed order of the same sums), and a grid
     gives the same bits every time."""
@@ -275,7 +355,7 @@ def test_gradients_do_not_depend_on_the_blocks_beyond_rounding(emu, rng):
     delta = rng.normal(size=(70, 5)) / 70
     one, three, again = (_backward(emu, net, x, ys, us, delta, g) for g in (1, 3, 3))
     assert np.array_equal(three, again)
-    np.testing.assert_allclose(one, three, **_tol(_ctype(emu)))
+    np.testing.assert_allclose(one, three, **_tol_of(emu))
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
@@ -310,7 +390,7 @@ def test_a_whole_step(emu, rng, optimizer):
                        "c2": 1 - b2, "eps": eps, "wd": 0.0, "_n": n, "_ncols": n}, outputs=("_raw_p",))["_raw_p"]
         want = p.copy()
         ref.adam_update(want, want_g, m.copy(), v.copy(), lr, b1, b2, eps, 1, 0.0)
-    tol = _tol(_ctype(emu))
+    tol = _tol_of(emu)
     np.testing.assert_allclose(got, want, rtol=tol["rtol"], atol=10 * tol["atol"])
 
 
