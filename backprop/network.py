@@ -264,7 +264,9 @@ class MLP:
         fused narrow-network launches."""
         lines = [repr(self)]
         if step.fused(self) is not None:
-            return "\n".join(lines + ["  every layer: the fused narrow-network kernels, one launch per pass"])
+            where = getattr(self.backend.kernels, "fused_mlp_path", None)
+            on = f", on the {where(self.dtype)}" if where is not None else ""
+            return "\n".join(lines + [f"  every layer: the fused narrow-network kernels, one launch per pass{on}"])
         cache = self.__dict__.get("_workspaces")
         if batch is None and cache:
             batch = next(reversed(cache))

@@ -145,6 +145,7 @@ OPTIONAL: dict[str, str] = {
     "set_fused_mlp": "(bool) -> None: run the passes of narrow networks as single fused launches (off by default)",
     "fused_mlp_enabled": "() -> bool: whether set_fused_mlp is on",
     "fused_mlp_reason": "(sizes, acts, dtype) -> str: why the fused launches do not serve a network ('' when they do)",
+    "fused_mlp_path": "(dtype) -> str: where the fused launches of a dtype network run (CUDA or TF32 tensor cores)",
     "mlp_forward": "(x, params, sizes, acts, alphas, keep_u, y_flat, u_flat) -> None: the forward pass of every "
                    "layer in one launch, each layer's y (and kept u) into flat buffers, layer after layer",
     "mlp_forward_error": "(x, params, sizes, acts, alphas, keep_u, y_flat, u_flat, t, loss, param, *, delta, value, "

@@ -35,7 +35,8 @@ It implements the contract of :mod:`backprop.kernels.contract` (the reference is
   graph, :func:`replay` launches it, :func:`copy_into` is a capturable copy; :mod:`backprop.graph`
   builds the graph of a whole training step from them. Recording needs nvmath-python (CuPy 14's
   cuBLAS wrappers refuse to run while a stream is being captured).
-* :func:`set_tf32` lets float32 GEMMs use TF32 tensor cores.
+* :func:`set_tf32` lets float32 GEMMs use TF32 tensor cores (and the fused narrow-network passes, their TF32
+  twins: :func:`fused_mlp_path`).
 * cuBLASLt epilogues: with :func:`set_epilogues`, a layer's GEMMs apply bias and activation, the slope, and
   the bias gradient themselves (:mod:`backprop.kernels.epilogues` picks them; see "cuBLASLt epilogues" below).
 * Narrow networks (every width at most 128): with :func:`set_fused_mlp`, each pass is one launch of the
@@ -47,6 +48,7 @@ this module never fails for want of CuPy or a GPU: :func:`is_available` says why
 
 from __future__ import annotations
 
+import os
 import threading
 import warnings
 from collections.abc import Callable
@@ -303,6 +305,8 @@ def set_tf32(enabled: bool) -> None:
     about 1e-6. Float64 is unaffected, and so are the elementwise kernels. The setting is read when
     a GEMM is issued (a captured CUDA graph keeps the mode it was captured with; the graph cache
     is keyed by it). ``NVIDIA_TF32_OVERRIDE=0`` in the environment disables TF32 whatever this says.
+    With :func:`set_fused_mlp` too, a float32 narrow network's fused passes run their layers' products on the
+    tensor cores in TF32 (``mma.sync``, sm_80 and newer), at the same error per layer (:func:`fused_mlp_path`).
     """
     global _tf32
     _tf32 = bool(enabled)
@@ -1283,7 +1287,7 @@ def copy_into(dst: Array, src: Array) -> None:
 
 # --------------------------------------------------------------------------- fused narrow networks
 _fused_on = False
-_fused_modules: dict[tuple[int, str], Any] = {}
+_fused_modules: dict[tuple[int, str, bool], Any] = {}
 #: (device, sizes, activations, alphas, kept u, rows, dtype) -> the device layout and alphas of the fused kernels
 _fused_plans: dict[tuple, tuple[Array, Array]] = {}
 _sm_counts: dict[int, int] = {}
@@ -1308,12 +1312,31 @@ def fused_mlp_reason(sizes: Any, acts: Any, dtype: Any) -> str:
     return fused.unserved_reason(list(sizes), list(acts), dtype)
 
 
-def _fused_kernel(name: str, dtype: Any) -> Any:
+def fused_mlp_path(dtype: Any) -> str:
+    """Where the fused passes of a ``dtype`` network run: ``"TF32 tensor cores"`` when :func:`set_tf32` is on for
+    a float32 network on sm_80 or newer (and ``NVIDIA_TF32_OVERRIDE`` is not ``0``), else ``"CUDA cores"``, with
+    the reason TF32 was asked for and not taken."""
+    if not (_tf32 and np.dtype(dtype) == np.float32):
+        return "CUDA cores"
+    if os.environ.get("NVIDIA_TF32_OVERRIDE") == "0":
+        return "CUDA cores (NVIDIA_TF32_OVERRIDE=0)"
+    cc = int(_cupy.cuda.Device().compute_capability)
+    return "TF32 tensor cores" if cc >= 80 else f"CUDA cores (TF32 needs sm_80 or newer, this is sm_{cc})"
+
+
+def _fused_tensor_cores(dtype: Any) -> bool:
+    """Whether the fused passes of a ``dtype`` network take the TF32 kernels (:func:`fused_mlp_path`)."""
+    return _tf32 and fused_mlp_path(dtype) == "TF32 tensor cores"
+
+
+def _fused_kernel(name: str, dtype: Any, tensor_cores: bool = False) -> Any:
+    """Kernel ``name`` of the fused module for ``dtype`` on this device: the CUDA-core module, or the float module
+    with the TF32 twins (compiled only when first asked for: it needs sm_80)."""
     ctype = src.CTYPES[np.dtype(dtype).name]
-    key = (_cupy.cuda.Device().id, ctype)
+    key = (_cupy.cuda.Device().id, ctype, tensor_cores)
     module = _fused_modules.get(key)
     if module is None:
-        module = _fused_modules[key] = _cupy.RawModule(code=fused.module_source(ctype))
+        module = _fused_modules[key] = _cupy.RawModule(code=fused.module_source(ctype, tensor_cores))
     return module.get_function(name)
 
 
@@ -1379,6 +1402,7 @@ def _mlp_forward(x: Array, params: Array, sizes: Any, acts: Any, alphas: Any, ke
                  u_flat: Array, error: tuple | None) -> None:
     rows, layout, alph, sizes, acts = _fused_args(x, params, sizes, acts, alphas, keep_u, y_flat, u_flat)
     dtype = params.dtype
+    tc = _fused_tensor_cores(dtype)
     width = fused.kernel_width(sizes)
     tiles = -(-rows // fused.tile_rows(width, src.CTYPES[dtype.name]))
     none = _scratch("no_weights", (1,), dtype)  # stands in for the arrays a pass without its error never reads
@@ -1389,11 +1413,12 @@ def _mlp_forward(x: Array, params: Array, sizes: Any, acts: Any, alphas: Any, ke
         w, weighted = (none, 0) if weights is None else (_contiguous(weights), 1)
         partial = _scratch("fused_loss_partial", (max(tiles, 1),), dtype)
     if rows > 0:
-        _fused_kernel(fused.kernel_name("forward", width), dtype)((tiles,), (fused.THREADS,), (
+        _fused_kernel(fused.kernel_name("forward", width, tc), dtype, tc)((tiles,), (fused.THREADS,), (
             x, params, layout, alph, np.int32(len(acts)), np.int64(rows), y_flat, u_flat, t, w, np.int32(weighted),
             np.int32(pair), _scalar(k, dtype), _scalar(max(rows, 1), dtype), delta, partial))
     if error is not None:
-        _fused_kernel("bp_mlp_mean", dtype)((1,), (src.BLOCK,), (partial, np.int64(tiles), _scalar(rows, dtype), value))
+        _fused_kernel("bp_mlp_mean", dtype, tc)((1,), (src.BLOCK,), (partial, np.int64(tiles), _scalar(rows, dtype),
+                                                                  value))
 
 
 def _backward_blocks() -> int:
@@ -1412,21 +1437,23 @@ def mlp_backward(x: Array, params: Array, sizes: Any, acts: Any, alphas: Any, ke
     adds the slices in a fixed order (deterministic). ``y_flat``, ``u_flat``: what :func:`mlp_forward` wrote."""
     rows, layout, alph, sizes, acts = _fused_args(x, params, sizes, acts, alphas, keep_u, y_flat, u_flat)
     dtype = params.dtype
+    tc = _fused_tensor_cores(dtype)
     _buffer(delta, (rows, sizes[-1]), dtype, "delta")
     n = int(params.size)
     _buffer(grads, (n,), dtype, "grads")
     if rows == 0:
-        _fused_kernel("bp_mlp_reduce", dtype)((1,), (src.BLOCK,), (grads, np.int64(0), np.int64(n), grads))  # zeros
+        _fused_kernel("bp_mlp_reduce", dtype, tc)((1,), (src.BLOCK,), (grads, np.int64(0), np.int64(n), grads))  # zeros
         return
     width = fused.kernel_width(sizes)
     tiles = -(-rows // fused.tile_rows(width, src.CTYPES[dtype.name]))
     grid = max(1, min(tiles, _backward_blocks()))
     slices = grid * (fused.THREADS // width)  # one per group of threads of each block
     partial = _scratch("fused_partial", (slices * n,), dtype)
-    _fused_kernel(fused.kernel_name("backward", width), dtype)((grid,), (fused.THREADS,), (
+    _fused_kernel(fused.kernel_name("backward", width, tc), dtype, tc)((grid,), (fused.THREADS,), (
         x, params, layout, alph, np.int32(len(acts)), np.int64(rows), y_flat, u_flat, delta, partial, np.int64(n)))
     blocks = min(-(-n // src.BLOCK), 1024)
-    _fused_kernel("bp_mlp_reduce", dtype)((blocks,), (src.BLOCK,), (partial, np.int64(slices), np.int64(n), grads))
+    _fused_kernel("bp_mlp_reduce", dtype, tc)((blocks,), (src.BLOCK,), (partial, np.int64(slices), np.int64(n),
+                                                                        grads))
 
 
 def flop_count(sizes: list[int], batch: int) -> int:
@@ -1460,6 +1487,7 @@ __all__ = [
     "epilogues_enabled",
     "flop_count",
     "fused_mlp_enabled",
+    "fused_mlp_path",
     "fused_mlp_reason",
     "gather_rows",
     "guard_step",

@@ -601,10 +601,11 @@ class _RawModule:
 
         modules = {(c, "raw"): S.raw_module_source(c) for c in ("float", "double")}
         modules.update({(c, "fused"): F.module_source(c) for c in ("float", "double")})
+        modules[("float", "fused_tf32")] = F.module_source("float", tensor_cores=True)
         self.ctype, kind = next(key for key, source in modules.items() if code == source)
         self.sigs = {n: [" ".join(p.split()) for p in ps.split(",")] for n, ps in _src_tests._SIG.findall(code)}
         self.emulator = None
-        if kind == "fused":
+        if kind.startswith("fused"):  # one emulator for both float modules: it holds the TF32 kernels too
             ctype = self.ctype
             self.emulator = lambda: _src_tests.Emu(ctype, test_fused_mlp._exe(ctype), self.sigs)
 
@@ -1752,12 +1753,14 @@ def test_fake_benchmark_script_runs(fake, tmp_path, monkeypatch):
     assert step["cases"]["gemm_bound"]["fraction_of_gemm"] > 0
     assert {"host", "device"} == set(by_name["fit"]["timings"])
     assert len(by_name["api"]["targets"]) == 2 and by_name["tf32"]["settings"]["tf32_before"] is False
-    assert [r[0] for r in by_name["fused"]["tables"][0]["rows"]] == ["sgd", "adam", "infer"]
+    fused_rows = ["sgd", "adam", "infer", "sgd TF32", "adam TF32", "infer TF32"]  # the fake GPU is an sm_90
+    assert [r[0] for r in by_name["fused"]["tables"][0]["rows"]] == fused_rows
     achieved = by_name["fused"]["achieved"]  # TFLOP/s and GB/s against the SGEMM rate and copy bandwidth measured
-    assert achieved["sgemm_tflops"] > 0 and achieved["copy_gb_per_s"] > 0
+    assert achieved["sgemm_tflops"] > 0 and achieved["copy_gb_per_s"] > 0 and achieved["tf32_gemm_tflops"] > 0
     assert achieved["sgd_fused"]["bytes"] == achieved["adam_fused"]["bytes"] > achieved["infer_fused"]["bytes"] > 0
-    assert [r[0] for r in by_name["fused"]["tables"][1]["rows"]] == ["sgd", "adam", "infer"]
-    assert not fake.fused_mlp_enabled()  # the section puts the switch back
+    assert achieved["sgd_fused_tf32"]["bytes"] == achieved["sgd_fused"]["bytes"]
+    assert [r[0] for r in by_name["fused"]["tables"][1]["rows"]] == fused_rows
+    assert not fake.fused_mlp_enabled() and not fake.tf32_enabled()  # the section puts the switches back
     epilogues = by_name["epilogues"]
     assert [r[0] for r in epilogues["tables"][0]["rows"]] == ["narrow", "gemm_bound"] and not fake.epilogues_enabled()
     assert "cuBLASLt RELU_AUX_BIAS" in epilogues["cases"][0]["paths"]  # the step took the epilogues
@@ -1864,6 +1867,49 @@ def test_fake_fused_fit_equals_layer_by_layer_fit(fake, rng, hidden, head, dtype
     np.testing.assert_allclose(histories[1].loss, histories[0].loss, **close)
     np.testing.assert_allclose(host(fake, nets[1].params), host(fake, nets[0].params), **close)
     np.testing.assert_allclose(nets[1].out_, nets[0].out_, **close)
+
+
+def test_fake_fused_tf32_runs_the_tensor_core_kernels(fake, rng, monkeypatch):
+    """set_tf32 with set_fused_mlp: a float32 narrow network's passes are the TF32 twins (to TF32's error of the
+    layer-by-layer fit), describe() says so; float64, NVIDIA_TF32_OVERRIDE=0 and a GPU before sm_80 keep the
+    CUDA-core kernels, with the reason."""
+    from backprop import MLP, Adam
+
+    X, y = _fake_batch(rng, "multiclass", batch=37, n_in=6, n_out=3)
+    nets = [MLP([6, 32, 32, 3], activation="tanh", head="multiclass", dtype="float32", seed=4, backend="cupy")
+            for _ in range(2)]
+    plain = nets[0].fit(X, y, epochs=2, batch_size=16, optimizer=Adam(1e-2))
+    fake.set_fused_mlp(True)
+    fake.set_tf32(True)
+    try:
+        _Fake.launches.clear()
+        history = nets[1].fit(X, y, epochs=2, batch_size=16, optimizer=Adam(1e-2))
+        assert {"bp_mlp_forward_tf32_w32", "bp_mlp_backward_tf32_w32"} <= set(_Fake.launches)
+        assert "bp_mlp_forward_w32" not in _Fake.launches
+        assert nets[1].describe().endswith("one launch per pass, on the TF32 tensor cores")
+        np.testing.assert_allclose(history.loss, plain.loss, rtol=2e-2)
+        np.testing.assert_allclose(host(fake, nets[1].params), host(fake, nets[0].params), rtol=2e-2, atol=2e-3)
+        assert not np.array_equal(host(fake, nets[1].params), host(fake, nets[0].params))  # TF32 is not float
+
+        wide = MLP([6, 32, 3], activation="tanh", head="multiclass", dtype="float64", seed=4, backend="cupy")
+        cases = [(wide, {}, "CUDA cores"),
+                 (nets[1], {"NVIDIA_TF32_OVERRIDE": "0"}, "CUDA cores (NVIDIA_TF32_OVERRIDE=0)"),
+                 (nets[1], {"cc": "75"}, "CUDA cores (TF32 needs sm_80 or newer, this is sm_75)")]
+        for net, env, where in cases:
+            with monkeypatch.context() as m:
+                if "cc" in env:
+                    m.setattr(fake._cupy.cuda.Device, "compute_capability", env["cc"])
+                else:
+                    for k, v in env.items():
+                        m.setenv(k, v)
+                _Fake.launches.clear()
+                net.train_step(X, y, Adam(1e-2))
+                assert "bp_mlp_forward_w32" in _Fake.launches and "bp_mlp_forward_tf32_w32" not in _Fake.launches
+                assert fake.fused_mlp_path(net.dtype) == where
+                assert net.describe().endswith(f"on the {where}")
+    finally:
+        fake.set_tf32(False)
+        fake.set_fused_mlp(False)
 
 
 @pytest.mark.parametrize("shuffle", [True, False], ids=["shuffled", "in_order"])
@@ -2629,6 +2675,46 @@ def test_gpu_fused_passes_match_reference(k, rng, poisoned_memory, dt, act):
     scale = np.max(np.abs(want_g))
     np.testing.assert_allclose(g, want_g, rtol=tol(dt)["rtol"], atol=tol(dt)["rtol"] * scale)
     assert F.unserved_reason(net.sizes, net.acts, dt) == ""
+
+
+@gpu
+@pytest.mark.parametrize("width", [16, 32, 64, 128])
+@pytest.mark.parametrize("act", ["relu", "tanh", "gelu"])
+def test_gpu_fused_tf32_passes_match_reference(k, rng, poisoned_memory, width, act):
+    """The TF32 (tensor-core) fused launches on the GPU, in poisoned memory, against the float64 reference to TF32's
+    error, and measurably apart from the float launches (the mma path ran): [w, w, w, 10] at 1000 rows."""
+    from tests.test_fused_mlp import TF32_TOL, Net
+
+    if int(k.xp.cuda.Device().compute_capability) < 80:
+        pytest.skip("TF32 tensor cores need sm_80 or newer")
+    dt = np.float32
+    net = Net(rng, [width, width, width, 10], [act, act, "softmax"], dt)
+    rows = 1000
+    x = rng.normal(size=(rows, width)).astype(dt).astype(np.float64)
+    delta = rng.normal(size=(rows, 10)).astype(dt).astype(np.float64) / rows
+    _, y_off, _, ny, nu = net.plan(rows)
+    got = {}
+    for tc in (False, True):
+        k.set_tf32(tc)
+        try:
+            assert k.fused_mlp_path(dt) == ("TF32 tensor cores" if tc else "CUDA cores")
+            with poisoned_memory():
+                xd, pd = k.to_device(x, dt), k.to_device(net.params, dt)
+                yd, ud = k.xp.empty(ny, dtype=dt), k.xp.empty(max(nu, 1), dtype=dt)
+                k.mlp_forward(xd, pd, net.sizes, net.acts, net.alphas, net.keep_u, yd, ud)
+                grads = k.xp.empty(net.params.size, dtype=dt)
+                k.mlp_backward(xd, pd, net.sizes, net.acts, net.alphas, net.keep_u, yd, ud, k.to_device(delta, dt),
+                               grads)
+                got[tc] = (k.to_host(yd)[y_off[-1]:].reshape(rows, 10), k.to_host(grads))
+        finally:
+            k.set_tf32(False)
+    want_y, want_u = net.forward(x)
+    want = (want_y[-1], net.backward(x, want_y, want_u, delta))
+    for name, a, b, w in zip(("y", "grads"), got[False], got[True], want):
+        scale = np.max(np.abs(w))
+        err_tc, err_f = np.max(np.abs(b - w)), np.max(np.abs(a - w))
+        assert err_tc < TF32_TOL["atol"] * scale, (name, err_tc, scale)
+        assert err_tc > 2 * err_f, (name, err_tc, err_f)  # TF32 rounding, not float's
 
 
 @gpu
