@@ -26,7 +26,11 @@ group of each block its own slice of partial gradients. The layers are
 described by an int64 ``layout`` array of :data:`LAYOUT_FIELDS` per layer (:func:`plan`); the
 parameters and gradients use the network's flat layout ``[W^1 | ... | W^L | b^1 | ... | b^L]`` and
 the activations one flat buffer each for ``y`` and ``u``, layer ``l`` at its offset. The formulas are the
-registry's CUDA forms, dispatched by activation code (:data:`ACT_CODES`). CUDA cores only, in ``T``.
+registry's CUDA forms, dispatched by activation code (:data:`ACT_CODES`). Everything runs in ``T`` on the CUDA
+cores, except in the TF32 twins of the passes (``module_source("float", tensor_cores=True)``, sm_80 and newer):
+there each layer's products ``W x``, ``W^T delta`` and ``delta x^T`` of a tile are ``mma.sync`` on the tensor cores
+(:func:`kernel_name` with ``tensor_cores``; shared memory at a pitch of ``width + 8``, the padding kept zero), the
+rest as in float.
 """
 
 from __future__ import annotations
