@@ -1312,6 +1312,10 @@ def fused_mlp_reason(sizes: Any, acts: Any, dtype: Any) -> str:
     return fused.unserved_reason(list(sizes), list(acts), dtype)
 
 
+#: What :func:`fused_mlp_path` says when the fused passes take the TF32 kernels.
+FUSED_TF32 = "TF32 tensor cores"
+
+
 def fused_mlp_path(dtype: Any) -> str:
     """Where the fused passes of a ``dtype`` network run: ``"TF32 tensor cores"`` when :func:`set_tf32` is on for
     a float32 network on sm_80 or newer (and ``NVIDIA_TF32_OVERRIDE`` is not ``0``), else ``"CUDA cores"``, with
@@ -1321,12 +1325,12 @@ def fused_mlp_path(dtype: Any) -> str:
     if os.environ.get("NVIDIA_TF32_OVERRIDE") == "0":
         return "CUDA cores (NVIDIA_TF32_OVERRIDE=0)"
     cc = int(_cupy.cuda.Device().compute_capability)
-    return "TF32 tensor cores" if cc >= 80 else f"CUDA cores (TF32 needs sm_80 or newer, this is sm_{cc})"
+    return FUSED_TF32 if cc >= 80 else f"CUDA cores (TF32 needs sm_80 or newer, this is sm_{cc})"
 
 
 def _fused_tensor_cores(dtype: Any) -> bool:
     """Whether the fused passes of a ``dtype`` network take the TF32 kernels (:func:`fused_mlp_path`)."""
-    return _tf32 and fused_mlp_path(dtype) == "TF32 tensor cores"
+    return fused_mlp_path(dtype) == FUSED_TF32
 
 
 def _fused_kernel(name: str, dtype: Any, tensor_cores: bool = False) -> Any:
