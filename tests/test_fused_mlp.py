@@ -133,13 +133,17 @@ def _sigs(ctype: str) -> dict:
     return signatures(F.kernels_body(tensor_cores=ctype == "float"))
 
 
+def _variant(variant: str) -> Emu:
+    """The emulated fused kernels of one of :data:`VARIANTS`; ``emu.tensor_cores`` picks the TF32 entry points."""
+    ctype = "float" if variant == "tf32" else variant
+    e = Emu(ctype, _exe(ctype), _sigs(ctype))
+    e.tensor_cores = variant == "tf32"
+    return e
+
+
 @pytest.fixture(params=VARIANTS)
 def emu(request) -> Emu:
-    """The emulated fused kernels of one variant; ``emu.tensor_cores`` picks the TF32 entry points."""
-    ctype = "float" if request.param == "tf32" else request.param
-    e = Emu(ctype, _exe(ctype), _sigs(ctype))
-    e.tensor_cores = request.param == "tf32"
-    return e
+    return _variant(request.param)
 
 
 def _ctype(emu: Emu) -> str:
@@ -332,8 +336,7 @@ def test_one_row_and_more_blocks_than_tiles(emu, rng):
 def test_tensor_cores_compute_in_tf32(rng, pass_):
     """The TF32 kernels are not the float kernels under another name: on the same inputs they differ from them by
     TF32's rounding (about 2^-11 of the values' scale), far more than float's, and stay within TF32_TOL."""
-    plain, tc = (Emu("float", _exe("float"), _sigs("float")) for _ in range(2))
-    plain.tensor_cores, tc.tensor_cores = False, True
+    plain, tc = _variant("float"), _variant("tf32")
     net = Net(rng, [24, 64, 64, 8], ["tanh", "relu", "identity"], np.float32)
     x = _data(rng, net, 40)
     if pass_ == "forward":
