@@ -74,6 +74,8 @@ class KernelModule(Protocol):
         """A new C-contiguous backend array of ``dtype`` holding host data ``a``."""
     def to_host(self, a: Array) -> np.ndarray: ...
     def zeros(self, shape: tuple[int, ...], dtype: Any) -> Array: ...
+    def copy_into(self, dst: Array, src: Array) -> None:
+        """``dst[...] = src`` where the arrays live, for arrays of one shape and dtype (capturable on a GPU)."""
     def synchronize(self) -> None: ...
     def all_finite(self, a: Array) -> bool: ...
     def array_stats(self, a: Array, integers: bool = True, row_sums: bool = True) -> np.ndarray:
@@ -136,7 +138,6 @@ OPTIONAL: dict[str, str] = {
                "(backprop.graph records a whole training step with it)",
     "capture_unavailable_reason": "() -> str: why capture cannot record here ('' when it can)",
     "replay": "(graph) -> None: launch a graph made by capture on the current stream",
-    "copy_into": "(dst, src) -> None: device-to-device copy between arrays of one shape and dtype (capturable)",
     "use_device": "(index) -> None: make GPU index (modulo the GPUs present) current: one process per GPU",
     "collective": "(size, rank, share) -> engine: an engine with all_reduce(recv, send=None) (sum over the "
                   "processes) and broadcast(a, root) for this backend's arrays (NCCL on cupy); share(value) gives "

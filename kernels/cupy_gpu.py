@@ -845,14 +845,14 @@ def _buffer(buf: Array | None, shape: tuple[int, ...], dtype: Any, name: str) ->
     return buf
 
 
-_scratch_cache: dict[tuple[int, str, tuple[int, ...], str], Array] = {}
+_scratch_cache: dict[tuple[int, str, tuple[int, ...], str, int], Array] = {}
 
 
 def _scratch(tag: str, shape: tuple[int, ...], dtype: Any) -> Array:
-    """A device scratch buffer for ``tag`` (its use), reused by every call with the same device, shape
-    and dtype; never handed out to callers. Never evicted: a captured CUDA graph may hold its address.
-    Calls on different streams at the same time would share it (the backend uses one stream)."""
-    key = (_cupy.cuda.Device().id, tag, tuple(shape), np.dtype(dtype).char)
+    """A device scratch buffer for ``tag`` (its use), reused by every call from the same host thread with the
+    same device, shape and dtype (threads enqueueing on one stream never share one); never handed out to
+    callers. Never evicted: a captured CUDA graph may hold its address."""
+    key = (_cupy.cuda.Device().id, tag, tuple(shape), np.dtype(dtype).char, threading.get_ident())
     buf = _scratch_cache.get(key)
     if buf is None:
         buf = _cupy.empty(shape, dtype=dtype)

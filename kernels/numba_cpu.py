@@ -20,7 +20,7 @@ With the keyword buffers of the contract (``y=``, ``u=``, ``out=``, ``delta=``, 
 ``dW=``, ``db=``) a training step allocates no array: the GEMMs write into them (``out=``) and
 the kernels work in place.
 
-Kernels are ``@njit(parallel=True, fastmath=False, cache=True, error_model="numpy")``; the
+Kernels are ``@njit(parallel=True, nogil=True, fastmath=False, cache=True, error_model="numpy")``; the
 activation and the loss are integer codes dispatched inside each kernel
 (:mod:`backprop.kernels.numba_math`), so the backend compiles one kernel per primitive and
 dtype, not one per activation (under a minute for both dtypes on a cold cache, then loaded
@@ -38,6 +38,11 @@ Threads: a kernel runs on ``min(numba.get_num_threads(), elements // PARALLEL_GR
 (see :data:`PARALLEL_GRAIN`): the passes of typical layers stay on the calling thread,
 where a thread pool would only wait on NumPy's spinning BLAS threads; passes over tens of
 million elements use the cores that ``numba.get_num_threads()`` allows (all by default).
+
+Python threads: the kernels release the GIL (``nogil=True``), as NumPy's BLAS does, so threads running
+passes on different networks or batches run at once. Numba's ``workqueue`` threading layer (the fallback where
+neither TBB nor OpenMP is found) cannot run parallel kernels from two threads at once (it aborts the process):
+under it, kernel calls take one lock and run one at a time.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import threading
 from typing import Any
 
 import numpy as np
@@ -56,8 +62,8 @@ from . import numba_math as nm
 # finiteness in two vectorised passes, faster than a Numba pass that also switches the thread count)
 from .contract import check_weights
 from .numpy_ref import (  # noqa: F401
-    adam_corrections, array_stats, count_correct, count_step, fail_step, probing, synchronize, to_device, to_host,
-    zeros,
+    adam_corrections, array_stats, copy_into, count_correct, count_step, fail_step, probing, synchronize, to_device,
+    to_host, zeros,
 )
 
 NAME = "numba"
@@ -67,7 +73,7 @@ Array = Any
 #: Array module of this backend's arrays: they are plain NumPy arrays.
 xp = np
 
-_JIT = dict(parallel=True, fastmath=False, cache=True, error_model="numpy")
+_JIT = dict(parallel=True, nogil=True, fastmath=False, cache=True, error_model="numpy")
 #: Helpers called from the kernels. ``error_model="numpy"``: a float division by zero gives
 #: inf/NaN as in NumPy instead of raising, which also lets the loops with a division vectorize.
 _HELPER = njit(error_model="numpy")
@@ -686,15 +692,18 @@ def is_simulated() -> bool:
 
 def all_finite(a: Array) -> bool:
     flat = np.ascontiguousarray(a).reshape(-1)
-    return bool(_all_finite(flat)) if flat.size else True
+    return bool(_run(_all_finite, flat.size, flat)) if flat.size else True
 
 
 # --------------------------------------------------------------------------- calling kernels
 def _thread_count_functions() -> tuple[Any, Any]:
     """``(get, set)`` for Numba's thread count. The public functions validate and make sure the
     pool is started on every call (about 1 us each, twice per kernel call); once the pool is
-    started, the unchecked functions they call are 5x faster. Falls back to the public ones."""
+    started, the unchecked functions they call are 5x faster. Falls back to the public ones.
+    Also sets :data:`_one_at_a_time` for the threading layer the pool started on."""
+    global _one_at_a_time
     get_num_threads()  # starts the thread pool
+    _one_at_a_time = threading.Lock() if _layer_is_serial() else None
     try:
         from numba.np.ufunc.parallel import _get_num_threads, _set_num_threads
 
@@ -705,8 +714,20 @@ def _thread_count_functions() -> tuple[Any, Any]:
     return get_num_threads, set_num_threads  # pragma: no cover
 
 
+def _layer_is_serial() -> bool:
+    """True under Numba's ``workqueue`` threading layer, which aborts when two threads run parallel kernels."""
+    try:
+        from numba import threading_layer
+
+        return bool(threading_layer() == "workqueue")
+    except (ImportError, ValueError):  # pragma: no cover - no layer reported: assume the unsafe one
+        return True
+
+
 _get_threads: Any = None
 _set_threads: Any = None
+#: A lock every kernel call takes under the ``workqueue`` threading layer; ``None`` under TBB and OpenMP.
+_one_at_a_time: threading.Lock | None = None
 
 
 def _threads(work: int) -> int:
@@ -722,6 +743,14 @@ def _run(kernel: Any, work: int, *args: Any) -> Any:
     global _get_threads, _set_threads
     if _get_threads is None:
         _get_threads, _set_threads = _thread_count_functions()
+    if _one_at_a_time is not None:
+        with _one_at_a_time:
+            return _sized(kernel, work, args)
+    return _sized(kernel, work, args)
+
+
+def _sized(kernel: Any, work: int, args: tuple[Any, ...]) -> Any:
+    """``kernel(*args)`` on the threads ``work`` justifies (:func:`_run`)."""
     cur = _get_threads()
     want = min(cur, max(1, work // PARALLEL_GRAIN))
     if want == cur:

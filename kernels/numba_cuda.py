@@ -30,6 +30,7 @@ a small module cache keyed by their shape and dtype and are never returned.
 from __future__ import annotations
 
 import os
+import threading
 from types import ModuleType, SimpleNamespace
 from typing import Any
 
@@ -127,8 +128,9 @@ def _get() -> SimpleNamespace:
         cuda = _numba_cuda()
         dev = cuda.devicearray
         nb_array = getattr(dev, "DeviceNDArray", None) or dev.FakeCUDAArray  # the simulator's class
+        # the simulator runs a launch by swapping the kernel's module globals: one launch at a time
         _state = SimpleNamespace(cuda=cuda, k=kern, cupy=_cupy_if_usable(), streams={}, scratch={},
-                                 nb_array=nb_array)
+                                 nb_array=nb_array, launch_lock=threading.Lock() if is_simulated() else None)
     return _state
 
 
@@ -271,11 +273,11 @@ def copy_into(dst: Array, src: Array) -> None:
 
 
 def _scratch(tag: str, shape: tuple[int, ...], dtype: Any, zero: bool = False) -> Array:
-    """A device temporary reused from call to call, one per ``(tag, shape, dtype, device, stream)``
-    (only for values that never leave the backend). ``zero``: zero-filled when made (a kernel that
-    leaves it as it found it keeps it so)."""
+    """A device temporary reused from call to call, one per ``(tag, shape, dtype, device, stream, host thread)``
+    (only for values that never leave the backend; threads enqueueing on one stream never share one).
+    ``zero``: zero-filled when made (a kernel that leaves it as it found it keeps it so)."""
     s = _get()
-    key = (tag, shape, np.dtype(dtype).str, _device_key(), _stream_key())
+    key = (tag, shape, np.dtype(dtype).str, _device_key(), _stream_key(), threading.get_ident())
     buf = s.scratch.get(key)
     if buf is None:
         if len(s.scratch) > 64:
@@ -332,7 +334,12 @@ def _stream() -> Any:
 
 
 def _launch(kernel: Any, grid: Any, block: Any, *args: Any) -> None:
-    kernel[grid, block, _stream()](*args)
+    lock = _get().launch_lock
+    if lock is None:
+        kernel[grid, block, _stream()](*args)
+        return
+    with lock:
+        kernel[grid, block, _stream()](*args)
 
 
 def _flat(a: Array) -> Any:

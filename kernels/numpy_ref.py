@@ -82,6 +82,14 @@ def to_device(a: Any, dtype: Any) -> Array:
     return np.array(a, dtype=dtype, order="C", copy=True)
 
 
+def copy_into(dst: Array, src: Array) -> None:
+    """``dst[...] = src`` for arrays of one shape and dtype."""
+    if dst.shape != src.shape or dst.dtype != src.dtype:
+        raise ValueError(f"copy_into needs arrays of one shape and dtype, got {dst.dtype} {dst.shape} and "
+                         f"{src.dtype} {src.shape}")
+    np.copyto(dst, src)
+
+
 def to_host(a: Array) -> np.ndarray:
     """Return ``a`` as a NumPy array (no copy when it already is one)."""
     return np.asarray(a)
