@@ -9,6 +9,7 @@ from __future__ import annotations
 from . import callbacks, datasets, distributed, schedules
 from .activations import ACTIVATIONS, Activation
 from .backend import Backend, available_backends, get_backend, set_backend, use_backend
+from .concurrency import ConcurrentTrainingError
 from .gradcheck import gradcheck, numerical_grads
 from .losses import HEADS, LOSSES, Loss
 from .network import MLP, Layer, NonFiniteLossError
@@ -30,6 +31,7 @@ __all__ = [
     "Activation",
     "Adam",
     "Backend",
+    "ConcurrentTrainingError",
     "History",
     "Layer",
     "Loss",

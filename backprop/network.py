@@ -21,6 +21,7 @@ from .npz import Npz, cast_finite, real_array, seed_from_words, seed_to_words, w
 from .lbfgs import LBFGS
 from .optimizers import Optimizer
 from . import step
+from .concurrency import exclusive, holding
 from .validation import check_inputs, check_optimizer, check_seed, check_targets
 
 if TYPE_CHECKING:
@@ -156,6 +157,8 @@ class MLP:
         for n_in, n_out, act in zip(sizes[:-1], sizes[1:], acts):
             self.layers.append(Layer(_init_weights(rng, n_out, n_in, act.spec.init), np.zeros(n_out), act))
         self._bind(self._packed([(L.W, L.b) for L in self.layers]))
+        #: each thread's buffers for the passes over this network (see :class:`backprop.step.Workspaces`)
+        self.workspaces = step.Workspaces()
         #: what optimizers key this network's state on (see :class:`OptimizerKey`)
         self.optimizer_key = OptimizerKey()
 
@@ -239,7 +242,8 @@ class MLP:
         if flat_host.shape != (self.n_params,) or flat_host.dtype != self.dtype:
             raise ValueError(f"flat parameters must be {self.dtype.name} of shape ({self.n_params},), got "
                              f"{flat_host.dtype} {flat_host.shape}")
-        self._bind(flat_host)
+        with exclusive(self, "MLP parameter assignment"):
+            self._bind(flat_host)
 
     def _bind(self, flat_host: np.ndarray) -> None:
         """Move the flat parameters to the backend and point every layer's ``W`` and ``b`` into them."""
@@ -267,9 +271,8 @@ class MLP:
             where = getattr(self.backend.kernels, "fused_mlp_path", None)
             on = f", on the {where(self.dtype)}" if where is not None else ""
             return "\n".join(lines + [f"  every layer: the fused narrow-network kernels, one launch per pass{on}"])
-        cache = self.__dict__.get("_workspaces")
-        if batch is None and cache:
-            batch = next(reversed(cache))
+        if batch is None:
+            batch = self.workspaces.last_batch()
         paths = getattr(self.backend.kernels, "layer_paths", None)
         for i, L in enumerate(self.layers):
             head = f"  layer {i + 1}: {L.n_in} -> {L.n_out} {L.activation.name}"
@@ -298,8 +301,8 @@ class MLP:
 
     def forward_device(self, x: Array, out: Array | None = None) -> Array:
         """Inference pass on a batch already on the backend (unchecked). Returns ``x^L`` in ``out`` when given,
-        else in the network's workspace for this batch size: no allocation, but overwritten by the next call
-        with as many rows."""
+        else in the calling thread's workspace for this batch size: no allocation, but overwritten by the
+        thread's next call with as many rows."""
         return step.forward(self, step.workspace(self, x.shape[0]), x, keep=False, out=out)
 
     def predict(self, X: Any) -> np.ndarray:
@@ -330,8 +333,9 @@ class MLP:
     def loss_and_grads_device(self, x: Array, t: Array,
                               weights: Array | None = None) -> tuple[Array, list[tuple[Array, Array]]]:
         """:meth:`loss_and_grads` on a batch already on the backend (unchecked), with nothing allocated: the
-        loss (a 0-d array) and the gradients are the workspace's, overwritten by the next call with as many
-        rows. ``weights``: the rows' weights of the kernels' ``output_error`` (``sum_i w_i L_i / batch``)."""
+        loss (a 0-d array) and the gradients are the calling thread's workspace's, overwritten by its next call
+        with as many rows. ``weights``: the rows' weights of the kernels' ``output_error``
+        (``sum_i w_i L_i / batch``)."""
         ws = step.workspace(self, x.shape[0])
         step.gradients(self, ws, x, t, weights)
         return ws.loss, list(zip(ws.dW, ws.db))
@@ -349,6 +353,7 @@ class MLP:
         t = self._targets(T, x.shape[0])
         return self.train_step_device(x, t, optimizer, graph=graph)
 
+    @holding("MLP.train_step")
     def train_step_device(self, x: Array, t: Array, optimizer: Optimizer, graph: bool = False) -> float:
         """:meth:`train_step` on a batch already on the backend (unchecked): one read of the result."""
         check_optimizer(optimizer, dtype=self.dtype)
@@ -416,13 +421,14 @@ class MLP:
                                  f"got {W.shape} and {b.shape}")
             checked.append((cast_finite(W, self.dtype, f"layer {i + 1}: W"),
                             cast_finite(b, self.dtype, f"layer {i + 1}: b")))
-        self._bind(self._packed(checked))
+        with exclusive(self, "MLP.set_params"):
+            self._bind(self._packed(checked))
 
     def to_backend(self, name: str) -> MLP:
         """A copy of this network whose arrays live on backend ``name``."""
         clone = MLP.__new__(MLP)
         clone.__dict__.update(self.__dict__)
-        clone.__dict__.pop("_workspaces", None)  # buffers of the other backend
+        clone.workspaces = step.Workspaces()  # its own buffers, on its own backend
         clone.backend = resolve_backend(name)
         params = self.get_params()
         clone.layers = [Layer(W, b, L.activation) for (W, b), L in zip(params, self.layers)]

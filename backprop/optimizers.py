@@ -15,6 +15,7 @@ do) and again, against the network's dtype, when a step uses them (:meth:`Optimi
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -102,6 +103,29 @@ class Optimizer(ABC):
         """Forget all state (velocities, moments, the step count)."""
         self.steps = 0
         self._state.clear()
+
+    def checkpoint(self, kernels: ModuleType) -> Callable[[], None]:
+        """A function that puts this optimizer back as it is now: its hyper-parameters, step count and state
+        (velocities, moments, device counters: arrays of ``kernels``) bit for bit, each state array rewritten
+        in place; state made after this call is forgotten. Each state array is copied once, now."""
+        attrs = dict(vars(self))
+        tables = {name: dict(value) for name, value in attrs.items() if isinstance(value, dict)}
+        saved = []
+        for a in self.state_arrays():
+            copy = kernels.zeros(a.shape, a.dtype)
+            kernels.copy_into(copy, a)
+            saved.append((a, copy))
+
+        def restore() -> None:
+            for a, copy in saved:
+                kernels.copy_into(a, copy)
+            for name, table in tables.items():
+                attrs[name].clear()
+                attrs[name].update(table)
+            vars(self).clear()
+            vars(self).update(attrs)
+
+        return restore
 
     def _slots(self, owner: Any, kernels: ModuleType, W: Any, b: Any, names: tuple[str, ...]) -> dict[str, Any]:
         key = id(owner)

@@ -22,25 +22,30 @@ epoch included): the same gradient, step for step. ``loss_curve_`` includes the 
 does (with the weights before each step), and the regression loss is averaged over outputs as scikit-learn
 reports it, while the gradient, like scikit-learn's, is that of the squared error summed over outputs.
 
-``solver="lbfgs"``: SciPy's L-BFGS-B minimizes scikit-learn's full-batch objective
-``E + alpha / (2 n) * sum ||W||^2`` over all ``n`` samples (the regression loss again averaged over outputs
-while its gradient is that of the sum, as scikit-learn hands them to SciPy), with scikit-learn's options
-(``maxiter=max_iter``, ``maxfun=max_fun``, ``gtol=tol``); the network computes the loss and gradient on its
-backend, in its dtype (float32 networks hand SciPy float32 results as float64), over the parameters packed into
-one float64 vector as scikit-learn packs them. As in scikit-learn: ``n_iter_`` and ``loss_`` come from SciPy's
-result, a ``ConvergenceWarning`` says when it stopped on ``max_iter`` or ``max_fun`` (or any other way than
-convergence), there is no ``loss_curve_``, ``best_loss_``, ``validation_scores_`` nor
-``best_validation_score_``, ``partial_fit`` does not exist (``AttributeError``), and ``early_stopping``,
-``batch_size``, ``shuffle`` and the learning-rate parameters play no part. Here a loss or gradient that is not
-finite is a ``ValueError`` (scikit-learn would hand it to SciPy), with the parameters left at the latest iterate,
-and ``verbose`` prints scikit-learn's ``Iteration k, loss = ...`` line after each iteration.
+``solver="lbfgs"``: SciPy's L-BFGS-B minimizes scikit-learn's full-batch objective ``E + alpha / (2 n) * sum
+||W||^2`` over all ``n`` samples (the regression loss again averaged over outputs while its gradient is that of
+the sum, as scikit-learn hands them to SciPy), with scikit-learn's options (``maxiter=max_iter``,
+``maxfun=max_fun``, ``gtol=tol``); the network computes the loss and gradient on its backend, in its dtype
+(float32 networks hand SciPy float32 results as float64), over the parameters packed into one float64 vector as
+scikit-learn packs them. As in scikit-learn: ``n_iter_`` and ``loss_`` come from SciPy's result, a
+``ConvergenceWarning`` says when it stopped on ``max_iter`` or ``max_fun`` (or any other way than convergence),
+there is no ``loss_curve_``, ``best_loss_``, ``validation_scores_`` nor ``best_validation_score_``,
+``partial_fit`` does not exist (``AttributeError``), and ``early_stopping``, ``batch_size``, ``shuffle`` and the
+learning-rate parameters play no part. Here a loss or gradient that is not finite is a ``ValueError``
+(scikit-learn would hand it to SciPy), and ``verbose`` prints scikit-learn's ``Iteration k, loss = ...`` line
+after each iteration.
 
-Divergence: a step whose loss, gradient or update is not finite is never applied, so the parameters stay
-finite. Without early stopping the fit stops there with scikit-learn's ``ValueError`` ("Solver produced
-non-finite parameter weights. ..."). With early stopping nothing is raised, as in scikit-learn: that epoch's
-loss and validation score are NaN, a ``ConvergenceWarning`` says where training diverged, and the weights of the
-best validation score (the initial ones if no epoch beat them) are restored. scikit-learn carries its NaN
-weights on to ``max_iter``; here training stops at the divergence, so ``n_iter_`` counts the diverged epoch last.
+Failures: a ``fit`` or ``partial_fit`` that raises, whatever the cause (a parameter, the data, the backend, a
+divergence), leaves the estimator exactly as it was before the call: its fitted attributes, its optimizer's
+state and its network's parameters, bit for bit (an estimator that was not fitted stays unfitted).
+
+Divergence: a step whose loss, gradient or update is not finite is never applied, so the parameters stay finite.
+Without early stopping the fit stops there with scikit-learn's ``ValueError`` ("Solver produced non-finite
+parameter weights. ...") and the estimator is put back as it was. With early stopping nothing is raised, as in
+scikit-learn: that epoch's loss and validation score are NaN, a ``ConvergenceWarning`` says where training
+diverged, and the weights of the best validation score (the initial ones if no epoch beat them) are restored.
+scikit-learn carries its NaN weights on to ``max_iter``; here training stops at the divergence, so ``n_iter_``
+counts the diverged epoch last.
 
 The regressor's ``loss="poisson"`` is scikit-learn's: an ``exp`` output and half the Poisson deviance, from the
 logits (``delta = (y - t) / batch``); its targets must be non-negative.
@@ -62,17 +67,24 @@ the velocity there. The reported loss comes from the logits, without clipping
 the probabilities. Pickling keeps the parameters and fitted attributes but not the optimizer's moments (a
 ``partial_fit`` after unpickling starts them afresh) nor the backend arrays (rebuilt on first use).
 
+Threads: ``predict``, ``predict_proba`` and ``score`` may run in any number of threads at once; ``fit`` and
+``partial_fit`` wait for the predictions under way, and a call on an estimator that another thread is fitting
+raises :class:`~backprop.ConcurrentTrainingError` at once.
+
 Importing this module imports scikit-learn; ``import backprop`` never does. Without scikit-learn (or SciPy) the
 import is an ``ImportError`` saying what to install: ``pip install 'backprop-kernels[sklearn]'``.
 """
 
 from __future__ import annotations
 
+import functools
 import numbers
 import sys
+import threading
 import warnings
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -102,6 +114,7 @@ except ImportError:  # pragma: no cover - older scikit-learn
 from .activations import ACTIVATIONS
 from .losses import LOSSES
 from .backend import get_backend, resolve_backend
+from .concurrency import exclusive, reading
 from .network import MLP, NonFiniteLossError
 from .npz import cast_finite
 from .progress import should_show
@@ -121,6 +134,36 @@ _REGRESSION_LOSSES = {x.sklearn_name: n for n, x in LOSSES.items() if x.sklearn_
 #: backprop output activation -> scikit-learn's ``out_activation_`` name
 _OUT_NAMES = {n: a.sklearn_name for n, a in ACTIVATIONS.items() if a.sklearn_name}
 _PREDICT_CHUNK = 65536
+#: Held while an estimator's network is (re)built or given its ``coefs_``: two threads predicting at once
+#: would otherwise both do it.
+_SYNC = threading.RLock()
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _fitting(what: str) -> Callable[[F], F]:
+    """Decorate ``fit``/``partial_fit``: one thread at a time fits an estimator, waiting for the predictions
+    under way and refusing new ones (:func:`backprop.concurrency.exclusive`), and a call that raises leaves
+    the estimator exactly as it found it (:meth:`_BaseMLP._kept_on_failure`)."""
+    def wrap(fn: F) -> F:
+        @functools.wraps(fn)
+        def run(self: _BaseMLP, *args: Any, **kwargs: Any) -> Any:
+            with exclusive(self, what), self._kept_on_failure():
+                return fn(self, *args, **kwargs)
+
+        return run  # type: ignore[return-value]
+
+    return wrap
+
+
+def _predicting(fn: F) -> F:
+    """Decorate a prediction: any number of threads at once, none while another thread fits the estimator
+    (:func:`backprop.concurrency.reading`)."""
+    @functools.wraps(fn)
+    def run(self: _BaseMLP, *args: Any, **kwargs: Any) -> Any:
+        with reading(self, fn.__name__):
+            return fn(self, *args, **kwargs)
+
+    return run  # type: ignore[return-value]
 #: rows per forward/backward pass of the L-BFGS objective (the gradient is summed over the chunks)
 _LBFGS_CHUNK = 65536
 _STOCHASTIC_SOLVERS = ("sgd", "adam")
@@ -294,6 +337,10 @@ class _BaseMLP(BaseEstimator):
     def _network(self) -> MLP:
         """The network holding ``coefs_``/``intercepts_`` on the backend (rebuilt after unpickling), with the
         current ``coefs_``/``intercepts_`` copied in (they are the estimator's parameters)."""
+        with _SYNC:
+            return self._synced_network()
+
+    def _synced_network(self) -> MLP:
         net = getattr(self, "_net", None)
         if net is not None and self.backend is not None and resolve_backend(self.backend).name != net.backend.name:
             net = self._net = self._optimizer = None  # set_params(backend=...) after fitting: move over
@@ -345,6 +392,29 @@ class _BaseMLP(BaseEstimator):
         return validate_data(self, X, accept_sparse=["csr", "csc"], dtype=(np.float64, np.float32), reset=False)
 
     # ------------------------------------------------------------------ fitting
+    @contextmanager
+    def _kept_on_failure(self) -> Iterator[None]:
+        """Run a fit; if it raises, put the estimator back as it was: every attribute (fitted or not, lists
+        such as ``loss_curve_`` restored in place), the optimizer's state (:meth:`Optimizer.checkpoint`), and
+        the network's parameters (``coefs_`` are pushed to it again on next use). A ``KeyboardInterrupt``
+        inside the epochs is not a failure: the fit keeps what it learned, as scikit-learn does."""
+        before = dict(self.__dict__)
+        lists = {name: list(value) for name, value in before.items() if isinstance(value, list)}
+        opt, net = before.get("_optimizer"), before.get("_net")
+        restore = opt.checkpoint(net.backend.kernels) if opt is not None and net is not None else None
+        try:
+            yield
+        except Exception:
+            for name, items in lists.items():
+                before[name][:] = items
+            self.__dict__.clear()
+            self.__dict__.update(before)
+            if restore is not None:
+                restore()
+            if net is not None:
+                self._pushed = None
+            raise
+
     def _init_coef(self, fan_in: int, fan_out: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
         # scikit-learn's initialization (Glorot et al.), drawn in the same order from the same generator
         factor = 2.0 if self.activation in ("logistic", "sigmoid") else 6.0
@@ -429,9 +499,9 @@ class _BaseMLP(BaseEstimator):
         try:
             self._fit_stochastic(net, X, y, incremental, sample_weight)
         except NonFiniteLossError as exc:
-            self._pull()
             raise ValueError("Solver produced non-finite parameter weights. The input data may contain large values "
-                             f"and need to be preprocessed. ({exc}; learning_rate_init may be too large.)") from exc
+                             f"and need to be preprocessed. ({exc}; learning_rate_init may be too large; the estimator "
+                             "is left as it was before this fit.)") from exc
         self._pull()
         return self
 
@@ -480,8 +550,8 @@ class _BaseMLP(BaseEstimator):
             self.n_iter_ = last["nit"]
             if failure is not None:
                 raise ValueError("Solver produced non-finite parameter weights. The input data may contain large "
-                                 f"values and need to be preprocessed. ({failure}; the parameters are left as they "
-                                 f"were after iteration {last['nit']}.)") from failure
+                                 f"values and need to be preprocessed. ({failure} after iteration {last['nit']}; "
+                                 "the estimator is left as it was before this fit.)") from failure
             self.loss_ = objective.value_at(last["x"])
             return
         self.n_iter_ = min(int(result.nit), self.max_iter)
@@ -727,9 +797,11 @@ class _BaseMLP(BaseEstimator):
         return float(self._score_raw(raw, y_val, sw_val))
 
     # ------------------------------------------------------------------ public
+    @_fitting("fit")
     def fit(self, X: Any, y: Any, sample_weight: Any = None) -> _BaseMLP:
         """Fit the model to data matrix ``X`` and target(s) ``y``, each sample weighted by ``sample_weight`` (the
-        loss is the weighted mean, as scikit-learn's); returns ``self``."""
+        loss is the weighted mean, as scikit-learn's); returns ``self``. A fit that raises leaves the estimator
+        as it was before the call."""
         return self._fit(X, y, incremental=False, sample_weight=sample_weight)
 
     def __sklearn_tags__(self) -> Any:
@@ -885,6 +957,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         return self._label_binarizer.inverse_transform(raw)
 
     @available_if(lambda est: est._check_solver())
+    @_fitting("partial_fit")
     def partial_fit(self, X: Any, y: Any, classes: Any = None, sample_weight: Any = None) -> MLPClassifier:
         """One pass over ``(X, y)``; ``classes`` (all the labels) is required on the first call."""
         first = not hasattr(self, "classes_")
@@ -903,10 +976,12 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
                                  f"{self.classes_!r}")
         return self._fit(X, y, incremental=True, sample_weight=sample_weight)
 
+    @_predicting
     def predict(self, X: Any) -> np.ndarray:
         """Predicted class labels (a 0/1 indicator matrix for multilabel ``y``)."""
         return self._labels(self._forward(self._validate_X(X)))
 
+    @_predicting
     def predict_proba(self, X: Any) -> np.ndarray:
         """Class probabilities ``(n_samples, n_classes)``, columns ordered as ``classes_``."""
         y_pred = self._forward(self._validate_X(X))
@@ -982,10 +1057,12 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
         return r2_score(y_true, raw, sample_weight=sample_weight)
 
     @available_if(lambda est: est._check_solver())
+    @_fitting("partial_fit")
     def partial_fit(self, X: Any, y: Any, sample_weight: Any = None) -> MLPRegressor:
         """One pass over ``(X, y)``."""
         return self._fit(X, y, incremental=True, sample_weight=sample_weight)
 
+    @_predicting
     def predict(self, X: Any) -> np.ndarray:
         """Predicted values, ``(n_samples,)`` for one output, else ``(n_samples, n_outputs)``."""
         y_pred = self._forward(self._validate_X(X))

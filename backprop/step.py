@@ -7,10 +7,10 @@ backward pass into one flat gradient buffer, guarded update of the flat paramete
     dE/dW^l = delta^l (x^{l-1})^T,  dE/db^l = sum delta^l   (gradients)
     W^l <- W^l - eta dE/dW^l,  b^l <- b^l - eta dE/db^l     (update, by the optimizer)
 
-Every buffer lives in a :class:`Workspace`, allocated once per (network, batch size) and reused,
-so a steady-state step allocates nothing. The whole step reads nothing back to the host: a
-device-side guard (:func:`~backprop.kernels.numpy_ref.guard_step`) decides whether the update
-may be applied: the loss and every gradient must be finite, and then every update is probed
+Every buffer lives in a :class:`Workspace`, allocated once per (network, thread, batch size) and
+reused, so a steady-state step allocates nothing and threads never share one. The whole step reads
+nothing back to the host: a device-side guard (:func:`~backprop.kernels.numpy_ref.guard_step`)
+decides whether the update may be applied: the loss and every gradient must be finite, and then every update is probed
 (computed without being written) before any is applied, so that an update which would itself
 overflow fails the step too. The updates of a failed step are skipped on the device, leaving
 the parameters and the optimizer's state bit for bit as they were.
@@ -20,6 +20,7 @@ functions of this module.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -32,12 +33,12 @@ if TYPE_CHECKING:
     from .network import MLP
     from .optimizers import Optimizer
 
-__all__ = ["Guard", "Workspace", "apply_update", "backward", "failure_cause", "flat_views", "forward", "fused",
-           "gradient_buffers", "gradients", "n_params", "n_weights", "output_error", "train_step", "workspace"]
+__all__ = ["Guard", "Workspace", "Workspaces", "apply_update", "backward", "failure_cause", "flat_views", "forward",
+           "fused", "gradient_buffers", "gradients", "n_params", "n_weights", "output_error", "train_step", "workspace"]
 
 Array = Any
 
-#: Workspaces kept per network (a training batch size, its last partial batch, evaluation, ...).
+#: Workspaces kept per network and thread (a training batch size, its last partial batch, evaluation, ...).
 MAX_WORKSPACES = 4
 
 
@@ -173,19 +174,50 @@ def gradient_buffers(kernels: Any, dtype: Any, shapes: list[tuple[int, int]]) ->
     return flat, dW, db
 
 
+class Workspaces:
+    """The workspaces of one network, kept per thread: each thread that runs a pass on the network gets buffers
+    of its own (at most :data:`MAX_WORKSPACES` batch sizes, the least recently used dropped first), so passes
+    run by several threads at once never share a buffer, and a thread's steady-state passes allocate nothing.
+    A thread's workspaces are freed when the thread ends; a copied or unpickled network starts with none."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def __reduce__(self) -> tuple[type, tuple[()]]:
+        return (Workspaces, ())
+
+    def _mine(self) -> OrderedDict[int, Workspace]:
+        """This thread's workspaces, by batch size, least recently used first."""
+        cache: OrderedDict[int, Workspace] | None = getattr(self._local, "cache", None)
+        if cache is None:
+            cache = self._local.cache = OrderedDict()
+        return cache
+
+    def get(self, net: MLP, batch: int) -> Workspace:
+        """This thread's workspace of ``net`` for ``batch`` rows, made on first use."""
+        cache = self._mine()
+        ws = cache.get(batch)
+        if ws is None:
+            ws = cache[batch] = Workspace(net, batch)
+            while len(cache) > MAX_WORKSPACES:
+                cache.popitem(last=False)
+        else:
+            cache.move_to_end(batch)
+        return ws
+
+    def last_batch(self) -> int | None:
+        """The batch size of this thread's most recent pass, ``None`` before its first."""
+        cache = self._mine()
+        return next(reversed(cache)) if cache else None
+
+    def __len__(self) -> int:
+        """How many workspaces this thread holds."""
+        return len(self._mine())
+
+
 def workspace(net: MLP, batch: int) -> Workspace:
-    """The workspace of ``net`` for ``batch`` rows, made on first use and kept (a few per network)."""
-    cache: OrderedDict[int, Workspace] | None = net.__dict__.get("_workspaces")
-    if cache is None:
-        cache = net.__dict__["_workspaces"] = OrderedDict()
-    ws = cache.get(batch)
-    if ws is None:
-        ws = cache[batch] = Workspace(net, batch)
-        while len(cache) > MAX_WORKSPACES:
-            cache.popitem(last=False)
-    else:
-        cache.move_to_end(batch)
-    return ws
+    """The calling thread's workspace of ``net`` for ``batch`` rows (see :class:`Workspaces`)."""
+    return net.workspaces.get(net, batch)
 
 
 # --------------------------------------------------------------------------- the step

@@ -33,6 +33,7 @@ from .distributed import Communicator, DataParallel, DistributedError, world
 from .lbfgs import LBFGS, FullBatchObjective, NonFiniteObjective, scipy_minimize
 from .optimizers import SGD, Optimizer
 from . import step
+from .concurrency import holding
 from .progress import in_ci, should_show
 from .staging import Batches, fits_on_device
 from .validation import check_inputs, check_optimizer, check_positive, check_seed, check_targets
@@ -423,6 +424,7 @@ def _settings(net: MLP, X: Any, T: Any, val: Any, parallel: DataParallel, **opti
     )
 
 
+@holding("fit")
 def fit(net: MLP, X: Any, T: Any, *, epochs: int = 10, batch_size: int = 32,
         optimizer: Optimizer | LBFGS | None = None,
         shuffle: bool = True, validation_data: tuple[Any, Any] | None = None, progress: bool | None = False,
@@ -473,6 +475,9 @@ def fit(net: MLP, X: Any, T: Any, *, epochs: int = 10, batch_size: int = 32,
     and at the end of the epoch training stops with
     :class:`~backprop.network.NonFiniteLossError` naming the epoch and step; the parameters and the
     optimizer's state are those from before the failing step.
+
+    One thread trains a network at a time: a call made while another thread trains ``net`` raises
+    :class:`~backprop.ConcurrentTrainingError` before anything changes.
     """
     from .callbacks import EarlyStopping, FitSetup
     from .network import NonFiniteLossError

@@ -93,7 +93,7 @@ def test_meets_the_contract():
     k = _module()
     assert not missing_names(k)
     assert all(callable(getattr(k, n)) for n in REQUIRED if n not in ("NAME", "xp"))
-    for name in ("IS_GPU", "device_memory_free", "capture", "capture_unavailable_reason", "replay", "copy_into",
+    for name in ("IS_GPU", "device_memory_free", "capture", "capture_unavailable_reason", "replay",
                  "set_tf32", "tf32_enabled", "flop_count", "use_device", "collective", "set_fused_mlp",
                  "fused_mlp_enabled", "fused_mlp_reason", "mlp_forward", "mlp_forward_error", "mlp_backward",
                  "set_epilogues", "epilogues_enabled", "epilogue_paths", "layer_aux"):

@@ -3,6 +3,7 @@ MLPClassifier / MLPRegressor."""
 
 from __future__ import annotations
 
+import copy
 import pickle
 import subprocess
 import sys
@@ -416,16 +417,21 @@ def test_lbfgs_in_float32(name, cls):
 
 @pytest.mark.filterwarnings("ignore:(overflow|invalid value) encountered:RuntimeWarning")
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_lbfgs_refuses_a_non_finite_objective_and_keeps_finite_parameters(dtype):
+def test_lbfgs_refuses_a_non_finite_objective_and_keeps_the_estimator(dtype):
     X, y = make_regression(50, 4, random_state=0)
     reg = MLPRegressor(hidden_layer_sizes=(5,), solver="lbfgs", random_state=0, dtype=dtype, backend="numpy")
     scale = 1e150 if dtype == "float64" else 1e18
-    with pytest.raises(ValueError, match=r"^Solver produced non-finite parameter weights\. The input data may "
-                                         r"contain large values and need to be preprocessed\. \(at evaluation \d+ "
-                                         r"of the objective, (the loss was|.*not finite)"):
+    message = (r"^Solver produced non-finite parameter weights\. The input data may contain large values and need "
+               r"to be preprocessed\. \(at evaluation \d+ of the objective, (the loss was|.*not finite).* after "
+               r"iteration \d+; the estimator is left as it was before this fit\.\)")
+    with pytest.raises(ValueError, match=message):
         reg.fit(X * scale, y)
-    assert all(np.isfinite(a).all() and a.dtype == dtype for a in reg.coefs_ + reg.intercepts_)
-    assert np.isfinite(reg.predict(X)).all()
+    assert not hasattr(reg, "coefs_")  # a first fit that fails leaves the estimator unfitted
+    reg.fit(X, y)
+    before = fitted_state(reg)
+    with pytest.raises(ValueError, match=message):
+        reg.fit(X * scale, y)
+    assert_same_state(fitted_state(reg), before)
 
 
 def test_lbfgs_interrupted_keeps_the_latest_iterate(monkeypatch):
@@ -650,7 +656,8 @@ def test_divergence_with_early_stopping_restores_the_best_weights(backend):
                      max_iter=20, random_state=0, backend=backend).fit(X, y)
 
 
-@pytest.mark.parametrize("params,error,match", [
+#: A wrong value for each kind of parameter, the error it raises, and what the message names.
+BAD_PARAMETERS = [
     (dict(solver="newton"), ValueError, "solver"),
     (dict(max_fun=0), ValueError, "max_fun"),
     (dict(max_fun=2.5), TypeError, "max_fun"),
@@ -666,7 +673,10 @@ def test_divergence_with_early_stopping_restores_the_best_weights(backend):
     (dict(dtype="int32"), ValueError, "dtype"),
     (dict(backend="no-such-backend"), ValueError, "unknown backend"),
     (dict(max_iter=2.5), TypeError, "max_iter"),
-])
+]
+
+
+@pytest.mark.parametrize("params,error,match", BAD_PARAMETERS)
 def test_bad_parameters_are_named(params, error, match):
     X, y = make_classification(30, 4, random_state=0)
     with pytest.raises(error, match=match):
@@ -743,3 +753,215 @@ def test_what_scikit_learns_own_tests_read():
     fresh.t_, fresh.best_loss_, fresh.loss_curve_, fresh._no_improvement_count = 0, 1e10, [], 0
     fresh.partial_fit(X, y, classes=[0, 1])
     assert fresh.coefs_[0].dtype == np.float64 and np.isfinite(fresh.coefs_[0]).all()
+
+
+# --------------------------------------------------------------------------- a failed fit changes nothing
+def fitted_state(est) -> dict:
+    """Everything a fit may change, by value: every attribute (the label binarizer's and the random state's
+    contents), the optimizer's hyper-parameters, step count and state arrays, and the network's parameters as
+    the next prediction uses them."""
+    state = {}
+    for name, value in vars(est).items():
+        if name == "_random_state":
+            state[name] = value.get_state()
+        elif name == "_label_binarizer":
+            state[name] = copy.deepcopy(vars(value))
+        elif name not in ("_net", "_optimizer", "_pushed"):
+            state[name] = copy.deepcopy(value)
+    opt = vars(est).get("_optimizer")
+    if opt is not None:
+        k = est._net.backend.kernels
+        state["optimizer"] = (dict(vars(opt)) | {"_state": None, "_device": None, "_corrections": None},
+                              [np.array(k.to_host(a)) for a in opt.state_arrays()])
+    if hasattr(est, "coefs_"):
+        state["network"] = est._network().get_params()
+    return state
+
+
+def assert_same_state(got, want, where="state") -> None:
+    """``got`` and ``want`` equal bit for bit (NaN equal to NaN), containers compared element by element."""
+    assert type(got) is type(want), f"{where}: {type(got).__name__} != {type(want).__name__}"
+    if isinstance(want, dict):
+        assert got.keys() == want.keys(), f"{where}: keys {sorted(got)} != {sorted(want)}"
+        for key in want:
+            assert_same_state(got[key], want[key], f"{where}[{key!r}]")
+    elif isinstance(want, (list, tuple)):
+        assert len(got) == len(want), f"{where}: length {len(got)} != {len(want)}"
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert_same_state(a, b, f"{where}[{i}]")
+    elif isinstance(want, np.ndarray):
+        assert got.dtype == want.dtype, f"{where}: {got.dtype} != {want.dtype}"
+        np.testing.assert_array_equal(got, want, err_msg=where)
+    elif isinstance(want, float) and np.isnan(want):
+        assert np.isnan(got), where
+    else:
+        assert got == want, f"{where}: {got!r} != {want!r}"
+
+
+def _failing_step(monkeypatch, after: int) -> None:
+    """Make the estimators' training step raise a RuntimeError once ``after`` steps have run."""
+    import backprop.sklearn as bsk
+
+    real, calls = bsk.step.train_step, [0]
+
+    def step(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] > after:
+            raise RuntimeError("a step failed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bsk.step, "train_step", step)
+
+
+def _refit_failures(est, X, y, monkeypatch):
+    """``(what, call)`` for every way a refit of the fitted ``est`` can fail: each wrong parameter, wrong data,
+    wrong sample weights, a divergence, and a step that raises halfway."""
+    stochastic = est.solver != "lbfgs"
+    incremental = stochastic and not est.early_stopping
+    nan = X.copy()
+    nan[3, 1] = np.nan
+    for params, error, _ in BAD_PARAMETERS:
+        yield f"fit with {params}", error, lambda p=params: est.set_params(**p).fit(X, y)
+    yield "NaN in X", ValueError, lambda: est.fit(nan, y)
+    yield "y of another length", ValueError, lambda: est.fit(X, y[:-1])
+    yield "negative sample_weight", ValueError, lambda: est.fit(X, y, sample_weight=-np.ones(len(y)))
+    yield "warm start on other features", ValueError, lambda: est.set_params(warm_start=True).fit(X[:, :3], y)
+    if stochastic:
+        yield "validation set too small", ValueError, \
+            lambda: est.set_params(early_stopping=True, validation_fraction=0.01).fit(X[:40], y[:40])
+    if est._classifier:
+        yield "warm start with other classes", ValueError, lambda: est.set_params(warm_start=True).fit(X, y + 5)
+    else:
+        yield "poisson with negative y", ValueError, lambda: est.set_params(loss="poisson").fit(X, y)
+    huge = X * 1e150, y if est._classifier else y * 1e150  # an update by lr=1e300 overflows
+    if not est.early_stopping:  # with early stopping a divergence is no failure: the best epoch is restored
+        yield "divergence", ValueError, lambda: est.set_params(warm_start=True, learning_rate_init=1e300).fit(*huge)
+    if stochastic:
+        def failing_fit():
+            _failing_step(monkeypatch, after=4)
+            try:
+                est.set_params(warm_start=True).fit(X, y)
+            finally:
+                monkeypatch.undo()
+
+        yield "a step raising halfway", RuntimeError, failing_fit
+    if incremental:
+        yield "partial_fit on other features", ValueError, lambda: est.partial_fit(X[:, :3], y)
+        yield "partial_fit with early stopping", ValueError, \
+            lambda: est.set_params(early_stopping=True).partial_fit(X, y)
+        yield "partial_fit diverging", ValueError, lambda: est.set_params(learning_rate_init=1e300).partial_fit(*huge)
+        if est._classifier:
+            yield "partial_fit with a new class", ValueError, lambda: est.partial_fit(X, np.where(y == 0, 9, y))
+            yield "partial_fit with other classes", ValueError, lambda: est.partial_fit(X, y, classes=[0, 1, 2, 3])
+
+        def failing_partial_fit():
+            _failing_step(monkeypatch, after=0)
+            try:
+                est.partial_fit(X, y)
+            finally:
+                monkeypatch.undo()
+
+        yield "partial_fit with a step raising", RuntimeError, failing_partial_fit
+
+
+@pytest.mark.filterwarnings("ignore:(overflow|invalid value) encountered:RuntimeWarning")  # diverges on purpose
+@pytest.mark.parametrize("cls,solver,early_stopping,backend", [
+    (MLPClassifier, "sgd", False, "numpy"), (MLPClassifier, "adam", True, "numpy"),
+    (MLPRegressor, "adam", False, "numba"), (MLPRegressor, "lbfgs", False, "numpy")])
+def test_a_failed_refit_keeps_the_fitted_state(cls, solver, early_stopping, backend, monkeypatch):
+    """Every kind of failed fit or partial_fit leaves the fitted estimator bit for bit as it was (coefficients,
+    optimizer state, n_iter_, loss_curve_, classes_, ...), and training then goes on exactly as it would have
+    without the failures."""
+    if cls is MLPClassifier:
+        X, y = make_classification(60, 5, n_informative=3, n_classes=3, random_state=0)
+    else:
+        X, y = make_regression(60, 5, random_state=0)
+    params = dict(hidden_layer_sizes=(7,), solver=solver, max_iter=3, early_stopping=early_stopping,
+                  random_state=0, backend=backend, momentum=0.9, batch_size=16)
+    est, twin = cls(**params).fit(X, y), cls(**params).fit(X, y)
+    incremental = solver != "lbfgs" and not early_stopping
+    if incremental:  # the optimizer's state from more than one call
+        est.partial_fit(X, y)
+        twin.partial_fit(X, y)
+    params = est.get_params()
+    before = fitted_state(est)
+    for what, error, call in _refit_failures(est, X, y, monkeypatch):
+        try:
+            call()
+        except error:
+            pass
+        else:
+            pytest.fail(f"{what}: no {error.__name__}")
+        est.set_params(**params)
+        assert_same_state(fitted_state(est), before, what)
+    if incremental:
+        est.partial_fit(X, y)
+        twin.partial_fit(X, y)
+    else:
+        est.set_params(warm_start=True).fit(X, y)
+        twin.set_params(warm_start=True).fit(X, y)
+    assert_same_state(fitted_state(est), fitted_state(twin))
+
+
+def test_a_failed_first_fit_leaves_the_estimator_unfitted():
+    X, y = make_classification(30, 4, random_state=0)
+    for est, call in [(MLPClassifier(backend="no-such-backend"), lambda e: e.fit(X, y)),
+                      (MLPClassifier(max_iter=2), lambda e: e.fit(X, y, sample_weight=-np.ones(30))),
+                      (MLPClassifier(), lambda e: e.partial_fit(X, y + 7, classes=[0, 1]))]:
+        unfitted = dict(vars(est))
+        with pytest.raises(ValueError):
+            call(est)
+        assert vars(est) == unfitted
+
+
+def test_threads_predicting_with_one_estimator_and_a_fit_from_another(monkeypatch):
+    """Predictions from several threads at once give the sequential bits; a fit waits for the predictions under
+    way, and a prediction or fit while another thread fits raises ConcurrentTrainingError."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from backprop import ConcurrentTrainingError
+
+    X, y = make_classification(200, 6, n_informative=4, n_classes=3, random_state=0)
+    clf = MLPClassifier(hidden_layer_sizes=(16,), max_iter=5, random_state=0, backend="numpy").fit(X, y)
+    rng = np.random.default_rng(0)
+    calls = [(("predict", "predict_proba", "score")[i % 3], rng.normal(size=((1, 7, 64, 513)[i % 4], 6)))
+             for i in range(8 * 50)]
+
+    def run(kind, Xc):
+        if kind == "score":
+            return clf.score(Xc, clf.predict(Xc))
+        return getattr(clf, kind)(Xc)
+
+    want = [run(*c) for c in calls]
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(lambda c: run(*c), calls))
+    finally:
+        sys.setswitchinterval(switch)
+    assert all(np.array_equal(a, b) for a, b in zip(got, want))
+
+    fitting, release = threading.Event(), threading.Event()
+    real = MLPClassifier._fit
+
+    def paused_fit(self, *args, **kwargs):
+        fitting.set()
+        release.wait(30)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(MLPClassifier, "_fit", paused_fit)
+    t = threading.Thread(target=lambda: clf.fit(X, y), name="fitter")
+    t.start()
+    try:
+        assert fitting.wait(30)
+        for call in (lambda: clf.predict(X), lambda: clf.predict_proba(X), lambda: clf.fit(X, y),
+                     lambda: clf.partial_fit(X, y)):
+            with pytest.raises(ConcurrentTrainingError, match="being changed by fit in thread 'fitter'"):
+                call()
+    finally:
+        release.set()
+        t.join(30)
+    np.testing.assert_array_equal(clf.predict(X), MLPClassifier(hidden_layer_sizes=(16,), max_iter=5, random_state=0,
+                                                                backend="numpy").fit(X, y).predict(X))

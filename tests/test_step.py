@@ -110,7 +110,7 @@ def test_workspace_is_made_once_per_batch_size(backend, small):
     assert step.workspace(net, 7) is not step.workspace(net, 6)
     for b in range(10, 10 + step.MAX_WORKSPACES + 2):
         step.workspace(net, b)
-    assert len(net.__dict__["_workspaces"]) == step.MAX_WORKSPACES
+    assert len(net.workspaces) == step.MAX_WORKSPACES
 
 
 def test_gradients_written_to_the_views_land_in_the_flat_buffer(backend, rng):
