@@ -19,10 +19,11 @@ from .backend import Backend, get_backend, resolve_backend
 from .losses import HEADS, Loss, LossLike, as_loss, check_output_loss
 from .npz import Npz, cast_finite, real_array, seed_from_words, seed_to_words, write_atomically
 from .lbfgs import LBFGS
-from .optimizers import Optimizer
+from .optimizers import Optimizer, check_optimizer
 from . import step
 from .concurrency import exclusive, holding
-from .validation import check_inputs, check_optimizer, check_seed, check_targets
+from .step import NonFiniteLossError
+from .validation import check_inputs, check_seed, check_targets
 
 if TYPE_CHECKING:
     from .distributed import Communicator
@@ -31,11 +32,6 @@ if TYPE_CHECKING:
 __all__ = ["MLP", "Layer", "NonFiniteLossError"]
 
 Array = Any
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A training step was not finite (its loss, a gradient, or the update itself, which would have overflowed);
-    the parameters and the optimizer's state are those after the last finite step."""
 
 
 class Layer:

@@ -23,7 +23,7 @@ import numpy as np
 
 from .validation import check_positive
 
-__all__ = ["SGD", "Adam", "Optimizer"]
+__all__ = ["SGD", "Adam", "Optimizer", "check_optimizer"]
 
 
 def _fraction(value: Any, name: str) -> float:
@@ -317,3 +317,16 @@ class Adam(Optimizer):
                             self.weight_decay, guard=guard, probe=probe)
         kernels.adam_update(b, db, s["m_b"], s["v_b"], self.lr, self.beta1, self.beta2, self.eps, t, 0.0,
                             guard=guard, probe=probe)
+
+
+def check_optimizer(optimizer: Any, name: str = "optimizer", dtype: Any = None) -> Any:
+    """Check that ``optimizer`` is an optimizer instance (``SGD(...)``, ``Adam(...)``), not a name or a class,
+    and its hyper-parameters (against the parameters' ``dtype`` when given: see ``Optimizer.check``)."""
+    if isinstance(optimizer, Optimizer):
+        optimizer.check(dtype)
+        return optimizer
+    if isinstance(optimizer, type) and issubclass(optimizer, Optimizer):
+        raise TypeError(f"{name} must be an optimizer instance such as {optimizer.__name__}(lr=0.01), "
+                        f"got the class {optimizer.__name__} itself")
+    what = repr(optimizer) if isinstance(optimizer, str) or optimizer is None else type(optimizer).__name__
+    raise TypeError(f"{name} must be a backprop optimizer (SGD, Adam), got {what}")

@@ -883,7 +883,6 @@ class _LbfgsObjective(FullBatchObjective):
             f += (0.5 * self.alpha) * values / self.total
             grad[:self.n_coef] += (self.alpha / self.total) * coefs
         return self._finish(theta, f, grad)
-        return float(f), grad
 
 
 # --------------------------------------------------------------------------- classifier

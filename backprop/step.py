@@ -33,10 +33,15 @@ if TYPE_CHECKING:
     from .network import MLP
     from .optimizers import Optimizer
 
-__all__ = ["Guard", "Workspace", "Workspaces", "apply_update", "backward", "failure_cause", "flat_views", "forward",
+__all__ = ["Guard", "NonFiniteLossError", "Workspace", "Workspaces", "apply_update", "backward", "failure_cause", "flat_views", "forward",
            "fused", "gradient_buffers", "gradients", "n_params", "n_weights", "output_error", "train_step", "workspace"]
 
 Array = Any
+
+class NonFiniteLossError(FloatingPointError):
+    """A training step was not finite (its loss, a gradient, or the update itself, which would have overflowed);
+    the parameters and the optimizer's state are those after the last finite step."""
+
 
 #: Workspaces kept per network and thread (a training batch size, its last partial batch, evaluation, ...).
 MAX_WORKSPACES = 4

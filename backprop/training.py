@@ -31,12 +31,13 @@ import numpy as np
 
 from .distributed import Communicator, DataParallel, DistributedError, world
 from .lbfgs import LBFGS, FullBatchObjective, NonFiniteObjective, scipy_minimize
-from .optimizers import SGD, Optimizer
+from .optimizers import SGD, Optimizer, check_optimizer
 from . import step
+from .step import NonFiniteLossError
 from .concurrency import holding
 from .progress import in_ci, should_show
 from .staging import Batches, fits_on_device
-from .validation import check_inputs, check_optimizer, check_positive, check_seed, check_targets
+from .validation import check_inputs, check_positive, check_seed, check_targets
 
 if TYPE_CHECKING:
     from .network import MLP
@@ -363,7 +364,6 @@ def _fit_lbfgs(net: MLP, data: Batches, val: Any, opt: LBFGS, epochs: int, callb
     """``fit`` with the full-batch :class:`~backprop.lbfgs.LBFGS`: one epoch per L-BFGS iteration, at most
     ``epochs`` of them. A loss or gradient that is not finite stops training with
     :class:`~backprop.network.NonFiniteLossError`, the parameters left at the last iterate."""
-    from .network import NonFiniteLossError
 
     minimize = scipy_minimize()
     objective = FullBatchObjective.over(net, data, opt.chunk, opt.weight_decay)
@@ -480,7 +480,6 @@ def fit(net: MLP, X: Any, T: Any, *, epochs: int = 10, batch_size: int = 32,
     :class:`~backprop.ConcurrentTrainingError` before anything changes.
     """
     from .callbacks import EarlyStopping, FitSetup
-    from .network import NonFiniteLossError
 
     parallel = _data_parallel(net, distributed)
     shared_seed = None if parallel is None else parallel.shared_seed(net.seed if seed is None else seed)

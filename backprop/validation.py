@@ -208,18 +208,3 @@ def check_seed(seed: Any, name: str = "seed") -> int | None:
     if seed < 0:
         raise ValueError(f"{name} must be None or a non-negative integer, got {seed}")
     return int(seed)
-
-
-def check_optimizer(optimizer: Any, name: str = "optimizer", dtype: Any = None) -> Any:
-    """Check that ``optimizer`` is an optimizer instance (``SGD(...)``, ``Adam(...)``), not a name or a class,
-    and its hyper-parameters (against the parameters' ``dtype`` when given: see ``Optimizer.check``)."""
-    from .optimizers import Optimizer  # optimizers import this module
-
-    if isinstance(optimizer, Optimizer):
-        optimizer.check(dtype)
-        return optimizer
-    if isinstance(optimizer, type) and issubclass(optimizer, Optimizer):
-        raise TypeError(f"{name} must be an optimizer instance such as {optimizer.__name__}(lr=0.01), "
-                        f"got the class {optimizer.__name__} itself")
-    what = repr(optimizer) if isinstance(optimizer, str) or optimizer is None else type(optimizer).__name__
-    raise TypeError(f"{name} must be a backprop optimizer (SGD, Adam), got {what}")

@@ -155,3 +155,48 @@ def test_install_hints_name_the_distribution() -> None:
                     problems.append(where)
     assert not problems, "\n".join(problems)
     assert hints, "no install hint found in the package source: has the search gone stale?"
+
+
+def _package_imports(root: Path) -> dict[str, set[str]]:
+    """For each module of the package at ``root`` (``network``, ``bench.cli``, ...), the package's modules it
+    imports at run time (anywhere in the file, ``if TYPE_CHECKING:`` blocks left out)."""
+    import ast
+
+    names = {p.relative_to(root).with_suffix("").as_posix().replace("/", "."): p for p in root.rglob("*.py")}
+    names = {n.removesuffix(".__init__").removesuffix("__init__"): p for n, p in names.items()}
+    graph: dict[str, set[str]] = {}
+    for name, path in names.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        found: set[str] = set()
+
+        class Visitor(ast.NodeVisitor):
+            def visit_If(self, node: ast.If) -> None:
+                if "TYPE_CHECKING" not in ast.unparse(node.test):
+                    self.generic_visit(node)
+
+            def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
+                if node.level:
+                    parts = package.split(".") if package else []
+                    base = ".".join(parts[:len(parts) - node.level + 1] + ([node.module] if node.module else []))
+                    for alias in node.names:
+                        whole = f"{base}.{alias.name}".strip(".")
+                        found.add(whole if whole in names else base)
+
+        Visitor().visit(ast.parse(path.read_text()))
+        graph[name] = {m for m in found if m in names and m not in ("", name)}
+    return graph
+
+
+def test_no_import_cycles_in_the_api() -> None:
+    """No module of backprop/ imports, directly or through others, a module that imports it back."""
+    graph = _package_imports(Path(__file__).resolve().parents[1] / "backprop")
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        for nxt in graph[start] - seen:
+            seen.add(nxt)
+            if nxt == goal or reaches(nxt, goal, seen):
+                return True
+        return False
+
+    cycles = sorted(m for m in graph if reaches(m, m, set()))
+    assert not cycles, f"modules on an import cycle: {cycles}"
