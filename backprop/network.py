@@ -17,13 +17,13 @@ import numpy as np
 from .activations import Activation, ActivationLike, as_activation
 from .backend import Backend, get_backend, resolve_backend
 from .losses import HEADS, Loss, LossLike, as_loss, check_output_loss
-from .npz import Npz, cast_finite, real_array, seed_from_words, seed_to_words, write_atomically
+from .npz import Npz, seed_from_words, seed_to_words, write_atomically
 from .lbfgs import LBFGS
 from .optimizers import Optimizer, check_optimizer
 from . import step
 from .concurrency import exclusive, holding
 from .step import NonFiniteLossError
-from .validation import check_inputs, check_seed, check_targets
+from .validation import cast_finite, check_inputs, check_seed, check_targets, real_array
 
 if TYPE_CHECKING:
     from .distributed import Communicator

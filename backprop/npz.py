@@ -3,8 +3,7 @@
 :class:`Npz` reads the ``.npy`` members of an archive only after each header checks out (dtype
 kind, shape, and a size the member's stored bytes can hold), so that neither a lying header nor
 a zip bomb makes anything large be allocated; nothing is ever unpickled. :func:`write_atomically`
-writes next to the target and renames over it. :func:`real_array` and :func:`cast_finite` are
-the checks of parameters on their way into a network (cast first, then checked).
+writes next to the target and renames over it.
 """
 
 from __future__ import annotations
@@ -19,36 +18,7 @@ from typing import IO, Any
 
 import numpy as np
 
-__all__ = ["Npz", "cast_finite", "real_array", "seed_from_words", "seed_to_words", "write_atomically"]
-
-
-def real_array(value: Any, what: str) -> np.ndarray:
-    """``value`` as a NumPy array of integers or floats; anything else (complex, strings, objects, booleans)
-    is a ``TypeError`` naming ``what``."""
-    try:
-        arr = np.asarray(value)
-    except Exception as exc:  # noqa: BLE001 - ragged lists and the like
-        raise ValueError(f"{what} cannot be read as an array: {exc}") from None
-    if arr.dtype.kind not in "iuf":
-        raise TypeError(f"{what} must hold real numbers, got {arr.dtype}")
-    return arr
-
-
-def cast_finite(arr: np.ndarray, dtype: np.dtype, what: str, error: Callable[[str], Exception] = ValueError,
-                offset: tuple[int, ...] | None = None) -> np.ndarray:
-    """``arr`` cast to ``dtype`` (no copy when it already is one); values that are not finite there
-    (NaN, inf, or too large for ``dtype``) raise ``error`` naming ``what`` and the first such value
-    (its index plus ``offset``, where ``arr`` is a chunk of a larger array)."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        cast = arr.astype(dtype, copy=False)
-    finite = np.isfinite(cast)
-    if not finite.all():
-        first = tuple(int(i) for i in np.argwhere(~finite)[0])
-        shown = first if offset is None else tuple(i + o for i, o in zip(first, offset))
-        where = f"row {shown[0]}, column {shown[1]}" if offset is not None and len(shown) == 2 else f"index {shown}"
-        raise error(f"{what} has values that are not finite in {np.dtype(dtype).name} "
-                    f"(first at {where}: {float(arr[first]):g})")
-    return cast
+__all__ = ["Npz", "seed_from_words", "seed_to_words", "write_atomically"]
 
 
 def seed_to_words(seed: int | None) -> np.ndarray:

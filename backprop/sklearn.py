@@ -116,7 +116,7 @@ from .losses import LOSSES
 from .backend import get_backend, resolve_backend
 from .concurrency import exclusive, reading
 from .network import MLP, NonFiniteLossError
-from .npz import cast_finite
+from .validation import cast_finite
 from .progress import should_show
 from . import step
 from .optimizers import SGD, Adam, Optimizer

@@ -10,6 +10,7 @@ and moved once. A device array the backend does not own is refused with what to 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -25,7 +26,7 @@ from .kernels.contract import (
     STAT_ROW_SUM_ERROR,
 )
 
-__all__ = ["check_inputs", "check_number", "check_optimizer", "check_positive", "check_seed", "check_targets"]
+__all__ = ["cast_finite", "check_inputs", "check_number", "check_positive", "check_seed", "check_targets", "real_array"]
 
 Array = Any
 
@@ -208,3 +209,32 @@ def check_seed(seed: Any, name: str = "seed") -> int | None:
     if seed < 0:
         raise ValueError(f"{name} must be None or a non-negative integer, got {seed}")
     return int(seed)
+
+
+def real_array(value: Any, what: str) -> np.ndarray:
+    """``value`` as a NumPy array of integers or floats; anything else (complex, strings, objects, booleans)
+    is a ``TypeError`` naming ``what``."""
+    try:
+        arr = np.asarray(value)
+    except Exception as exc:  # noqa: BLE001 - ragged lists and the like
+        raise ValueError(f"{what} cannot be read as an array: {exc}") from None
+    if arr.dtype.kind not in "iuf":
+        raise TypeError(f"{what} must hold real numbers, got {arr.dtype}")
+    return arr
+
+
+def cast_finite(arr: np.ndarray, dtype: np.dtype, what: str, error: Callable[[str], Exception] = ValueError,
+                offset: tuple[int, ...] | None = None) -> np.ndarray:
+    """``arr`` cast to ``dtype`` (no copy when it already is one); values that are not finite there
+    (NaN, inf, or too large for ``dtype``) raise ``error`` naming ``what`` and the first such value
+    (its index plus ``offset``, where ``arr`` is a chunk of a larger array)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        cast = arr.astype(dtype, copy=False)
+    finite = np.isfinite(cast)
+    if not finite.all():
+        first = tuple(int(i) for i in np.argwhere(~finite)[0])
+        shown = first if offset is None else tuple(i + o for i, o in zip(first, offset))
+        where = f"row {shown[0]}, column {shown[1]}" if offset is not None and len(shown) == 2 else f"index {shown}"
+        raise error(f"{what} has values that are not finite in {np.dtype(dtype).name} "
+                    f"(first at {where}: {float(arr[first]):g})")
+    return cast

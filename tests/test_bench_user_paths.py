@@ -375,7 +375,7 @@ def test_torch_twin_takes_the_same_step(head: str, activation: str) -> None:
     """The twin's loss and its parameters after one SGD step with momentum match backprop's (float64)."""
     pytest.importorskip("torch")
     from backprop import MLP, SGD
-    from backprop.bench.peers import TorchPeer
+    from backprop.bench.torch_peer import TorchPeer
 
     peer = TorchPeer()
     rng = np.random.default_rng(0)
@@ -395,7 +395,7 @@ def test_torch_twin_takes_the_same_step(head: str, activation: str) -> None:
 def test_torch_epoch_runs() -> None:
     pytest.importorskip("torch")
     from backprop import MLP
-    from backprop.bench.peers import TorchPeer
+    from backprop.bench.torch_peer import TorchPeer
 
     peer = TorchPeer()
     rng = np.random.default_rng(0)

@@ -13,8 +13,8 @@ For each backend it times, over nets whose parameter count ``N`` spans several d
 
 and writes ``results.json`` (every raw timing, the machine and versions), ``report.md`` and
 ``scaling.png``. Modules: :mod:`.timing` (the timer), :mod:`.nets` (sizes, operation counts, memory),
-:mod:`.fd` (finite differences), :mod:`.sweep` (the measurements), :mod:`.fit` (power-law fits),
-:mod:`.peers` (PyTorch on the same nets: eager, ``torch.compile``, a whole epoch), :mod:`.report`,
+:mod:`.fd` (finite differences), :mod:`.sweep` (the measurements), :mod:`.powerlaw` (power-law fits),
+:mod:`.torch_peer` (PyTorch on the same nets: eager, ``torch.compile``, a whole epoch), :mod:`.report`,
 :mod:`.plot`, :mod:`.machine`, :mod:`.cli`.
 
 The benchmarks on the user's paths (``fit``, the public API on device arrays, the step against PyTorch
@@ -26,7 +26,7 @@ writing each section's JSON and Markdown as soon as it ends.
 from __future__ import annotations
 
 from .cli import main
-from .fit import PowerFit, fit_power_law
+from .powerlaw import PowerFit, fit_power_law
 from .nets import flop_counts, flop_ratio, parse_sizes, sizes_for_params
 from .sweep import BenchConfig, run_backend
 from .timing import Timing, time_ops

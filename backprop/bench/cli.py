@@ -18,7 +18,7 @@ from ..backend import Backend, available_backends, resolve_backend
 from ..kernels import BACKEND_MODULES
 from .machine import cpu_pressure, load_average, machine_info, restore_threads, set_threads, tune_malloc
 from .nets import DEFAULT_DEPTH, n_params, parse_sizes
-from .peers import KNOWN_PEERS, TorchPeer, make_peer
+from .torch_peer import KNOWN_PEERS, TorchPeer, make_peer
 from .progress import Progress
 from .report import mark_fit_points, markdown_report, terminal_report, write_json
 from .sweep import (
@@ -175,7 +175,7 @@ def backend_list(text: str) -> str:
 
 
 def peer_list(text: str) -> str:
-    """``--peers``: comma-separated names of :data:`~backprop.bench.peers.KNOWN_PEERS` (or nothing)."""
+    """``--peers``: comma-separated names of :data:`~backprop.bench.torch_peer.KNOWN_PEERS` (or nothing)."""
     unknown = [p.strip() for p in text.split(",") if p.strip() and p.strip() not in KNOWN_PEERS]
     if unknown:
         raise _bad(f"unknown peer(s) {', '.join(map(repr, unknown))}; known: {', '.join(KNOWN_PEERS)}")

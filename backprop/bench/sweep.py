@@ -18,7 +18,7 @@ from ..backend import Backend
 from ..network import MLP
 from ..optimizers import SGD
 from .fd import FDTimeout, fd_gradient, fd_pass_op, relative_error
-from .fit import fit_power_law, local_slopes
+from .powerlaw import fit_power_law, local_slopes
 from .nets import (
     DEFAULT_DEPTH,
     available_bytes,
@@ -30,7 +30,7 @@ from .nets import (
     parse_sizes,
     step_flop_ratio,
 )
-from .peers import TorchPeer
+from .torch_peer import TorchPeer
 from .progress import Progress
 from .timing import Timing, time_ops, time_repeated
 

@@ -1,13 +1,12 @@
 """Benchmarks on the user's paths, against PyTorch: ``python benchmarks/gpu_vs_torch.py``.
 
-Six sections, each written out (JSON + Markdown, with the machine, the command and the date) as soon as it
-ends, by :class:`~backprop.bench.sections.SectionWriter`; a section that fails records its error and the
-next one runs. Sections 1 to 5 run on the device backend (``--backend``, default: the first GPU backend
-that works here) and are skipped, with the reason, where there is none; section 6 runs on the CPU
-backends. Every time comes from :func:`~backprop.bench.timing.time_ops` (interleaved samples, each
-bracketed by the device's synchronisation, median of the repeats) or, for whole epochs, one epoch a
-sample after a warm-up epoch. Float32 throughout.
-
+Eight sections (:data:`SECTIONS`, run in the order ``--sections`` gives), each written out (JSON + Markdown,
+with the machine, the command and the date) as soon as it ends, by
+:class:`~backprop.bench.sections.SectionWriter`; a section that fails records its error and the next one runs.
+Sections 1 to 7 run on the device backend (``--backend``, default: the first GPU backend that works here) and
+are skipped, with the reason, where there is none; section 8 runs on the CPU backends. Every time comes from
+:func:`~backprop.bench.timing.time_ops` (interleaved samples, each bracketed by the device's synchronisation,
+median of the repeats) or, for whole epochs, one epoch a sample after a warm-up epoch. Float32 throughout.
 1. ``fit`` (``fit_vs_torch``): one epoch of ``net.fit(X, y, epochs=1, batch_size=256,
    optimizer=SGD(0.01, momentum=0.9))`` on 60000 x 784 random data, 10 classes, ``[784, 1024, 1024, 10]``,
    from host arrays (NumPy ``X``, integer labels ``y``) and from device arrays, against a PyTorch eager loop
@@ -25,7 +24,11 @@ sample after a warm-up epoch. Float32 throughout.
    (``graph=True`` raises ``ValueError``) or the recording falls back to plain steps (``RuntimeWarning``).
 5. ``tf32`` (``tf32``): the GEMM-bound net and the GEMM with TF32 off and on (both frameworks), where the
    backend has ``set_tf32``.
-6. ``cpu`` (``cpu_step_vs_torch``): the training step of the CPU backends (numpy, numba) against PyTorch
+6. ``fused`` (``fused_narrow``): a narrow net's step and inference with the cupy backend's fused kernels off
+   and on (CUDA cores, and TF32 tensor cores with TF32 on in both frameworks), against PyTorch, with each fused
+   pass's TFLOP/s and GB/s against the SGEMM rate and the copy bandwidth measured in the same run.
+7. ``epilogues`` (``epilogues``): the step with cuBLASLt epilogues off and on, against PyTorch.
+8. ``cpu`` (``cpu_step_vs_torch``): the training step of the CPU backends (numpy, numba) against PyTorch
    on the CPU, ``[784, 256, 256, 10]`` @ 256 and ``[64]*6+[1]`` @ 8192, interleaved rounds, median; the
    public ``train_step`` (what a user calls) and ``train_step_device``. Target: at least 1.2x faster.
 
@@ -65,7 +68,7 @@ from .cli import (
 from .cli import out_problem as _out_problem
 from .machine import machine_info, restore_threads, set_threads
 from .nets import flop_counts
-from .peers import TorchPeer
+from .torch_peer import TorchPeer
 from .sections import SectionWriter, SkipSection
 from .timing import Timing, paired_ratio, time_ops
 
@@ -920,7 +923,7 @@ def section_list(text: str) -> str:
 
 def device_backend(text: str) -> str:
     """``--backend``: ``auto`` or one known backend name (whether it works here is found out when the run
-    starts; sections 1-5 are then skipped with the reason)."""
+    starts; sections 1-7 are then skipped with the reason)."""
     key = text.strip().lower()
     if key == "auto":
         return key
@@ -963,7 +966,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--sections", type=section_list, default=",".join(SECTIONS),
                    help=f"comma-separated sections to run, in this order: {','.join(SECTIONS)} (default: all)")
     p.add_argument("--backend", type=device_backend, default="auto",
-                   help="backend of sections 1-5 (default auto: the first GPU backend that works here; a CPU backend "
+                   help="backend of sections 1-7 (default auto: the first GPU backend that works here; a CPU backend "
                         f"may be named to try those sections on the CPU); known: {', '.join(BACKEND_MODULES)}")
     p.add_argument("--cpu-backends", type=cpu_backend_list, default="numpy,numba",
                    help=f"backends of section 6 (default numpy,numba); known: {', '.join(BACKEND_MODULES)}")
@@ -1022,7 +1025,7 @@ def main(argv: list[str] | None = None, prog: str = "python benchmarks/gpu_vs_to
                                    command=prog + "".join(" " + shlex.quote(a) for a in argv), machine=machine,
                                    summary=SUMMARY,
                                    deadline=None if args.time_limit is None else start + args.time_limit,
-                                   preamble=[f"- device backend (sections 1-5): {device}", f"- PyTorch: {torch_info}",
+                                   preamble=[f"- device backend (sections 1-7): {device}", f"- PyTorch: {torch_info}",
                                              f"- quick: {ctx.quick}; repeats {ctx.repeats}"])
         except OSError as exc:  # out_problem looked before; the file system can still refuse (or change since)
             print(f"{parser.prog}: error: argument --out: cannot create the directory {args.out}: "
