@@ -13,6 +13,16 @@ from pathlib import Path
 if "NUMBA_ENABLE_CUDASIM" not in os.environ and not os.path.exists("/dev/nvidiactl"):
     os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
 
+# One BLAS/OpenMP thread per pytest-xdist worker (``-n auto`` starts one worker per core): workers that each
+# start a thread per core would fight over the cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1)
+    except ImportError:  # the test extra brings it; without it the workers keep the libraries' defaults
+        pass
+
 import numpy as np  # noqa: E402
 import pytest
 

@@ -67,6 +67,7 @@ def test_plan_offsets():
 
 
 # --------------------------------------------------------------------------- 1. nvcc and ptxas
+@pytest.mark.exhaustive
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found")
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_compiles_without_spills_within_static_shared_memory(variant, tmp_path):

@@ -138,6 +138,7 @@ print("RESULT", __import__("json").dumps({n: v[:3] for n, v in bad.items()}))
 """
 
 
+@pytest.mark.exhaustive
 def test_float32_cpu_kernels_do_no_float64_arithmetic():
     """No double arithmetic, no fpext, no double-returning math call in the float32 LLVM IR
     (only the unboxing of Python float arguments, ``PyFloat_AsDouble``, which are then cast).
@@ -224,6 +225,7 @@ print("RESULT", __import__("json").dumps(bad))
 """
 
 
+@pytest.mark.exhaustive
 def test_float32_cuda_kernels_compile_to_ptx_without_f64():
     """Every CUDA kernel compiles for a real GPU (sm_90), in float32 with no f64 instruction but the
     read of the float64 guard (the guard's own kernel, the sum of squares, the statistics, the

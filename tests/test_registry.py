@@ -209,6 +209,7 @@ SHARED_SUITES = ["tests/test_kernels.py", "tests/test_numba_backends.py", "tests
                  "tests/test_cupy_backend.py", "tests/test_registry.py"]
 
 
+@pytest.mark.exhaustive
 def test_one_record_adds_an_activation_on_every_backend(tmp_path):
     """Softsign, defined in one record and nothing else, passes the shared suites on every backend: the
     NumPy reference, Numba CPU, the numba-cuda kernels under the CUDA simulator, the CuPy sources in the
