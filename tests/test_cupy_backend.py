@@ -1912,8 +1912,8 @@ def test_fake_fused_tf32_runs_the_tensor_core_kernels(fake, rng, monkeypatch):
         fake.set_fused_mlp(False)
 
 
-@pytest.mark.parametrize("shuffle", [True, False], ids=["shuffled", "in_order"])
-@pytest.mark.parametrize("momentum", [0.0, 0.9])
+@pytest.mark.parametrize("momentum,shuffle", [(0.0, False), (0.9, True)],
+                         ids=["plain-in_order", "momentum-shuffled"])  # each value of each option once
 def test_fake_fit_with_graphs_equals_fit_without(fake, rng, shuffle, momentum):
     """fit(graph=True) replays the recorded step (its minibatch gathered outside the graph): the same
     parameters and loss history, bit for bit, as ordinary fit, the smaller last batch included."""

@@ -23,9 +23,12 @@ def diverging_data(rng: np.random.Generator, n: int = 64) -> tuple[np.ndarray, n
 @pytest.mark.parametrize("opt", [lambda: bp.SGD(lr=10.0), lambda: bp.SGD(lr=10.0, momentum=0.9),
                                  lambda: bp.Adam(lr=1e12)], ids=["sgd", "momentum", "adam"])
 @pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
-def test_fit_stops_at_the_failing_step_with_parameters_bit_identical(backend, rng, opt):
+def test_fit_stops_at_the_failing_step_with_parameters_bit_identical(backend, small, request, rng, opt):
     """Inside fit, with one read per epoch, the step that is not finite and every later one are skipped:
-    the parameters and the optimizer's state equal those of the same steps run one by one up to it."""
+    the parameters and the optimizer's state equal those of the same steps run one by one up to it. Under the
+    CUDA simulator with Adam (the most state) only: the other optimizers run on every other backend."""
+    if small and request.node.callspec.id.split("-")[-1] != "adam":
+        pytest.skip("under the CUDA simulator only Adam runs (the most state); the CPU backends run every optimizer")
     X, T = diverging_data(rng)
     batch = 8
     net = bp.MLP(DIVERGING["sizes"], activation="relu", dtype="float32", backend=backend.name, seed=3)
