@@ -134,6 +134,12 @@ _REGRESSION_LOSSES = {x.sklearn_name: n for n, x in LOSSES.items() if x.sklearn_
 #: backprop output activation -> scikit-learn's ``out_activation_`` name
 _OUT_NAMES = {n: a.sklearn_name for n, a in ACTIVATIONS.items() if a.sklearn_name}
 _PREDICT_CHUNK = 65536
+#: rows per forward/backward pass of the L-BFGS objective (the gradient is summed over the chunks)
+_LBFGS_CHUNK = 65536
+_STOCHASTIC_SOLVERS = ("sgd", "adam")
+
+
+# --------------------------------------------------------------------------- threads and failures
 #: Held while an estimator's network is (re)built or given its ``coefs_``: two threads predicting at once
 #: would otherwise both do it.
 _SYNC = threading.RLock()
@@ -164,9 +170,6 @@ def _predicting(fn: F) -> F:
             return fn(self, *args, **kwargs)
 
     return run  # type: ignore[return-value]
-#: rows per forward/backward pass of the L-BFGS objective (the gradient is summed over the chunks)
-_LBFGS_CHUNK = 65536
-_STOCHASTIC_SOLVERS = ("sgd", "adam")
 
 
 # --------------------------------------------------------------------------- parameter checks
