@@ -99,9 +99,6 @@ class _StagedEngine:
 
     def __init__(self, comm: Communicator, kernels: Any) -> None:
         self.comm, self.kernels = comm, kernels
-        if getattr(kernels, "copy_into", None) is None:
-            raise DistributedError(f"backend {kernels.NAME!r} has neither a collective hook nor copy_into: its "
-                                   "arrays cannot be reduced across processes")
 
     def _back(self, dst: Array, host: np.ndarray) -> None:
         k = self.kernels

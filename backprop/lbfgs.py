@@ -152,7 +152,7 @@ class FullBatchObjective:
     def __call__(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
         net = self.net
         cast = self._checked(theta)
-        net._assign_flat(cast)
+        net.set_flat_params(cast)
         loss, grad = self._passes()
         if self.weight_decay:
             weights = cast[:net.n_weights].astype(np.float64)

@@ -232,14 +232,17 @@ class MLP:
         return np.concatenate([np.ravel(W) for W, _ in params] + [np.ravel(b) for _, b in params]).astype(
             self.dtype, copy=False)
 
-    def _assign_flat(self, flat_host: np.ndarray) -> None:
-        """Replace every parameter at once from a host array in the layout of :attr:`params` (its dtype and
-        finiteness checked by the caller): one copy to the backend, no array split or joined."""
-        if flat_host.shape != (self.n_params,) or flat_host.dtype != self.dtype:
-            raise ValueError(f"flat parameters must be {self.dtype.name} of shape ({self.n_params},), got "
-                             f"{flat_host.dtype} {flat_host.shape}")
-        with exclusive(self, "MLP parameter assignment"):
-            self._bind(flat_host)
+    def set_flat_params(self, flat: Any) -> None:
+        """Replace every parameter at once from ``flat``, a host array in the layout of :attr:`params` (every
+        ``W`` row by row, then every ``b``): real numbers of shape ``(n_params,)``, finite once cast to the
+        network's dtype (a ``TypeError``/``ValueError`` naming the problem otherwise, with nothing changed).
+        One copy to the backend, no array split or joined."""
+        arr = real_array(flat, "flat parameters")
+        if arr.shape != (self.n_params,):
+            raise ValueError(f"flat parameters must have shape ({self.n_params},), got {arr.shape}")
+        cast = cast_finite(arr, self.dtype, "flat parameters")
+        with exclusive(self, "MLP.set_flat_params"):
+            self._bind(cast)
 
     def _bind(self, flat_host: np.ndarray) -> None:
         """Move the flat parameters to the backend and point every layer's ``W`` and ``b`` into them."""

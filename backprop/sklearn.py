@@ -870,7 +870,7 @@ class _LbfgsObjective(FullBatchObjective):
         scatter into its layout and one copy, no array split or joined."""
         flat = np.empty(net.n_params, dtype=net.dtype)
         flat[self.perm] = theta
-        net._assign_flat(flat)
+        net.set_flat_params(flat)
 
     def __call__(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
         cast = self._checked(theta)

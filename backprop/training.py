@@ -373,7 +373,7 @@ def _fit_lbfgs(net: MLP, data: Batches, val: Any, opt: LBFGS, epochs: int, callb
     def iteration_done(xk: np.ndarray) -> None:  # SciPy calls it after each iteration, at the new iterate
         last["x"], last["epoch"] = np.array(xk, dtype=np.float64, copy=True), last["epoch"] + 1
         loss = objective.value_at(xk)  # the network holds xk afterwards (the last evaluation, or this one)
-        net._assign_flat(xk.astype(net.dtype))
+        net.set_flat_params(xk)
         history.loss.append(loss)
         history.lr.append(float("nan"))
         stop = _after_epoch(net, last["epoch"], history, val, batch_size, callbacks, bar, False, last["start"])
@@ -387,13 +387,13 @@ def _fit_lbfgs(net: MLP, data: Batches, val: Any, opt: LBFGS, epochs: int, callb
         result = minimize(objective, last["x"], method="L-BFGS-B", jac=True, callback=iteration_done,
                           options={"maxiter": epochs, "maxfun": opt.max_fun, "maxcor": opt.memory, "gtol": opt.tol})
     except NonFiniteObjective as exc:
-        net._assign_flat(last["x"].astype(net.dtype))
+        net.set_flat_params(last["x"])
         raise NonFiniteLossError(f"L-BFGS stopped in iteration {last['epoch'] + 1}: {exc}; the parameters are those "
                                  f"of iteration {last['epoch']}") from exc
     finally:
         opt.steps += last["epoch"]
         opt.evaluations += objective.evaluations
-    net._assign_flat(np.asarray(result.x, dtype=np.float64).astype(net.dtype))
+    net.set_flat_params(result.x)
     opt.message = str(result.message)
     if history.stop_reason is None and last["epoch"] < epochs:
         history.stop_reason = f"L-BFGS stopped: {opt.message}"

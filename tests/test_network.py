@@ -744,3 +744,21 @@ def test_describe_without_layer_paths():
     lines = net.describe().splitlines()
     assert lines[0] == repr(net) and all("a GEMM and an elementwise kernel per pass" in line for line in lines[1:])
     assert len(lines) == 3
+
+
+def test_set_flat_params_replaces_every_parameter_or_nothing(rng):
+    """``set_flat_params`` takes the layout of ``params`` (every W row by row, then every b), casts, and refuses
+    a wrong shape, a non-real array or a value not finite in the network's dtype, changing nothing."""
+    net = bp.MLP([3, 4, 2], dtype="float32", backend="numpy")
+    flat = rng.normal(size=net.n_params)
+    net.set_flat_params(flat)
+    np.testing.assert_array_equal(net.params, flat.astype(np.float32))
+    W0, b1 = net.get_params()[0][0], net.get_params()[1][1]
+    np.testing.assert_array_equal(W0.ravel(), flat[:12].astype(np.float32))
+    np.testing.assert_array_equal(b1, flat[-2:].astype(np.float32))
+    before = np.array(net.params, copy=True)
+    for bad, error, match in [(flat[:-1], ValueError, r"shape \(26,\)"), (flat + 1j, TypeError, "flat parameters"),
+                              (np.where(np.arange(flat.size) == 5, 1e39, flat), ValueError, "not finite in float32")]:
+        with pytest.raises(error, match=match):
+            net.set_flat_params(bad)
+        np.testing.assert_array_equal(net.params, before)
