@@ -7,6 +7,9 @@ GPU backends skip cleanly without a GPU; ``numba-cuda`` also runs under the CUDA
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 # Without a GPU, run the numba-cuda kernels under the CUDA simulator (set before numba.cuda is imported).
@@ -84,6 +87,18 @@ def snapshot(root: Path) -> list[tuple[str, bytes | None]]:
     """Every path below ``root`` with its bytes (``None`` for a directory): compare two to see that
     nothing was created or changed."""
     return sorted((str(p.relative_to(root)), p.read_bytes() if p.is_file() else None) for p in root.rglob("*"))
+
+
+@contextmanager
+def switching_often() -> Iterator[None]:
+    """Make the interpreter switch threads every microsecond, so that calls from several threads overlap
+    wherever they can (a race shows up at once instead of now and then)."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(before)
 
 
 def must_not_run(name: str):

@@ -8,9 +8,8 @@ import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -20,16 +19,7 @@ import backprop as bp
 from backprop import step
 from backprop.concurrency import ConcurrentTrainingError, _holds, exclusive, reading
 
-
-@contextmanager
-def _switching_often() -> Iterator[None]:
-    """Make the interpreter switch threads every microsecond, so that calls overlap wherever they can."""
-    before = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(before)
+from .conftest import switching_often
 
 
 def _free(obj: Any) -> bool:
@@ -83,7 +73,7 @@ def test_threads_infer_the_bits_of_sequential_calls(backend, small, rng):
         barrier.wait()
         return [_call(net, *calls[i]) for i in range(start, len(calls), n_threads)]
 
-    with _switching_often() if not small else nullcontext(), ThreadPoolExecutor(n_threads) as pool:
+    with switching_often() if not small else nullcontext(), ThreadPoolExecutor(n_threads) as pool:
         results = list(pool.map(worker, range(n_threads)))
     wrong = [i for w in range(n_threads) for i, got in zip(range(w, len(calls), n_threads), results[w])
              if not _same(got, expected[i])]

@@ -25,7 +25,7 @@ from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
 from backprop.backend import available_backends, resolve_backend  # noqa: E402
 from backprop.sklearn import MLPClassifier, MLPRegressor  # noqa: E402
 
-from .conftest import tolerance  # noqa: E402
+from .conftest import switching_often, tolerance  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
 
@@ -934,13 +934,8 @@ def test_threads_predicting_with_one_estimator_and_a_fit_from_another(monkeypatc
         return getattr(clf, kind)(Xc)
 
     want = [run(*c) for c in calls]
-    switch = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        with ThreadPoolExecutor(8) as pool:
-            got = list(pool.map(lambda c: run(*c), calls))
-    finally:
-        sys.setswitchinterval(switch)
+    with switching_often(), ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda c: run(*c), calls))
     assert all(np.array_equal(a, b) for a, b in zip(got, want))
 
     fitting, release = threading.Event(), threading.Event()
