@@ -16,6 +16,7 @@ from types import ModuleType
 from typing import Any
 
 from .kernels import BACKEND_MODULES, load_backend_module
+from .kernels.contract import Capabilities
 
 ENV_VAR = "BACKPROP_BACKEND"
 
@@ -33,12 +34,20 @@ class Backend:
         return self.kernels.xp
 
     @property
+    def capabilities(self) -> Capabilities:
+        """What the backend can do beyond the required primitives (its kernels' ``CAPABILITIES``)."""
+        caps: Capabilities = self.kernels.CAPABILITIES
+        return caps
+
+    @property
     def is_gpu(self) -> bool:
-        return bool(getattr(self.kernels, "IS_GPU", False))
+        """The arrays live on a GPU."""
+        return self.capabilities.gpu
 
     @property
     def is_simulated(self) -> bool:
-        return bool(getattr(self.kernels, "is_simulated", lambda: False)())
+        """The backend runs on a simulator (correct, slow; ``"auto"`` never picks it)."""
+        return bool(self.kernels.is_simulated())
 
     def synchronize(self) -> None:
         """Block until the device has finished all queued work (no-op on a CPU)."""

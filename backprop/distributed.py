@@ -81,7 +81,7 @@ def _mpi() -> Any:
 
 # --------------------------------------------------------------------------- engines: one all-reduce per step
 class _HostEngine:
-    """MPI on the backend's arrays themselves: host memory (``IS_GPU`` false)."""
+    """MPI on the backend's arrays themselves: host memory (``CAPABILITIES.gpu`` false)."""
 
     def __init__(self, comm: Communicator) -> None:
         self.comm = comm
@@ -216,17 +216,18 @@ class Communicator:
         entry = self._engines.get(id(kernels))
         if entry is not None and entry[0] is kernels:
             return entry[1]
-        hook = getattr(kernels, "collective", None)
+        caps = kernels.CAPABILITIES
         engine: Any = None
-        if hook is not None:
+        if caps.collectives:
             try:
-                engine = hook(self.size, self.rank, lambda v: self.share(v, "the device communicator's start"))
+                engine = kernels.collective(self.size, self.rank,
+                                            lambda v: self.share(v, "the device communicator's start"))
             except ImportError as exc:
                 warnings.warn(f"backend {kernels.NAME!r}: no device collectives ({exc}); reducing through the "
                               "host instead (a copy each way per step)", RuntimeWarning, stacklevel=3)
         if engine is None:
-            if getattr(kernels, "IS_GPU", False):
-                if hook is None:
+            if caps.gpu:
+                if not caps.collectives:
                     warnings.warn(f"backend {kernels.NAME!r} has no device collectives; reducing through the host "
                                   "(a copy each way per step)", RuntimeWarning, stacklevel=3)
                 engine = _StagedEngine(self, kernels)
@@ -273,9 +274,9 @@ def init(timeout: float | None = DEFAULT_TIMEOUT, abort_on_error: bool = True) -
         comm = Communicator(timeout=timeout, abort_on_error=abort_on_error)
         from .backend import get_backend
 
-        use_device = getattr(get_backend().kernels, "use_device", None)
-        if use_device is not None:
-            use_device(comm.local_rank)
+        kernels = get_backend().kernels
+        if kernels.CAPABILITIES.device_choice:
+            kernels.use_device(comm.local_rank)
         if abort_on_error and comm.size > 1:
             _abort_on_uncaught(comm)
         _world = comm

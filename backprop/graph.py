@@ -1,8 +1,8 @@
 """CUDA-graph replay of the training step (``net.train_step(..., graph=True)``).
 
 The step is :func:`backprop.step.train_step`, the same function an ordinary step runs, recorded
-once with the backend's capture primitives (``capture``, ``replay``, ``copy_into``; see
-:data:`backprop.kernels.contract.OPTIONAL`) and replayed afterwards. That removes the launch and
+once with the capture primitives of a backend whose ``CAPABILITIES.graphs`` is true (``capture``,
+``replay``; see :class:`backprop.kernels.contract.Capabilities`) and replayed afterwards. That removes the launch and
 Python overhead of its dozens of small kernels and GEMMs, and gives the same numbers, since the
 same kernels run in the same order on the same buffers.
 
@@ -46,6 +46,7 @@ from numbers import Number
 from typing import TYPE_CHECKING, Any
 
 from . import step
+from .kernels.contract import switch_settings
 from .optimizers import SGD, Adam
 
 if TYPE_CHECKING:
@@ -57,9 +58,6 @@ __all__ = ["MAX_GRAPHS_PER_NET", "check_graph_support", "clear", "graphed_train_
 
 #: Graphs kept per network (each holds the addresses of its workspace and parameters).
 MAX_GRAPHS_PER_NET = 4
-
-_NEEDS = ("capture", "replay", "copy_into")
-
 
 class _StepGraph:
     """One recorded step and everything it reads or writes (kept alive with it)."""
@@ -87,11 +85,10 @@ _graphs: weakref.WeakKeyDictionary[Any, OrderedDict[tuple, _StepGraph | None]] =
 def check_graph_support(net: MLP, optimizer: Optimizer) -> Any:
     """The network's kernels, if they can record this step (``ValueError`` otherwise)."""
     k = net.backend.kernels
-    if not all(callable(getattr(k, name, None)) for name in _NEEDS):
+    if not k.CAPABILITIES.graphs:
         raise ValueError(f"backend {net.backend.name!r} cannot record a training step as a CUDA graph; "
                          "graph=True needs the cupy backend")
-    reason_fn = getattr(k, "capture_unavailable_reason", None)
-    reason = reason_fn() if callable(reason_fn) else ""
+    reason = k.capture_unavailable_reason()
     if reason:
         raise ValueError(f"graph=True cannot record a CUDA graph on backend {net.backend.name!r}: {reason}")
     if not isinstance(optimizer, (SGD, Adam)):
@@ -114,15 +111,10 @@ def _settings(optimizer: Optimizer) -> tuple:
                         if not name.startswith("_") and name != "steps" and isinstance(value, (Number, str))))
 
 
-#: The backend switches that change what a step issues (a graph recorded under one is not replayed under another).
-_MODES = ("tf32_enabled", "fused_mlp_enabled", "epilogues_enabled")
-
-
 def _key(net: MLP, ws: Workspace, x: Any, t: Any, optimizer: Optimizer, weight: float, kernels: Any) -> tuple:
     layers = (id(net.params),) + tuple((L.activation.name, L.activation.alpha) for L in net.layers)
     state = tuple(id(a) for a in _state_arrays(optimizer, net))
-    modes = tuple(bool(mode()) if callable(mode) else None
-                  for mode in (getattr(kernels, name, None) for name in _MODES))
+    modes = switch_settings(kernels)  # a graph recorded under one setting of a switch is not replayed under another
     return (id(ws), tuple(x.shape), tuple(t.shape), str(x.dtype), str(t.dtype), net.loss_fn.name, net.loss_fn.param,
             layers, type(optimizer), id(optimizer), _settings(optimizer), state, modes, float(weight))
 

@@ -266,13 +266,14 @@ class MLP:
         backend reports it (its ``layer_paths``: a cuBLASLt epilogue, or the GEMM and kernel and why), or the
         fused narrow-network launches."""
         lines = [repr(self)]
-        if step.fused(self) is not None:
-            where = getattr(self.backend.kernels, "fused_mlp_path", None)
-            on = f", on the {where(self.dtype)}" if where is not None else ""
-            return "\n".join(lines + [f"  every layer: the fused narrow-network kernels, one launch per pass{on}"])
+        k = self.backend.kernels
+        if step.fused(self):
+            on = k.fused_mlp_path(self.dtype)
+            return "\n".join(lines + ["  every layer: the fused narrow-network kernels, one launch per pass, "
+                                       f"on the {on}"])
         if batch is None:
             batch = self.workspaces.last_batch()
-        paths = getattr(self.backend.kernels, "layer_paths", None)
+        paths = k.layer_paths if k.CAPABILITIES.layer_paths else None
         for i, L in enumerate(self.layers):
             head = f"  layer {i + 1}: {L.n_in} -> {L.n_out} {L.activation.name}"
             if paths is None or batch is None:

@@ -152,12 +152,13 @@ class Optimizer(ABC):
         updates, and any step-wide work) in one launch, through the backend's ``guarded_step``; ``False``,
         with nothing done, where the backend has none or it does not serve this size (the caller then runs
         ``guard_step``, :meth:`prepare`, :meth:`apply` twice and :meth:`finish`)."""
-        run = getattr(kernels, "guarded_step", None)
-        spec = None if run is None else self._one_launch(kernels, owner, W, b, dtype)
+        if not kernels.CAPABILITIES.one_launch_update:
+            return False
+        spec = self._one_launch(kernels, owner, W, b, dtype)
         if spec is None:
             return False
         kind, state, hyper, count = spec
-        return bool(run(kind, guard, loss, weight, (W, b), (dW, db), state, hyper, count=count))
+        return bool(kernels.guarded_step(kind, guard, loss, weight, (W, b), (dW, db), state, hyper, count=count))
 
     def _one_launch(self, kernels: ModuleType, owner: Any, W: Any, b: Any,
                     dtype: Any) -> tuple[str, tuple, dict, Any] | None:

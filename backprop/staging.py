@@ -29,8 +29,7 @@ STREAM_CHUNK_BYTES = 256 << 20
 
 def fits_on_device(kernels: Any, nbytes: int) -> bool:
     """Whether ``nbytes`` of data may be kept on the backend (always on a host backend)."""
-    free = getattr(kernels, "device_memory_free", None)
-    budget = None if free is None else free()
+    budget = kernels.device_memory_free() if kernels.CAPABILITIES.device_queries else None
     return budget is None or nbytes <= DATA_BUDGET_FRACTION * budget
 
 

@@ -33,8 +33,10 @@ if TYPE_CHECKING:
     from .network import MLP
     from .optimizers import Optimizer
 
-__all__ = ["Guard", "NonFiniteLossError", "Workspace", "Workspaces", "apply_update", "backward", "failure_cause", "flat_views", "forward",
-           "fused", "gradient_buffers", "gradients", "n_params", "n_weights", "output_error", "train_step", "workspace"]
+__all__ = ["FusedPasses", "Guard", "LAYER_BY_LAYER", "LayerByLayer", "NonFiniteLossError", "Workspace",
+           "Workspaces", "apply_update", "backward", "failure_cause", "flat_views", "forward", "fused",
+           "gradient_buffers", "gradients", "n_params", "n_weights", "output_error", "passes", "train_step",
+           "workspace"]
 
 Array = Any
 
@@ -76,8 +78,8 @@ class Workspace:
         self.u: list[Array | None] = _views(self.u_flat, batch, widths, self.keep_u)
         # what a backend's training forward pass hands to its backward pass besides y and u (the ReLU mask
         # of a cuBLASLt epilogue): its layer_aux hook says, per layer; None elsewhere
-        aux = getattr(k, "layer_aux", None)
-        self.aux: list[Any] = [None if aux is None or i == last else aux(L.activation.name, batch, L.n_out, dt)
+        with_aux = k.CAPABILITIES.layer_aux
+        self.aux: list[Any] = [k.layer_aux(L.activation.name, batch, L.n_out, dt) if with_aux and i < last else None
                                for i, L in enumerate(net.layers)]
         #: the last forward pass into this workspace was a layer-by-layer training pass (it wrote ``aux``)
         self.aux_written = False
@@ -225,46 +227,113 @@ def workspace(net: MLP, batch: int) -> Workspace:
     return net.workspaces.get(net, batch)
 
 
-# --------------------------------------------------------------------------- the step
-def fused(net: MLP) -> tuple[tuple[int, ...], tuple[str, ...], tuple[float, ...]] | None:
-    """``(sizes, activations, alphas)`` when the backend runs ``net``'s passes as single fused launches
-    (its ``fused_mlp_enabled()`` is on and ``fused_mlp_reason`` has no objection: a narrow network), else
-    ``None``."""
-    k = net.backend.kernels
-    enabled = getattr(k, "fused_mlp_enabled", None)
-    if enabled is None or not enabled():
-        return None
-    acts = tuple(L.activation.name for L in net.layers)
-    if k.fused_mlp_reason(net.sizes, acts, net.dtype):
-        return None
-    return tuple(net.sizes), acts, tuple(float(L.activation.alpha) for L in net.layers)
+# --------------------------------------------------------------------------- the passes: two strategies
+class LayerByLayer:
+    """The passes layer after layer: each layer's GEMM and elementwise kernels (every backend)."""
+
+    name = "layer by layer"
+    #: whether the step's whole update may go in one launch (``Optimizer.apply_in_one_launch``)
+    one_launch_update = False
+
+    def forward(self, net: MLP, ws: Workspace, x: Array, keep: bool, out: Array | None) -> Array:
+        """``x^l = f(W^l x^{l-1} + b^l)`` for ``l = 1..L``, each layer's ``y`` (and kept ``u``) into ``ws``."""
+        k = net.backend.kernels
+        last = len(net.layers) - 1
+        for i, layer in enumerate(net.layers):
+            a = layer.activation
+            y = out if (i == last and out is not None) else ws.y[i]
+            keep_u = keep and ws.u[i] is not None
+            aux = {"aux": ws.aux[i]} if keep and ws.aux[i] is not None else {}
+            x, _ = k.layer_forward(x, layer.W, layer.b, a.name, a.alpha, keep_u, y=y, u=ws.u[i], **aux)
+        ws.aux_written = keep
+        return x
+
+    def forward_error(self, net: MLP, ws: Workspace, x: Array, t: Array, weights: Array | None) -> None:
+        """The training forward pass, then the error at the output (:func:`output_error`)."""
+        self.forward(net, ws, x, True, None)
+        output_error(net, ws, t, weights)
+
+    def backward(self, net: MLP, ws: Workspace, x: Array, dW: list[Array], db: list[Array]) -> None:
+        """``dE/dW^l = delta^l (x^{l-1})^T``, ``dE/db^l = sum delta^l``, then
+        ``delta^{l-1} = f'(u^{l-1}) * (W^l)^T delta^l``, for ``l = L..1``."""
+        k = net.backend.kernels
+        for i in range(len(net.layers) - 1, -1, -1):
+            x_prev = ws.y[i - 1] if i > 0 else x
+            k.weight_gradients(ws.delta[i], x_prev, dW[i], db[i])
+            if i > 0:
+                prev = net.layers[i - 1].activation
+                aux = {"aux_prev": ws.aux[i - 1]} if ws.aux_written and ws.aux[i - 1] is not None else {}
+                k.delta_backward(ws.delta[i], net.layers[i].W, ws.y[i - 1], ws.u[i - 1], prev.name, prev.alpha,
+                                 out=ws.delta[i - 1], **aux)
 
 
-def forward(net: MLP, ws: Workspace, x: Array, keep: bool = True, out: Array | None = None) -> Array:
-    """Forward pass ``x^l = f(W^l x^{l-1} + b^l)`` into the workspace; returns ``x^L``.
+class FusedPasses(LayerByLayer):
+    """Each pass of a narrow network as one launch over every layer (a backend with
+    ``CAPABILITIES.fused_mlp``, its switch on, and no objection from its ``fused_mlp_reason``): the same
+    equations, each layer's ``y`` and ``u`` in the workspace's flat buffers, the gradients into ``ws.grads``."""
 
-    ``keep``: keep each layer's ``u`` where backward or the loss needs it. ``out``: where the last
-    layer writes (a fresh array handed to the caller), instead of the workspace. A narrow network on a
-    backend with fused kernels (:func:`fused`) runs every layer in one launch, into the workspace.
-    """
-    k = net.backend.kernels
-    spec = fused(net)
-    ws.aux_written = False
-    if spec is not None:
-        k.mlp_forward(x, net.params, *spec, ws.keep_u, ws.y_flat, ws.u_flat)
+    name = "fused"
+    one_launch_update = True
+
+    def __init__(self, sizes: tuple[int, ...], acts: tuple[str, ...], alphas: tuple[float, ...]) -> None:
+        self.spec = (sizes, acts, alphas)
+
+    def forward(self, net: MLP, ws: Workspace, x: Array, keep: bool, out: Array | None) -> Array:
+        k = net.backend.kernels
+        ws.aux_written = False
+        k.mlp_forward(x, net.params, *self.spec, ws.keep_u, ws.y_flat, ws.u_flat)
         if out is None:
             return ws.y[-1]
         k.copy_into(out, ws.y[-1])
         return out
-    last = len(net.layers) - 1
-    for i, layer in enumerate(net.layers):
-        a = layer.activation
-        y = out if (i == last and out is not None) else ws.y[i]
-        keep_u = keep and ws.u[i] is not None
-        aux = {"aux": ws.aux[i]} if keep and ws.aux[i] is not None else {}
-        x, _ = k.layer_forward(x, layer.W, layer.b, a.name, a.alpha, keep_u, y=y, u=ws.u[i], **aux)
-    ws.aux_written = keep
-    return x
+
+    def forward_error(self, net: MLP, ws: Workspace, x: Array, t: Array, weights: Array | None) -> None:
+        """The forward pass computes the error at its end, in the same launch."""
+        ws.aux_written = False
+        loss = net.loss_fn
+        net.backend.kernels.mlp_forward_error(x, net.params, *self.spec, ws.keep_u, ws.y_flat, ws.u_flat, t,
+                                              loss.name, loss.param, delta=ws.delta[-1], value=ws.loss,
+                                              weights=weights)
+
+    def backward(self, net: MLP, ws: Workspace, x: Array, dW: list[Array], db: list[Array]) -> None:
+        """Every layer in one launch (and a reduction), into the workspace's flat gradients."""
+        if dW is not ws.dW or db is not ws.db:  # gradients wanted elsewhere: the layer-by-layer kernels
+            LayerByLayer.backward(self, net, ws, x, dW, db)
+            return
+        net.backend.kernels.mlp_backward(x, net.params, *self.spec, ws.keep_u, ws.y_flat, ws.u_flat, ws.delta[-1],
+                                         ws.grads)
+
+
+LAYER_BY_LAYER = LayerByLayer()
+
+
+def passes(net: MLP) -> LayerByLayer:
+    """How the backend runs ``net``'s passes, decided here and only here: :class:`FusedPasses` where its
+    ``CAPABILITIES.fused_mlp`` is true, the switch (``set_fused_mlp``) is on and ``fused_mlp_reason`` has no
+    objection to the network (a narrow one), else :data:`LAYER_BY_LAYER`."""
+    k = net.backend.kernels
+    if not k.CAPABILITIES.fused_mlp or not k.fused_mlp_enabled():
+        return LAYER_BY_LAYER
+    acts = tuple(L.activation.name for L in net.layers)
+    if k.fused_mlp_reason(net.sizes, acts, net.dtype):
+        return LAYER_BY_LAYER
+    return FusedPasses(tuple(net.sizes), acts, tuple(float(L.activation.alpha) for L in net.layers))
+
+
+def fused(net: MLP) -> bool:
+    """Whether ``net``'s passes run as single fused launches (:func:`passes`)."""
+    return passes(net).one_launch_update
+
+
+# --------------------------------------------------------------------------- the step
+def forward(net: MLP, ws: Workspace, x: Array, keep: bool = True, out: Array | None = None) -> Array:
+    """Forward pass ``x^l = f(W^l x^{l-1} + b^l)`` into the workspace; returns ``x^L``.
+
+    ``keep``: keep each layer's ``u`` where backward or the loss needs it. ``out``: where the last
+    layer writes (a fresh array handed to the caller), instead of the workspace. The passes run as
+    :func:`passes` decides.
+    """
+    return passes(net).forward(net, ws, x, keep, out)
 
 
 def output_error(net: MLP, ws: Workspace, t: Array, weights: Array | None = None) -> Array:
@@ -284,21 +353,7 @@ def backward(net: MLP, ws: Workspace, x: Array, dW: list[Array] | None = None,
     """Backward pass from ``delta^L``: ``dE/dW^l = delta^l (x^{l-1})^T``, ``dE/db^l = sum delta^l``,
     then ``delta^{l-1} = f'(u^{l-1}) * (W^l)^T delta^l``, for ``l = L..1``; the gradients go to the
     workspace (or to ``dW``/``db``). No parameter changes."""
-    k = net.backend.kernels
-    spec = fused(net) if dW is None and db is None else None
-    if spec is not None:  # every layer in one launch (and a reduction), into the workspace's flat gradients
-        k.mlp_backward(x, net.params, *spec, ws.keep_u, ws.y_flat, ws.u_flat, ws.delta[-1], ws.grads)
-        return
-    dW = ws.dW if dW is None else dW
-    db = ws.db if db is None else db
-    for i in range(len(net.layers) - 1, -1, -1):
-        x_prev = ws.y[i - 1] if i > 0 else x
-        k.weight_gradients(ws.delta[i], x_prev, dW[i], db[i])
-        if i > 0:
-            prev = net.layers[i - 1].activation
-            aux = {"aux_prev": ws.aux[i - 1]} if ws.aux_written and ws.aux[i - 1] is not None else {}
-            k.delta_backward(ws.delta[i], net.layers[i].W, ws.y[i - 1], ws.u[i - 1], prev.name, prev.alpha,
-                             out=ws.delta[i - 1], **aux)
+    passes(net).backward(net, ws, x, ws.dW if dW is None else dW, ws.db if db is None else db)
 
 
 def train_step(net: MLP, ws: Workspace, x: Array, t: Array, optimizer: Optimizer, guard: Guard,
@@ -314,18 +369,10 @@ def train_step(net: MLP, ws: Workspace, x: Array, t: Array, optimizer: Optimizer
 
 def gradients(net: MLP, ws: Workspace, x: Array, t: Array, weights: Array | None = None) -> None:
     """The first half of a step: forward, error, backward on ``(x, t)``, leaving the mean loss in
-    ``ws.loss`` and every gradient in ``ws.grads`` (together ``ws.reduced``). No parameter changes. With
-    fused kernels (:func:`fused`), the forward pass computes the error at its end."""
-    spec = fused(net)
-    if spec is not None:
-        ws.aux_written = False
-        loss = net.loss_fn
-        net.backend.kernels.mlp_forward_error(x, net.params, *spec, ws.keep_u, ws.y_flat, ws.u_flat, t, loss.name,
-                                              loss.param, delta=ws.delta[-1], value=ws.loss, weights=weights)
-    else:
-        forward(net, ws, x)
-        output_error(net, ws, t, weights)
-    backward(net, ws, x)
+    ``ws.loss`` and every gradient in ``ws.grads`` (together ``ws.reduced``). No parameter changes."""
+    how = passes(net)
+    how.forward_error(net, ws, x, t, weights)
+    how.backward(net, ws, x, ws.dW, ws.db)
 
 
 def apply_update(net: MLP, ws: Workspace, optimizer: Optimizer, guard: Guard, weight: float = 1.0) -> None:
@@ -336,7 +383,7 @@ def apply_update(net: MLP, ws: Workspace, optimizer: Optimizer, guard: Guard, we
     (W, b), (dW, db) = net._pieces, ws.grad_pieces
     optimizer.begin_step()
     # a narrow network's step on fused kernels: the whole update in one launch, where the backend can
-    if fused(net) is not None and optimizer.apply_in_one_launch(k, net.optimizer_key, W, b, dW, db, g, ws.loss,
+    if passes(net).one_launch_update and optimizer.apply_in_one_launch(k, net.optimizer_key, W, b, dW, db, g, ws.loss,
                                                                 weight, net.dtype):
         return
     k.guard_step(g, ws.loss, ws.grads, weight)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from importlib import import_module
 from types import ModuleType
 
-from .contract import FUNCTIONS, OPTIONAL, REQUIRED, KernelModule, missing_names
+from .contract import CAPABILITY_FUNCTIONS, FUNCTIONS, REQUIRED, Capabilities, KernelModule, check_capabilities, missing_names
 from .registry import ACTIVATIONS, FUSED_PAIRS, LOSSES, ActivationSpec, LossSpec
 
 #: Backend name -> module, in the order ``"auto"`` prefers them (fastest first).
@@ -32,15 +32,17 @@ def load_backend_module(name: str) -> ModuleType:
 
 
 __all__ = [
+    "CAPABILITY_FUNCTIONS",
+    "Capabilities",
     "ACTIVATIONS",
     "BACKEND_MODULES",
     "FUSED_PAIRS",
     "LOSSES",
-    "OPTIONAL",
     "PRIMITIVES",
     "REQUIRED",
     "ActivationSpec",
     "KernelModule",
+    "check_capabilities",
     "LossSpec",
     "load_backend_module",
     "missing_names",

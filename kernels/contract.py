@@ -2,9 +2,10 @@
 
 A backend is one module of this package. :class:`KernelModule` lists, as a typed protocol, the
 names it must define (``numpy_ref`` is the reference implementation and the test oracle of
-each); :data:`OPTIONAL` lists the names the public API looks for with ``getattr`` and does
-without. Nothing above this layer looks at a backend's name or at the type of its arrays: it
-asks the module (``owns``, ``as_array``, ``array_stats``) instead.
+each); its ``CAPABILITIES`` (a :class:`Capabilities` record) declares what else it can do, each
+true field promising the functions :data:`CAPABILITY_FUNCTIONS` names. Nothing above this layer
+looks at a backend's name or at the type of its arrays, or probes a module for a name: it asks
+the module (``owns``, ``as_array``, ``array_stats``) and reads its record instead.
 
 Conventions shared by every primitive:
 
@@ -31,6 +32,7 @@ Conventions shared by every primitive:
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -61,10 +63,14 @@ class KernelModule(Protocol):
     NAME: str
     #: The NumPy-like module of this backend's arrays, or ``None`` when there is none.
     xp: Any
+    #: What it can do beyond these functions (:class:`Capabilities`).
+    CAPABILITIES: Capabilities
 
     # ---------------------------------------------------------------- availability and arrays
     def is_available(self) -> bool: ...
     def unavailable_reason(self) -> str: ...
+    def is_simulated(self) -> bool:
+        """Runs on a simulator (the CUDA simulator): correct and slow; ``"auto"`` never picks it."""
     def owns(self, a: Any) -> bool:
         """True when ``a`` is an array of this backend (on the current device for a GPU)."""
     def as_array(self, a: Array, dtype: Any) -> Array:
@@ -127,51 +133,113 @@ class KernelModule(Protocol):
         ignored); both forms give the same bits for the same ``t``."""
 
 
-#: Names the API uses when a backend has them, and does without otherwise.
-OPTIONAL: dict[str, str] = {
-    "IS_GPU": "bool: the arrays live on a GPU (default False)",
-    "is_simulated": "() -> bool: runs on a simulator; 'auto' never picks it (default False)",
-    "device_memory_free": "() -> int | None: bytes free on the device (absent on a host backend)",
-    "device_info": "() -> dict: name, memory_bytes, compute_capability, ... of the current device",
-    "release_memory": "() -> None: give the cached blocks of the memory pool back to the device",
-    "capture": "(fn) -> graph: record the device work fn() issues (kernels, copies, BLAS) without running it "
-               "(backprop.graph records a whole training step with it)",
-    "capture_unavailable_reason": "() -> str: why capture cannot record here ('' when it can)",
-    "replay": "(graph) -> None: launch a graph made by capture on the current stream",
-    "use_device": "(index) -> None: make GPU index (modulo the GPUs present) current: one process per GPU",
-    "collective": "(size, rank, share) -> engine: an engine with all_reduce(recv, send=None) (sum over the "
-                  "processes) and broadcast(a, root) for this backend's arrays (NCCL on cupy); share(value) gives "
-                  "process 0's value everywhere (the bootstrap, over MPI); an ImportError when it cannot",
-    "set_tf32": "(bool) -> None: let float32 GEMMs use TF32 tensor cores",
-    "set_fused_mlp": "(bool) -> None: run the passes of narrow networks as single fused launches (off by default)",
-    "fused_mlp_enabled": "() -> bool: whether set_fused_mlp is on",
-    "fused_mlp_reason": "(sizes, acts, dtype) -> str: why the fused launches do not serve a network ('' when they do)",
-    "fused_mlp_path": "(dtype) -> str: where the fused launches of a dtype network run (CUDA or TF32 tensor cores)",
-    "mlp_forward": "(x, params, sizes, acts, alphas, keep_u, y_flat, u_flat) -> None: the forward pass of every "
-                   "layer in one launch, each layer's y (and kept u) into flat buffers, layer after layer",
-    "mlp_forward_error": "(x, params, sizes, acts, alphas, keep_u, y_flat, u_flat, t, loss, param, *, delta, value, "
-                         "weights=None) -> None: mlp_forward, then the error at the output as output_error computes it",
-    "mlp_backward": "(x, params, sizes, acts, alphas, keep_u, y_flat, u_flat, delta, grads) -> None: from delta^L, "
-                    "every gradient into the flat gradient buffer, deterministically",
-    "tf32_enabled": "() -> bool",
-    "guarded_step": "(optimizer, guard, loss, weight, params, grads, state, hyper, count=None) -> bool: guard_step, "
-                    "the probes and the updates of a step in one launch (False when it does not serve that size)",
-    "set_epilogues": "(bool) -> None: let a layer's GEMMs apply bias, activation, slope and bias gradient in cuBLASLt "
-                     "epilogues (off by default)",
-    "epilogues_enabled": "() -> bool: whether set_epilogues is on",
-    "epilogue_paths": "() -> dict: what served each GEMM the last time it ran, (kind, act, m, n, k, dtype) -> text",
-    "layer_paths": "(n_in, n_out, act, act_prev, batch, dtype) -> dict: what served a layer's forward, backward and "
-                   "gradients GEMMs the last time (MLP.describe shows it)",
-    "layer_aux": "(act, batch, n_out, dtype) -> aux | None: a buffer a training forward pass hands to the backward "
-                 "pass; when given, layer_forward takes it as aux= and delta_backward (below) as aux_prev=",
-    "flop_count": "(sizes, batch) -> int: GEMM flops of one training step",
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do beyond the required primitives, declared once as ``CAPABILITIES``.
+
+    ``gpu`` says where the arrays live; every other field, when true, promises the functions that
+    :data:`CAPABILITY_FUNCTIONS` lists for it (``check_capabilities`` verifies the promise), and the API
+    calls them only then. A field left false costs nothing: the API takes its plain path.
+    """
+
+    gpu: bool = False  #: the arrays live on a GPU (staging, data-parallel reduction through the host)
+    device_queries: bool = False  #: bytes free and a description of the current device
+    memory_pool: bool = False  #: a memory pool whose cached blocks can be given back
+    device_choice: bool = False  #: one GPU per process, chosen by index
+    graphs: bool = False  #: a training step recorded once as a CUDA graph and replayed
+    collectives: bool = False  #: all-reduce and broadcast of its own arrays across processes (NCCL)
+    tf32: bool = False  #: float32 GEMMs on TF32 tensor cores, behind a switch (off by default)
+    fused_mlp: bool = False  #: a narrow network's passes as single fused launches, behind a switch
+    one_launch_update: bool = False  #: a step's guard, probes and updates in one launch
+    epilogues: bool = False  #: bias, activation, slope and bias gradient in cuBLASLt epilogues, behind a switch
+    layer_aux: bool = False  #: a training forward pass hands a buffer to the backward pass (the ReLU mask)
+    layer_paths: bool = False  #: reports what served each GEMM of a layer (``MLP.describe``)
+
+
+#: The functions a true :class:`Capabilities` field promises, with their signatures.
+CAPABILITY_FUNCTIONS: dict[str, dict[str, str]] = {
+    "gpu": {},
+    "device_queries": {
+        "device_memory_free": "() -> int | None: bytes free on the device (None where it cannot tell)",
+        "device_info": "() -> dict: name, memory_bytes, compute_capability, ... of the current device",
+    },
+    "memory_pool": {"release_memory": "() -> None: give the cached blocks of the memory pool back to the device"},
+    "device_choice": {"use_device": "(index) -> None: make GPU index (modulo the GPUs present) current"},
+    "graphs": {
+        "capture": "(fn) -> graph: record the device work fn() issues (kernels, copies, BLAS) without running it",
+        "capture_unavailable_reason": "() -> str: why capture cannot record here ('' when it can)",
+        "replay": "(graph) -> None: launch a graph made by capture on the current stream",
+    },
+    "collectives": {
+        "collective": "(size, rank, share) -> engine: an engine with all_reduce(recv, send=None) (sum over the "
+                      "processes) and broadcast(a, root) for this backend's arrays; share(value) gives process 0's "
+                      "value everywhere (the bootstrap, over MPI); an ImportError when it cannot",
+    },
+    "tf32": {
+        "set_tf32": "(bool) -> None: let float32 GEMMs use TF32 tensor cores",
+        "tf32_enabled": "() -> bool: whether set_tf32 is on",
+    },
+    "fused_mlp": {
+        "set_fused_mlp": "(bool) -> None: run the passes of narrow networks as single fused launches",
+        "fused_mlp_enabled": "() -> bool: whether set_fused_mlp is on",
+        "fused_mlp_reason": "(sizes, acts, dtype) -> str: why the fused launches do not serve a network ('' when "
+                            "they do)",
+        "fused_mlp_path": "(dtype) -> str: where the fused launches of a dtype network run",
+        "mlp_forward": "(x, params, sizes, acts, alphas, keep_u, y_flat, u_flat) -> None: the forward pass of every "
+                       "layer in one launch, each layer's y (and kept u) into flat buffers, layer after layer",
+        "mlp_forward_error": "(x, params, sizes, acts, alphas, keep_u, y_flat, u_flat, t, loss, param, *, delta, "
+                             "value, weights=None) -> None: mlp_forward, then the error at the output as "
+                             "output_error computes it",
+        "mlp_backward": "(x, params, sizes, acts, alphas, keep_u, y_flat, u_flat, delta, grads) -> None: from "
+                        "delta^L, every gradient into the flat gradient buffer, deterministically",
+    },
+    "one_launch_update": {
+        "guarded_step": "(optimizer, guard, loss, weight, params, grads, state, hyper, count=None) -> bool: "
+                        "guard_step, the probes and the updates of a step in one launch (False when it does not "
+                        "serve that size)",
+    },
+    "epilogues": {
+        "set_epilogues": "(bool) -> None: let a layer's GEMMs apply bias, activation, slope and bias gradient in "
+                         "cuBLASLt epilogues",
+        "epilogues_enabled": "() -> bool: whether set_epilogues is on",
+        "epilogue_paths": "() -> dict: what served each GEMM the last time it ran, (kind, act, m, n, k, dtype) -> text",
+    },
+    "layer_aux": {
+        "layer_aux": "(act, batch, n_out, dtype) -> aux | None: a buffer a training forward pass hands to the "
+                     "backward pass; when given, layer_forward takes it as aux= and delta_backward as aux_prev=",
+    },
+    "layer_paths": {
+        "layer_paths": "(n_in, n_out, act, act_prev, batch, dtype) -> dict: what served a layer's forward, backward "
+                       "and gradients GEMMs the last time",
+    },
 }
+
+#: The backend switches a capability brings: ``(capability, query)``; a graph recorded under one setting is
+#: not replayed under another.
+SWITCHES: tuple[tuple[str, str], ...] = (("tf32", "tf32_enabled"), ("fused_mlp", "fused_mlp_enabled"),
+                                         ("epilogues", "epilogues_enabled"))
+
+
+def check_capabilities(module: Any) -> list[str]:
+    """What ``module`` promises in its ``CAPABILITIES`` and does not define (empty when it keeps every promise)."""
+    caps = getattr(module, "CAPABILITIES", None)
+    if not isinstance(caps, Capabilities):
+        return ["CAPABILITIES (a backprop.kernels.contract.Capabilities record)"]
+    return [name for field in fields(Capabilities) if getattr(caps, field.name)
+            for name in CAPABILITY_FUNCTIONS[field.name] if not callable(getattr(module, name, None))]
+
+
+def switch_settings(module: Any) -> tuple[bool | None, ...]:
+    """The current setting of each of :data:`SWITCHES` on ``module`` (``None`` for a capability it lacks)."""
+    caps = module.CAPABILITIES
+    return tuple(bool(getattr(module, query)()) if getattr(caps, cap) else None for cap, query in SWITCHES)
+
 
 #: The functions of :class:`KernelModule` (every backend module defines them).
 FUNCTIONS: tuple[str, ...] = tuple(n for n, v in vars(KernelModule).items() if not n.startswith("_") and callable(v))
 
 #: Every name of :class:`KernelModule`: its functions and its constants.
-REQUIRED: tuple[str, ...] = FUNCTIONS + ("NAME", "xp")
+REQUIRED: tuple[str, ...] = FUNCTIONS + ("NAME", "xp", "CAPABILITIES")
 
 
 def check_weights(weights: Any, batch: int, dtype: Any) -> None:

@@ -69,6 +69,7 @@ from .contract import (
     STAT_NONFINITE,
     STAT_ROW_SUM_ERROR,
     STATS_SIZE,
+    Capabilities,
     check_weights,
 )
 from .registry import ACTIVATIONS, LOSSES
@@ -82,7 +83,9 @@ else:
     _IMPORT_ERROR = ""
 
 NAME = "cupy"
-IS_GPU = True
+CAPABILITIES = Capabilities(gpu=True, device_queries=True, memory_pool=True, device_choice=True, graphs=True,
+                            collectives=True, tf32=True, fused_mlp=True, one_launch_update=True, epilogues=True,
+                            layer_aux=True, layer_paths=True)
 Array = Any
 
 #: The array module of this backend (``None`` when CuPy is not installed).
@@ -140,6 +143,11 @@ def unavailable_reason() -> str:
 def is_available() -> bool:
     """True when CuPy is installed and a CUDA GPU runs its kernels."""
     return unavailable_reason() == ""
+
+
+def is_simulated() -> bool:
+    """CuPy runs on a GPU, never on a simulator."""
+    return False
 
 
 # --------------------------------------------------------------------------- arrays
@@ -1468,7 +1476,8 @@ def flop_count(sizes: list[int], batch: int) -> int:
 
 __all__ = [
     "CUBLAS_TF32_TENSOR_OP_MATH",
-    "IS_GPU",
+    "CAPABILITIES",
+    "is_simulated",
     "LT_POINTER_ALIGN",
     "NAME",
     "ReluMask",

@@ -60,14 +60,14 @@ from numba.extending import overload
 from . import numba_math as nm
 # arrays are NumPy arrays: these primitives are the reference's (array_stats: NumPy's min and max decide
 # finiteness in two vectorised passes, faster than a Numba pass that also switches the thread count)
-from .contract import check_weights
+from .contract import Capabilities, check_weights
 from .numpy_ref import (  # noqa: F401
     adam_corrections, array_stats, copy_into, count_correct, count_step, fail_step, probing, synchronize, to_device,
     to_host, zeros,
 )
 
 NAME = "numba"
-IS_GPU = False
+CAPABILITIES = Capabilities()
 Array = Any
 
 #: Array module of this backend's arrays: they are plain NumPy arrays.

@@ -37,10 +37,10 @@ from typing import Any
 import numpy as np
 
 from . import numba_math as nm
-from .contract import check_weights
+from .contract import Capabilities, check_weights
 
 NAME = "numba-cuda"
-IS_GPU = True
+CAPABILITIES = Capabilities(gpu=True, device_queries=True)
 Array = Any
 
 _state: SimpleNamespace | None = None

@@ -36,12 +36,16 @@ from .contract import (
     STAT_NONFINITE,
     STAT_ROW_SUM_ERROR,
     STATS_SIZE,
+    Capabilities,
     check_weights,
 )
 from .registry import ACTIVATIONS, LOSSES, loss_outputs
 
 NAME = "numpy"
 Array = Any
+
+#: Nothing beyond the required primitives: the plain path everywhere.
+CAPABILITIES = Capabilities()
 
 
 
@@ -65,6 +69,11 @@ def is_available() -> bool:
 
 def unavailable_reason() -> str:
     return ""
+
+
+def is_simulated() -> bool:
+    """Runs on the host itself, not on a simulator."""
+    return False
 
 
 def owns(a: Any) -> bool:

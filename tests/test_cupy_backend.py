@@ -53,7 +53,7 @@ def test_module_imports_without_cupy():
         sys.modules["cupy"] = None  # import cupy -> ImportError
         from backprop.kernels import cupy_gpu as k
         from backprop.kernels.contract import missing_names
-        assert k.xp is None and k.IS_GPU is True and k.NAME == "cupy"
+        assert k.xp is None and k.CAPABILITIES.gpu is True and k.NAME == "cupy"
         assert not k.is_available()
         assert "not installed" in k.unavailable_reason(), k.unavailable_reason()
         assert not missing_names(k), missing_names(k)
@@ -81,23 +81,22 @@ def test_reports_itself_unavailable_without_a_gpu():
         pytest.skip("a GPU is here: the backend is available")
     reason = k.unavailable_reason()
     assert reason and isinstance(reason, str)
-    assert k.IS_GPU is True
+    assert k.CAPABILITIES.gpu is True
     assert "cupy" not in available_backends()
     with pytest.raises(ValueError, match="not available"):
         resolve_backend("cupy")
 
 
 def test_meets_the_contract():
-    from backprop.kernels.contract import OPTIONAL, REQUIRED
+    from backprop.kernels.contract import REQUIRED, Capabilities, check_capabilities
 
     k = _module()
     assert not missing_names(k)
-    assert all(callable(getattr(k, n)) for n in REQUIRED if n not in ("NAME", "xp"))
-    for name in ("IS_GPU", "device_memory_free", "capture", "capture_unavailable_reason", "replay",
-                 "set_tf32", "tf32_enabled", "flop_count", "use_device", "collective", "set_fused_mlp",
-                 "fused_mlp_enabled", "fused_mlp_reason", "mlp_forward", "mlp_forward_error", "mlp_backward",
-                 "set_epilogues", "epilogues_enabled", "epilogue_paths", "layer_aux"):
-        assert name in OPTIONAL and hasattr(k, name), name
+    assert all(callable(getattr(k, n)) for n in REQUIRED if n not in ("NAME", "xp", "CAPABILITIES"))
+    # every capability is declared, and every function it promises is there
+    assert k.CAPABILITIES == Capabilities(**{f: True for f in Capabilities.__dataclass_fields__})
+    assert not check_capabilities(k)
+    assert callable(k.flop_count)
     assert not hasattr(k, "sgd_update_from_delta")  # plain SGD is sgd_update on a gradient buffer
     assert not hasattr(k, "capture_train_step")  # the step is recorded by backprop.graph from capture
 

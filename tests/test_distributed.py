@@ -16,6 +16,7 @@ import pytest
 
 import backprop as bp
 from backprop import distributed as dist
+from backprop.kernels.contract import Capabilities
 from backprop.staging import Batches
 
 from .mpi_worker import build, data, fit_options
@@ -145,19 +146,21 @@ def test_engine_choice():
     start) the arrays go through the host, with a warning."""
     MPI = _mpi()
     comm = dist.Communicator(MPI.COMM_SELF)
-    host = SimpleNamespace(NAME="host", IS_GPU=False)
+    gpu, nccl = Capabilities(gpu=True), Capabilities(gpu=True, collectives=True)
+    host = SimpleNamespace(NAME="host", CAPABILITIES=Capabilities())
     assert isinstance(comm.engine(host), dist._HostEngine)
     engine = object()
-    hooked = SimpleNamespace(NAME="hooked", IS_GPU=True, collective=lambda size, rank, share: engine, copy_into=None)
+    hooked = SimpleNamespace(NAME="hooked", CAPABILITIES=nccl, collective=lambda size, rank, share: engine,
+                             copy_into=None)
     assert comm.engine(hooked) is engine
 
     def cannot(size, rank, share):
         raise ImportError("no NCCL")
 
-    for gpu in (SimpleNamespace(NAME="no-nccl", IS_GPU=True, collective=cannot, copy_into=lambda d, s: None),
-                SimpleNamespace(NAME="no-hook", IS_GPU=True, copy_into=lambda d, s: None)):
+    for module in (SimpleNamespace(NAME="no-nccl", CAPABILITIES=nccl, collective=cannot, copy_into=lambda d, s: None),
+                   SimpleNamespace(NAME="no-hook", CAPABILITIES=gpu, copy_into=lambda d, s: None)):
         with pytest.warns(RuntimeWarning, match="through the host"):
-            assert isinstance(comm.engine(gpu), dist._StagedEngine)
+            assert isinstance(comm.engine(module), dist._StagedEngine)
 
 
 def test_nccl_engine_calls(monkeypatch):

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import types
+
 import numpy as np
 import pytest
 
-from backprop.kernels import ACTIVATIONS, FUSED_PAIRS, LOSSES, REQUIRED, KernelModule, missing_names
+from backprop.kernels import (
+    ACTIVATIONS, CAPABILITY_FUNCTIONS, FUSED_PAIRS, LOSSES, REQUIRED, Capabilities, KernelModule, check_capabilities,
+    missing_names,
+)
 from backprop.kernels import numpy_ref as ref
 from backprop.kernels.contract import (
     GUARD_FAILED,
@@ -123,6 +129,18 @@ def test_backend_defines_every_primitive(backend):
     assert not missing, f"{backend.name} lacks {missing}"
     functions = [n for n in REQUIRED if n not in KernelModule.__annotations__]
     assert not [n for n in functions if not callable(getattr(k, n))]
+    assert isinstance(k.CAPABILITIES, Capabilities) and backend.capabilities is k.CAPABILITIES
+    assert not check_capabilities(k), f"{backend.name} promises {check_capabilities(k)} and lacks them"
+    assert backend.is_gpu is k.CAPABILITIES.gpu
+
+
+def test_capabilities_promise_what_they_name():
+    """Each field of the record has its list of functions, and a module that declares a field without them
+    is caught."""
+    assert set(CAPABILITY_FUNCTIONS) == {f.name for f in dataclasses.fields(Capabilities)}
+    hollow = types.SimpleNamespace(CAPABILITIES=Capabilities(graphs=True), capture=lambda fn: None)
+    assert check_capabilities(hollow) == ["capture_unavailable_reason", "replay"]
+    assert check_capabilities(types.SimpleNamespace()) != []
 
 
 # --------------------------------------------------------------------------- forward

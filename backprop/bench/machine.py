@@ -146,19 +146,19 @@ def _git_commit() -> str | None:
 
 
 def _gpus(backends: list[Any]) -> list[dict[str, Any]]:
-    """What each GPU backend says of its device (its optional ``device_info``), and its TF32 mode."""
+    """What each GPU backend says of its device (``device_info``, where it answers such queries), and its
+    TF32 mode."""
     gpus = []
     for b in backends:
-        if not getattr(b, "is_gpu", False):
+        if not b.is_gpu:
             continue
         info: dict[str, Any] = {"backend": b.name}
+        caps, k = b.capabilities, b.kernels
         try:
-            tf32 = getattr(b.kernels, "tf32_enabled", None)
-            if callable(tf32):
-                info["tf32"] = bool(tf32())
-            describe = getattr(b.kernels, "device_info", None)
-            if callable(describe):
-                info.update(describe())
+            if caps.tf32:
+                info["tf32"] = bool(k.tf32_enabled())
+            if caps.device_queries:
+                info.update(k.device_info())
         except Exception as exc:  # noqa: BLE001 - informational only
             info["error"] = str(exc)
         gpus.append(info)

@@ -163,11 +163,10 @@ def _host_available() -> int | None:
 
 def available_bytes(backend: Any) -> int | None:
     """Free memory where ``backend`` keeps its arrays (host RAM, or the GPU's); ``None`` if unknown."""
-    free = getattr(backend.kernels, "device_memory_free", None)
-    if free is None:
+    if not backend.capabilities.device_queries:
         return _host_available()
     try:
-        return free()
+        return backend.kernels.device_memory_free()
     except Exception:  # noqa: BLE001 - a probe: unknown is an answer
         return None
 

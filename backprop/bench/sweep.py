@@ -96,9 +96,8 @@ class BenchConfig:
 def _release(backend: Backend) -> None:
     """Free what the last size left behind, on the host and in the backend's memory pool (if it keeps one)."""
     gc.collect()
-    release = getattr(backend.kernels, "release_memory", None)
-    if release is not None:
-        release()
+    if backend.capabilities.memory_pool:
+        backend.kernels.release_memory()
 
 
 def _data(backend: Backend, sizes: list[int], batch: int, dtype: str, seed: int) -> tuple[Any, ...]:
