@@ -222,17 +222,19 @@ def _guard(monkeypatch: pytest.MonkeyPatch, *, reach: list | None = None) -> Non
     ``Context`` (the first work) records the options in ``reach`` and raises :class:`_Reached` instead."""
     for key, (stem, title, _) in list(user_paths.SECTIONS.items()):
         monkeypatch.setitem(user_paths.SECTIONS, key, (stem, title, must_not_run(f"section {key}")))
-    for name in ("time_ops", "SectionWriter", "machine_info", "set_threads", "TorchPeer", "_cpu_backends",
-                 "resolve_backend"):
-        monkeypatch.setattr(user_paths, name, must_not_run(name))
+    for module, names in ((user_paths.context, ("time_ops", "TorchPeer", "resolve_backend")),
+                          (user_paths.cpu, ("resolve_backend",)),
+                          (user_paths.cli, ("SectionWriter", "machine_info", "set_threads", "cpu_backends"))):
+        for name in names:
+            monkeypatch.setattr(module, name, must_not_run(name))
     if reach is None:
-        monkeypatch.setattr(user_paths, "Context", must_not_run("Context"))
+        monkeypatch.setattr(user_paths.cli, "Context", must_not_run("Context"))
     else:
         def first_work(args):
             reach.append(args)
             raise _Reached
 
-        monkeypatch.setattr(user_paths, "Context", first_work)
+        monkeypatch.setattr(user_paths.cli, "Context", first_work)
 
 
 @pytest.mark.parametrize("argv", BAD_OPTIONS, ids=lambda a: " ".join(a)[:60])
@@ -349,7 +351,7 @@ def test_out_that_cannot_be_created_after_all(tmp_path: Path, monkeypatch: pytes
     there with status 2, before any section."""
     afile = tmp_path / "afile"
     afile.write_text("x")
-    monkeypatch.setattr(user_paths, "out_problem", lambda out, names: None)
+    monkeypatch.setattr(user_paths.cli, "out_problem", lambda out, names: None)
     for key, (stem, title, _) in list(user_paths.SECTIONS.items()):
         monkeypatch.setitem(user_paths.SECTIONS, key, (stem, title, must_not_run(f"section {key}")))
     rc = user_paths.main(["--out", str(afile / "x"), "--no-torch", "--sections", "cpu", "--cpu-backends", "numpy"])

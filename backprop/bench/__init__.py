@@ -18,9 +18,10 @@ and writes ``results.json`` (every raw timing, the machine and versions), ``repo
 :mod:`.plot`, :mod:`.machine`, :mod:`.cli`.
 
 The benchmarks on the user's paths (``fit``, the public API on device arrays, the step against PyTorch
-eager and compiled, CUDA graphs, TF32, the CPU step against PyTorch; ``benchmarks/gpu_vs_torch.py``) are
-:mod:`.user_paths`, built on the same timer, machine description and peers, with :mod:`.sections`
-writing each section's JSON and Markdown as soon as it ends.
+eager and compiled, CUDA graphs, TF32, fused kernels for narrow nets, cuBLASLt epilogues, the CPU step against
+PyTorch; ``benchmarks/gpu_vs_torch.py``) are the package :mod:`.user_paths` (a module per group of sections),
+built on the same timer, machine description and peers, with :mod:`.sections` writing each section's JSON and
+Markdown as soon as it ends.
 """
 
 from __future__ import annotations

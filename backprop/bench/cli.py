@@ -449,7 +449,49 @@ def _busy(load: list[float] | None, pressure: dict[str, float] | None) -> str:
     return ""
 
 
+def _start_peers(names: Iterable[str], threads: int | None) -> tuple[list[TorchPeer], dict[str, Any]]:
+    """The peers of ``--peers`` and what each says about itself; one that cannot run here says why on stderr."""
+    peers: list[TorchPeer] = []
+    peer_info: dict[str, Any] = {}
+    for name in names:
+        peer = make_peer(name, threads)
+        peer_info[name] = peer.info()
+        if not peer.available:
+            print(f"peer {name}: {peer.reason}", file=sys.stderr)
+        peers.append(peer)
+    return peers, peer_info
+
+
+def _measure(backends: list[Backend], cfg: BenchConfig, peers: list[TorchPeer],
+             no_progress: bool) -> tuple[list[dict[str, Any]], float]:
+    """Every backend's sweep, with one progress bar over all their sizes; and the seconds it all took."""
+    t0 = time.perf_counter()
+    results = []
+    with Progress(sum(len(cfg.sizes_for(b)) for b in backends), enabled=not no_progress) as progress:
+        for backend in backends:
+            results.append(run_backend(backend, cfg, progress, peers))
+    return results, time.perf_counter() - t0
+
+
+def _write_results(doc: dict[str, Any], out: Path, no_plot: bool) -> list[str]:
+    """The plot (unless ``--no-plot``, or skipped with the reason), ``results.json`` and ``report.md`` in ``out``;
+    returns the names written. Raises ``OSError`` where they cannot be written."""
+    png: str | None = None
+    if not no_plot:
+        from .plot import plot_results
+
+        why = plot_results(doc, out / PNG_NAME)
+        if why:
+            print(f"plot skipped: {why}", file=sys.stderr)
+        else:
+            png = PNG_NAME
+    write_json(out / JSON_NAME, doc)
+    (out / MD_NAME).write_text(markdown_report(doc, png))
+    return [JSON_NAME, MD_NAME] + ([PNG_NAME] if png else [])
+
+
 def run(args: argparse.Namespace, argv: list[str]) -> int:
+    """Measure every backend of the checked options ``args`` and write the results; the exit status."""
     try:
         cfg = _config(args)
         _check(cfg)
@@ -466,14 +508,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     threads_info: list[str] = []
     if args.threads:
         threads_info = set_threads(args.threads)
-    peers: list[TorchPeer] = []
-    peer_info: dict[str, Any] = {}
-    for name in cfg.peers:
-        peer = make_peer(name, args.threads)
-        peer_info[name] = peer.info()
-        if not peer.available:
-            print(f"peer {name}: {peer.reason}", file=sys.stderr)
-        peers.append(peer)
+    peers, peer_info = _start_peers(cfg.peers, args.threads)
 
     out = Path(args.out)
     try:
@@ -488,12 +523,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"warning: {busy}: the timings will be noisy; rerun on a quiet machine for figures to quote",
               file=sys.stderr)
     machine = machine_info(backends)
-    t0 = time.perf_counter()
-    results = []
-    with Progress(sum(len(cfg.sizes_for(b)) for b in backends), enabled=not args.no_progress) as progress:
-        for backend in backends:
-            results.append(run_backend(backend, cfg, progress, peers))
-    duration = time.perf_counter() - t0
+    results, duration = _measure(backends, cfg, peers, args.no_progress)
     doc: dict[str, Any] = {
         "schema": "backprop-bench/1",
         "command": "backprop-bench " + " ".join(shlex.quote(a) for a in argv),
@@ -510,25 +540,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     }
     for res in results:
         mark_fit_points(res)
-
-    png: str | None = None
     try:
-        if not args.no_plot:
-            from .plot import plot_results
-
-            why = plot_results(doc, out / PNG_NAME)
-            if why:
-                print(f"plot skipped: {why}", file=sys.stderr)
-            else:
-                png = PNG_NAME
-        write_json(out / JSON_NAME, doc)
-        (out / MD_NAME).write_text(markdown_report(doc, png))
+        written = _write_results(doc, out, args.no_plot)
     except OSError as exc:  # e.g. the disk filled up during the run
         print(terminal_report(doc))
         print(f"backprop-bench: error: argument --out: cannot write the results to {out}: {exc}", file=sys.stderr)
         return 1
     print(terminal_report(doc))
-    written = [JSON_NAME, MD_NAME] + ([PNG_NAME] if png else [])
     print(f"\nwrote {', '.join(str(out / n) for n in written)} ({duration:.0f} s)")
     return 1 if any(r["errors"] for r in results) else 0
 
