@@ -6,6 +6,7 @@ or installed, and the package is not imported.
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -200,3 +201,18 @@ def test_no_import_cycles_in_the_api() -> None:
 
     cycles = sorted(m for m in graph if reaches(m, m, set()))
     assert not cycles, f"modules on an import cycle: {cycles}"
+
+
+def test_the_api_reads_capabilities_instead_of_probing_kernels() -> None:
+    """No ``getattr``/``hasattr`` on a kernels module in backprop/: what a backend can do beyond the required
+    primitives is its declared ``CAPABILITIES`` record (the probe that a missing hook silently skips is gone)."""
+    root = Path(__file__).resolve().parents[1] / "backprop"
+    probes = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                    and node.func.id in ("getattr", "hasattr") and node.args):
+                target = ast.unparse(node.args[0])
+                if target in ("k", "kernels", "module") or target.endswith(".kernels"):
+                    probes.append(f"{path.relative_to(root.parent)}:{node.lineno}: {ast.unparse(node)}")
+    assert not probes, "\n".join(probes)

@@ -53,9 +53,8 @@ def make_net(sizes: list[int], activation: str, head: str, backend: Backend) -> 
 def release_device_memory(backend: Backend) -> None:
     """Collect the garbage and hand the backend's cached device memory back, where it keeps a pool."""
     gc.collect()
-    release = getattr(backend.kernels, "release_memory", None)
-    if callable(release):
-        release()
+    if backend.capabilities.memory_pool:
+        backend.kernels.release_memory()
 
 
 def step_flops(sizes: list[int], batch: int) -> int:
@@ -69,12 +68,22 @@ def timing_dict(t: Timing) -> dict[str, Any]:
     return t.to_dict()
 
 
-def switch_of(backend: Backend, name: str, what: str) -> Callable[[bool], None]:
-    """The backend's switch ``name`` (``set_fused_mlp``, ``set_epilogues``), or a skipped section naming ``what``."""
-    switch = getattr(backend.kernels, name, None)
-    if not callable(switch):
-        raise SkipSection(f"backend {backend.name!r} has no {what} ({name})")
-    return switch
+#: The switch each switchable capability brings: ``Capabilities`` field -> (its setter's name, the setter of a
+#: kernels module).
+SWITCHES: dict[str, tuple[str, Callable[[Any], Callable[[bool], None]]]] = {
+    "fused_mlp": ("set_fused_mlp", lambda k: k.set_fused_mlp),
+    "epilogues": ("set_epilogues", lambda k: k.set_epilogues),
+    "tf32": ("set_tf32", lambda k: k.set_tf32),
+}
+
+
+def switch_of(backend: Backend, capability: str, what: str) -> Callable[[bool], None]:
+    """The backend's switch of ``capability`` (``"fused_mlp"``, ``"epilogues"``, ``"tf32"``: ``set_fused_mlp``,
+    ...), or a skipped section naming ``what`` where the backend's ``CAPABILITIES`` lacks it."""
+    setter, of = SWITCHES[capability]
+    if not getattr(backend.capabilities, capability):
+        raise SkipSection(f"backend {backend.name!r} has no {what} (no {setter}: CAPABILITIES.{capability} is false)")
+    return of(backend.kernels)
 
 
 def switched(switch: Callable[[bool], None], on: bool, fn: Callable[[], Any]) -> Callable[[], Any]:

@@ -32,7 +32,7 @@ def section_epilogues(ctx: Context) -> dict[str, Any]:
     step, on the nets of the targets; the GEMM-bound net's rate against the measured cuBLAS rate."""
     b = ctx.require_device()
     k = b.kernels
-    switch = switch_of(b, "set_epilogues", "cuBLASLt epilogues")
+    switch = switch_of(b, "epilogues", "cuBLASLt epilogues")
     before = bool(k.epilogues_enabled())
     rows, targets, raw, notes = [], [], [], []
     try:

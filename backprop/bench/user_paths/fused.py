@@ -36,14 +36,14 @@ __all__ = ["section_fused"]
 def _tf32_variant(b: Backend, peer: Any) -> tuple[Callable[[bool], None] | None, Callable[[bool], None], str]:
     """The switches of the fused section's TF32 rows: the backend's ``set_tf32`` (``None``, with the reason,
     where the fused kernels would not take the tensor cores) and the peer's (a no-op without one)."""
-    set_tf32 = getattr(b.kernels, "set_tf32", None)
-    where = getattr(b.kernels, "fused_mlp_path", None)
-    if not callable(set_tf32) or not callable(where):
+    k = b.kernels
+    if not (b.capabilities.tf32 and b.capabilities.fused_mlp):
         return None, lambda on: None, f"backend {b.name!r} has no TF32 fused kernels"
-    before = bool(b.kernels.tf32_enabled())
+    set_tf32 = k.set_tf32
+    before = bool(k.tf32_enabled())
     set_tf32(True)
     try:
-        path = where(DTYPE)
+        path = k.fused_mlp_path(DTYPE)
     finally:
         set_tf32(before)
     if path != "TF32 tensor cores":
@@ -58,9 +58,9 @@ def section_fused(ctx: Context) -> dict[str, Any]:
     tensor cores) with TF32 on in both frameworks."""
     b = ctx.require_device()
     k = b.kernels
-    set_fused = switch_of(b, "set_fused_mlp", "fused kernels")
+    set_fused = switch_of(b, "fused_mlp", "fused kernels")
     before = bool(k.fused_mlp_enabled())
-    tf32_before = bool(k.tf32_enabled()) if callable(getattr(k, "tf32_enabled", None)) else False
+    tf32_before = bool(k.tf32_enabled()) if b.capabilities.tf32 else False
     sizes, batch = cases.FUSED_CASE.at(ctx.quick)
     device, why = ctx.torch_device(b)
     net = make_net(sizes, cases.FUSED_CASE.activation, cases.FUSED_CASE.head, b)

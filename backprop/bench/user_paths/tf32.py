@@ -10,7 +10,9 @@ import numpy as np
 from ...optimizers import SGD
 from ..sections import SkipSection
 from . import cases
-from .context import DTYPE, Context, fmt_ms, fmt_ratio, gemm_rate, make_net, random_batch, step_flops, timing_dict
+from .context import (
+    DTYPE, Context, fmt_ms, fmt_ratio, gemm_rate, make_net, random_batch, step_flops, switch_of, timing_dict,
+)
 
 __all__ = ["section_tf32"]
 
@@ -22,11 +24,8 @@ def section_tf32(ctx: Context) -> dict[str, Any]:
         raise SkipSection("--no-tf32")
     b = ctx.require_device()
     k = b.kernels
-    set_tf32 = getattr(k, "set_tf32", None)
-    if not callable(set_tf32):
-        raise SkipSection(f"backend {b.name!r} has no set_tf32")
-    enabled = getattr(k, "tf32_enabled", None)
-    before = bool(enabled()) if callable(enabled) else False
+    set_tf32 = switch_of(b, "tf32", "TF32")
+    before = bool(k.tf32_enabled())
     sizes, batch = cases.TF32_CASE.at(ctx.quick)
     device, why = ctx.torch_device(b)
     net = make_net(sizes, cases.TF32_CASE.activation, cases.TF32_CASE.head, b)
