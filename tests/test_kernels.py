@@ -89,6 +89,11 @@ def _output_inputs(rng, small, output, loss):
     return y, u, _targets(rng, loss, batch, n), param
 
 
+def _row_weights(rng, batch: int) -> np.ndarray:
+    """Positive row weights, far from all equal."""
+    return rng.uniform(0.2, 3.0, size=batch)
+
+
 def _optimizer_state(rng, small) -> dict[str, np.ndarray]:
     """Host ``p``, ``g``, ``m``, ``v`` of one parameter (``v`` non-negative, as Adam's is)."""
     shape = (4, 3) if small else (31, 17)
@@ -147,40 +152,27 @@ def test_capabilities_promise_what_they_name():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("act", HIDDEN + ["softmax"])
 def test_layer_forward(backend, small, rng, act, dtype):
-    x, W, b = _forward_inputs(rng, small)
-    k = backend.kernels
-    alpha = alpha_of(act)
-    y, u = k.layer_forward(k.to_device(x, dtype), k.to_device(W, dtype), k.to_device(b, dtype), act, alpha, True)
-    y_ref, u_ref = ref.layer_forward(x, W, b, act, alpha, True)
-    np.testing.assert_allclose(host(backend, u), u_ref, **tolerance(dtype))
-    np.testing.assert_allclose(host(backend, y), y_ref, **tolerance(dtype))
-    assert k.to_host(y).dtype == dtype
-    y2, u2 = k.layer_forward(k.to_device(x, dtype), k.to_device(W, dtype), k.to_device(b, dtype), act, alpha, False)
-    assert u2 is None
-    np.testing.assert_allclose(host(backend, y2), y_ref, **tolerance(dtype))
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("act", HIDDEN + ["softmax"])
-@pytest.mark.parametrize("keep_u", [True, False])
-def test_layer_forward_fills_and_returns_poisoned_buffers(backend, small, rng, keep_u, act, dtype):
+    """``y = f(W x + b)`` (and ``u``) against the reference; into (poisoned) buffers given, the same bits as
+    without them, with and without ``keep_u``."""
     x, W, b = _forward_inputs(rng, small)
     k = backend.kernels
     alpha = alpha_of(act)
     xd, Wd, bd = k.to_device(x, dtype), k.to_device(W, dtype), k.to_device(b, dtype)
-    shape = (x.shape[0], W.shape[0])
-    y_buf = poisoned(k, shape, dtype)
-    u_buf = poisoned(k, shape, dtype) if keep_u else None
-    y, u = k.layer_forward(xd, Wd, bd, act, alpha, keep_u, y=y_buf, u=u_buf)
-    assert y is y_buf
-    assert u is u_buf  # None without keep_u
-    y_free, u_free = k.layer_forward(xd, Wd, bd, act, alpha, keep_u)
     y_ref, u_ref = ref.layer_forward(x, W, b, act, alpha, True)
-    np.testing.assert_array_equal(host_copy(k, y), host_copy(k, y_free))
-    np.testing.assert_allclose(host(backend, y), y_ref, **tolerance(dtype))
-    if keep_u:
-        np.testing.assert_array_equal(host_copy(k, u), host_copy(k, u_free))
-        np.testing.assert_allclose(host(backend, u), u_ref, **tolerance(dtype))
+    for keep_u in (True, False):
+        y_free, u_free = k.layer_forward(xd, Wd, bd, act, alpha, keep_u)
+        assert k.to_host(y_free).dtype == dtype and (u_free is None) is not keep_u
+        np.testing.assert_allclose(host(backend, y_free), y_ref, **tolerance(dtype))
+        if keep_u:
+            np.testing.assert_allclose(host(backend, u_free), u_ref, **tolerance(dtype))
+        shape = (x.shape[0], W.shape[0])
+        y_buf = poisoned(k, shape, dtype)
+        u_buf = poisoned(k, shape, dtype) if keep_u else None
+        y, u = k.layer_forward(xd, Wd, bd, act, alpha, keep_u, y=y_buf, u=u_buf)
+        assert y is y_buf and u is u_buf  # u is None without keep_u
+        np.testing.assert_array_equal(host_copy(k, y), host_copy(k, y_free))
+        if keep_u:
+            np.testing.assert_array_equal(host_copy(k, u), host_copy(k, u_free))
 
 
 @pytest.mark.parametrize("act", HIDDEN)
@@ -199,29 +191,19 @@ def test_reference_slope_matches_finite_differences(rng, act):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("act", HIDDEN)
 def test_delta_backward(backend, small, rng, act, dtype):
-    delta, W, y_prev, u_prev = _backward_inputs(rng, small, act)
-    alpha = alpha_of(act)
-    k = backend.kernels
-    got = k.delta_backward(k.to_device(delta, dtype), k.to_device(W, dtype), k.to_device(y_prev, dtype),
-                           k.to_device(u_prev, dtype), act, alpha)
-    np.testing.assert_allclose(host(backend, got), ref.delta_backward(delta, W, y_prev, u_prev, act, alpha),
-                               **tolerance(dtype))
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("act", HIDDEN)
-def test_delta_backward_fills_and_returns_poisoned_out(backend, small, rng, act, dtype):
+    """``delta^{l-1} = f'(u^{l-1}) * W^T delta^l`` against the reference; into a (poisoned) ``out``, the same bits."""
     delta, W, y_prev, u_prev = _backward_inputs(rng, small, act)
     alpha = alpha_of(act)
     k = backend.kernels
     args = (k.to_device(delta, dtype), k.to_device(W, dtype), k.to_device(y_prev, dtype),
             k.to_device(u_prev, dtype), act, alpha)
+    free = k.delta_backward(*args)
+    np.testing.assert_allclose(host(backend, free), ref.delta_backward(delta, W, y_prev, u_prev, act, alpha),
+                               **tolerance(dtype))
     out = poisoned(k, y_prev.shape, dtype)
     got = k.delta_backward(*args, out=out)
     assert got is out
-    np.testing.assert_array_equal(host_copy(k, got), host_copy(k, k.delta_backward(*args)))
-    np.testing.assert_allclose(host(backend, got), ref.delta_backward(delta, W, y_prev, u_prev, act, alpha),
-                               **tolerance(dtype))
+    np.testing.assert_array_equal(host_copy(k, got), host_copy(k, free))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -245,33 +227,37 @@ def test_weight_gradients_into_buffers(backend, small, rng, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("output,loss", PAIRS)
 def test_output_error(backend, small, rng, output, loss, dtype):
-    y, u, t, param = _output_inputs(rng, small, output, loss)
-    alpha = alpha_of(output)
-    k = backend.kernels
-    value, delta = k.output_error(k.to_device(y, dtype), k.to_device(u, dtype), k.to_device(t, dtype),
-                                  output, loss, param, alpha)
-    rv, rd = ref.output_error(y, u, t, output, loss, param, alpha)
-    np.testing.assert_allclose(float(host(backend, value)), float(rv), **tolerance(dtype))
-    np.testing.assert_allclose(host(backend, delta), rd, **tolerance(dtype))
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("output,loss", PAIRS)
-def test_output_error_fills_and_returns_poisoned_delta_and_value(backend, small, rng, output, loss, dtype):
+    """The loss and ``delta^L`` against the reference: without weights; into (poisoned) buffers, the same bits;
+    with row weights ``w``, ``sum_i w_i L_i / batch`` and each row's delta times ``w_i``; with weights of ones,
+    the unweighted bits."""
     y, u, t, param = _output_inputs(rng, small, output, loss)
     alpha = alpha_of(output)
     k = backend.kernels
     args = (k.to_device(y, dtype), k.to_device(u, dtype), k.to_device(t, dtype), output, loss, param, alpha)
+    free_value, free_delta = k.output_error(*args)
+    rv, rd = ref.output_error(y, u, t, output, loss, param, alpha)
+    np.testing.assert_allclose(float(host(backend, free_value)), float(rv), **tolerance(dtype))
+    np.testing.assert_allclose(host(backend, free_delta), rd, **tolerance(dtype))
+
     delta_buf, value_buf = poisoned(k, y.shape, dtype), poisoned(k, (), dtype)
     value, delta = k.output_error(*args, delta=delta_buf, value=value_buf)
-    assert value is value_buf
-    assert delta is delta_buf
-    free_value, free_delta = k.output_error(*args)
+    assert value is value_buf and delta is delta_buf
     np.testing.assert_array_equal(host_copy(k, value), host_copy(k, free_value))
     np.testing.assert_array_equal(host_copy(k, delta), host_copy(k, free_delta))
-    rv, rd = ref.output_error(y, u, t, output, loss, param, alpha)
+
+    w = _row_weights(rng, y.shape[0])
+    delta_buf, value_buf = poisoned(k, y.shape, dtype), poisoned(k, (), dtype)
+    value, delta = k.output_error(*args, delta=delta_buf, value=value_buf, weights=k.to_device(w, dtype))
+    assert value is value_buf and delta is delta_buf
+    rv, rd = ref.output_error(y, u, t, output, loss, param, alpha, weights=w)
     np.testing.assert_allclose(float(host(backend, value)), float(rv), **tolerance(dtype))
     np.testing.assert_allclose(host(backend, delta), rd, **tolerance(dtype))
+
+    ones = k.to_device(np.ones(y.shape[0]), dtype)
+    w_value, w_delta = (host_copy(k, a) for a in k.output_error(*args, weights=ones))
+    np.testing.assert_array_equal(w_value.reshape(-1).view(np.uint8),
+                                  host_copy(k, free_value).reshape(-1).view(np.uint8))
+    np.testing.assert_array_equal(w_delta.view(np.uint8), host_copy(k, free_delta).view(np.uint8))
 
 
 @pytest.mark.parametrize("output,loss", [p for p in sorted(FUSED_PAIRS) if p[0] != "exp"])  # exp(1e4) is inf
@@ -289,44 +275,6 @@ def test_fused_losses_are_finite_for_huge_logits(backend, output, loss):
 
 
 # --------------------------------------------------------------------------- row weights
-def _row_weights(rng, batch: int) -> np.ndarray:
-    """Positive row weights, far from all equal."""
-    return rng.uniform(0.2, 3.0, size=batch)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("output,loss", PAIRS)
-def test_weighted_output_error(backend, small, rng, output, loss, dtype):
-    """With row weights ``w``: the loss ``sum_i w_i L_i / batch`` and each row's delta times ``w_i``, as the
-    reference computes them, written into the (poisoned) buffers given."""
-    y, u, t, param = _output_inputs(rng, small, output, loss)
-    w = _row_weights(rng, y.shape[0])
-    alpha = alpha_of(output)
-    k = backend.kernels
-    delta_buf, value_buf = poisoned(k, y.shape, dtype), poisoned(k, (), dtype)
-    value, delta = k.output_error(k.to_device(y, dtype), k.to_device(u, dtype), k.to_device(t, dtype), output, loss,
-                                  param, alpha, delta=delta_buf, value=value_buf, weights=k.to_device(w, dtype))
-    assert value is value_buf and delta is delta_buf
-    rv, rd = ref.output_error(y, u, t, output, loss, param, alpha, weights=w)
-    np.testing.assert_allclose(float(host(backend, value)), float(rv), **tolerance(dtype))
-    np.testing.assert_allclose(host(backend, delta), rd, **tolerance(dtype))
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("output,loss", PAIRS)
-def test_output_error_with_unit_weights_is_the_unweighted_result(backend, small, rng, output, loss, dtype):
-    """Weights of ones give the loss and delta of the unweighted call, bit for bit."""
-    y, u, t, param = _output_inputs(rng, small, output, loss)
-    alpha = alpha_of(output)
-    k = backend.kernels
-    args = (k.to_device(y, dtype), k.to_device(u, dtype), k.to_device(t, dtype), output, loss, param, alpha)
-    value, delta = (host_copy(k, a) for a in k.output_error(*args))
-    ones = k.to_device(np.ones(y.shape[0]), dtype)
-    w_value, w_delta = (host_copy(k, a) for a in k.output_error(*args, weights=ones))
-    np.testing.assert_array_equal(w_value.reshape(-1).view(np.uint8), value.reshape(-1).view(np.uint8))
-    np.testing.assert_array_equal(w_delta.view(np.uint8), delta.view(np.uint8))
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("output,loss", [("identity", "mse"), ("sigmoid", "bce"), ("softmax", "cross_entropy")])
 def test_output_error_refuses_wrong_weights_before_writing(backend, small, rng, output, loss, dtype):
