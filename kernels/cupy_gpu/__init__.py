@@ -72,7 +72,8 @@ from .tf32 import CUBLAS_TF32_TENSOR_OP_MATH, TF32_RTOL, set_tf32, tf32_enabled
 from .updates import adam_corrections, adam_update, guard_step, guarded_step, momentum_update, sgd_update
 
 # Attributes of the backend outside ``__all__``: the contract's count_step, the cuBLAS constants and the plan,
-# engine and graph types, and the helpers and caches its tests reach.
+# engine and graph types, and the helpers and caches its tests reach. The constants here are copies: the
+# modules read their own (CUBLAS_WORKSPACE_BYTES is changed in blas, a function is patched where it is called).
 from .blas import (  # noqa: F401
     CUBLAS_DEFAULT_MATH,
     CUBLAS_OP_N,
