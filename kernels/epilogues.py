@@ -1,6 +1,6 @@
 """cuBLASLt epilogues for a layer's three GEMMs: which epilogue serves an activation, the column-major
 operands of each call, and the size of the auxiliary buffers. Importable without CuPy: the CPU tests
-check these choices. :mod:`backprop.kernels.cupy_gpu` issues the calls.
+check these choices. :mod:`backprop.kernels.cupy_gpu.lt` issues the calls.
 
 A C-order ``(r, c)`` array read column-major is its transpose with leading dimension ``c``. So every
 call below writes the transpose of the row-major result, ``D = op(A) op(B)`` (column-major, ``m x n``):

@@ -713,6 +713,14 @@ def _make_fake_cupy() -> dict:
             "cupy_backends.cuda.libs": libs, "cupy_backends.cuda.libs.cublas": _cublas_lib}
 
 
+BACKEND_PACKAGE = "backprop.kernels.cupy_gpu"
+
+
+def _backend_module_names() -> list[str]:
+    """The backend's package and its modules, as imported now."""
+    return [name for name in sys.modules if name == BACKEND_PACKAGE or name.startswith(BACKEND_PACKAGE + ".")]
+
+
 def _load_fake(monkeypatch, nvmath: bool):
     """The backend module loaded against the fake CuPy (and fake nvmath-python, or none), registered as
     backend "cupy" for the test."""
@@ -732,11 +740,12 @@ def _load_fake(monkeypatch, nvmath: bool):
                      "nvmath.bindings.cublasLt": None})  # ImportError
     for name, mod in mods.items():
         monkeypatch.setitem(sys.modules, name, mod)
-    monkeypatch.delitem(sys.modules, "backprop.kernels.cupy_gpu", raising=False)
+    for name in _backend_module_names():  # the package and every module of it, imported afresh
+        monkeypatch.delitem(sys.modules, name)
     monkeypatch.delattr(pkg, "cupy_gpu", raising=False)
-    module = importlib.import_module("backprop.kernels.cupy_gpu")
+    module = importlib.import_module(BACKEND_PACKAGE)
     assert module.is_available(), module.unavailable_reason()
-    module.CUBLAS_WORKSPACE_BYTES = 4096  # the fake reads nothing there: keep the tests light
+    module.blas.CUBLAS_WORKSPACE_BYTES = 4096  # the fake reads nothing there: keep the tests light
     monkeypatch.setitem(backend_mod._loaded, "cupy", backend_mod.Backend("cupy", module))
     monkeypatch.delitem(backend_mod._reasons, "cupy", raising=False)
     return module
@@ -746,7 +755,8 @@ def _unload_fake():
     from backprop import graph
 
     graph.clear()
-    sys.modules.pop("backprop.kernels.cupy_gpu", None)
+    for name in _backend_module_names():
+        sys.modules.pop(name)
     _Fake.reset()
 
 

@@ -183,8 +183,8 @@ def test_nccl_engine_calls(monkeypatch):
     nccl = SimpleNamespace(NCCL_FLOAT32=7, NCCL_FLOAT64=8, NCCL_SUM=0, NcclCommunicator=Comm,
                            get_unique_id=lambda: "uid-of-rank-0")
     fake_cupy = SimpleNamespace(cuda=SimpleNamespace(get_current_stream=lambda: SimpleNamespace(ptr=99)))
-    monkeypatch.setattr(cupy_gpu, "_nccl", lambda: nccl)
-    monkeypatch.setattr(cupy_gpu, "_cupy", fake_cupy)
+    monkeypatch.setattr(cupy_gpu.collectives, "_nccl", lambda: nccl)
+    monkeypatch.setattr(cupy_gpu.collectives, "_cupy", fake_cupy)
 
     def array(ptr, n, dtype):
         return SimpleNamespace(data=SimpleNamespace(ptr=ptr), size=n, dtype=np.dtype(dtype))

@@ -395,7 +395,7 @@ def test_mlp_api_on_numba(rng):
 # --------------------------------------------------------------------------- numba-cuda
 def test_numba_cuda_import_is_lazy():
     out = _run_python("import sys; import backprop.kernels.numba_cuda as m; "
-                      "print([n for n in ('numba', 'cupy') if n in sys.modules]); print(m.IS_GPU)")
+                      "print([n for n in ('numba', 'cupy') if n in sys.modules]); print(m.CAPABILITIES.gpu)")
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["[]", "True"]
 

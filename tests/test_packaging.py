@@ -61,6 +61,21 @@ def test_distribution_name(pyproject: dict) -> None:
     assert pyproject["project"]["name"] == "backprop-kernels"
 
 
+def test_every_package_is_listed(pyproject: dict) -> None:
+    """Each directory with an ``__init__.py`` under a mapped source directory (``kernels/cupy_gpu`` included) is
+    named in ``[tool.setuptools] packages``, so the wheel carries it (links are not followed)."""
+    import os
+
+    setuptools = pyproject["tool"]["setuptools"]
+    found = set()
+    for name, where in setuptools["package-dir"].items():
+        for dirpath, _, files in os.walk(ROOT / where):
+            if "__init__.py" in files:
+                parts = Path(dirpath).relative_to(ROOT / where).parts
+                found.add(".".join((name, *parts)))
+    assert found and found <= set(setuptools["packages"]), sorted(found - set(setuptools["packages"]))
+
+
 def test_license_is_spdx_mit_with_file(pyproject: dict) -> None:
     project = pyproject["project"]
     assert project["license"] == "MIT", "license must be the SPDX expression string 'MIT' (PEP 639), not a table"
