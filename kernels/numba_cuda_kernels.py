@@ -505,10 +505,8 @@ def stats_rows(a, buf):  # pragma: no cover - compiled
 
 
 # --------------------------------------------------------------------------- shared-memory kernels
-@lru_cache(maxsize=None)
-def kernels_for(dtype_name: str) -> SimpleNamespace:
-    """The shared-memory kernels for one dtype (``"float32"`` or ``"float64"``)."""
-    ty = numba.from_dtype(np.dtype(dtype_name))
+def _gemm_kernel(ty: Any) -> Any:
+    """The tiled GEMM kernel whose shared tiles hold Numba type ``ty``."""
 
     @cuda.jit
     def gemm(A, B, C, ta, tb):  # pragma: no cover - compiled
@@ -550,6 +548,12 @@ def kernels_for(dtype_name: str) -> SimpleNamespace:
         if row < M and col < N:
             C[row, col] = acc
 
+    return gemm
+
+
+def _colsum_kernel(ty: Any) -> Any:
+    """The column-sum kernel whose shared lanes hold Numba type ``ty``."""
+
     @cuda.jit
     def colsum(d, out, coef, accumulate):  # pragma: no cover - compiled
         """``out[j] = coef * sum_i d[i, j]`` (``+=`` when ``accumulate``): RED_X columns per
@@ -578,6 +582,12 @@ def kernels_for(dtype_name: str) -> SimpleNamespace:
             else:
                 out[j] = coef * sm[0, tx]
 
+    return colsum
+
+
+def _mean_kernel(ty: Any) -> Any:
+    """The mean kernel whose shared block holds Numba type ``ty``."""
+
     @cuda.jit
     def mean(x, out):  # pragma: no cover - compiled
         """``out[0] = sum(x) / len(x)`` in one block of RED_T threads."""
@@ -591,7 +601,14 @@ def kernels_for(dtype_name: str) -> SimpleNamespace:
         if tid == 0:
             out[0] = sm[0] / x.dtype.type(x.shape[0])
 
-    return SimpleNamespace(gemm=gemm, colsum=colsum, mean=mean)
+    return mean
+
+
+@lru_cache(maxsize=None)
+def kernels_for(dtype_name: str) -> SimpleNamespace:
+    """The shared-memory kernels for one dtype (``"float32"`` or ``"float64"``)."""
+    ty = numba.from_dtype(np.dtype(dtype_name))
+    return SimpleNamespace(gemm=_gemm_kernel(ty), colsum=_colsum_kernel(ty), mean=_mean_kernel(ty))
 
 
 #: The kernels that do not depend on a dtype at definition time.

@@ -18,10 +18,10 @@ Mixing a bare Python literal such as ``0.5`` into float32 arithmetic would promo
 write ``c[HALF]`` instead.
 
 Numba's on-disk cache (``cache=True``) is keyed on the source file of a kernel, not on this module
-nor the registry: the CPU kernels that dispatch on the codes therefore close over
+nor the registry: the CPU kernels that dispatch on the codes therefore close over a key that includes
 :data:`REGISTRY_KEY`, a digest of every scalar form, which Numba's cache index includes. After editing
-the optimizer steps here, delete the ``*.nbi``/``*.nbc`` files in ``kernels/__pycache__`` (an installed
-package is rewritten as a whole, so users are not affected).
+the optimizer steps here, delete the ``*.nbi``/``*.nbc`` files in ``kernels/numba_cpu/__pycache__`` (an
+installed package is rewritten as a whole, so users are not affected).
 """
 
 from __future__ import annotations

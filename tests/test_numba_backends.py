@@ -682,10 +682,10 @@ def test_generated_helpers_have_names_of_their_own():
     processes, can be linked into each other's kernel once both load from the cache (a silu output error then
     ran another activation's slope). So every loop the CPU backend generates from the registry has a name of
     its own, made from its record's name."""
-    from backprop.kernels import numba_cpu
+    from backprop.kernels.numba_cpu import rows
 
     names = []
-    for ladder in (numba_cpu._act_row, numba_cpu._slope_row, numba_cpu._loss_values_row, numba_cpu._loss_grad_row):
+    for ladder in (rows._act_row, rows._slope_row, rows._loss_values_row, rows._loss_grad_row):
         cases = [v for key, v in ladder.py_func.__globals__.items() if key.startswith("_case")]
         assert cases
         names += [case.py_func.__qualname__ for case in cases]

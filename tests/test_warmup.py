@@ -15,6 +15,7 @@ pytest.importorskip("numba")
 
 from backprop import warmup  # noqa: E402
 from backprop.kernels import numba_cpu as k  # noqa: E402
+from backprop.kernels.numba_cpu import notice  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,13 +31,13 @@ def _env(**extra: str) -> dict[str, str]:
 @pytest.fixture
 def fresh(monkeypatch: pytest.MonkeyPatch) -> None:
     """A process in which the notice was not printed yet, BACKPROP_QUIET unset."""
-    monkeypatch.setattr(k, "_noticed", False)
+    monkeypatch.setattr(notice, "_noticed", False)
     monkeypatch.delenv("BACKPROP_QUIET", raising=False)
 
 
 def test_notice_once_per_process(fresh: None, capsys: pytest.CaptureFixture[str]) -> None:
-    assert k._compile_notice(k.KERNELS[0]) is True
-    assert k._compile_notice(k.KERNELS[1]) is False
+    assert notice._compile_notice(k.KERNELS[0]) is True
+    assert notice._compile_notice(k.KERNELS[1]) is False
     out, err = capsys.readouterr()
     assert out == "" and err == k.COMPILE_NOTICE + "\n"
     assert "first run only, cached afterwards" in k.COMPILE_NOTICE
@@ -49,20 +50,20 @@ def test_notice_ignores_other_functions(fresh: None, capsys: pytest.CaptureFixtu
     def not_a_kernel(x):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
         return x + 1
 
-    assert k._compile_notice(not_a_kernel) is False
-    assert k._compile_notice(None) is False
+    assert notice._compile_notice(not_a_kernel) is False
+    assert notice._compile_notice(None) is False
     assert not_a_kernel(1) == 2  # a real compilation of a function that is not a kernel
-    assert capsys.readouterr().err == "" and k._noticed is False
+    assert capsys.readouterr().err == "" and notice._noticed is False
 
 
 @pytest.mark.parametrize("value", ["1", "true", "yes", "YES"])
 def test_notice_silenced(fresh: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
                          value: str) -> None:
     monkeypatch.setenv("BACKPROP_QUIET", value)
-    assert k._compile_notice(k.KERNELS[0]) is False
+    assert notice._compile_notice(k.KERNELS[0]) is False
     assert capsys.readouterr().err == ""
     monkeypatch.setenv("BACKPROP_QUIET", "0")  # "0" / "" mean not quiet
-    assert k._compile_notice(k.KERNELS[0]) is True
+    assert notice._compile_notice(k.KERNELS[0]) is True
 
 
 def test_notice_listens_to_numba_compile_events(fresh: None, capsys: pytest.CaptureFixture[str]) -> None:
