@@ -14,6 +14,7 @@ Each part skips cleanly when its compiler is missing.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import re
 import shutil
@@ -24,12 +25,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: each process builds its own binaries
+    fcntl = None
+
 from backprop.kernels import cupy_sources as S
 from backprop.kernels import numpy_ref as ref
 from backprop.kernels.registry import ACTIVATIONS, LOSSES
 
 NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
 CXX = shutil.which("g++") or shutil.which("clang++")
+#: Where emulator binaries are built, one directory per source digest (shared by the processes of a test run).
+_EMULATOR_CACHE = Path(tempfile.gettempdir()) / f"backprop-emulators-{getattr(os, 'getuid', lambda: 0)()}"
 CTYPES = ["float", "double"]
 _F64 = re.compile(r"\.f64|%fd")
 
@@ -378,14 +386,24 @@ def build_emulator(ctype: str, preamble: str, kernels: str, stem: str) -> str:
     if CXX is None:
         pytest.skip("no C++ compiler")
     source = f"typedef {ctype} T;\n{EMULATOR}\n{preamble}\n{kernels}\n" + _dispatch(kernels)
-    out = Path(tempfile.mkdtemp(prefix=f"{stem}_{ctype}_"))
-    (out / "emu.cpp").write_text(source)
+    command = [CXX, "-std=c++20", "-O1", "-pthread"]
+    # one build per source, shared by the test processes of a run (pytest-xdist workers) through a directory
+    # named by the source's digest; a lock makes the others wait for the first build instead of repeating it
+    digest = hashlib.sha256("\0".join(command + [source]).encode()).hexdigest()[:20]
+    out = _EMULATOR_CACHE / f"{stem}_{ctype}_{digest}" if fcntl else Path(tempfile.mkdtemp(prefix=f"{stem}_{ctype}_"))
     exe = out / "emu"
-    proc = subprocess.run([CXX, "-std=c++20", "-O1", "-pthread", "-o", str(exe), str(out / "emu.cpp")],
-                          capture_output=True, text=True)
-    if proc.returncode != 0 and ("barrier" in proc.stderr or "c++20" in proc.stderr):
-        pytest.skip(f"{CXX} lacks C++20 <barrier>: {proc.stderr[-300:]}")
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "lock", "w") as lock:
+        if fcntl:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if not exe.exists():
+            (out / "emu.cpp").write_text(source)
+            proc = subprocess.run(command + ["-o", str(out / "emu.tmp"), str(out / "emu.cpp")],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0 and ("barrier" in proc.stderr or "c++20" in proc.stderr):
+                pytest.skip(f"{CXX} lacks C++20 <barrier>: {proc.stderr[-300:]}")
+            assert proc.returncode == 0, proc.stderr[-4000:]
+            os.replace(out / "emu.tmp", exe)
     return str(exe)
 
 
