@@ -763,7 +763,7 @@ class _BaseMLP(BaseEstimator):
             opt.eps = float(self.epsilon) / np.sqrt(1.0 - float(self.beta_2) ** (opt.steps + 1))
         if alpha:
             net = self._net
-            weights = net._pieces[0]
+            weights = net.param_pieces[0]
             if factor == 1.0:
                 net.backend.kernels.add_sum_of_squares(penalty, weights)
             else:
