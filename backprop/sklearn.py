@@ -89,7 +89,6 @@ from typing import Any, TypeVar
 import numpy as np
 
 try:
-    import scipy.optimize
     import scipy.sparse as sp
     from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
     from sklearn.exceptions import ConvergenceWarning
@@ -120,7 +119,7 @@ from .validation import cast_finite
 from .progress import should_show
 from . import step
 from .optimizers import SGD, Adam, Optimizer
-from .lbfgs import FullBatchObjective, NonFiniteObjective
+from .lbfgs import FullBatchObjective, run_lbfgs, transposed_weights_order
 from .staging import Batches
 
 __all__ = ["MLPClassifier", "MLPRegressor"]
@@ -522,40 +521,33 @@ class _BaseMLP(BaseEstimator):
         return 1.0 if self._classifier or self._head()[1] == "poisson" else 1.0 / self.n_outputs_
 
     def _fit_lbfgs(self, net: MLP, X: Any, y: np.ndarray, sample_weight: np.ndarray | None = None) -> None:
-        """scikit-learn's L-BFGS fit: SciPy's L-BFGS-B on the full-batch objective (see :class:`_LbfgsObjective`)
-        over the parameters packed into one float64 vector, stopping on ``tol`` (the projected gradient),
-        ``max_iter`` iterations or ``max_fun`` evaluations. ``early_stopping`` and the minibatch parameters
-        play no part, as in scikit-learn."""
+        """scikit-learn's L-BFGS fit: :func:`~backprop.lbfgs.run_lbfgs` on the full-batch objective (see
+        :class:`_LbfgsObjective`) over the parameters packed into one float64 vector, stopping on ``tol`` (the
+        projected gradient), ``max_iter`` iterations or ``max_fun`` evaluations. ``early_stopping`` and the
+        minibatch parameters play no part, as in scikit-learn."""
         objective = _LbfgsObjective(net, X, y, float(self.alpha), self._objective_scale(), sample_weight)
-        x0 = objective.pack(net.get_params())
-        last = {"x": x0, "nit": 0}  # the latest iterate (each is finite: its loss and gradient were)
 
-        def callback(xk: np.ndarray) -> None:  # after each iteration, at its iterate
-            last["x"] = np.array(xk, dtype=np.float64, copy=True)
-            last["nit"] += 1
+        def report(iteration: int, xk: np.ndarray) -> bool:  # after each iteration, at its iterate
             if self.verbose:
-                print(f"Iteration {last['nit']}, loss = {objective.value_at(xk):.8f}")
+                print(f"Iteration {iteration}, loss = {objective.value_at(xk):.8f}")
+            return False
 
         self._optimizer = None
-        result, failure = None, None
         try:
-            result = scipy.optimize.minimize(
-                objective, x0, method="L-BFGS-B", jac=True, callback=callback,
-                options={"maxfun": self.max_fun, "maxiter": self.max_iter, "gtol": self.tol})
-        except NonFiniteObjective as exc:
-            failure = exc
-        except KeyboardInterrupt:
-            warnings.warn("Training interrupted by user.", stacklevel=3)
-        finally:  # the network holds the last point evaluated, maybe a trial point of a line search
-            objective.set(net, last["x"] if result is None else result.x)
+            run = run_lbfgs(objective, max_iter=self.max_iter, max_fun=self.max_fun, tol=self.tol,
+                            after_iteration=report, keep_on_interrupt=True)
+        finally:  # the network holds the run's end point (never a trial point of a line search)
             self._pull()
+        if run.interrupted:
+            warnings.warn("Training interrupted by user.", stacklevel=3)
+        result = run.result
         if result is None:  # stopped early: the parameters are those of the latest iterate
-            self.n_iter_ = last["nit"]
-            if failure is not None:
+            self.n_iter_ = run.iterations
+            if run.failure is not None:
                 raise ValueError("Solver produced non-finite parameter weights. The input data may contain large "
-                                 f"values and need to be preprocessed. ({failure} after iteration {last['nit']}; "
-                                 "the estimator is left as it was before this fit.)") from failure
-            self.loss_ = objective.value_at(last["x"])
+                                 f"values and need to be preprocessed. ({run.failure} after iteration "
+                                 f"{run.iterations}; the estimator is left as it was before this fit.)") from run.failure
+            self.loss_ = objective.value_at(run.x)
             return
         self.n_iter_ = min(int(result.nit), self.max_iter)
         self.loss_ = float(result.fun)
@@ -818,74 +810,41 @@ class _BaseMLP(BaseEstimator):
 
 # --------------------------------------------------------------------------- the L-BFGS objective
 class _LbfgsObjective(FullBatchObjective):
-    """scikit-learn's L-BFGS objective for SciPy, computed by the network on its backend.
+    """scikit-learn's L-BFGS objective for SciPy, computed by the network on its backend: the
+    :class:`~backprop.lbfgs.FullBatchObjective` with scikit-learn's parameters.
 
     ``f(theta) = scale * E(theta) + alpha / (2 n) * sum_l ||W^l||^2`` over the whole training set of ``n`` rows,
-    with ``E`` the network's mean loss, and the gradient ``dE/dtheta + (alpha / n) W`` (biases not penalized).
-    ``scale`` is 1 for the classifiers and ``1 / n_outputs`` for the regressor: scikit-learn's objective reports
-    the squared error averaged over the outputs while its gradient is that of their sum, and L-BFGS-B sees both.
+    with ``E`` the network's mean loss, and the gradient ``dE/dtheta + (alpha / n) W`` (biases not penalized);
+    with sample weights ``E`` is the weighted mean and ``n`` their sum. ``scale`` is 1 for the classifiers and
+    ``1 / n_outputs`` for the regressor: scikit-learn's objective reports the squared error averaged over the
+    outputs while its gradient is that of their sum, and L-BFGS-B sees both.
 
     ``theta`` is a float64 vector packed as scikit-learn packs it (every ``coefs_[l]``, ``(n_in, n_out)``
-    row-major, then every ``intercepts_[l]``); the network computes in its own dtype (a float32 network gets
-    ``theta`` rounded to float32, and its loss and gradient come back as float64). The rows go through the
-    network in chunks of ``_LBFGS_CHUNK`` (the loss and gradient summed over them on the host).
+    row-major, then every ``intercepts_[l]``); the network computes in its own dtype. The rows go through the
+    network in chunks of ``_LBFGS_CHUNK`` (the loss and gradient summed over them on the host); dense data goes
+    to the backend once (if it fits there), sparse data is densified a chunk at a time.
     """
 
     def __init__(self, net: MLP, X: Any, y: np.ndarray, alpha: float, scale: float,
                  sample_weight: np.ndarray | None = None) -> None:
-        self.net, self.X, self.y = net, X, y
-        self.n = int(X.shape[0])
-        self.alpha, self.scale = alpha, scale
-        # with sample weights: the weighted mean loss, and the penalty over their sum, as scikit-learn's
-        self.total = self.n if sample_weight is None else float(np.sum(sample_weight))
-        # backprop's flat buffers (parameters, gradients) hold every W (n_out, n_in) row by row, then every b
-        # (step.flat_views); scikit-learn packs every coefs_ (n_in, n_out) row by row, then every intercepts_
-        self.shapes = [(layer.n_out, layer.n_in) for layer in net.layers]
-        index = np.arange(net.n_params)
-        W_idx, b_idx = step.flat_views(index, self.shapes)
-        self.perm = np.concatenate([W.T.ravel() for W in W_idx] + list(b_idx))  # packed[i] = flat[perm[i]]
-        self.n_coef = net.n_weights
-        # each coefs_[l] is one contiguous piece of the packed vector
-        ends = np.cumsum([n_out * n_in for n_out, n_in in self.shapes])
-        self._coef_bounds = list(zip(np.concatenate([[0], ends[:-1]]).tolist(), ends.tolist()))
-        # dense data goes to the backend once (if it fits there); sparse data is densified a chunk at a time
+        n = int(X.shape[0])
+        total = n if sample_weight is None else float(np.sum(sample_weight))
         data = None if sp.issparse(X) else Batches(net.backend.kernels, X, y, net.dtype)
-        rows = min(self.n, _LBFGS_CHUNK)
+        rows = min(n, _LBFGS_CHUNK)
+
         if sample_weight is None:
-            super().__init__(net, lambda: _BaseMLP._minibatches(net, data, X, y, rows, None), self.n)
-            return
-        k = net.backend.kernels
-        scaled = np.asarray(sample_weight, dtype=np.float64) * (self.n / self.total)
-        weights = [k.to_device(scaled[lo:lo + rows], net.dtype) for lo in range(0, self.n, rows)]  # moved once
-        super().__init__(net, lambda: ((*chunk, w) for chunk, w in zip(
-            _BaseMLP._minibatches(net, data, X, y, rows, None), weights)), self.n)
+            def chunks() -> Iterator[tuple[Any, ...]]:
+                return _BaseMLP._minibatches(net, data, X, y, rows, None)
+        else:  # w_i n / sum w, moved to the backend once
+            k = net.backend.kernels
+            scaled = np.asarray(sample_weight, dtype=np.float64) * (n / total)
+            weights = [k.to_device(scaled[lo:lo + rows], net.dtype) for lo in range(0, n, rows)]
 
-    def pack(self, params: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-        """``[(W, b)]`` (backprop's ``(n_out, n_in)`` weights) as one float64 vector, packed as scikit-learn."""
-        flat = np.concatenate([W.ravel() for W, _ in params] + [b.ravel() for _, b in params]).astype(np.float64)
-        return flat[self.perm]
+            def chunks() -> Iterator[tuple[Any, ...]]:
+                return ((*chunk, w) for chunk, w in zip(_BaseMLP._minibatches(net, data, X, y, rows, None), weights))
 
-    def set(self, net: MLP, theta: np.ndarray) -> None:
-        """Put the parameters ``theta`` (finite in the network's dtype) into the network's flat buffer: one
-        scatter into its layout and one copy, no array split or joined."""
-        flat = np.empty(net.n_params, dtype=net.dtype)
-        flat[self.perm] = theta
-        net.set_flat_params(flat)
-
-    def __call__(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
-        cast = self._checked(theta)
-        self.set(self.net, cast)
-        loss, flat = self._passes()
-        f = self.scale * loss
-        grad = flat[self.perm]
-        if self.alpha:
-            coefs = cast[:self.n_coef].astype(np.float64, copy=False)
-            values = 0.0
-            for lo, hi in self._coef_bounds:
-                values += np.dot(coefs[lo:hi], coefs[lo:hi])
-            f += (0.5 * self.alpha) * values / self.total
-            grad[:self.n_coef] += (self.alpha / self.total) * coefs
-        return self._finish(theta, f, grad)
+        super().__init__(net, chunks, n, alpha, scale=scale, total=total, order=transposed_weights_order(net),
+                         by_layer=True)
 
 
 # --------------------------------------------------------------------------- classifier
