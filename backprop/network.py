@@ -224,6 +224,12 @@ class MLP:
         return self._params
 
     @property
+    def param_pieces(self) -> tuple[Array, Array]:
+        """:attr:`params` as its two pieces, views made once: every weight (``params[:n_weights]``), then every
+        bias (``params[n_weights:]``); what an optimizer updates and what an L2 penalty sums over."""
+        return self._pieces
+
+    @property
     def _shapes(self) -> list[tuple[int, int]]:
         return [(L.n_out, L.n_in) for L in self.layers]
 

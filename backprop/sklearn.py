@@ -78,9 +78,6 @@ import is an ``ImportError`` saying what to install: ``pip install 'backprop-ker
 from __future__ import annotations
 
 import functools
-import numbers
-import sys
-import threading
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -89,15 +86,12 @@ from typing import Any, TypeVar
 import numpy as np
 
 try:
-    import scipy.optimize
     import scipy.sparse as sp
     from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.metrics import accuracy_score, r2_score
-    from sklearn.model_selection import train_test_split
     from sklearn.preprocessing import LabelBinarizer
-    from sklearn.utils import check_random_state, column_or_1d, gen_batches
-    from sklearn.utils import shuffle as _sk_shuffle
+    from sklearn.utils import check_random_state, column_or_1d
     from sklearn.utils.metaestimators import available_if
     from sklearn.utils.multiclass import type_of_target, unique_labels
     from sklearn.utils.validation import _check_sample_weight, check_is_fitted
@@ -111,28 +105,19 @@ except ImportError:  # pragma: no cover - older scikit-learn
     def validate_data(_estimator: Any, /, X: Any = "no_validation", y: Any = "no_validation", **kwargs: Any) -> Any:
         return _estimator._validate_data(X, y, **kwargs)
 
-from .activations import ACTIVATIONS
-from .losses import LOSSES
-from .backend import get_backend, resolve_backend
+
 from .concurrency import exclusive, reading
+from .lbfgs import FullBatchObjective, run_lbfgs, transposed_weights_order
+from .losses import LOSSES
 from .network import MLP, NonFiniteLossError
-from .validation import cast_finite
-from .progress import should_show
-from . import step
-from .optimizers import SGD, Adam, Optimizer
-from .lbfgs import FullBatchObjective, NonFiniteObjective
+from .sklearn_data import cast_data, minibatches
+from .sklearn_network import SYNC, build_network, initial_params, pull, synced_network
+from .sklearn_params import OUT_NAMES, REGRESSION_LOSSES, check_params, check_regression_loss
+from .sklearn_sgd import fit_stochastic, init_stochastic_state
 from .staging import Batches
 
 __all__ = ["MLPClassifier", "MLPRegressor"]
 
-#: scikit-learn's hidden activation names -> backprop's; backprop's own hidden activations also work.
-_SKLEARN_ACTIVATIONS = {a.sklearn_name: n for n, a in ACTIVATIONS.items() if a.sklearn_name and a.hidden}
-_HIDDEN_ACTIVATIONS = {**_SKLEARN_ACTIVATIONS,
-                       **{n: n for n, s in ACTIVATIONS.items() if s.hidden and n != "step"}}
-#: regressor loss -> backprop loss
-_REGRESSION_LOSSES = {x.sklearn_name: n for n, x in LOSSES.items() if x.sklearn_name}
-#: backprop output activation -> scikit-learn's ``out_activation_`` name
-_OUT_NAMES = {n: a.sklearn_name for n, a in ACTIVATIONS.items() if a.sklearn_name}
 _PREDICT_CHUNK = 65536
 #: rows per forward/backward pass of the L-BFGS objective (the gradient is summed over the chunks)
 _LBFGS_CHUNK = 65536
@@ -140,9 +125,6 @@ _STOCHASTIC_SOLVERS = ("sgd", "adam")
 
 
 # --------------------------------------------------------------------------- threads and failures
-#: Held while an estimator's network is (re)built or given its ``coefs_``: two threads predicting at once
-#: would otherwise both do it.
-_SYNC = threading.RLock()
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -170,59 +152,6 @@ def _predicting(fn: F) -> F:
             return fn(self, *args, **kwargs)
 
     return run  # type: ignore[return-value]
-
-
-# --------------------------------------------------------------------------- parameter checks
-def _is_int(v: Any) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def _is_real(v: Any) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
-
-
-def _need(cond: bool, name: str, value: Any, what: str) -> None:
-    if not cond:
-        raise ValueError(f"The '{name}' parameter must be {what}; got {value!r}.")
-
-
-def _real_in(est: Any, name: str, lo: float, hi: float, lo_closed: bool, hi_closed: bool) -> None:
-    v = getattr(est, name)
-    if not _is_real(v) or not np.isfinite(v):
-        raise (TypeError if not _is_real(v) else ValueError)(
-            f"The '{name}' parameter must be a real number; got {v!r}.")
-    ok = (v >= lo if lo_closed else v > lo) and (v <= hi if hi_closed else v < hi)
-    interval = f"{'[' if lo_closed else '('}{lo}, {hi}{']' if hi_closed else ')'}"
-    _need(ok, name, v, f"a float in the range {interval}")
-
-
-def _cast_finite(X: Any, dtype: np.dtype, name: str = "X", first_row: int = 0) -> Any:
-    """``X`` (dense, or a sparse matrix) cast to the network's ``dtype``; a value too large for it is a
-    ``ValueError`` naming ``name`` instead of an infinity (float64 ``X`` of 1e39 for a float32 network).
-    ``first_row``: where this chunk of rows starts in the caller's ``X``."""
-    if X.dtype == dtype:
-        return X
-    if sp.issparse(X):
-        data = cast_finite(X.data, dtype, f"{name} (its stored values)")
-        X = X.copy()
-        X.data = data
-        return X
-    return cast_finite(X, dtype, name, offset=(first_row, 0))
-
-
-def _hidden_sizes(value: Any) -> list[int]:
-    sizes = [value] if _is_int(value) else value
-    try:
-        sizes = list(sizes)
-    except TypeError:
-        raise TypeError(f"The 'hidden_layer_sizes' parameter must be an int or a sequence of ints; "
-                        f"got {value!r}.") from None
-    for s in sizes:
-        if not _is_int(s):
-            raise TypeError(f"The 'hidden_layer_sizes' parameter must hold ints; got {value!r}.")
-        if s <= 0:
-            raise ValueError(f"hidden_layer_sizes must be > 0, got {sizes}.")
-    return [int(s) for s in sizes]
 
 
 # --------------------------------------------------------------------------- base
@@ -266,49 +195,6 @@ class _BaseMLP(BaseEstimator):
         self.backend = backend
         self.dtype = dtype
 
-    # ------------------------------------------------------------------ parameters
-    def _check_params(self) -> list[int]:
-        hidden = _hidden_sizes(self.hidden_layer_sizes)
-        _need(isinstance(self.activation, str) and self.activation in _HIDDEN_ACTIVATIONS, "activation",
-              self.activation, f"a str among {sorted(_HIDDEN_ACTIVATIONS)}")
-        _need(isinstance(self.solver, str) and self.solver in ("adam", "lbfgs", "sgd"), "solver", self.solver,
-              "a str among {'adam', 'lbfgs', 'sgd'}")
-        _real_in(self, "alpha", 0, np.inf, True, False)
-        if not (isinstance(self.batch_size, str) and self.batch_size == "auto"):
-            if not _is_int(self.batch_size):
-                raise TypeError(f"The 'batch_size' parameter must be 'auto' or an int >= 1; got {self.batch_size!r}.")
-            _need(self.batch_size >= 1, "batch_size", self.batch_size, "'auto' or an int >= 1")
-        _need(self.learning_rate in ("constant", "invscaling", "adaptive"), "learning_rate", self.learning_rate,
-              "a str among {'constant', 'invscaling', 'adaptive'}")
-        _real_in(self, "learning_rate_init", 0, np.inf, False, False)
-        _real_in(self, "power_t", 0, np.inf, True, False)
-        if not _is_int(self.max_iter):
-            raise TypeError(f"The 'max_iter' parameter must be an int >= 1; got {self.max_iter!r}.")
-        _need(self.max_iter >= 1, "max_iter", self.max_iter, "an int >= 1")
-        if not _is_int(self.max_fun):
-            raise TypeError(f"The 'max_fun' parameter must be an int >= 1; got {self.max_fun!r}.")
-        _need(self.max_fun >= 1, "max_fun", self.max_fun, "an int >= 1")
-        _real_in(self, "tol", 0, np.inf, True, False)
-        _real_in(self, "momentum", 0, 1, True, False)
-        _real_in(self, "validation_fraction", 0, 1, False, False)
-        _real_in(self, "beta_1", 0, 1, True, False)
-        _real_in(self, "beta_2", 0, 1, True, False)
-        _real_in(self, "epsilon", 0, np.inf, False, False)
-        n = self.n_iter_no_change
-        _need((_is_int(n) and n >= 1) or (_is_real(n) and n == np.inf), "n_iter_no_change", n,
-              "an int >= 1 or numpy.inf")
-        for name in ("shuffle", "warm_start", "nesterovs_momentum", "early_stopping"):
-            v = getattr(self, name)
-            _need(isinstance(v, (bool, np.bool_)), name, v, "a bool")
-        _need(self.backend is None or isinstance(self.backend, str), "backend", self.backend,
-              "None or a backend name")
-        if self.dtype is not None:
-            try:
-                dt = np.dtype(self.dtype)
-            except TypeError:
-                dt = None
-            _need(dt in (np.float32, np.float64), "dtype", self.dtype, "None, 'float32' or 'float64'")
-        return hidden
 
     # ------------------------------------------------------------------ the network behind the estimator
     def __getstate__(self) -> dict[str, Any]:
@@ -324,11 +210,8 @@ class _BaseMLP(BaseEstimator):
         self._optimizer = None
         self._pushed = None
 
-    def _build_net(self, layer_units: list[int], dtype: np.dtype) -> MLP:
-        out, loss = self._head()
-        backend = resolve_backend(self.backend) if self.backend is not None else get_backend()
-        return MLP(layer_units, activation=_HIDDEN_ACTIVATIONS[self.activation], output=out, loss=loss,
-                   dtype=dtype, seed=0, backend=backend.name)
+    def _check_params(self) -> list[int]:
+        return check_params(self)
 
     def _head(self) -> tuple[str, str]:  # (output activation, loss) in backprop's names
         raise NotImplementedError
@@ -340,39 +223,8 @@ class _BaseMLP(BaseEstimator):
     def _network(self) -> MLP:
         """The network holding ``coefs_``/``intercepts_`` on the backend (rebuilt after unpickling), with the
         current ``coefs_``/``intercepts_`` copied in (they are the estimator's parameters)."""
-        with _SYNC:
-            return self._synced_network()
-
-    def _synced_network(self) -> MLP:
-        net = getattr(self, "_net", None)
-        if net is not None and self.backend is not None and resolve_backend(self.backend).name != net.backend.name:
-            net = self._net = self._optimizer = None  # set_params(backend=...) after fitting: move over
-        if net is None:
-            units = [self.coefs_[0].shape[0]] + [c.shape[1] for c in self.coefs_]
-            net = self._net = self._build_net(units, self._params_dtype())
-            self._pushed = None
-        if not self._in_sync():
-            net.set_params([(np.asarray(W).T, b) for W, b in zip(self.coefs_, self.intercepts_)])
-            self._remember_pushed()
-        return net
-
-    def _in_sync(self) -> bool:
-        """Whether the network already holds ``coefs_``/``intercepts_`` (compared on the host: far cheaper
-        than copying them to the backend again at every ``predict``)."""
-        pushed = getattr(self, "_pushed", None)
-        current = list(self.coefs_) + list(self.intercepts_)
-        return pushed is not None and len(pushed) == len(current) and all(
-            np.shape(a) == b.shape and np.array_equal(a, b) for a, b in zip(current, pushed))
-
-    def _remember_pushed(self) -> None:
-        self._pushed = [np.array(a, copy=True) for a in list(self.coefs_) + list(self.intercepts_)]
-
-    def _pull(self) -> None:
-        """Copy the network's parameters into ``coefs_`` (``(n_in, n_out)``, as scikit-learn has them)."""
-        params = self._net.get_params()
-        self.coefs_ = [np.ascontiguousarray(W.T) for W, _ in params]
-        self.intercepts_ = [b for _, b in params]
-        self._remember_pushed()
+        with SYNC:
+            return synced_network(self)
 
     def _forward(self, X: Any, net: MLP | None = None) -> np.ndarray:
         """Network output for validated ``X`` (dense or sparse), in chunks, as a NumPy array of ``X``'s
@@ -385,7 +237,7 @@ class _BaseMLP(BaseEstimator):
             chunk = X[lo:lo + _PREDICT_CHUNK]
             if sp.issparse(chunk):
                 chunk = chunk.toarray()
-            chunk = _cast_finite(chunk, net.dtype, first_row=lo)
+            chunk = cast_data(chunk, net.dtype, first_row=lo)
             # a copy: forward_device returns the workspace's buffer, which the next chunk overwrites
             outs.append(np.array(k.to_host(net.forward_device(k.to_device(chunk, net.dtype))), dtype=out_dtype))
         return outs[0] if len(outs) == 1 else np.concatenate(outs)
@@ -418,53 +270,23 @@ class _BaseMLP(BaseEstimator):
                 self._pushed = None
             raise
 
-    def _init_coef(self, fan_in: int, fan_out: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-        # scikit-learn's initialization (Glorot et al.), drawn in the same order from the same generator
-        factor = 2.0 if self.activation in ("logistic", "sigmoid") else 6.0
-        bound = np.sqrt(factor / (fan_in + fan_out))
-        coef = self._random_state.uniform(-bound, bound, (fan_in, fan_out))
-        intercept = self._random_state.uniform(-bound, bound, fan_out)
-        return coef.astype(dtype, copy=False), intercept.astype(dtype, copy=False)
-
     def _initialize(self, y: np.ndarray, layer_units: list[int], dtype: np.dtype) -> None:
         self.n_iter_ = 0
         self.t_ = 0
         self.n_outputs_ = y.shape[1]
         self.n_layers_ = len(layer_units)
-        self.out_activation_ = _OUT_NAMES[self._head()[0]]
-        self.coefs_, self.intercepts_ = [], []
-        for fan_in, fan_out in zip(layer_units[:-1], layer_units[1:]):
-            c, i = self._init_coef(fan_in, fan_out, dtype)
-            self.coefs_.append(c)
-            self.intercepts_.append(i)
-        self._net = self._build_net(layer_units, dtype)
+        self.out_activation_ = OUT_NAMES[self._head()[0]]
+        self.coefs_, self.intercepts_ = initial_params(self, layer_units, dtype)
+        self._net = build_network(self, layer_units, dtype)
         self._optimizer = None
         # as scikit-learn: early stopping restores the initial weights if no epoch improves on them
         self._best_params = [(c.T.copy(), i.copy()) for c, i in zip(self.coefs_, self.intercepts_)]
         if self.solver in _STOCHASTIC_SOLVERS:
-            self._init_stochastic_state()
+            init_stochastic_state(self)
         else:  # as scikit-learn, L-BFGS has no loss curve, best loss nor validation scores: none left from before
             for name in ("loss_curve_", "best_loss_", "validation_scores_", "best_validation_score_",
                          "_no_improvement_count"):
                 self.__dict__.pop(name, None)
-
-    def _init_stochastic_state(self) -> None:
-        self.loss_curve_ = []
-        self._no_improvement_count = 0
-        if self.early_stopping:
-            self.validation_scores_ = []
-            self.best_validation_score_ = -np.inf
-            self.best_loss_ = None
-        else:
-            self.best_loss_ = np.inf
-            self.validation_scores_ = None
-            self.best_validation_score_ = None
-
-    def _make_optimizer(self) -> Optimizer:
-        if self.solver == "sgd":
-            return SGD(lr=self.learning_rate_init, momentum=self.momentum,
-                       nesterov=bool(self.nesterovs_momentum and self.momentum > 0))
-        return Adam(lr=self.learning_rate_init, beta1=self.beta_1, beta2=self.beta_2, eps=self.epsilon)
 
     def _fit(self, X: Any, y: Any, incremental: bool = False, sample_weight: Any = None) -> _BaseMLP:
         hidden = self._check_params()
@@ -481,8 +303,8 @@ class _BaseMLP(BaseEstimator):
         self._random_state = check_random_state(self.random_state)
         dtype = self._params_dtype() if not first_pass else \
             np.dtype(self.dtype) if self.dtype is not None else X.dtype
-        X = _cast_finite(X, dtype)  # before anything changes
-        y = _cast_finite(np.asarray(y), dtype, "y")
+        X = cast_data(X, dtype)  # before anything changes
+        y = cast_data(np.asarray(y), dtype, "y")
         if first_pass:
             self._initialize(y, layer_units, dtype)
         else:
@@ -500,12 +322,12 @@ class _BaseMLP(BaseEstimator):
             self._fit_lbfgs(net, X, y, sample_weight)
             return self
         try:
-            self._fit_stochastic(net, X, y, incremental, sample_weight)
+            fit_stochastic(self, net, X, y, incremental, sample_weight)
         except NonFiniteLossError as exc:
             raise ValueError("Solver produced non-finite parameter weights. The input data may contain large values "
                              f"and need to be preprocessed. ({exc}; learning_rate_init may be too large; the estimator "
                              "is left as it was before this fit.)") from exc
-        self._pull()
+        pull(self)
         return self
 
     def _check_solver(self) -> bool:
@@ -522,40 +344,33 @@ class _BaseMLP(BaseEstimator):
         return 1.0 if self._classifier or self._head()[1] == "poisson" else 1.0 / self.n_outputs_
 
     def _fit_lbfgs(self, net: MLP, X: Any, y: np.ndarray, sample_weight: np.ndarray | None = None) -> None:
-        """scikit-learn's L-BFGS fit: SciPy's L-BFGS-B on the full-batch objective (see :class:`_LbfgsObjective`)
-        over the parameters packed into one float64 vector, stopping on ``tol`` (the projected gradient),
-        ``max_iter`` iterations or ``max_fun`` evaluations. ``early_stopping`` and the minibatch parameters
-        play no part, as in scikit-learn."""
+        """scikit-learn's L-BFGS fit: :func:`~backprop.lbfgs.run_lbfgs` on the full-batch objective (see
+        :class:`_LbfgsObjective`) over the parameters packed into one float64 vector, stopping on ``tol`` (the
+        projected gradient), ``max_iter`` iterations or ``max_fun`` evaluations. ``early_stopping`` and the
+        minibatch parameters play no part, as in scikit-learn."""
         objective = _LbfgsObjective(net, X, y, float(self.alpha), self._objective_scale(), sample_weight)
-        x0 = objective.pack(net.get_params())
-        last = {"x": x0, "nit": 0}  # the latest iterate (each is finite: its loss and gradient were)
 
-        def callback(xk: np.ndarray) -> None:  # after each iteration, at its iterate
-            last["x"] = np.array(xk, dtype=np.float64, copy=True)
-            last["nit"] += 1
+        def report(iteration: int, xk: np.ndarray) -> bool:  # after each iteration, at its iterate
             if self.verbose:
-                print(f"Iteration {last['nit']}, loss = {objective.value_at(xk):.8f}")
+                print(f"Iteration {iteration}, loss = {objective.value_at(xk):.8f}")
+            return False
 
         self._optimizer = None
-        result, failure = None, None
         try:
-            result = scipy.optimize.minimize(
-                objective, x0, method="L-BFGS-B", jac=True, callback=callback,
-                options={"maxfun": self.max_fun, "maxiter": self.max_iter, "gtol": self.tol})
-        except NonFiniteObjective as exc:
-            failure = exc
-        except KeyboardInterrupt:
+            run = run_lbfgs(objective, max_iter=self.max_iter, max_fun=self.max_fun, tol=self.tol,
+                            after_iteration=report, keep_on_interrupt=True)
+        finally:  # the network holds the run's end point (never a trial point of a line search)
+            pull(self)
+        if run.interrupted:
             warnings.warn("Training interrupted by user.", stacklevel=3)
-        finally:  # the network holds the last point evaluated, maybe a trial point of a line search
-            objective.set(net, last["x"] if result is None else result.x)
-            self._pull()
+        result = run.result
         if result is None:  # stopped early: the parameters are those of the latest iterate
-            self.n_iter_ = last["nit"]
-            if failure is not None:
+            self.n_iter_ = run.iterations
+            if run.failure is not None:
                 raise ValueError("Solver produced non-finite parameter weights. The input data may contain large "
-                                 f"values and need to be preprocessed. ({failure} after iteration {last['nit']}; "
-                                 "the estimator is left as it was before this fit.)") from failure
-            self.loss_ = objective.value_at(last["x"])
+                                 f"values and need to be preprocessed. ({run.failure} after iteration "
+                                 f"{run.iterations}; the estimator is left as it was before this fit.)") from run.failure
+            self.loss_ = objective.value_at(run.x)
             return
         self.n_iter_ = min(int(result.nit), self.max_iter)
         self.loss_ = float(result.fun)
@@ -578,226 +393,13 @@ class _BaseMLP(BaseEstimator):
             sample_weight = _check_sample_weight(sample_weight, X, dtype=np.float64)
         X = validate_data(self, X, accept_sparse=["csr", "csc"], dtype=(np.float64, np.float32), reset=False)
         y = np.asarray(y)
-        y = _cast_finite(y.reshape(-1, 1) if y.ndim == 1 else y, net.dtype, "y")
-        objective = _LbfgsObjective(net, _cast_finite(X, net.dtype), y, float(self.alpha), self._objective_scale(),
+        y = cast_data(y.reshape(-1, 1) if y.ndim == 1 else y, net.dtype, "y")
+        objective = _LbfgsObjective(net, cast_data(X, net.dtype), y, float(self.alpha), self._objective_scale(),
                                     sample_weight)
         try:
             return objective(packed_coef_inter)
         finally:
-            self._pull()
-
-    def _fit_stochastic(self, net: MLP, X: Any, y: np.ndarray, incremental: bool,
-                        sample_weight: np.ndarray | None = None) -> None:
-        if not hasattr(self, "loss_curve_"):  # a warm start or partial_fit after an L-BFGS fit
-            self._init_stochastic_state()
-        if not incremental or getattr(self, "_optimizer", None) is None:
-            self._optimizer = self._make_optimizer()
-        opt = self._optimizer
-        if self.early_stopping and incremental:
-            raise ValueError("partial_fit does not support early_stopping=True")
-        early_stopping = self.early_stopping
-        if early_stopping:
-            if self.validation_scores_ is None:  # warm start of a fit made without early stopping
-                self.validation_scores_, self.best_validation_score_, self.best_loss_ = [], -np.inf, None
-            # on the binarized labels as booleans, as scikit-learn does (its messages name classes 'True'/'False')
-            stratify = y.astype(bool) if (self._classifier and self.n_outputs_ == 1) else None
-            if sample_weight is None:
-                X_train, X_val, y_train, y_val = train_test_split(
-                    X, y, random_state=self._random_state, test_size=self.validation_fraction, stratify=stratify)
-                sw_train = sw_val = None
-            else:  # the same split, the weights going along
-                X_train, X_val, y_train, y_val, sw_train, sw_val = train_test_split(
-                    X, y, sample_weight, random_state=self._random_state, test_size=self.validation_fraction,
-                    stratify=stratify)
-            if X_val.shape[0] < 2:
-                raise ValueError("The validation set is too small. Increase 'validation_fraction' or the size of "
-                                 "your dataset.")
-            y_val = self._val_targets(y_val)
-        else:
-            if self.best_loss_ is None:  # warm start of a fit made with early stopping
-                self.best_loss_ = np.inf
-            X_train, y_train, X_val, y_val = X, y, None, None
-            sw_train, sw_val = sample_weight, None
-
-        n_samples = X_train.shape[0]
-        sample_idx = np.arange(n_samples, dtype=int)
-        if self.batch_size == "auto":
-            batch_size = min(200, n_samples)
-        else:
-            if self.batch_size > n_samples:
-                warnings.warn("Got `batch_size` less than 1 or larger than sample size. It is going to be clipped",
-                              stacklevel=3)
-            batch_size = int(np.clip(self.batch_size, 1, n_samples))
-
-        k = net.backend.kernels
-        # dense data goes to the backend once; sparse data is densified and copied a minibatch at a time
-        data = None if sp.issparse(X_train) else Batches(k, X_train, y_train, net.dtype)
-        alpha = float(self.alpha)
-        scale = self._objective_scale()
-        # verbose: a bar on a terminal outside CI (the rule of fit's progress=None), else scikit-learn's lines
-        bar = None
-        if self.verbose and not incremental and should_show(None):
-            from .training import _ProgressBar
-
-            bar = _ProgressBar(self.max_iter, desc=type(self).__name__)
-        steps_per_epoch = -(-n_samples // batch_size)
-        self.n_iter_ = 0  # as scikit-learn: epochs of this call (loss_curve_ and t_ accumulate)
-        try:
-            for _ in range(self.max_iter):
-                if self.shuffle:
-                    sample_idx = _sk_shuffle(sample_idx, random_state=self._random_state)
-                order = sample_idx if self.shuffle else None
-                # the epoch runs without reading anything back: the losses and the L2 penalties of the steps
-                # are summed on the backend, and read once at its end
-                guard = step.Guard(k)
-                penalty = k.zeros((1,), np.float64)
-                steps_before = opt.steps
-                if bar is not None:
-                    bar.start_epoch(steps_per_epoch)
-                batch_rows = gen_batches(n_samples, batch_size)
-                for B, xb, tb in self._minibatches(net, data, X_train, y_train, batch_size, order):
-                    rows = next(batch_rows)
-                    weights, total = None, float(B)
-                    if sw_train is not None:  # the batch's weights w: sum_i w_i L_i / sum w, each delta by w_i
-                        w = sw_train[order[rows] if order is not None else rows]
-                        total = float(w.sum())
-                        weights = k.to_device(w * (B / total), net.dtype)
-                    self._prepare_step(opt, alpha, total, penalty, B / total)
-                    step.train_step(net, step.workspace(net, B), xb, tb, opt, guard, weight=B * scale,
-                                    weights=weights)
-                    if bar is not None:
-                        bar.after_step(B, guard)  # the running loss, at most every PROGRESS_INTERVAL seconds
-                state = guard.read()
-                if state.failed:
-                    opt.steps = steps_before + state.failed_step - 1
-                    where = (f"at iteration {self.n_iter_ + 1}, step {state.failed_step}, the loss, a gradient or the "
-                             "update was not finite; that step was not applied")
-                    if not early_stopping:
-                        raise NonFiniteLossError(where)
-                    # as scikit-learn: a diverged epoch scores NaN, and the best weights are restored below. Every
-                    # later epoch would be NaN as well (scikit-learn carries NaN weights on to max_iter); here the
-                    # parameters never left the last finite step, and training stops.
-                    self.n_iter_ += 1
-                    self.t_ += n_samples
-                    self.loss_ = float("nan")
-                    self.loss_curve_.append(self.loss_)
-                    self.validation_scores_.append(float("nan"))
-                    warnings.warn(f"Training diverged: {where}. Stopping, and restoring the weights of the best "
-                                  f"validation score ({self.best_validation_score_:.6g}).", ConvergenceWarning,
-                                  stacklevel=3)
-                    break
-                accumulated = state.loss_sum
-                if alpha:
-                    accumulated += 0.5 * alpha * float(k.to_host(penalty)[0])
-                self.n_iter_ += 1
-                self.loss_ = accumulated / n_samples
-                self.t_ += n_samples
-                self.loss_curve_.append(self.loss_)
-                self._update_no_improvement_count(net, early_stopping, X_val, y_val, sw_val)
-                if bar is not None:
-                    post = {"loss": f"{self.loss_:.4g}"}
-                    if early_stopping:
-                        post["val_score"] = f"{self.validation_scores_[-1]:.4f}"
-                    bar.update(post)
-                elif self.verbose:
-                    print(f"Iteration {self.n_iter_}, loss = {self.loss_:.8f}")
-                if self.solver == "sgd" and self.learning_rate == "invscaling":
-                    opt.lr = float(self.learning_rate_init) / (self.t_ + 1) ** self.power_t
-                if self._no_improvement_count > self.n_iter_no_change:
-                    what = "Validation score" if early_stopping else "Training loss"
-                    msg = (f"{what} did not improve more than tol={self.tol:f} for {self.n_iter_no_change} "
-                           "consecutive epochs.")
-                    if self.solver == "sgd" and self.learning_rate == "adaptive" and opt.lr > 1e-6:
-                        opt.lr /= 5.0
-                        self._no_improvement_count = 0
-                        if self.verbose:
-                            print(f"{msg} Setting learning rate to {opt.lr:f}")
-                    else:
-                        if self.verbose:
-                            print(f"{msg} Stopping.", file=sys.stderr if bar is not None else sys.stdout)
-                        break
-                if incremental:
-                    break
-                if self.n_iter_ == self.max_iter:
-                    warnings.warn(f"Stochastic Optimizer: Maximum iterations ({self.max_iter}) reached and the "
-                                  "optimization hasn't converged yet.", ConvergenceWarning, stacklevel=3)
-        except KeyboardInterrupt:
-            warnings.warn("Training interrupted by user.", stacklevel=3)
-        finally:
-            if bar is not None:
-                bar.close()
-        if early_stopping and self._best_params is not None:
-            net.set_params(self._best_params)
-
-    @staticmethod
-    def _minibatches(net: MLP, data: Batches | None, X: Any, y: np.ndarray, batch_size: int,
-                     order: np.ndarray | None) -> Iterator[tuple[int, Any, Any]]:
-        """``(rows, x, t)`` on the backend for each minibatch of an epoch, in scikit-learn's order."""
-        if data is not None:
-            def staging(rows: int) -> tuple[Any, Any]:
-                ws = step.workspace(net, rows)
-                return ws.x, ws.t
-
-            yield from data.epoch(batch_size, order, staging)
-            return
-        k = net.backend.kernels
-        for batch_slice in gen_batches(X.shape[0], batch_size):
-            idx = order[batch_slice] if order is not None else batch_slice
-            xb, tb = X[idx].toarray(), y[idx]
-            yield tb.shape[0], k.to_device(xb, net.dtype), k.to_device(tb, net.dtype)
-
-    def _prepare_step(self, opt: Optimizer, alpha: float, batch: float, penalty: Any,
-                      factor: float = 1.0) -> Optimizer:
-        """Set the optimizer up for the next step so that it takes scikit-learn's step, and add the step's
-        ``factor * ||W||^2`` (before the update) to ``penalty``.
-
-        L2: scikit-learn's penalty ``alpha / (2 B) ||W||^2`` on a batch of ``B`` is weight decay ``alpha / B``;
-        with sample weights ``B`` is the batch's sum of weights, and the epoch's loss counts the penalty
-        ``B_rows / sum w`` times (``factor``): then ``||W||^2`` is read back to the host, one read per step.
-        Adam: scikit-learn steps ``lr sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + eps)``; backprop's kernel
-        steps ``lr / (1 - b1^t) m / (sqrt(v / (1 - b2^t)) + eps')``, the same step for
-        ``eps' = eps / sqrt(1 - b2^t)``.
-        """
-        opt.weight_decay = alpha / batch
-        if isinstance(opt, Adam):
-            opt.eps = float(self.epsilon) / np.sqrt(1.0 - float(self.beta_2) ** (opt.steps + 1))
-        if alpha:
-            net = self._net
-            weights = net._pieces[0]
-            if factor == 1.0:
-                net.backend.kernels.add_sum_of_squares(penalty, weights)
-            else:
-                k = net.backend.kernels
-                one = k.zeros((1,), np.float64)
-                k.add_sum_of_squares(one, weights)
-                penalty[0] += factor * float(k.to_host(one)[0])
-        return opt
-
-    def _update_no_improvement_count(self, net: MLP, early_stopping: bool, X_val: Any, y_val: Any,
-                                     sw_val: np.ndarray | None = None) -> None:
-        if early_stopping:
-            score = self._val_score(net, X_val, y_val, sw_val)
-            self.validation_scores_.append(score)
-            if score < self.best_validation_score_ + self.tol:
-                self._no_improvement_count += 1
-            else:
-                self._no_improvement_count = 0
-            if score > self.best_validation_score_:
-                self.best_validation_score_ = score
-                self._best_params = net.get_params()
-        else:
-            if self.loss_curve_[-1] > self.best_loss_ - self.tol:
-                self._no_improvement_count += 1
-            else:
-                self._no_improvement_count = 0
-            if self.loss_curve_[-1] < self.best_loss_:
-                self.best_loss_ = self.loss_curve_[-1]
-
-    def _val_score(self, net: MLP, X_val: Any, y_val: Any, sw_val: np.ndarray | None = None) -> float:
-        raw = self._forward(X_val, net)
-        if not np.isfinite(raw).all():
-            return np.nan
-        return float(self._score_raw(raw, y_val, sw_val))
+            pull(self)
 
     # ------------------------------------------------------------------ public
     @_fitting("fit")
@@ -818,74 +420,41 @@ class _BaseMLP(BaseEstimator):
 
 # --------------------------------------------------------------------------- the L-BFGS objective
 class _LbfgsObjective(FullBatchObjective):
-    """scikit-learn's L-BFGS objective for SciPy, computed by the network on its backend.
+    """scikit-learn's L-BFGS objective for SciPy, computed by the network on its backend: the
+    :class:`~backprop.lbfgs.FullBatchObjective` with scikit-learn's parameters.
 
     ``f(theta) = scale * E(theta) + alpha / (2 n) * sum_l ||W^l||^2`` over the whole training set of ``n`` rows,
-    with ``E`` the network's mean loss, and the gradient ``dE/dtheta + (alpha / n) W`` (biases not penalized).
-    ``scale`` is 1 for the classifiers and ``1 / n_outputs`` for the regressor: scikit-learn's objective reports
-    the squared error averaged over the outputs while its gradient is that of their sum, and L-BFGS-B sees both.
+    with ``E`` the network's mean loss, and the gradient ``dE/dtheta + (alpha / n) W`` (biases not penalized);
+    with sample weights ``E`` is the weighted mean and ``n`` their sum. ``scale`` is 1 for the classifiers and
+    ``1 / n_outputs`` for the regressor: scikit-learn's objective reports the squared error averaged over the
+    outputs while its gradient is that of their sum, and L-BFGS-B sees both.
 
     ``theta`` is a float64 vector packed as scikit-learn packs it (every ``coefs_[l]``, ``(n_in, n_out)``
-    row-major, then every ``intercepts_[l]``); the network computes in its own dtype (a float32 network gets
-    ``theta`` rounded to float32, and its loss and gradient come back as float64). The rows go through the
-    network in chunks of ``_LBFGS_CHUNK`` (the loss and gradient summed over them on the host).
+    row-major, then every ``intercepts_[l]``); the network computes in its own dtype. The rows go through the
+    network in chunks of ``_LBFGS_CHUNK`` (the loss and gradient summed over them on the host); dense data goes
+    to the backend once (if it fits there), sparse data is densified a chunk at a time.
     """
 
     def __init__(self, net: MLP, X: Any, y: np.ndarray, alpha: float, scale: float,
                  sample_weight: np.ndarray | None = None) -> None:
-        self.net, self.X, self.y = net, X, y
-        self.n = int(X.shape[0])
-        self.alpha, self.scale = alpha, scale
-        # with sample weights: the weighted mean loss, and the penalty over their sum, as scikit-learn's
-        self.total = self.n if sample_weight is None else float(np.sum(sample_weight))
-        # backprop's flat buffers (parameters, gradients) hold every W (n_out, n_in) row by row, then every b
-        # (step.flat_views); scikit-learn packs every coefs_ (n_in, n_out) row by row, then every intercepts_
-        self.shapes = [(layer.n_out, layer.n_in) for layer in net.layers]
-        index = np.arange(net.n_params)
-        W_idx, b_idx = step.flat_views(index, self.shapes)
-        self.perm = np.concatenate([W.T.ravel() for W in W_idx] + list(b_idx))  # packed[i] = flat[perm[i]]
-        self.n_coef = net.n_weights
-        # each coefs_[l] is one contiguous piece of the packed vector
-        ends = np.cumsum([n_out * n_in for n_out, n_in in self.shapes])
-        self._coef_bounds = list(zip(np.concatenate([[0], ends[:-1]]).tolist(), ends.tolist()))
-        # dense data goes to the backend once (if it fits there); sparse data is densified a chunk at a time
+        n = int(X.shape[0])
+        total = n if sample_weight is None else float(np.sum(sample_weight))
         data = None if sp.issparse(X) else Batches(net.backend.kernels, X, y, net.dtype)
-        rows = min(self.n, _LBFGS_CHUNK)
+        rows = min(n, _LBFGS_CHUNK)
+
         if sample_weight is None:
-            super().__init__(net, lambda: _BaseMLP._minibatches(net, data, X, y, rows, None), self.n)
-            return
-        k = net.backend.kernels
-        scaled = np.asarray(sample_weight, dtype=np.float64) * (self.n / self.total)
-        weights = [k.to_device(scaled[lo:lo + rows], net.dtype) for lo in range(0, self.n, rows)]  # moved once
-        super().__init__(net, lambda: ((*chunk, w) for chunk, w in zip(
-            _BaseMLP._minibatches(net, data, X, y, rows, None), weights)), self.n)
+            def chunks() -> Iterator[tuple[Any, ...]]:
+                return minibatches(net, data, X, y, rows, None)
+        else:  # w_i n / sum w, moved to the backend once
+            k = net.backend.kernels
+            scaled = np.asarray(sample_weight, dtype=np.float64) * (n / total)
+            weights = [k.to_device(scaled[lo:lo + rows], net.dtype) for lo in range(0, n, rows)]
 
-    def pack(self, params: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-        """``[(W, b)]`` (backprop's ``(n_out, n_in)`` weights) as one float64 vector, packed as scikit-learn."""
-        flat = np.concatenate([W.ravel() for W, _ in params] + [b.ravel() for _, b in params]).astype(np.float64)
-        return flat[self.perm]
+            def chunks() -> Iterator[tuple[Any, ...]]:
+                return ((*chunk, w) for chunk, w in zip(minibatches(net, data, X, y, rows, None), weights))
 
-    def set(self, net: MLP, theta: np.ndarray) -> None:
-        """Put the parameters ``theta`` (finite in the network's dtype) into the network's flat buffer: one
-        scatter into its layout and one copy, no array split or joined."""
-        flat = np.empty(net.n_params, dtype=net.dtype)
-        flat[self.perm] = theta
-        net.set_flat_params(flat)
-
-    def __call__(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
-        cast = self._checked(theta)
-        self.set(self.net, cast)
-        loss, flat = self._passes()
-        f = self.scale * loss
-        grad = flat[self.perm]
-        if self.alpha:
-            coefs = cast[:self.n_coef].astype(np.float64, copy=False)
-            values = 0.0
-            for lo, hi in self._coef_bounds:
-                values += np.dot(coefs[lo:hi], coefs[lo:hi])
-            f += (0.5 * self.alpha) * values / self.total
-            grad[:self.n_coef] += (self.alpha / self.total) * coefs
-        return self._finish(theta, f, grad)
+        super().__init__(net, chunks, n, alpha, scale=scale, total=total, order=transposed_weights_order(net),
+                         by_layer=True)
 
 
 # --------------------------------------------------------------------------- classifier
@@ -1033,13 +602,12 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
             n_iter_no_change=n_iter_no_change, max_fun=max_fun, backend=backend, dtype=dtype)
 
     def _check_params(self) -> list[int]:
-        _need(isinstance(self.loss, str) and self.loss in _REGRESSION_LOSSES, "loss", self.loss,
-              f"a str among {sorted(_REGRESSION_LOSSES)}")
+        check_regression_loss(self)
         return super()._check_params()
 
     def _head(self) -> tuple[str, str]:
         # the loss's own output where it has one (poisson: exp, as scikit-learn's), else the identity
-        loss = _REGRESSION_LOSSES[self.loss]
+        loss = REGRESSION_LOSSES[self.loss]
         outputs = LOSSES[loss].allowed_outputs
         return (outputs[0] if outputs else "identity"), loss
 

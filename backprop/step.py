@@ -380,7 +380,7 @@ def apply_update(net: MLP, ws: Workspace, optimizer: Optimizer, guard: Guard, we
     update of every parameter from ``ws.grads``, applied only when the guard allows (module docstring)."""
     k = net.backend.kernels
     g = guard.array
-    (W, b), (dW, db) = net._pieces, ws.grad_pieces
+    (W, b), (dW, db) = net.param_pieces, ws.grad_pieces
     optimizer.begin_step()
     # a narrow network's step on fused kernels: the whole update in one launch, where the backend can
     if passes(net).one_launch_update and optimizer.apply_in_one_launch(k, net.optimizer_key, W, b, dW, db, g, ws.loss,

@@ -22,22 +22,21 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .distributed import Communicator, DataParallel, DistributedError, world
-from .lbfgs import LBFGS, FullBatchObjective, NonFiniteObjective, scipy_minimize
-from .optimizers import SGD, Optimizer, check_optimizer
 from . import step
-from .step import NonFiniteLossError
 from .concurrency import holding
+from .distributed import Communicator, DistributedError
+from .epochs import end_epoch, run_epochs
+from .fit_plan import FitPlan, plan_fit, take_rows
+from .lbfgs import LBFGS, FullBatchObjective, run_lbfgs
+from .optimizers import Optimizer
 from .progress import in_ci, should_show
-from .staging import Batches, fits_on_device
-from .validation import check_inputs, check_positive, check_seed, check_targets
+from .step import NonFiniteLossError
 
 if TYPE_CHECKING:
     from .network import MLP
@@ -298,130 +297,144 @@ def evaluation_sums(net: MLP, X: Any, T: Any, batch_size: int = 4096) -> tuple[f
     return (float("nan") if state.failed else state.loss_sum), (float(k.to_host(correct)[0]) if rule else None)
 
 
-def _take_rows(kernels: Any, A: Any, idx: np.ndarray, dtype: np.dtype) -> Any:
-    """``A[idx]`` for a checked array, made where ``A`` lives."""
-    if not kernels.owns(A):
-        return A[idx]
-    out = kernels.zeros((len(idx), A.shape[1]), dtype)
-    return kernels.gather_rows(A, kernels.to_device(idx, np.int64), out)
-
-
 # --------------------------------------------------------------------------- fit
 Callback = Callable[["MLP", int, History], Any]
 
 
-def _check_fraction(value: Any, name: str) -> float:
-    value = check_positive(value, name, allow_zero=True)
-    if value >= 1:
-        raise ValueError(f"{name} must lie in [0, 1), got {value}")
-    return value
+class _FitEpochs:
+    """``fit``'s policy for :func:`~backprop.epochs.run_epochs` (and its L-BFGS iterations): the plan's
+    schedule and shuffles, its step function (or the data-parallel step), the :class:`History`, validation
+    after each epoch, the callbacks, and a :class:`~backprop.network.NonFiniteLossError` naming the failed step."""
+
+    def __init__(self, net: MLP, plan: FitPlan, history: History) -> None:
+        self.net, self.plan, self.history = net, plan, history
+        self.start = time.perf_counter()
+
+    def _staging(self, rows: int) -> tuple[Any, Any]:
+        ws = step.workspace(self.net, rows)
+        return ws.x, ws.t
+
+    def begin_epoch(self, epoch: int) -> np.ndarray | None:
+        plan = self.plan
+        if plan.lrs is not None:
+            plan.optimizer.lr = plan.lrs[epoch - 1]
+        plan.optimizer.check(self.net.dtype)  # callbacks may have changed its settings
+        self.start = time.perf_counter()
+        return plan.rng.permutation(plan.data.n) if plan.shuffle else None
+
+    def steps(self, order: np.ndarray | None, guard: step.Guard) -> Iterator[int]:
+        net, plan = self.net, self.plan
+        optimizer, parallel, run_step = plan.optimizer, plan.parallel, plan.run_step
+        if parallel is None:
+            for rows, xb, tb in plan.data.epoch(plan.batch_size, order, self._staging):
+                run_step(net, step.workspace(net, rows), xb, tb, optimizer, guard, weight=rows)
+                yield rows
+            return
+        for number, (rows, mine, xb, tb) in enumerate(parallel.epoch(plan.data, plan.batch_size, order,
+                                                                     self._staging), 1):
+            parallel.train_step(xb, tb, mine, rows, plan.batch_size, optimizer, guard, number)
+            yield rows
+
+    def read(self, guard: step.Guard, epoch: int) -> step.GuardState:
+        return guard.read() if self.plan.parallel is None else self.plan.parallel.read(guard, epoch)
+
+    def diverged(self, epoch: int, state: step.GuardState, order: np.ndarray | None) -> None:
+        # met by every rank alike: they all applied the same reduced gradients
+        cause = _failed_step_cause(self.net, self.plan, order, state.failed_step)
+        raise NonFiniteLossError(f"training stopped at epoch {epoch}, step {state.failed_step}: {cause}; this step "
+                                 "was not applied (try a smaller learning rate)")
+
+    def record(self, epoch: int, state: step.GuardState) -> None:
+        self.history.loss.append(state.loss_sum / self.plan.data.n)
+        self.history.lr.append(float(self.plan.optimizer.lr))
+
+    def validate(self, epoch: int) -> None:
+        """Validation metrics (each rank scoring its share of the rows in a data-parallel fit), then the
+        epoch's time, counted from :meth:`begin_epoch` (or the previous L-BFGS iteration)."""
+        plan, history = self.plan, self.history
+        if plan.val is not None:
+            # in minibatches of the training size: bounded memory, never costlier than the epoch itself,
+            # and the same GEMM shapes as training (a multithreaded BLAS switching its threading
+            # between shapes can stall on a busy machine)
+            vl, va = (evaluate(self.net, *plan.val, batch_size=plan.batch_size) if plan.parallel is None
+                      else plan.parallel.evaluate(evaluation_sums, *plan.val, batch_size=plan.batch_size, epoch=epoch))
+            history.val_loss.append(vl)
+            if va is not None:
+                history.val_accuracy.append(va)
+        history.epoch_time.append(time.perf_counter() - self.start)
+
+    def metrics(self) -> dict[str, str]:
+        return _metrics(self.history, self.plan.lrs is not None)
+
+    def log(self) -> None:
+        """No log without a bar."""
+
+    def should_stop(self, epoch: int) -> bool:
+        """Every callback runs (a checkpoint still saves the epoch at which early stopping fires); any that
+        returns True stops training (``history`` then says which and when), on every rank of a data-parallel fit."""
+        history, callbacks = self.history, self.plan.callbacks
+        stops = [cb(self.net, epoch, history) is True for cb in callbacks]
+        stop = any(stops)
+        if stop:
+            if history.stopped_epoch is None:
+                history.stopped_epoch = epoch
+            if history.stop_reason is None:
+                first = callbacks[stops.index(True)]
+                name = getattr(first, "__name__", None) or type(first).__name__
+                history.stop_reason = f"callback {name} returned True"
+        parallel = self.plan.parallel
+        if parallel is not None and parallel.end_epoch(epoch, stop) and not stop:
+            history.stopped_epoch, history.stop_reason = epoch, "another rank's callback asked to stop"
+            stop = True
+        return stop
 
 
-def _failed_step_cause(net: MLP, data: Batches, order: np.ndarray | None, batch_size: int, failed: int,
-                       optimizer: Optimizer) -> str:
+def _failed_step_cause(net: MLP, plan: FitPlan, order: np.ndarray | None, failed: int) -> str:
     """What went wrong in step ``failed`` of the epoch (:func:`backprop.step.failure_cause`)."""
+    data, batch_size = plan.data, plan.global_batch
     lo = (failed - 1) * batch_size
     rows = np.arange(lo, min(lo + batch_size, data.n)) if order is None else order[lo:lo + batch_size]
     k = net.backend.kernels
-    x, t = _take_rows(k, data.X, rows, net.dtype), _take_rows(k, data.T, rows, net.dtype)
+    x, t = take_rows(k, data.X, rows, net.dtype), take_rows(k, data.T, rows, net.dtype)
     if not k.owns(x):
         x, t = k.to_device(x, net.dtype), k.to_device(t, net.dtype)
-    return step.failure_cause(net, step.workspace(net, len(rows)), x, t, optimizer)
+    return step.failure_cause(net, step.workspace(net, len(rows)), x, t, plan.optimizer)
 
 
-def _after_epoch(net: MLP, epoch: int, history: History, val: Any, batch_size: int, callbacks: list,
-                 bar: _ProgressBar | None, show_lr: bool, start: float, parallel: DataParallel | None = None) -> bool:
-    """What follows each epoch (or L-BFGS iteration) begun at ``start``: validation metrics (each rank scoring
-    its share of the rows in a data-parallel fit), its time, the bar, every callback; returns True when one
-    asks to stop (``history`` then says which and when)."""
-    if val is not None:
-        # in minibatches of the training size: bounded memory, never costlier than the epoch itself,
-        # and the same GEMM shapes as training (a multithreaded BLAS switching its threading
-        # between shapes can stall on a busy machine)
-        vl, va = (evaluate(net, *val, batch_size=batch_size) if parallel is None
-                  else parallel.evaluate(evaluation_sums, *val, batch_size=batch_size, epoch=epoch))
-        history.val_loss.append(vl)
-        if va is not None:
-            history.val_accuracy.append(va)
-    history.epoch_time.append(time.perf_counter() - start)
-    if bar is not None:
-        bar.update(_metrics(history, show_lr))
-    # every callback runs (a checkpoint still saves the epoch at which early stopping fires)
-    stops = [cb(net, epoch, history) is True for cb in callbacks]
-    if not any(stops):
-        return False
-    if history.stopped_epoch is None:
-        history.stopped_epoch = epoch
-    if history.stop_reason is None:
-        first = callbacks[stops.index(True)]
-        name = getattr(first, "__name__", None) or type(first).__name__
-        history.stop_reason = f"callback {name} returned True"
-    return True
-
-
-def _fit_lbfgs(net: MLP, data: Batches, val: Any, opt: LBFGS, epochs: int, callbacks: list,
-               bar: _ProgressBar | None, history: History, batch_size: int) -> None:
-    """``fit`` with the full-batch :class:`~backprop.lbfgs.LBFGS`: one epoch per L-BFGS iteration, at most
-    ``epochs`` of them. A loss or gradient that is not finite stops training with
+def _fit_lbfgs(net: MLP, plan: FitPlan, policy: _FitEpochs, bar: _ProgressBar | None) -> None:
+    """``fit`` with the full-batch :class:`~backprop.lbfgs.LBFGS` (:func:`~backprop.lbfgs.run_lbfgs`): one epoch
+    per L-BFGS iteration, at most ``epochs`` of them. A loss or gradient that is not finite stops training with
     :class:`~backprop.network.NonFiniteLossError`, the parameters left at the last iterate."""
+    opt, history = plan.optimizer, policy.history
+    assert isinstance(opt, LBFGS)
+    objective = FullBatchObjective.over(net, plan.data, opt.chunk, opt.weight_decay)
+    done = [0]
 
-    minimize = scipy_minimize()
-    objective = FullBatchObjective.over(net, data, opt.chunk, opt.weight_decay)
-    k = net.backend.kernels
-    last = {"x": np.array(k.to_host(net.params), dtype=np.float64), "epoch": 0, "start": time.perf_counter()}
-
-    def iteration_done(xk: np.ndarray) -> None:  # SciPy calls it after each iteration, at the new iterate
-        last["x"], last["epoch"] = np.array(xk, dtype=np.float64, copy=True), last["epoch"] + 1
+    def iteration_done(epoch: int, xk: np.ndarray) -> bool:
+        done[0] = epoch
         loss = objective.value_at(xk)  # the network holds xk afterwards (the last evaluation, or this one)
         net.set_flat_params(xk)
         history.loss.append(loss)
         history.lr.append(float("nan"))
-        stop = _after_epoch(net, last["epoch"], history, val, batch_size, callbacks, bar, False, last["start"])
-        last["start"] = time.perf_counter()
-        if stop:
-            raise StopIteration
+        stop = end_epoch(policy, epoch, bar)
+        policy.start = time.perf_counter()
+        return stop
 
     if bar is not None:
         bar.start_epoch(1)
+    policy.start = time.perf_counter()
     try:
-        result = minimize(objective, last["x"], method="L-BFGS-B", jac=True, callback=iteration_done,
-                          options={"maxiter": epochs, "maxfun": opt.max_fun, "maxcor": opt.memory, "gtol": opt.tol})
-    except NonFiniteObjective as exc:
-        net.set_flat_params(last["x"])
-        raise NonFiniteLossError(f"L-BFGS stopped in iteration {last['epoch'] + 1}: {exc}; the parameters are those "
-                                 f"of iteration {last['epoch']}") from exc
+        run = run_lbfgs(objective, max_iter=plan.epochs, max_fun=opt.max_fun, tol=opt.tol, memory=opt.memory,
+                        after_iteration=iteration_done)
     finally:
-        opt.steps += last["epoch"]
+        opt.steps += done[0]
         opt.evaluations += objective.evaluations
-    net.set_flat_params(result.x)
-    opt.message = str(result.message)
-    if history.stop_reason is None and last["epoch"] < epochs:
+    if run.failure is not None:
+        raise NonFiniteLossError(f"L-BFGS stopped in iteration {run.iterations + 1}: {run.failure}; the parameters "
+                                 f"are those of iteration {run.iterations}") from run.failure
+    opt.message = str(run.result.message)
+    if history.stop_reason is None and run.iterations < plan.epochs:
         history.stop_reason = f"L-BFGS stopped: {opt.message}"
-
-
-def _data_parallel(net: MLP, distributed: Any) -> DataParallel | None:
-    """The data-parallel side of a fit: ``None`` for ``distributed=False``, else over :func:`world` or the
-    communicator given."""
-    if distributed is False or distributed is None:
-        return None
-    if distributed is True:
-        return DataParallel(world(), net)
-    if isinstance(distributed, Communicator):
-        return DataParallel(distributed, net)
-    raise TypeError(f"distributed must be True, False or a backprop.distributed.Communicator, got {distributed!r}")
-
-
-def _settings(net: MLP, X: Any, T: Any, val: Any, parallel: DataParallel, **options: Any) -> dict[str, Any]:
-    """What every rank of a distributed fit must agree on: the network, the data (shapes and a checksum), the
-    validation data's shapes and ``options``."""
-    return dict(
-        network=(tuple(net.sizes), [(L.activation.name, L.activation.alpha) for L in net.layers],
-                 net.loss_fn.name, net.loss_fn.param, str(np.dtype(net.dtype)), net.backend.name),
-        data=(tuple(X.shape), tuple(T.shape)),
-        data_checksum=parallel.data_checksum(X, T),
-        validation=None if val is None else (tuple(val[0].shape), tuple(val[1].shape)),
-        **options,
-    )
 
 
 @holding("fit")
@@ -479,154 +492,33 @@ def fit(net: MLP, X: Any, T: Any, *, epochs: int = 10, batch_size: int = 32,
     One thread trains a network at a time: a call made while another thread trains ``net`` raises
     :class:`~backprop.ConcurrentTrainingError` before anything changes.
     """
-    from .callbacks import EarlyStopping, FitSetup
+    plan = plan_fit(net, X, T, epochs=epochs, batch_size=batch_size, optimizer=optimizer, shuffle=shuffle,
+                    validation_data=validation_data, progress=progress, callbacks=callbacks, schedule=schedule,
+                    seed=seed, validation_split=validation_split, early_stopping=early_stopping, patience=patience,
+                    min_delta=min_delta, monitor=monitor, restore_best=restore_best, graph=graph,
+                    distributed=distributed)
+    return _run(net, plan)
 
-    parallel = _data_parallel(net, distributed)
-    shared_seed = None if parallel is None else parallel.shared_seed(net.seed if seed is None else seed)
-    with nullcontext() if parallel is None else parallel.setting_up():  # on a failed check, every rank raises
-        epochs = check_positive(epochs, "epochs", integer=True)
-        batch_size = check_positive(batch_size, "batch_size", integer=True)
-        full_batch = isinstance(optimizer, LBFGS)
-        if full_batch:
-            optimizer.check()
-            if schedule is not None or graph:
-                raise ValueError("the LBFGS optimizer takes no schedule (it has no learning rate) and no graph=True")
-            if parallel is not None:
-                raise ValueError("distributed=True trains with the minibatch optimizers (SGD, Adam), not LBFGS")
-        else:
-            optimizer = check_optimizer(SGD(lr=0.01) if optimizer is None else optimizer, dtype=net.dtype)
-        if schedule is not None and not callable(schedule):
-            raise TypeError(f"schedule must be a callable epoch -> lr, got {type(schedule).__name__}")
-        seed = check_seed(seed)
-        validation_split = _check_fraction(validation_split, "validation_split")
-        show = should_show(progress) and (parallel is None or parallel.rank == 0)  # one bar, rank 0's
-        if callbacks is None:
-            callbacks = []
-        elif callable(callbacks) or isinstance(callbacks, (str, bytes)) or not isinstance(callbacks, Iterable):
-            hint = ": wrap a single callback in a list" if callable(callbacks) else ""
-            raise TypeError(f"callbacks must be a list of callables cb(net, epoch, history) (or None), got "
-                            f"{type(callbacks).__name__}{hint}")
-        callbacks = list(callbacks)
-        for cb in callbacks:
-            if not callable(cb):
-                raise TypeError(f"callbacks must be callables cb(net, epoch, history), got {type(cb).__name__}")
 
-        k = net.backend.kernels
-        Xd = check_inputs(X, net.sizes[0], k, net.dtype, keep_host=True)
-        Td = check_targets(T, net.sizes[-1], net.loss_fn.name, Xd.shape[0], k, net.dtype, keep_host=True)
-        rng = np.random.default_rng(shared_seed if parallel is not None else net.seed if seed is None else seed)
-        val = None
-        if validation_data is not None:
-            if validation_split:
-                raise ValueError("pass validation_data or validation_split, not both")
-            if not isinstance(validation_data, Sequence) or len(validation_data) != 2:
-                raise TypeError("validation_data must be a pair (X_val, T_val)")
-            Xv = check_inputs(validation_data[0], net.sizes[0], k, net.dtype, "X_val", keep_host=True)
-            val = (Xv, check_targets(validation_data[1], net.sizes[-1], net.loss_fn.name, Xv.shape[0], k, net.dtype,
-                                     "T_val", keep_host=True))
-        elif validation_split:
-            n_all = int(Xd.shape[0])
-            n_val = int(round(n_all * validation_split))
-            if n_val < 1 or n_val >= n_all:
-                raise ValueError(f"validation_split={validation_split} of {n_all} samples leaves "
-                                 f"{n_val} for validation and {n_all - n_val} for training; both need at least one")
-            perm = rng.permutation(n_all)
-            val = (_take_rows(k, Xd, perm[:n_val], net.dtype), _take_rows(k, Td, perm[:n_val], net.dtype))
-            keep = np.sort(perm[n_val:])
-            Xd, Td = _take_rows(k, Xd, keep, net.dtype), _take_rows(k, Td, keep, net.dtype)
-        if early_stopping:
-            if val is None and monitor != "loss":
-                raise ValueError("early_stopping=True needs validation data: pass validation_split or validation_data "
-                                 "(or monitor='loss' to watch the training loss)")
-            callbacks.append(EarlyStopping(patience=patience, min_delta=min_delta, monitor=monitor,
-                                           restore_best=restore_best))
-
-        if not isinstance(graph, (bool, np.bool_)):
-            raise TypeError(f"graph must be True or False, got {graph!r}")
-        run_step = step.train_step
-        if graph:
-            if parallel is not None:
-                raise ValueError("distributed=True does not replay CUDA graphs: pass graph=False")
-            from .graph import check_graph_support, graphed_train_step
-
-            check_graph_support(net, optimizer)
-            run_step = graphed_train_step
-        lrs = None
-        if schedule is not None:  # every epoch's rate, checked before the first step
-            lrs = [check_positive(schedule(e), f"scheduled learning rate of epoch {e + 1} (schedule({e}))",
-                                  allow_zero=True)
-                   for e in range(epochs)]
-        setup = FitSetup(epochs=epochs, validation=val is not None,
-                         accuracy=val is not None and net.loss_fn.spec.correct_rule is not None, loss=net.loss_fn.name)
-        for cb in callbacks:
-            hook = getattr(cb, "check_setup", None)
-            if hook is not None:
-                hook(net, setup)
-        data = Batches(k, Xd, Td, net.dtype)
-        if val is not None and not k.owns(val[0]) and fits_on_device(k, val[0].nbytes + val[1].nbytes):
-            val = (k.to_device(val[0], net.dtype), k.to_device(val[1], net.dtype))
-        n = data.n
+def _run(net: MLP, plan: FitPlan) -> History:
+    """Train ``net`` as ``plan`` says: the callbacks' begin and end hooks around the epochs (or the L-BFGS
+    iterations), the bar and its closing line; a data-parallel run first agrees on every setting and takes rank
+    0's parameters, and a failure on one rank (other than a non-finite step, met by all) ends the job."""
+    parallel = plan.parallel
     if parallel is not None:  # every rank's settings alike, then rank 0's parameters and optimizer state everywhere
-        parallel.start(optimizer, _settings(net, Xd, Td, val, parallel, epochs=epochs, batch_size=batch_size,
-                                            shuffle=shuffle, lrs=lrs, optimizer=repr(optimizer),
-                                            validation_split=validation_split, callbacks=len(callbacks),
-                                            early_stopping=(early_stopping, patience, min_delta, monitor,
-                                                            restore_best)))
+        parallel.start(plan.optimizer, plan.settings(net))
     history = History()
-    for cb in callbacks:
+    for cb in plan.callbacks:
         hook = getattr(cb, "on_train_begin", None)
         if hook is not None:
             hook(net, history)
-    bar = _ProgressBar(epochs) if show else None
-    global_batch = batch_size * (1 if parallel is None else parallel.size)  # the rows of one step
-    steps_per_epoch = -(-n // global_batch)
-
-    def staging(rows: int) -> tuple[Any, Any]:
-        ws = step.workspace(net, rows)
-        return ws.x, ws.t
-
+    bar = _ProgressBar(plan.epochs) if plan.show else None
+    policy = _FitEpochs(net, plan, history)
     try:
-        if full_batch:
-            _fit_lbfgs(net, data, val, optimizer, epochs, callbacks, bar, history, batch_size)
-        for epoch in range(1, epochs + 1 if not full_batch else 1):
-            if lrs is not None:
-                optimizer.lr = lrs[epoch - 1]
-            optimizer.check(net.dtype)  # callbacks may have changed its settings
-            start = time.perf_counter()
-            order = rng.permutation(n) if shuffle else None
-            guard = step.Guard(k)
-            steps_before = optimizer.steps
-            if bar is not None:
-                bar.start_epoch(steps_per_epoch)
-            if parallel is None:
-                for rows, xb, tb in data.epoch(batch_size, order, staging):
-                    run_step(net, step.workspace(net, rows), xb, tb, optimizer, guard, weight=rows)
-                    if bar is not None:
-                        bar.after_step(rows, guard)  # reads the guard a few times a second at most
-                state = guard.read()  # the one read of the epoch (without a bar)
-            else:
-                for number, (rows, mine, xb, tb) in enumerate(parallel.epoch(data, batch_size, order, staging), 1):
-                    parallel.train_step(xb, tb, mine, rows, batch_size, optimizer, guard, number)
-                    if bar is not None:
-                        bar.after_step(rows, guard)
-                state = parallel.read(guard, epoch)
-            if state.failed:  # on every rank alike: they all applied the same reduced gradients
-                optimizer.steps = steps_before + state.failed_step - 1
-                cause = _failed_step_cause(net, data, order, global_batch, state.failed_step, optimizer)
-                raise NonFiniteLossError(
-                    f"training stopped at epoch {epoch}, step {state.failed_step}: {cause}; this step was not "
-                    "applied (try a smaller learning rate)"
-                )
-            total = state.loss_sum
-            history.loss.append(total / n)
-            history.lr.append(float(optimizer.lr))
-            stop = _after_epoch(net, epoch, history, val, batch_size, callbacks, bar, schedule is not None, start,
-                                parallel)
-            if parallel is not None and parallel.end_epoch(epoch, stop) and not stop:
-                history.stopped_epoch, history.stop_reason = epoch, "another rank's callback asked to stop"
-                stop = True
-            if stop:
-                break
+        if plan.full_batch:
+            _fit_lbfgs(net, plan, policy, bar)
+        else:
+            run_epochs(policy, plan.optimizer, net.backend.kernels, plan.epochs, plan.steps_per_epoch, bar)
     except (NonFiniteLossError, DistributedError):
         raise  # met by every rank at once
     except BaseException as exc:
@@ -636,13 +528,12 @@ def fit(net: MLP, X: Any, T: Any, *, epochs: int = 10, batch_size: int = 32,
     finally:
         if bar is not None:
             bar.close()
-    for cb in callbacks:
+    for cb in plan.callbacks:
         hook = getattr(cb, "on_train_end", None)
         if hook is not None:
             hook(net, history)
-    if show:
+    if plan.show:
         line = closing_line(history)
         if line:  # under the bar, which stays at the epoch where training stopped
             print(line, file=sys.stderr, flush=True)
     return history
-

@@ -800,9 +800,9 @@ def assert_same_state(got, want, where="state") -> None:
 
 def _failing_step(monkeypatch, after: int) -> None:
     """Make the estimators' training step raise a RuntimeError once ``after`` steps have run."""
-    import backprop.sklearn as bsk
+    import backprop.step as steps
 
-    real, calls = bsk.step.train_step, [0]
+    real, calls = steps.train_step, [0]
 
     def step(*args, **kwargs):
         calls[0] += 1
@@ -810,7 +810,7 @@ def _failing_step(monkeypatch, after: int) -> None:
             raise RuntimeError("a step failed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(bsk.step, "train_step", step)
+    monkeypatch.setattr(steps, "train_step", step)
 
 
 def _refit_failures(est, X, y, monkeypatch):
