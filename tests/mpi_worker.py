@@ -23,9 +23,9 @@ import numpy as np
 ROWS, FEATURES, CLASSES = 95, 5, 3
 
 
-def data() -> tuple[np.ndarray, np.ndarray]:
+def data(rows: int = ROWS) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(1)
-    return rng.normal(size=(ROWS, FEATURES)), rng.integers(0, CLASSES, size=ROWS)
+    return rng.normal(size=(rows, FEATURES)), rng.integers(0, CLASSES, size=rows)
 
 
 def build(case: dict[str, Any]) -> tuple[Any, Any]:
@@ -47,9 +47,9 @@ def fit_options(case: dict[str, Any], batch_size: int) -> dict[str, Any]:
 
 
 def _train(comm: Any, out: Path, cases: list[dict[str, Any]]) -> None:
-    X, y = data()
     saved: dict[str, np.ndarray] = {}
     for i, case in enumerate(cases):
+        X, y = data(case.get("rows", ROWS))
         net, opt = build(case)
         history = net.fit(X, y, distributed=True, optimizer=opt, **fit_options(case, case["batch_size"]))
         saved[f"params{i}"] = np.array(net.backend.kernels.to_host(net.params), dtype=np.float64)

@@ -239,11 +239,12 @@ def test_a_gpu_backend_without_collectives_reduces_through_the_host(tmp_path):
         pytest.skip(str(exc))
     if not bp.backend.resolve_backend("numba-cuda").is_simulated:
         pytest.skip("runs on the CUDA simulator; a real GPU takes the GPU tests")
-    case = {"backend": "numba-cuda", "optimizer": "adam", "batch_size": 7, "epochs": 1}
+    # 40 rows: 36 to train on, 14 a step over the ranks, the last step 8 (a simulated launch costs a lot)
+    case = {"backend": "numba-cuda", "optimizer": "adam", "batch_size": 7, "epochs": 1, "rows": 40}
     out = _run(2, "train", str(tmp_path), json.dumps([case]), simulator=True)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "reducing through the host" in out.stderr
-    X, y = data()
+    X, y = data(case["rows"])
     net, opt = build(case)
     net.fit(X, y, optimizer=opt, **fit_options(case, 14))
     got = [np.load(tmp_path / f"rank{r}.npz")["params0"] for r in range(2)]

@@ -210,11 +210,11 @@ def test_perceptron_refit_resets_convergence():
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_fit_reduces_loss_and_keeps_dtype(backend, small, rng, dtype):
-    n = 32 if small else 300  # under the CUDA simulator one minibatch an epoch
+    n, batch = (16, 16) if small else (300, 32)  # under the CUDA simulator one minibatch an epoch
     X = rng.normal(size=(n, 4))
     T = (X[:, :1] * X[:, 1:2] > 0).astype(int).ravel()
     net = bp.MLP([4, 16, 2], activation="relu", head="multiclass", dtype=dtype, seed=1, backend=backend.name)
-    hist = net.fit(X, T, epochs=3 if small else 30, batch_size=32, optimizer=bp.Adam(lr=0.01),
+    hist = net.fit(X, T, epochs=3 if small else 30, batch_size=batch, optimizer=bp.Adam(lr=0.01),
                    validation_data=(X, T))
     assert hist.loss[-1] < hist.loss[0]
     assert len(hist.val_accuracy) == hist.epochs
