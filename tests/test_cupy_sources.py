@@ -279,8 +279,8 @@ static bool bp_runnable(const bp_fiber& f) { return !f.done && (!f.gen || *f.gen
 static void bp_deadlock() {
     unsigned finished = 0, waiting = 0;
     for (const bp_fiber& f : bp_fibers) (f.done ? finished : waiting) += 1;
-    std::fprintf(stderr, "deadlock in block %u: %u threads wait at barriers that cannot complete "
-                 "(%u threads finished)\n", blockIdx.x, waiting, finished);
+    std::fprintf(stderr, "deadlock in block %u: %u of its threads wait at barriers that cannot complete, "
+                 "%u have finished\n", blockIdx.x, waiting, finished);
     std::fflush(stderr);
     std::_Exit(6);
 }
@@ -978,3 +978,65 @@ def test_float_ptx_check_sees_double(tmp_path):
     not allowed, and none elsewhere."""
     raw = _nvcc_ptx(S.raw_module_source("float"), tmp_path, "raw_float_f64")
     assert _f64_instructions(raw, allowed=frozenset()) and not _f64_instructions(raw)
+
+
+#: Kernels that check the emulator itself: its barriers, its warps, and its loud failures.
+_EMULATOR_PROBES = r"""
+extern "C" __global__ void probe_neighbour(T* out, const int sync) {
+    __shared__ T s[64];
+    s[threadIdx.x] = (T)(threadIdx.x + 1);
+    if (sync) __syncthreads();
+    out[threadIdx.x] = s[(threadIdx.x + 1) % 64];
+}
+extern "C" __global__ void probe_warps_apart(T* out) {
+    T v = (T)threadIdx.x;
+    if (threadIdx.x < 32) for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    __syncthreads();
+    if (threadIdx.x >= 32) for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    out[blockIdx.x * blockDim.x + threadIdx.x] = v;
+}
+extern "C" __global__ void probe_exit_before_sync(T* out, const int quitter) {
+    if ((int)threadIdx.x == quitter) return;
+    __syncthreads();
+    out[threadIdx.x] = 1;
+}
+extern "C" __global__ void probe_exit_before_shuffle(T* out) {
+    if (threadIdx.x == 40) return;
+    out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, (T)threadIdx.x, 1);
+}
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def _probe_emulator() -> Emu:
+    return Emu("float", build_emulator("float", "", _EMULATOR_PROBES, "bp_probes"), signatures(_EMULATOR_PROBES))
+
+
+def test_emulator_barriers():
+    """All the threads of a block reach ``__syncthreads`` before any passes it; without it a thread reads
+    shared memory its neighbour has not written yet (as on a GPU, where that is a race)."""
+    emu = _probe_emulator()
+    want = (np.arange(64) + 1) % 64 + 1
+    got = emu("probe_neighbour", 1, 64, {"out": np.zeros(64)}, {"sync": 1}, outputs=("out",))["out"]
+    np.testing.assert_array_equal(got, want)
+    got = emu("probe_neighbour", 1, 64, {"out": np.zeros(64)}, {"sync": 0}, outputs=("out",))["out"]
+    assert (got != want).any()
+
+
+def test_emulator_warps_shuffle_on_their_own():
+    """A warp's shuffles wait only for its own 32 threads: one warp shuffles before ``__syncthreads``,
+    the other after it, in every block."""
+    got = _probe_emulator()("probe_warps_apart", 3, 64, {"out": np.zeros(192)}, {}, outputs=("out",))["out"]
+    want = np.tile(np.repeat([np.arange(32).sum(), np.arange(32, 64).sum()], 32), 3)
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("quitter", [0, 63])
+def test_emulator_deadlock_fails_loudly(quitter):
+    """A thread that leaves before a barrier the others wait at (undefined in CUDA) stops the emulator with
+    a message instead of hanging it."""
+    emu = _probe_emulator()
+    with pytest.raises(AssertionError, match="deadlock"):
+        emu("probe_exit_before_sync", 1, 64, {"out": np.zeros(64)}, {"quitter": quitter})
+    with pytest.raises(AssertionError, match="deadlock"):
+        emu("probe_exit_before_shuffle", 1, 64, {"out": np.zeros(64)}, {})
