@@ -4,9 +4,10 @@
    PTX holds no double-precision instruction (no literal promoted to double).
 2. Where CuPy and NVRTC import (no GPU needed), CuPy's own code generator wraps each
    ElementwiseKernel and NVRTC compiles it with CuPy's headers and options, as at run time.
-3. A small host emulator (C++20 threads and barriers standing in for CUDA threads, warps and
-   ``__syncthreads``) runs every kernel on the CPU against the NumPy reference, so that the
-   formulas, the indexing, the warp and block reductions and the grid-stride loops are checked.
+3. A small host emulator (cooperative fibers on one OS thread standing in for the CUDA threads of
+   a block, barriers for warps and ``__syncthreads``) runs every kernel on the CPU against the NumPy
+   reference, so that the formulas, the indexing, the warp and block reductions and the grid-stride
+   loops are checked.
 
 Each part skips cleanly when its compiler is missing.
 """
@@ -226,17 +227,23 @@ def test_cupy_generated_code_compiles_with_nvrtc():
 
 # --------------------------------------------------------------------------- 3. host emulator
 EMULATOR = r"""
-#include <barrier>
+#undef _FORTIFY_SOURCE  /* its longjmp check refuses a jump to another fiber's stack */
+#if defined(__APPLE__)  /* its <ucontext.h> wants these */
+#define _XOPEN_SOURCE 700
+#define _DARWIN_C_SOURCE
+#endif
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <map>
-#include <memory>
+#include <setjmp.h>
 #include <sstream>
 #include <string>
-#include <thread>
+#include <sys/mman.h>
+#include <ucontext.h>
+#include <unistd.h>
 #include <vector>
 using std::erf; using std::exp; using std::expm1; using std::fabs; using std::log; using std::log1p;
 using std::sqrt; using std::tanh;
@@ -250,40 +257,140 @@ using std::sqrt; using std::tanh;
 
 struct bp_dim3 { unsigned x = 0, y = 0, z = 0; };
 static bp_dim3 blockIdx, blockDim, gridDim;
-static thread_local bp_dim3 threadIdx;
-static std::barrier<>* bp_block_barrier = nullptr;
-static std::vector<std::unique_ptr<std::barrier<>>> bp_warp_barriers;
+bp_dim3 threadIdx;  /* set by the scheduler on each switch (external linkage: no copy kept across a switch) */
 static unsigned long long bp_slots[1024];
 
-inline void __syncthreads() { bp_block_barrier->arrive_and_wait(); }
+/* The CUDA threads of a block are fibers on one OS thread, switched cooperatively: a thread runs until it
+   waits at a barrier or finishes, then the next runnable thread (round robin) runs. A fiber starts on its own
+   stack through ucontext; switches use _setjmp/_longjmp, which leave the signal mask alone (swapcontext
+   would make a system call for it on every switch). */
+struct bp_fiber {
+    jmp_buf jb;
+    const unsigned long long* gen = nullptr;  /* waiting until *gen != seen (a barrier's generation) */
+    unsigned long long seen = 0;
+    bool done = false;
+};
+static std::vector<bp_fiber> bp_fibers;
+static unsigned bp_current = 0, bp_live = 0;
+static jmp_buf bp_main_jb;
+
+static bool bp_runnable(const bp_fiber& f) { return !f.done && (!f.gen || *f.gen != f.seen); }
+
+static void bp_deadlock() {
+    unsigned finished = 0, waiting = 0;
+    for (const bp_fiber& f : bp_fibers) (f.done ? finished : waiting) += 1;
+    std::fprintf(stderr, "deadlock in block %u: %u of its threads wait at barriers that cannot complete, "
+                 "%u have finished\n", blockIdx.x, waiting, finished);
+    std::fflush(stderr);
+    std::_Exit(6);
+}
+
+/* Leaves the current fiber (waiting or finished) for the next runnable one; to main once all finished. */
+static void bp_yield() {
+    const unsigned n = (unsigned)bp_fibers.size(), from = bp_current;
+    for (unsigned k = 1; k <= n; ++k) {
+        const unsigned i = (from + k) % n;
+        if (!bp_runnable(bp_fibers[i])) continue;
+        bp_fibers[i].gen = nullptr;
+        if (i == from) return;
+        bp_current = i;
+        threadIdx.x = i;
+        if (_setjmp(bp_fibers[from].jb) == 0) _longjmp(bp_fibers[i].jb, 1);
+        return;
+    }
+    if (bp_live > 0) bp_deadlock();
+    if (_setjmp(bp_fibers[from].jb) == 0) _longjmp(bp_main_jb, 1);
+}
+
+/* Every participant arrives before any passes: the last to arrive opens the next generation. */
+struct bp_barrier {
+    unsigned expected = 0, arrived = 0;
+    unsigned long long generation = 0;
+    void arrive_and_wait() {
+        if (++arrived == expected) { arrived = 0; ++generation; return; }
+        bp_fiber& self = bp_fibers[bp_current];
+        self.gen = &generation;
+        self.seen = generation;
+        bp_yield();
+    }
+};
+static bp_barrier bp_block_barrier;
+static bp_barrier bp_warp_barriers[32];  /* one per warp of the block: waits only for the warp's 32 threads */
+
+inline void __syncthreads() { bp_block_barrier.arrive_and_wait(); }
 
 template <class V> V __shfl_xor_sync(unsigned, V v, int o) {
     const unsigned t = threadIdx.x, w = t / 32, lane = t % 32;
     std::memcpy(&bp_slots[t], &v, sizeof(V));
-    bp_warp_barriers[w]->arrive_and_wait();
+    bp_warp_barriers[w].arrive_and_wait();
     V r;
     std::memcpy(&r, &bp_slots[w * 32 + (lane ^ (unsigned)o)], sizeof(V));
-    bp_warp_barriers[w]->arrive_and_wait();
+    bp_warp_barriers[w].arrive_and_wait();
     return r;
 }
 
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
 
-/* Runs body() once per CUDA thread: blocks one after another, the threads of a block at once. */
+static void (*bp_body)(void*) = nullptr;
+static void* bp_body_arg = nullptr;
+static ucontext_t bp_boot_ctx;
+
+/* A fiber's first context: saves where it is and returns to bp_launch; once resumed, runs its thread's body
+   once per block, then waits for the next block. */
+static void bp_fiber_main() {
+    if (_setjmp(bp_fibers[bp_current].jb) == 0) setcontext(&bp_boot_ctx);
+    for (;;) {
+        bp_body(bp_body_arg);
+        bp_fibers[bp_current].done = true;
+        --bp_live;
+        bp_yield();
+    }
+}
+
+/* Runs body() once per CUDA thread: blocks one after another, the threads of a block as fibers. */
 template <class F> void bp_launch(unsigned grid, unsigned block, F body) {
-    if (block % 32 || block > 1024) { std::fprintf(stderr, "bad block size\n"); std::exit(2); }
+    if (block == 0 || block % 32 || block > 1024) { std::fprintf(stderr, "bad block size\n"); std::exit(2); }
     gridDim.x = grid; blockDim.x = block;
+    bp_body = [](void* p) { (*static_cast<F*>(p))(); };
+    bp_body_arg = &body;
+    /* the fibers' stacks side by side (no guard pages: an mprotect each would cost more than the kernel), each
+       with a canary just below it, at the top of its neighbour's (so in a page touched anyway), checked after
+       each block: an overflow fails loudly */
+    const size_t page = (size_t)sysconf(_SC_PAGESIZE), span = 256 * 1024, canary = 64;
+    char* mem = static_cast<char*>(mmap(nullptr, page + span * block, PROT_READ | PROT_WRITE,
+                                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0));
+    if (mem == MAP_FAILED) { std::perror("mmap"); std::exit(2); }
+    char* const stacks = mem + page;
+    bp_fibers.assign(block, bp_fiber());
+    for (unsigned ti = 0; ti < block; ++ti) {
+        std::memset(stacks + ti * span - canary, 0xa5, canary);
+        ucontext_t c;
+        getcontext(&c);
+        c.uc_stack.ss_sp = stacks + ti * span;
+        c.uc_stack.ss_size = span - canary;
+        c.uc_link = nullptr;
+        makecontext(&c, bp_fiber_main, 0);
+        bp_current = ti;
+        swapcontext(&bp_boot_ctx, &c);
+    }
+    bp_block_barrier = bp_barrier();
+    bp_block_barrier.expected = block;
+    for (unsigned w = 0; w < 32; ++w) { bp_warp_barriers[w] = bp_barrier(); bp_warp_barriers[w].expected = 32; }
     for (unsigned bi = 0; bi < grid; ++bi) {
         blockIdx.x = bi;
-        std::barrier<> bb((std::ptrdiff_t)block);
-        bp_block_barrier = &bb;
-        bp_warp_barriers.clear();
-        for (unsigned w = 0; w < block / 32; ++w) bp_warp_barriers.emplace_back(new std::barrier<>(32));
-        std::vector<std::thread> threads;
+        for (bp_fiber& f : bp_fibers) { f.done = false; f.gen = nullptr; }
+        bp_live = block;
+        bp_current = 0;
+        threadIdx.x = 0;
+        if (_setjmp(bp_main_jb) == 0) _longjmp(bp_fibers[0].jb, 1);
         for (unsigned ti = 0; ti < block; ++ti)
-            threads.emplace_back([&body, ti] { threadIdx.x = ti; body(); });
-        for (auto& t : threads) t.join();
+            for (size_t j = 0; j < canary; ++j)
+                if ((unsigned char)stacks[ti * span - canary + j] != 0xa5) {
+                    std::fprintf(stderr, "thread %u overflowed its %zu-byte stack\n", ti, span - canary);
+                    std::exit(7);
+                }
     }
+    munmap(mem, page + span * block);
 }
 
 inline int __float_as_int(float f) { int i; std::memcpy(&i, &f, 4); return i; }
@@ -386,7 +493,7 @@ def build_emulator(ctype: str, preamble: str, kernels: str, stem: str) -> str:
     if CXX is None:
         pytest.skip("no C++ compiler")
     source = f"typedef {ctype} T;\n{EMULATOR}\n{preamble}\n{kernels}\n" + _dispatch(kernels)
-    command = [CXX, "-std=c++20", "-O1", "-pthread"]
+    command = [CXX, "-std=c++20", "-O1"]
     # one build per source, shared by the test processes of a run (pytest-xdist workers) through a directory
     # named by the source's digest; a lock makes the others wait for the first build instead of repeating it
     digest = hashlib.sha256("\0".join(command + [source]).encode()).hexdigest()[:20]
@@ -398,10 +505,18 @@ def build_emulator(ctype: str, preamble: str, kernels: str, stem: str) -> str:
             fcntl.flock(lock, fcntl.LOCK_EX)
         if not exe.exists():
             (out / "emu.cpp").write_text(source)
-            proc = subprocess.run(command + ["-o", str(out / "emu.tmp"), str(out / "emu.cpp")],
+            proc = subprocess.run(command + ["-c", "-o", str(out / "emu.o"), str(out / "emu.cpp")],
                                   capture_output=True, text=True)
-            if proc.returncode != 0 and ("barrier" in proc.stderr or "c++20" in proc.stderr):
-                pytest.skip(f"{CXX} lacks C++20 <barrier>: {proc.stderr[-300:]}")
+            if proc.returncode != 0 and ("ucontext" in proc.stderr or "c++20" in proc.stderr):
+                pytest.skip(f"{CXX} lacks C++20 or POSIX <ucontext.h>: {proc.stderr[-300:]}")
+            assert proc.returncode == 0, proc.stderr[-4000:]
+            # linked statically where the static libraries are installed: a launch then starts in about half
+            # the time (no shared C++ library to load), and a test run launches thousands
+            for link in (["-static"], []):
+                proc = subprocess.run([CXX, *link, "-o", str(out / "emu.tmp"), str(out / "emu.o")],
+                                      capture_output=True, text=True)
+                if proc.returncode == 0:
+                    break
             assert proc.returncode == 0, proc.stderr[-4000:]
             os.replace(out / "emu.tmp", exe)
     return str(exe)
@@ -871,3 +986,65 @@ def test_float_ptx_check_sees_double(tmp_path):
     not allowed, and none elsewhere."""
     raw = _nvcc_ptx(S.raw_module_source("float"), tmp_path, "raw_float_f64")
     assert _f64_instructions(raw, allowed=frozenset()) and not _f64_instructions(raw)
+
+
+#: Kernels that check the emulator itself: its barriers, its warps, and its loud failures.
+_EMULATOR_PROBES = r"""
+extern "C" __global__ void probe_neighbour(T* out, const int sync) {
+    __shared__ T s[64];
+    s[threadIdx.x] = (T)(threadIdx.x + 1);
+    if (sync) __syncthreads();
+    out[threadIdx.x] = s[(threadIdx.x + 1) % 64];
+}
+extern "C" __global__ void probe_warps_apart(T* out) {
+    T v = (T)threadIdx.x;
+    if (threadIdx.x < 32) for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    __syncthreads();
+    if (threadIdx.x >= 32) for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    out[blockIdx.x * blockDim.x + threadIdx.x] = v;
+}
+extern "C" __global__ void probe_exit_before_sync(T* out, const int quitter) {
+    if ((int)threadIdx.x == quitter) return;
+    __syncthreads();
+    out[threadIdx.x] = 1;
+}
+extern "C" __global__ void probe_exit_before_shuffle(T* out) {
+    if (threadIdx.x == 40) return;
+    out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, (T)threadIdx.x, 1);
+}
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def _probe_emulator() -> Emu:
+    return Emu("float", build_emulator("float", "", _EMULATOR_PROBES, "bp_probes"), signatures(_EMULATOR_PROBES))
+
+
+def test_emulator_barriers():
+    """All the threads of a block reach ``__syncthreads`` before any passes it; without it a thread reads
+    shared memory its neighbour has not written yet (as on a GPU, where that is a race)."""
+    emu = _probe_emulator()
+    want = (np.arange(64) + 1) % 64 + 1
+    got = emu("probe_neighbour", 1, 64, {"out": np.zeros(64)}, {"sync": 1}, outputs=("out",))["out"]
+    np.testing.assert_array_equal(got, want)
+    got = emu("probe_neighbour", 1, 64, {"out": np.zeros(64)}, {"sync": 0}, outputs=("out",))["out"]
+    assert (got != want).any()
+
+
+def test_emulator_warps_shuffle_on_their_own():
+    """A warp's shuffles wait only for its own 32 threads: one warp shuffles before ``__syncthreads``,
+    the other after it, in every block."""
+    got = _probe_emulator()("probe_warps_apart", 3, 64, {"out": np.zeros(192)}, {}, outputs=("out",))["out"]
+    want = np.tile(np.repeat([np.arange(32).sum(), np.arange(32, 64).sum()], 32), 3)
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("quitter", [0, 63])
+def test_emulator_deadlock_fails_loudly(quitter):
+    """A thread that leaves before a barrier the others wait at (undefined in CUDA) stops the emulator with
+    a message instead of hanging it."""
+    emu = _probe_emulator()
+    with pytest.raises(AssertionError, match="deadlock"):
+        emu("probe_exit_before_sync", 1, 64, {"out": np.zeros(64)}, {"quitter": quitter})
+    with pytest.raises(AssertionError, match="deadlock"):
+        emu("probe_exit_before_shuffle", 1, 64, {"out": np.zeros(64)}, {})

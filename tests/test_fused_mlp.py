@@ -106,7 +106,7 @@ inline void bp_mma_tf32(float (&d)[4], const unsigned (&a)[4], const unsigned (&
     for (int i = 0; i < 4; ++i) bp_mma_slots[t][i] = a[i];
     bp_mma_slots[t][4] = b[0];
     bp_mma_slots[t][5] = b[1];
-    bp_warp_barriers[w]->arrive_and_wait();
+    bp_warp_barriers[w].arrive_and_wait();
     auto A = [&](unsigned m, unsigned k) {  /* a = (A[g][q], A[g+8][q], A[g][q+4], A[g+8][q+4]) */
         return bp_tf32_value(bp_mma_slots[w * 32 + (m % 8) * 4 + k % 4][(m / 8) + 2 * (k / 4)]); };
     auto B = [&](unsigned k, unsigned n) {  /* b = (B[q][g], B[q+4][g]) */
@@ -117,7 +117,7 @@ inline void bp_mma_tf32(float (&d)[4], const unsigned (&a)[4], const unsigned (&
         for (unsigned k = 0; k < 8; ++k) s += A(m, k) * B(k, n);
         d[i] = s;
     }
-    bp_warp_barriers[w]->arrive_and_wait();
+    bp_warp_barriers[w].arrive_and_wait();
 }
 """
 
