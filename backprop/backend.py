@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
+from . import threads
 from .kernels import BACKEND_MODULES, load_backend_module
 from .kernels.contract import Capabilities
 
@@ -75,6 +76,7 @@ def _probe(name: str) -> Backend | None:
         return None
     backend = Backend(name, module)
     _loaded[name] = backend
+    threads.reapply()  # the libraries the backend just loaded get the thread limit in force
     return backend
 
 

@@ -14,6 +14,10 @@ BLAS and OpenMP pools are limited through `threadpoolctl <https://github.com/job
 (``pip install threadpoolctl``, part of the ``bench`` extra); Numba's pool through
 :func:`numba.set_num_threads` (clamped to ``numba.config.NUMBA_NUM_THREADS``) when Numba is
 installed. Numba's limit belongs to the calling thread (and the parallel regions it starts).
+
+A limit holds for libraries loaded later too: Numba is imported (and its threading layer started) before
+the pools are limited, and each backend, when it first loads, loads the libraries its kernels call and
+has the current limit applied to them (:func:`reapply`).
 """
 
 from __future__ import annotations
@@ -25,7 +29,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["get_num_threads", "limit_threads", "set_num_threads"]
+__all__ = ["get_num_threads", "limit_threads", "reapply", "set_num_threads"]
+
+#: The limits in force, innermost last: the process-wide one of :func:`set_num_threads` first (when set),
+#: then one per open :func:`limit_threads` block.
+_limits: list[int] = []
 
 #: How to get threadpoolctl, named in the ImportError.
 INSTALL_HINT = "pip install threadpoolctl  (or: pip install 'backprop-kernels[bench]')"
@@ -76,10 +84,7 @@ def _limit(n: int, strict: bool) -> tuple[list[str], Callable[[], None]]:
     tpc = _threadpoolctl(strict)
     done: list[str] = []
     undo: list[Callable[[], None]] = []
-    if tpc is not None:
-        limiter = tpc.threadpool_limits(limits=n)
-        undo.append(limiter.restore_original_limits)
-        done.append("BLAS/OpenMP via threadpoolctl")
+    # Numba first: starting its threading layer may load an OpenMP runtime, which the limit below then covers
     numba = _numba()
     if numba is not None:
         try:
@@ -90,6 +95,10 @@ def _limit(n: int, strict: bool) -> tuple[list[str], Callable[[], None]]:
         else:
             undo.append(lambda: numba.set_num_threads(before))
             done.append("numba")
+    if tpc is not None:
+        limiter = tpc.threadpool_limits(limits=n)
+        undo.append(limiter.restore_original_limits)
+        done.append("BLAS/OpenMP via threadpoolctl")
 
     def restore() -> None:
         while undo:
@@ -108,7 +117,25 @@ def set_num_threads(n: int, *, strict: bool = True) -> list[str]:
     for a ``with`` block instead.
     """
     done, _ = _limit(n, strict)
+    _limits[:] = [_check_n(n)]
     return done
+
+
+def reapply() -> list[str]:
+    """Apply the limit in force (:func:`set_num_threads`, or the innermost :func:`limit_threads`) to the BLAS and
+    OpenMP libraries loaded since it was set; nothing when no limit was set. The backend switch calls it when
+    a backend first loads. Returns what was limited (empty when nothing was)."""
+    if not _limits:
+        return []
+    tpc = _threadpoolctl(strict=False)
+    if tpc is None:
+        return []
+    n = _limits[-1]
+    counts = [lib.get("num_threads") for lib in tpc.threadpool_info()]
+    if not any(isinstance(c, int) and c > n for c in counts):
+        return []
+    tpc.threadpool_limits(limits=n)
+    return ["BLAS/OpenMP via threadpoolctl"]
 
 
 def get_num_threads() -> dict[str, int]:
@@ -136,7 +163,9 @@ def limit_threads(n: int, *, strict: bool = True) -> Iterator[list[str]]:
     """``with limit_threads(n): ...``: :func:`set_num_threads` for the block, then the previous limits come
     back (also when the block raises). Yields what was limited."""
     done, restore = _limit(n, strict)
+    _limits.append(_check_n(n))
     try:
         yield done
     finally:
+        _limits.pop()
         restore()

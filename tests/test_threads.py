@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
+import textwrap
 from collections.abc import Iterator
 
 import numpy as np
@@ -32,7 +36,9 @@ def _restore_limits() -> Iterator[None]:
     """Whatever a test sets, the next one starts from this process's limits."""
     limiter = tpc.threadpool_limits(limits=None)  # records the current limits
     before = _numba()
+    limits = list(threads._limits)
     yield
+    threads._limits[:] = limits
     limiter.restore_original_limits()
     if before is not None:
         sys.modules["numba"].set_num_threads(before)
@@ -148,3 +154,36 @@ def test_bench_set_threads_without_threadpoolctl(monkeypatch: pytest.MonkeyPatch
     finally:
         restore_threads()
     assert _numba() == nb
+
+
+LATE_LIBRARIES = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import backprop as bp
+    from threadpoolctl import threadpool_info
+    bp.set_num_threads(1)  # before any backend loaded its libraries
+    with bp.limit_threads(1):
+        pass  # a block's end restores the limits it found, and leaves the process-wide limit in force
+    for name in sys.argv[1:]:
+        bp.MLP([8, 16, 2], backend=name, seed=0).predict(np.zeros((4, 8)))
+    pools = {info["filepath"]: info["num_threads"] for info in threadpool_info()}
+    numba = sys.modules.get("numba")
+    print(json.dumps({"pools": pools, "numba": numba.get_num_threads() if numba else None}))
+""")
+
+
+@pytest.mark.parametrize("backends", [["numba"], ["numpy", "numba"]])
+def test_a_limit_holds_for_libraries_loaded_later(backends: list[str]) -> None:
+    """set_num_threads(1) before a backend is first used: the BLAS and OpenMP libraries that Numba and its
+    kernels load afterwards (an OpenMP runtime for its threading layer, SciPy's OpenBLAS for compiled linear
+    algebra) run one thread too, and so does Numba; in a fresh process, so that every library loads after the
+    limit."""
+    pytest.importorskip("numba")
+    # the pools' own defaults: none of the variables that would set them (the suite's workers set some)
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
+    proc = subprocess.run([sys.executable, "-c", LATE_LIBRARIES, *backends], capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["pools"] and all(n == 1 for n in got["pools"].values()), got
+    assert got["numba"] == 1

@@ -94,6 +94,20 @@ xp = np
 PARALLEL_GRAIN = int(os.environ.get("BACKPROP_NUMBA_GRAIN", 1 << 24))
 
 
+def _load_compiled_blas() -> None:
+    """Load the BLAS that Numba's compiled linear algebra calls (SciPy's) with the backend instead of at the
+    first kernel call, so that a thread limit applied when the backend loads covers it too."""
+    try:
+        from numba.np.linalg import ensure_blas
+
+        ensure_blas()
+    except Exception:  # noqa: BLE001 - no SciPy: the kernels never call it either
+        pass
+
+
+_load_compiled_blas()
+
+
 # --------------------------------------------------------------------------- housekeeping
 def is_available() -> bool:
     """True: importing this module already needed Numba."""
