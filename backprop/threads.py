@@ -31,9 +31,10 @@ from typing import Any
 
 __all__ = ["get_num_threads", "limit_threads", "reapply", "set_num_threads"]
 
-#: The limits in force, innermost last: the process-wide one of :func:`set_num_threads` first (when set),
-#: then one per open :func:`limit_threads` block.
-_limits: list[int] = []
+#: The process-wide limit of :func:`set_num_threads` (``None`` until set).
+_process_limit: int | None = None
+#: One limit per open :func:`limit_threads` block, innermost last; the innermost is the one in force.
+_block_limits: list[int] = []
 
 #: How to get threadpoolctl, named in the ImportError.
 INSTALL_HINT = "pip install threadpoolctl  (or: pip install 'backprop-kernels[bench]')"
@@ -116,8 +117,9 @@ def set_num_threads(n: int, *, strict: bool = True) -> list[str]:
     install it, unless ``strict=False``: then only Numba is limited. :func:`limit_threads` limits
     for a ``with`` block instead.
     """
+    global _process_limit
     done, _ = _limit(n, strict)
-    _limits[:] = [_check_n(n)]
+    _process_limit = _check_n(n)
     return done
 
 
@@ -125,12 +127,12 @@ def reapply() -> list[str]:
     """Apply the limit in force (:func:`set_num_threads`, or the innermost :func:`limit_threads`) to the BLAS and
     OpenMP libraries loaded since it was set; nothing when no limit was set. The backend switch calls it when
     a backend first loads. Returns what was limited (empty when nothing was)."""
-    if not _limits:
+    n = _block_limits[-1] if _block_limits else _process_limit
+    if n is None:
         return []
     tpc = _threadpoolctl(strict=False)
     if tpc is None:
         return []
-    n = _limits[-1]
     counts = [lib.get("num_threads") for lib in tpc.threadpool_info()]
     if not any(isinstance(c, int) and c > n for c in counts):
         return []
@@ -163,9 +165,9 @@ def limit_threads(n: int, *, strict: bool = True) -> Iterator[list[str]]:
     """``with limit_threads(n): ...``: :func:`set_num_threads` for the block, then the previous limits come
     back (also when the block raises). Yields what was limited."""
     done, restore = _limit(n, strict)
-    _limits.append(_check_n(n))
+    _block_limits.append(_check_n(n))
     try:
         yield done
     finally:
-        _limits.pop()
+        _block_limits.pop()
         restore()

@@ -36,9 +36,9 @@ def _restore_limits() -> Iterator[None]:
     """Whatever a test sets, the next one starts from this process's limits."""
     limiter = tpc.threadpool_limits(limits=None)  # records the current limits
     before = _numba()
-    limits = list(threads._limits)
+    process_limit, block_limits = threads._process_limit, list(threads._block_limits)
     yield
-    threads._limits[:] = limits
+    threads._process_limit, threads._block_limits[:] = process_limit, block_limits
     limiter.restore_original_limits()
     if before is not None:
         sys.modules["numba"].set_num_threads(before)
@@ -154,6 +154,19 @@ def test_bench_set_threads_without_threadpoolctl(monkeypatch: pytest.MonkeyPatch
     finally:
         restore_threads()
     assert _numba() == nb
+
+
+def test_reapply_uses_the_limit_in_force() -> None:
+    """reapply() applies the innermost open block's limit, else the process-wide one, also when that was set
+    inside a block that has since closed."""
+    tpc.threadpool_limits(limits=2)
+    with bp.limit_threads(3):
+        bp.set_num_threads(1)
+        threads.reapply()
+        assert max(_blas()) <= 3  # a limit is a ceiling: reapply lowers pools above it, never raises one
+    # the block gave back the limits it found (2); the process-wide limit set inside it is still the one in force
+    threads.reapply()
+    assert _blas() and set(_blas()) == {1}
 
 
 LATE_LIBRARIES = textwrap.dedent("""
