@@ -322,7 +322,7 @@ def passes(net: MLP) -> LayerByLayer:
 
 def fused(net: MLP) -> bool:
     """Whether ``net``'s passes run as single fused launches (:func:`passes`)."""
-    return passes(net).one_launch_update
+    return isinstance(passes(net), FusedPasses)
 
 
 # --------------------------------------------------------------------------- the step
