@@ -685,7 +685,7 @@ def test_generated_helpers_have_names_of_their_own():
     from backprop.kernels.numba_cpu import rows
 
     names = []
-    for ladder in (rows._act_row, rows._slope_row, rows._loss_values_row, rows._loss_grad_row):
+    for ladder in (rows._bias_act_rows, rows._slope_rows, rows._loss_values_row, rows._loss_grad_row):
         cases = [v for key, v in ladder.py_func.__globals__.items() if key.startswith("_case")]
         assert cases
         names += [case.py_func.__qualname__ for case in cases]

@@ -21,7 +21,7 @@ from numba import njit, prange
 from .. import numba_math as nm
 from . import float32_math
 from . import rows as row_helpers
-from .rows import _act_row, _adam_step, _consts, _finite, _loss_row, _momentum_step, _sgd_step, _slope_row
+from .rows import _adam_step, _bias_act_rows, _consts, _error_row, _finite, _momentum_step, _sgd_step, _slope_rows
 
 #: The options of every kernel (see the module docstring).
 _JIT = dict(parallel=True, nogil=True, fastmath=False, cache=True, error_model="numpy")
@@ -35,6 +35,10 @@ def _cache_key(*modules: ModuleType) -> str:
         h.update(Path(module.__file__).read_bytes())
     return h.hexdigest()[:16]
 
+
+#: Rows per call of a row helper in the elementwise kernels (a block of rows per call, not a row: the call costs more
+#: than a narrow row's arithmetic).
+ROWS = 64
 
 #: What the dispatching kernels key their on-disk cache on (:func:`_cache_key`).
 CACHE_KEY = _cache_key(row_helpers, float32_math)
@@ -57,26 +61,23 @@ def _dispatching_kernels(cache_key: str):  # type: ignore[no-untyped-def]
 
     @njit(**_JIT)
     def _bias_act(u, b, y, code, alpha, keep_u):  # pragma: no cover - compiled
-        """``u += b``, then ``y = f(u)`` row by row, in place when ``y`` is ``u`` (``keep_u`` False)."""
+        """``u += b``, then ``y = f(u)``, in blocks of :data:`ROWS` rows; in place when ``y`` is ``u`` (``keep_u``
+        False)."""
         cache_key  # noqa: B018 - keys the cache
         c = _consts(u)
         m, n = u.shape
-        for i in prange(m):
-            for j in range(n):
-                u[i, j] += b[j]
-            if keep_u:
-                for j in range(n):
-                    y[i, j] = u[i, j]
-            _act_row(y, i, n, code, alpha, c)
+        for blk in prange((m + ROWS - 1) // ROWS):
+            _bias_act_rows(u, y, b, blk * ROWS, min(m, blk * ROWS + ROWS), n, keep_u, code, alpha, c)
 
     @njit(**_JIT)
     def _slope_mul(g, y, u, code, alpha):  # pragma: no cover - compiled
-        """``g *= phi(y)`` in place (``f'(u)`` for the activations that read ``u``)."""
+        """``g *= phi(y)`` in place (``f'(u)`` for the activations that read ``u``), in blocks of :data:`ROWS`
+        rows."""
         cache_key  # noqa: B018 - keys the cache
         c = _consts(g)
         m, n = g.shape
-        for i in prange(m):
-            _slope_row(g, y, u, i, n, code, alpha, c)
+        for blk in prange((m + ROWS - 1) // ROWS):
+            _slope_rows(g, y, u, blk * ROWS, min(m, blk * ROWS + ROWS), n, code, alpha, c)
 
     @njit(**_JIT)
     def _output_error(y, u, t, w, weighted, delta, lcode, acode, fused, k, alpha, out):  # pragma: no cover
@@ -88,15 +89,7 @@ def _dispatching_kernels(cache_key: str):  # type: ignore[no-untyped-def]
         inv_b = c[nm.ONE] / y.dtype.type(m)
         total = c[nm.ZERO]
         for i in prange(m):
-            row = _loss_row(y, u, t, delta, i, n, lcode, fused, k, inv_b, c)
-            if not fused:
-                _slope_row(delta, y, u, i, n, acode, alpha, c)
-            if weighted:
-                wi = w[i]
-                row = row * wi
-                for j in range(n):
-                    delta[i, j] = delta[i, j] * wi
-            total += row
+            total += _error_row(y, u, t, w, weighted, delta, i, n, lcode, acode, fused, k, alpha, inv_b, c)
         out[0] = total / y.dtype.type(m)
 
     return _bias_act, _slope_mul, _output_error

@@ -91,17 +91,28 @@ def _named(fn, name):  # type: ignore[no-untyped-def]
     return _HELPER(fn)
 
 
-def _act_loop(f, name):  # type: ignore[no-untyped-def]
-    def act_loop(a, i, n, alpha, c):  # pragma: no cover - compiled
-        for j in range(n):
-            a[i, j] = f(a[i, j], alpha, c)
-    return _named(act_loop, f"act_loop_{name}")
+def _bias_act_loop(f, name):  # type: ignore[no-untyped-def]
+    def bias_act_loop(u, y, b, i0, i1, n, keep, alpha, c):  # pragma: no cover - compiled
+        # every store writes a new value: an in-place `y = f(y)` whose branch leaves y as it was compiles to a
+        # masked store, ten times slower per element on AMD cores
+        if keep:
+            for i in range(i0, i1):
+                for j in range(n):
+                    v = u[i, j] + b[j]
+                    u[i, j] = v
+                    y[i, j] = f(v, alpha, c)
+        else:
+            for i in range(i0, i1):
+                for j in range(n):
+                    y[i, j] = f(y[i, j] + b[j], alpha, c)
+    return _named(bias_act_loop, f"bias_act_loop_{name}")
 
 
 def _slope_loop(phi, name):  # type: ignore[no-untyped-def]
-    def slope_loop(g, y, u, i, n, alpha, c):  # pragma: no cover - compiled
-        for j in range(n):
-            g[i, j] = g[i, j] * phi(y[i, j], u[i, j], alpha, c)
+    def slope_loop(g, y, u, i0, i1, n, alpha, c):  # pragma: no cover - compiled
+        for i in range(i0, i1):
+            for j in range(n):
+                g[i, j] = g[i, j] * phi(y[i, j], u[i, j], alpha, c)
     return _named(slope_loop, f"slope_loop_{name}")
 
 
@@ -120,25 +131,31 @@ def _grad_loop(grad, name):  # type: ignore[no-untyped-def]
 
 
 @_LADDER
-def _rowwise_act(a, i, n, code, alpha, c):  # pragma: no cover - compiled
-    """Softmax of row ``i``, max subtracted; any other code here is unknown: NaN, which the step's guard
-    refuses (never another activation's formula)."""
-    if code == nm.SOFTMAX:
-        mx = _row_max(a, i, n)
+def _rowwise_bias_act(u, y, b, i0, i1, n, keep, code, alpha, c):  # pragma: no cover - compiled
+    """``u += b``, then softmax of each row into ``y``, max subtracted; any other code here is unknown: NaN, which
+    the step's guard refuses (never another activation's formula)."""
+    for i in range(i0, i1):
         for j in range(n):
-            a[i, j] = exp(a[i, j] - mx)
-        inv = c[nm.ONE] / _row_sum(a, i, n, c[nm.ZERO])
-        for j in range(n):
-            a[i, j] = a[i, j] * inv
-    else:
-        for j in range(n):
-            a[i, j] = c[nm.NAN]
+            v = u[i, j] + b[j]
+            u[i, j] = v
+            y[i, j] = v
+        if code == nm.SOFTMAX:
+            mx = _row_max(y, i, n)
+            for j in range(n):
+                y[i, j] = exp(y[i, j] - mx)
+            inv = c[nm.ONE] / _row_sum(y, i, n, c[nm.ZERO])
+            for j in range(n):
+                y[i, j] = y[i, j] * inv
+        else:
+            for j in range(n):
+                y[i, j] = c[nm.NAN]
 
 
 @_HELPER
-def _nan_slope_row(g, y, u, i, n, code, alpha, c):  # pragma: no cover - compiled
-    for j in range(n):
-        g[i, j] = c[nm.NAN]
+def _nan_slope_rows(g, y, u, i0, i1, n, code, alpha, c):  # pragma: no cover - compiled
+    for i in range(i0, i1):
+        for j in range(n):
+            g[i, j] = c[nm.NAN]
 
 
 @_LADDER
@@ -164,15 +181,15 @@ def _nan_grad_row(y, t, d, i, n, code, k, inv_b, c):  # pragma: no cover - compi
 
 
 _ELEMENTWISE = [(nm.ACT_CODES[name], name) for name in _m.activations]
-#: ``a[i, :] = f(a[i, :])`` in place (softmax row-wise). One array for reads and writes: two arguments
-#: pointing at the same row would defeat the vectorizer.
-_act_row = nm.dispatch(_LADDER, "act_row", "a, i, n, code, alpha, c", {
-    k: None if k in nm.LINEAR else _act_loop(_m.activations[name][0], name) for k, name in _ELEMENTWISE},
-    _rowwise_act)
-#: ``g[i, :] *= phi(y[i, :])`` (``f'(u[i, :])`` for the activations that read ``u``).
-_slope_row = nm.dispatch(_LADDER, "slope_row", "g, y, u, i, n, code, alpha, c", {
+#: ``u[i, :] += b``, then ``y[i, :] = f(u[i, :])`` for the rows ``i0 <= i < i1`` (``keep``: ``u`` is kept, ``y`` a
+#: separate array; else ``y`` is ``u``, done in place); softmax row-wise. One call per block of rows: a call per
+#: row costs more than a narrow row's arithmetic.
+_bias_act_rows = nm.dispatch(_LADDER, "bias_act_rows", "u, y, b, i0, i1, n, keep, code, alpha, c", {
+    k: _bias_act_loop(_m.activations[name][0], name) for k, name in _ELEMENTWISE}, _rowwise_bias_act)
+#: ``g[i, :] *= phi(y[i, :])`` (``f'(u[i, :])`` for the activations that read ``u``) for the rows ``i0 <= i < i1``.
+_slope_rows = nm.dispatch(_LADDER, "slope_rows", "g, y, u, i0, i1, n, code, alpha, c", {
     k: None if k in nm.LINEAR else _slope_loop(_m.activations[name][1], name) for k, name in _ELEMENTWISE},
-    _nan_slope_row)
+    _nan_slope_rows)
 #: ``d[i, :] =`` the loss of each element of row ``i`` (cross-entropy: ``t_j (lse - u_j)``).
 _loss_values_row = nm.dispatch(_LADDER, "loss_values_row", "y, u, t, d, i, n, code, k, c", {
     nm.LOSS_CODES[name]: _loss_loop(value, name) for name, (value, _) in _m.losses.items()}, _rowwise_loss)
@@ -193,4 +210,19 @@ def _loss_row(y, u, t, d, i, n, lcode, fused, k, inv_b, c):  # pragma: no cover 
             d[i, j] = (y[i, j] - t[i, j]) * inv_b
     else:
         _loss_grad_row(y, t, d, i, n, lcode, k, inv_b, c)
+    return row
+
+
+@_LADDER
+def _error_row(y, u, t, w, weighted, delta, i, n, lcode, acode, fused, k, alpha, inv_b, c):  # pragma: no cover
+    """The error at the output for row ``i``: ``delta[i, :] = dE/du`` (``(y - t) / batch`` for a fused pair, else
+    ``dL/dy * phi(y) / batch``), times ``w[i]`` when ``weighted``; returns the row's (weighted) loss."""
+    row = _loss_row(y, u, t, delta, i, n, lcode, fused, k, inv_b, c)
+    if not fused:
+        _slope_rows(delta, y, u, i, i + 1, n, acode, alpha, c)
+    if weighted:
+        wi = w[i]
+        row = row * wi
+        for j in range(n):
+            delta[i, j] = delta[i, j] * wi
     return row
