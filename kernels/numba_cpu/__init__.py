@@ -72,10 +72,13 @@ from .compiled import (  # noqa: F401 - KERNELS and FLOAT64_KERNELS: the tests a
     FLOAT64_KERNELS, KERNELS, _adam, _adam_probe, _add_sum_of_squares, _all_finite, _bias_act, _colsum, _gather_rows,
     _guard_step, _momentum, _momentum_probe, _one_hot, _output_error, _sgd, _sgd_probe, _slope_mul,
 )
+from .fused_mlp import (  # noqa: F401
+    fused_mlp_enabled, fused_mlp_path, fused_mlp_reason, mlp_backward, mlp_forward, mlp_forward_error, set_fused_mlp,
+)
 from .notice import COMPILE_NOTICE  # noqa: F401
 
 NAME = "numba"
-CAPABILITIES = Capabilities()
+CAPABILITIES = Capabilities(fused_mlp=True)
 Array = Any
 
 #: Array module of this backend's arrays: they are plain NumPy arrays.
@@ -160,6 +163,14 @@ _get_threads: Any = None
 _set_threads: Any = None
 #: A lock every kernel call takes under the ``workqueue`` threading layer; ``None`` under TBB and OpenMP.
 _one_at_a_time: threading.Lock | None = None
+
+
+def _thread_limit() -> int:
+    """Numba's thread count in force for the calling thread."""
+    global _get_threads, _set_threads
+    if _get_threads is None:
+        _get_threads, _set_threads = _thread_count_functions()
+    return int(_get_threads())
 
 
 def _threads(work: int) -> int:
