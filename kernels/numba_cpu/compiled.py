@@ -208,11 +208,21 @@ def _add_sum_of_squares(total, a, nthreads):  # pragma: no cover - compiled
     for ch in prange(nch):
         lo = ch * n // nch
         hi = (ch + 1) * n // nch
-        s = 0.0
-        for i in range(lo, hi):
-            v = np.float64(a[i])
-            s += v * v
-        part[ch] = s
+        # four independent sums: one float64 sum waits for each addition to finish (one element per 4 cycles)
+        s0 = s1 = s2 = s3 = 0.0
+        i = lo
+        while i + 4 <= hi:
+            v0, v1, v2, v3 = np.float64(a[i]), np.float64(a[i + 1]), np.float64(a[i + 2]), np.float64(a[i + 3])
+            s0 += v0 * v0
+            s1 += v1 * v1
+            s2 += v2 * v2
+            s3 += v3 * v3
+            i += 4
+        while i < hi:
+            v0 = np.float64(a[i])
+            s0 += v0 * v0
+            i += 1
+        part[ch] = (s0 + s1) + (s2 + s3)
     s = 0.0
     for ch in range(nch):
         s += part[ch]
