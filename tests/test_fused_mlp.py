@@ -23,6 +23,7 @@ from backprop.kernels import fused_mlp_sources as F
 from backprop.kernels import numpy_ref as ref
 from backprop.kernels.registry import ACTIVATIONS
 
+from .reference_net import Net as ReferenceNet
 from .test_cupy_sources import NVCC, Emu, _f64_instructions, _nvcc_ptx, _tol, build_emulator, signatures
 
 CTYPES = ["float", "double"]
@@ -32,13 +33,6 @@ VARIANTS = [*CTYPES, "tf32"]
 #: GEMMs rounded to a 10-bit mantissa (relative 2^-11 each), through up to four layers.
 TF32_TOL = {"rtol": 1e-2, "atol": 1e-2}
 HIDDEN = [n for n in F.ACT_CODES if n != F.SOFTMAX and ACTIVATIONS[n].hidden]
-ALPHA = {"leaky_relu": 0.05, "elu": 0.7}
-
-
-def _alpha(act: str) -> float:
-    return ALPHA.get(act, ACTIVATIONS[act].default_alpha)
-
-
 # --------------------------------------------------------------------------- selection and layout
 def test_unserved_reasons():
     assert F.unserved_reason([64] * 7, ["relu"] * 5 + ["identity"], np.float32) == ""
@@ -155,40 +149,11 @@ def _tol_of(emu: Emu) -> dict:
     return TF32_TOL if emu.tensor_cores else _tol(_ctype(emu))
 
 
-class Net:
-    """A random network of ``sizes`` and activations ``acts`` in the flat parameter layout, with its
-    reference passes (``numpy_ref`` in float64 on the parameters rounded to the emulated dtype)."""
-
-    def __init__(self, rng, sizes, acts, dtype):
-        self.sizes, self.acts, self.dtype = list(sizes), list(acts), dtype
-        self.W = [(rng.normal(size=(o, i)) / np.sqrt(i)).astype(dtype).astype(np.float64)
-                  for i, o in zip(sizes[:-1], sizes[1:])]
-        self.b = [(0.1 * rng.normal(size=o)).astype(dtype).astype(np.float64) for o in sizes[1:]]
-        self.alphas = np.array([_alpha(a) if a in ACTIVATIONS else 0.0 for a in acts])
-        self.keep_u = [ACTIVATIONS[a].needs_u or i == len(acts) - 1 for i, a in enumerate(acts)]
-
-    @property
-    def params(self) -> np.ndarray:
-        return np.concatenate([W.ravel() for W in self.W] + list(self.b))
+class Net(ReferenceNet):
+    """:class:`tests.reference_net.Net` with the GPU kernels' layout of its flat buffers."""
 
     def plan(self, rows):
         return F.plan(self.sizes, self.acts, rows, self.keep_u)
-
-    def forward(self, x):
-        ys, us = [], []
-        for W, b, act, alpha in zip(self.W, self.b, self.acts, self.alphas):
-            x, u = ref.layer_forward(x, W, b, act, alpha, True)
-            ys.append(x)
-            us.append(u)
-        return ys, us
-
-    def backward(self, x, ys, us, delta):
-        dW, db = [None] * len(self.W), [None] * len(self.W)
-        for i in range(len(self.W) - 1, -1, -1):
-            dW[i], db[i] = ref.weight_gradients(delta, ys[i - 1] if i else x)
-            if i:
-                delta = ref.delta_backward(delta, self.W[i], ys[i - 1], us[i - 1], self.acts[i - 1], self.alphas[i - 1])
-        return np.concatenate([g.ravel() for g in dW] + db)
 
 
 def _forward(emu, net, x, grid, error=None):
