@@ -1,9 +1,11 @@
 """Fused narrow networks on the CPU: each pass of a step as one parallel kernel over tiles of rows.
 
-A narrow network (every width at most :data:`MAX_WIDTH`) spends most of a layer-by-layer step passing its
-activations through memory between a GEMM and the bias, activation, slope and column-sum passes around it. The
-kernels of :mod:`~backprop.kernels.numba_cpu.tiles` run every layer on one tile of rows while it is in cache, the
-tiles shared out among Numba's threads, each thread summing its own gradients, added once at the end.
+A narrow network (every width at most :data:`MAX_WIDTH`) passes its activations through memory between a GEMM and
+the bias, activation, slope and column-sum passes around it, and its small GEMMs use a thread pool poorly. The
+kernels of :mod:`~backprop.kernels.numba_cpu.tiles` run every layer on one tile of rows at a time, the tiles shared
+out among Numba's threads (each running its BLAS calls on its own thread), each thread summing its own gradients,
+added once at the end. Off by default: on the one machine measured so far (a 2-core VM) it was not reliably faster
+than the layer-by-layer path (``benchmarks/results/cpu/cpu_peers.md``).
 
 The GEMMs inside are BLAS calls from compiled code (SciPy's BLAS, as Numba's ``np.dot``). While a pass runs on
 several threads, that BLAS is held at one thread (through threadpoolctl, when it can see the library), so that
@@ -35,9 +37,10 @@ Array = Any
 #: The widest layer the fused kernels serve: wider layers are GEMM-bound, where the layer-by-layer path is at the
 #: BLAS's rate already.
 MAX_WIDTH = 128
-#: Bytes of one tile of the widest layer: a tile's rows stay in the core's L2 cache through every layer.
-#: ``BACKPROP_NUMBA_TILE_BYTES`` changes it.
-TILE_BYTES = int(os.environ.get("BACKPROP_NUMBA_TILE_BYTES", 128 << 10))
+#: Bytes of one tile of the widest layer (2048 rows of a width-64 float32 network). Of 128 and 512 KiB, 512 measured
+#: as fast or faster on a 2-core AMD EPYC (forward and backward of ``[64]*6+[1]`` at 8192 rows, 1 and 2 threads):
+#: fewer, larger BLAS calls. ``BACKPROP_NUMBA_TILE_BYTES`` changes it.
+TILE_BYTES = int(os.environ.get("BACKPROP_NUMBA_TILE_BYTES", 512 << 10))
 
 _fused_on = os.environ.get("BACKPROP_NUMBA_FUSED", "0") == "1"
 _scratch = threading.local()
@@ -155,8 +158,8 @@ COMPILED_BLAS = _CompiledBlas()
 # --------------------------------------------------------------------------- the passes
 @functools.lru_cache(maxsize=64)
 def _plan(sizes: tuple[int, ...], acts: tuple[str, ...], alphas: tuple[float, ...], keep_u: tuple[bool, ...],
-          rows: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """``(layout, activation codes, alphas, tile rows)`` of the tile kernels for a network and a batch size."""
+          rows: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(layout, activation codes, alphas)`` of the tile kernels for a network and a batch size."""
     n = len(sizes) - 1
     layout = np.zeros((n, LAYOUT_COLUMNS), dtype=np.int64)
     w_off = y_off = u_off = 0
@@ -173,7 +176,7 @@ def _plan(sizes: tuple[int, ...], acts: tuple[str, ...], alphas: tuple[float, ..
     alph = np.array(alphas, dtype=dtype)
     for a in (layout, codes, alph):
         a.setflags(write=False)
-    return layout, codes, alph, tile_rows(sizes, dtype)
+    return layout, codes, alph
 
 
 def _buffer(a: Any, size: int, dtype: np.dtype, name: str) -> None:
@@ -203,7 +206,7 @@ def _checked(x: Array, params: Array, sizes: Any, acts: Any, alphas: Any, keep_u
     _buffer(params, sum(i * o + o for i, o in zip(sizes[:-1], sizes[1:])), dtype, "params")
     _buffer(y_flat, rows * sum(sizes[1:]), dtype, "y_flat")
     _buffer(u_flat, rows * sum(n for n, k in zip(sizes[1:], keep_u) if k), dtype, "u_flat")
-    return _plan(sizes, acts, alphas, keep_u, rows, dtype)
+    return (*_plan(sizes, acts, alphas, keep_u, rows, dtype), tile_rows(sizes, dtype))
 
 
 def _chunks(rows: int, tile: int) -> int:
@@ -249,7 +252,7 @@ def mlp_forward_error(x: Array, params: Array, sizes: Any, acts: Any, alphas: An
     _run_tiles(chunks, _mlp_forward_tiles, KIND[dt], x.reshape(-1), rows, params, layout, codes, alph, y_flat, u_flat,
                tile, chunks, True, t.reshape(-1), w, weights is not None, lcode, fused, dt.type(param),
                delta.reshape(-1), partial)
-    value[()] = partial.sum() / dt.type(max(rows, 1)) if rows else dt.type(0)
+    value[()] = partial.sum() / dt.type(rows) if rows else dt.type(np.nan)  # the mean of no rows, as output_error
 
 
 def mlp_backward(x: Array, params: Array, sizes: Any, acts: Any, alphas: Any, keep_u: Any, y_flat: Array,
@@ -284,9 +287,9 @@ def _backward_scratch(chunks: int, n: int, tile: int, sizes: tuple[int, ...], dt
 
 def _run_tiles(chunks: int, kernel: Any, *args: Any) -> None:
     """``kernel(*args)`` on ``chunks`` Numba threads, SciPy's BLAS on one thread meanwhile."""
+    before = _threads()  # sets up the package's thread-count functions on the first call
     from . import _one_at_a_time, _set_threads
 
-    before = _threads()
     with COMPILED_BLAS.one_thread(chunks):
         if _one_at_a_time is not None:
             with _one_at_a_time:
