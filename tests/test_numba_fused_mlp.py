@@ -413,8 +413,8 @@ def test_bad_input_forward_error(rng):
 # --------------------------------------------------------------------------- 7. through the API
 @pytest.fixture
 def fused_switch():
-    """``set_fused_mlp``, the switch put back as it was after the test."""
-    before = K.fused_mlp_enabled()
+    """``set_fused_mlp``, the switch put back as it was after the test (``None``, automatic, included)."""
+    before = fused_mlp._fused_on
     try:
         yield K.set_fused_mlp
     finally:
@@ -472,7 +472,23 @@ def test_passes_and_describe(fused_switch):
     text = narrow.describe()
     assert "fused narrow-network kernels" in text and K.fused_mlp_path(narrow.dtype) in text
     assert "fused narrow-network" not in wide.describe()
-    assert K.fused_mlp_path(np.float64) == "CPU cores, float64 tiles of 128 KiB (SciPy's BLAS inside)"
+    assert K.fused_mlp_path(np.float64) == f"CPU cores, float64 tiles of {fused_mlp.TILE_BYTES >> 10} KiB (SciPy's BLAS inside)"
+
+
+@two_threads
+def test_by_default_on_exactly_at_one_thread(fused_switch, numba_threads):
+    """The default (``None``) follows Numba's thread count: fused on one thread, layer by layer on two; an explicit
+    ``True`` or ``False`` holds at any count."""
+    net = bp.MLP([4, 16, 3], head="multiclass", backend="numba")
+    fused_switch(None)
+    for n, want in ((1, True), (2, False), (1, True)):
+        numba.set_num_threads(n)
+        assert K.fused_mlp_enabled() is want and step.fused(net) is want
+    for setting in (True, False):
+        fused_switch(setting)
+        for n in (1, 2):
+            numba.set_num_threads(n)
+            assert K.fused_mlp_enabled() is setting
 
 
 # --------------------------------------------------------------------------- 8. SciPy's BLAS threads

@@ -4,8 +4,8 @@ A narrow network (every width at most :data:`MAX_WIDTH`) passes its activations 
 the bias, activation, slope and column-sum passes around it, and its small GEMMs use a thread pool poorly. The
 kernels of :mod:`~backprop.kernels.numba_cpu.tiles` run every layer on one tile of rows at a time, the tiles shared
 out among Numba's threads (each running its BLAS calls on its own thread), each thread summing its own gradients,
-added once at the end. Off by default: on the one machine measured so far (a 2-core VM) it was not reliably faster
-than the layer-by-layer path (``benchmarks/results/cpu/cpu_peers.md``).
+added once at the end. By default on where Numba runs one thread, where it measured faster than the layer-by-layer
+path (:func:`set_fused_mlp`).
 
 The GEMMs inside are BLAS calls from compiled code (SciPy's BLAS, as Numba's ``np.dot``). While a pass runs on
 several threads, that BLAS is held at one thread (through threadpoolctl, when it can see the library), so that
@@ -42,21 +42,26 @@ MAX_WIDTH = 128
 #: fewer, larger BLAS calls. ``BACKPROP_NUMBA_TILE_BYTES`` changes it.
 TILE_BYTES = int(os.environ.get("BACKPROP_NUMBA_TILE_BYTES", 512 << 10))
 
-_fused_on = os.environ.get("BACKPROP_NUMBA_FUSED", "0") == "1"
+#: ``True`` or ``False``: the fused passes on or off; ``None`` (the default): on exactly where Numba runs one thread
+#: (:func:`set_fused_mlp`). ``BACKPROP_NUMBA_FUSED=1`` or ``0`` sets it at import.
+_fused_on: bool | None = {"1": True, "0": False}.get(os.environ.get("BACKPROP_NUMBA_FUSED", "").strip())
 _scratch = threading.local()
 
 
-def set_fused_mlp(enabled: bool) -> None:
+def set_fused_mlp(enabled: bool | None) -> None:
     """Run the passes of narrow networks (:func:`fused_mlp_reason`) as one kernel over tiles of rows instead of a
-    GEMM and elementwise passes per layer. Off by default (``BACKPROP_NUMBA_FUSED=1`` turns it on at import): on the
-    machines measured so far it is not faster than the layer-by-layer path (``benchmarks/results/cpu/``). The results
-    equal the layer-by-layer path's to rounding (sums in another order)."""
+    GEMM and elementwise passes per layer: ``True`` always, ``False`` never, ``None`` (the default) exactly when
+    Numba's thread count is 1. Measured on a 2-core AMD EPYC VM (``benchmarks/results/cpu/cpu_peers.md``): on one
+    thread the fused step of ``[64]*6+[1]`` at 8192 rows was 6-17% faster than the layer-by-layer step; on two
+    threads it was 1.7-2.3x slower in two runs (and 1.9x faster in a third), so it stays off there until a machine
+    shows otherwise. The results equal the layer-by-layer path's to rounding (sums in another order)."""
     global _fused_on
-    _fused_on = bool(enabled)
+    _fused_on = None if enabled is None else bool(enabled)
 
 
 def fused_mlp_enabled() -> bool:
-    return _fused_on
+    """Whether narrow networks take the fused passes now (:func:`set_fused_mlp`)."""
+    return _fused_on if _fused_on is not None else _threads() == 1
 
 
 _SCIPY_MISSING = importlib.util.find_spec("scipy") is None
