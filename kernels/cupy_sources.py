@@ -409,9 +409,12 @@ STEP_UPDATES: dict[str, tuple[ElementwiseSpec, dict[str, str]]] = {
     "bp_step_momentum": (MOMENTUM, {}),
     "bp_step_adam": (ADAM, {"lr_c1": "s_corr[0]", "c2": "s_corr[1]"}),
 }
-#: Most parameters a single-launch step takes (one block walks them three times).
-STEP_MAX_PARAMS = 1 << 18
-#: Threads of the single-launch step's one block.
+#: Most parameters a single-launch step takes: its one block, on one SM, walks them three times (32 a thread at
+#: this size); larger networks take the grid-wide guard and updates, spread over every SM (the one block is
+#: estimated to become the bottleneck from about 2^16 parameters; unverified on a GPU).
+STEP_MAX_PARAMS = 1 << 15
+#: Threads of the single-launch step's one block (the kernels' ``__launch_bounds__``: ptxas keeps their registers
+#: within what a block of this size may hold, so that a launch cannot fail for want of registers).
 STEP_THREADS = 1024
 
 
@@ -456,8 +459,8 @@ def step_kernel(name: str, spec: ElementwiseSpec, computed: dict[str, str]) -> s
     corrections = ("        const double t = count[0] + 1.0;\n"
                    "        s_corr[0] = (T)(d_lr / (1.0 - pow(d_beta1, t)));\n"
                    "        s_corr[1] = (T)(1.0 - pow(d_beta2, t));\n") if computed else ""
-    return (f'extern "C" __global__ void {name}({", ".join(args)}, double* guard, const T* loss, double weight, '
-            f"long long nw, long long nb) {{\n"
+    return (f'extern "C" __global__ void __launch_bounds__({STEP_THREADS}) {name}({", ".join(args)}, double* guard, '
+            f"const T* loss, double weight, long long nw, long long nb) {{\n"
             f"    __shared__ int s_ok, s_fail;\n    __shared__ T s_corr[2];\n"
             f"    T bad = (T)0;\n"
             f"    {loop}\n        {index}\n"

@@ -1593,6 +1593,36 @@ def test_fake_guarded_step_declines_large_networks(fake, rng, monkeypatch):
     assert _one_launch_declines(fake, rng, SGD(0.1), 37, 6)
 
 
+def test_fake_guarded_step_serves_up_to_2_to_the_15_parameters(fake, rng, monkeypatch):
+    """The one-launch update's one block walks every parameter three times, so it serves up to 2^15 parameters: a
+    fused [127, 127, 128, 1] network (2^15 + 1) takes the grid-wide guard and updates, to the bits the one launch
+    gives (taken with the limit raised by one)."""
+    from backprop import MLP, SGD
+    from backprop.kernels import cupy_sources as S
+
+    assert S.STEP_MAX_PARAMS == 1 << 15
+    X, y = _fake_batch(rng, "regression", batch=8, n_in=127, n_out=1)
+    nets = [MLP([127, 127, 128, 1], activation="tanh", head="regression", seed=3, backend="cupy") for _ in range(2)]
+    n = nets[0].params.size
+    assert n == (1 << 15) + 1
+    launched = []
+    fake.set_fused_mlp(True)
+    try:
+        for net, raised in zip(nets, (False, True)):
+            if raised:
+                monkeypatch.setattr(S, "STEP_MAX_PARAMS", n)
+            _Fake.launches.clear()
+            opt = SGD(0.1, momentum=0.9, weight_decay=0.01)
+            for _ in range(2):
+                net.train_step(X, y, opt)
+            launched.append(list(_Fake.launches))
+    finally:
+        fake.set_fused_mlp(False)
+    assert "bp_step_momentum" not in launched[0] and "bp_guard_scan" in launched[0]
+    assert launched[1].count("bp_step_momentum") == 2 and "bp_guard_scan" not in launched[1]
+    np.testing.assert_array_equal(host(fake, nets[0].params), host(fake, nets[1].params))
+
+
 def test_fake_guard_and_updates_record_into_a_graph(fake, rng):
     """The guard step and the guarded updates are device work only: they record into a capture (no host
     read, no synchronization) and a replay does what a direct call does."""

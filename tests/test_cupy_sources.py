@@ -15,7 +15,6 @@ Each part skips cleanly when its compiler is missing.
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import re
 import shutil
@@ -26,19 +25,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-try:
-    import fcntl
-except ImportError:  # not POSIX: each process builds its own binaries
-    fcntl = None
-
 from backprop.kernels import cupy_sources as S
 from backprop.kernels import numpy_ref as ref
 from backprop.kernels.registry import ACTIVATIONS, LOSSES
 
-NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
+from .cuda_build import NVCC, locked_build_dir
+from .cuda_build import nvcc_ptx as _nvcc_ptx
+
 CXX = shutil.which("g++") or shutil.which("clang++")
-#: Where emulator binaries are built, one directory per source digest (shared by the processes of a test run).
-_EMULATOR_CACHE = Path(tempfile.gettempdir()) / f"backprop-emulators-{getattr(os, 'getuid', lambda: 0)()}"
 CTYPES = ["float", "double"]
 _F64 = re.compile(r"\.f64|%fd")
 
@@ -109,15 +103,6 @@ def elementwise_wrapper(name: str, spec: S.ElementwiseSpec) -> str:
 def elementwise_source(ctype: str) -> str:
     wrappers = "\n".join(elementwise_wrapper(n, s) for n, s in S.elementwise_kernels().items())
     return f"typedef {ctype} T;\n{S.MATH_PREAMBLE}\n{wrappers}"
-
-
-def _nvcc_ptx(source: str, tmp: Path, stem: str) -> str:
-    cu, ptx = tmp / f"{stem}.cu", tmp / f"{stem}.ptx"
-    cu.write_text(source)
-    proc = subprocess.run([NVCC, "--ptx", "-arch=compute_80", "-ftz=true", "-o", str(ptx), str(cu)],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, f"nvcc failed on {stem}:\n{proc.stderr[-4000:]}"
-    return ptx.read_text()
 
 
 # --------------------------------------------------------------------------- 1. nvcc
@@ -254,6 +239,7 @@ using std::sqrt; using std::tanh;
 #define __noinline__
 #define __shared__ static
 #define __align__(n) __attribute__((aligned(n)))
+#define __launch_bounds__(...)
 
 struct bp_dim3 { unsigned x = 0, y = 0, z = 0; };
 static bp_dim3 blockIdx, blockDim, gridDim;
@@ -429,7 +415,7 @@ static void bp_save(const std::string& name) {
 }
 """
 
-_SIG = re.compile(r'extern "C" __global__ void (\w+)\(([^)]*)\)')
+_SIG = re.compile(r'extern "C" __global__ void (?:__launch_bounds__\([^)]*\) )?(\w+)\(([^)]*)\)')
 
 
 def _pointee(decl: str) -> str:
@@ -494,15 +480,9 @@ def build_emulator(ctype: str, preamble: str, kernels: str, stem: str) -> str:
         pytest.skip("no C++ compiler")
     source = f"typedef {ctype} T;\n{EMULATOR}\n{preamble}\n{kernels}\n" + _dispatch(kernels)
     command = [CXX, "-std=c++20", "-O1"]
-    # one build per source, shared by the test processes of a run (pytest-xdist workers) through a directory
-    # named by the source's digest; a lock makes the others wait for the first build instead of repeating it
-    digest = hashlib.sha256("\0".join(command + [source]).encode()).hexdigest()[:20]
-    out = _EMULATOR_CACHE / f"{stem}_{ctype}_{digest}" if fcntl else Path(tempfile.mkdtemp(prefix=f"{stem}_{ctype}_"))
-    exe = out / "emu"
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "lock", "w") as lock:
-        if fcntl:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+    # one build per source, shared by the test processes of a run (pytest-xdist workers)
+    with locked_build_dir(f"{stem}_{ctype}", command + [source]) as out:
+        exe = out / "emu"
         if not exe.exists():
             (out / "emu.cpp").write_text(source)
             proc = subprocess.run(command + ["-c", "-o", str(out / "emu.o"), str(out / "emu.cpp")],

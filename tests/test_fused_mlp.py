@@ -1,8 +1,7 @@
 """The fused narrow-network kernels (``backprop.kernels.fused_mlp_sources``), checked without a GPU.
 
 1. ``nvcc`` compiles them for float and double, and the float module with its tensor-core (TF32) twins; the
-   float PTX computes nothing in double, and ``ptxas`` for sm_90 reports no spills and the shared memory within
-   the 48 KB a block gets without opting in.
+   float PTX computes nothing in double (their registers, spills and shared memory: test_cuda_resources).
 2. The host emulator of test_cupy_sources runs them against the NumPy reference on fresh random inputs:
    every activation, widths 16 to 128, batches that are not a multiple of the tile, several blocks
    walking the tiles, and whole SGD and Adam steps (the backend's update kernels, emulated too). Every check
@@ -13,8 +12,6 @@
 from __future__ import annotations
 
 import functools
-import re
-import subprocess
 
 import numpy as np
 import pytest
@@ -64,7 +61,7 @@ def test_plan_offsets():
 @pytest.mark.exhaustive
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found")
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_compiles_without_spills_within_static_shared_memory(variant, tmp_path):
+def test_compiles_for_float_and_double_and_tf32(variant, tmp_path):
     tensor_cores = variant == "tf32"
     ctype = "float" if tensor_cores else variant
     ptx = _nvcc_ptx(F.module_source(ctype, tensor_cores), tmp_path, f"fused_{variant}")
@@ -73,14 +70,6 @@ def test_compiles_without_spills_within_static_shared_memory(variant, tmp_path):
     assert ("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32" in ptx) == tensor_cores
     if ctype == "float":
         assert not _f64_instructions(ptx, frozenset()), _f64_instructions(ptx, frozenset())[:5]
-    cu = tmp_path / f"fused_{variant}.cu"
-    proc = subprocess.run([NVCC, "-cubin", "-arch=sm_90", "-Xptxas", "-v", "-o", str(tmp_path / "f.cubin"), str(cu)],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    spills = re.findall(r"(\d+) bytes spill stores", proc.stderr)
-    assert spills and all(int(n) == 0 for n in spills), proc.stderr
-    smem = [int(n) for n in re.findall(r"(\d+) bytes smem", proc.stderr)]
-    assert smem and max(smem) <= 48 * 1024, proc.stderr
 
 
 # --------------------------------------------------------------------------- 2. the emulator
