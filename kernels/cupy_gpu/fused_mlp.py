@@ -13,7 +13,7 @@ import numpy as np
 from .. import cupy_sources as src
 from .. import fused_mlp_sources as fused
 from ..contract import check_weights
-from .device import Array, _buffer, _contiguous, _cupy, _scalar, _scratch
+from .device import Array, _buffer, _contiguous, _cupy, _scalar, _scratch, refuse_while_recording
 from .tf32 import tf32_enabled
 
 _fused_on = False
@@ -81,6 +81,7 @@ def _fused_plan(sizes: tuple, acts: tuple, alphas: tuple, keep_u: tuple, rows: i
         reason = fused_mlp_reason(sizes, acts, dtype)
         if reason:
             raise ValueError(f"the fused kernels do not serve this network: {reason}")
+        refuse_while_recording(f"the fused kernels' layout of a {rows}-row pass")
         layout = fused.plan(sizes, acts, rows, keep_u)[0]
         plan = _fused_plans[key] = (_cupy.asarray(layout, dtype=np.int64),
                                     _cupy.asarray(np.array(alphas, dtype=np.float64), dtype=dtype))
