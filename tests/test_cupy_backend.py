@@ -566,6 +566,15 @@ class _EK:
 _C_SCALAR = {"long long": np.int64, "int": np.int32, "double": np.float64}
 
 
+def _check_restrict(kernel: str, pname: str, decl: str, a: np.ndarray, pointers: dict) -> None:
+    """No array given to a ``__restrict__`` pointer of a launch overlaps another of its arrays unless neither
+    is written (both ``const``): the compiler may otherwise keep a stale value or reorder the accesses."""
+    for other, (other_decl, b) in pointers.items():
+        if np.shares_memory(a, b) and "__restrict__" in decl + other_decl:
+            assert decl.startswith("const") and other_decl.startswith("const"), \
+                f"{kernel}: {pname} overlaps {other}, a __restrict__ pointer of the two, and one is written"
+
+
 class _RawKernel:
     def __init__(self, name, ctype, params, emulator=None):
         self.name, self.ctype, self.params = name, ctype, params
@@ -575,13 +584,15 @@ class _RawKernel:
         assert len(grid) == 1 and len(block) == 1 and block[0] % 32 == 0
         assert len(args) == len(self.params), f"{self.name}: {len(args)} arguments for {len(self.params)}"
         T = np.float32 if self.ctype == "float" else np.float64
-        arrays, scalars, aliases, outputs, targets = {}, {}, {}, [], {}
+        arrays, scalars, aliases, outputs, targets, pointers = {}, {}, {}, [], {}, {}
         for decl, a in zip(self.params, args):
             pname = decl.replace("*", " ").split()[-1]
             if "*" in decl:
                 ctype = _src_tests._pointee(decl)
                 want = T if ctype == "T" else _src_tests._NP_OF[ctype]
                 assert isinstance(a, np.ndarray) and a.dtype == want and a.flags.c_contiguous, (self.name, pname)
+                _check_restrict(self.name, pname, decl, a, pointers)
+                pointers[pname] = (decl, a)
                 for other, b in targets.items():
                     if np.shares_memory(a, b):
                         aliases[pname] = other
@@ -1687,9 +1698,9 @@ def test_fake_guarded_step_is_the_multi_launch_update_in_one(fake, rng, dt, opt)
 def _one_launch_declines(k, rng, opt, nw, nb) -> bool:
     """``opt.apply_in_one_launch`` on ``nw`` weights and ``nb`` biases in float32 declined, and then launched
     nothing (else it launched exactly one kernel)."""
-    W, b = k.to_device(rng.normal(size=nw), np.float32), k.to_device(rng.normal(size=nb), np.float32)
+    W, b, dW, db = (k.to_device(rng.normal(size=n), np.float32) for n in (nw, nb, nw, nb))
     _Fake.launches.clear()
-    done = opt.apply_in_one_launch(k, object(), W, b, W, b, k.zeros((GUARD_SIZE,), np.float64),
+    done = opt.apply_in_one_launch(k, object(), W, b, dW, db, k.zeros((GUARD_SIZE,), np.float64),
                                    k.zeros((), np.float32), 1.0, np.float32)
     assert len(_Fake.launches) == (1 if done else 0)
     return not done
@@ -1952,6 +1963,22 @@ def test_fake_fused_narrow_networks_are_opt_in(fake, rng):
         assert not any(name.startswith("bp_mlp") for name in _Fake.launches)
     finally:
         fake.set_fused_mlp(False)
+
+
+def test_fake_fused_backward_of_no_rows_zeroes_the_gradients(fake):
+    """No rows: zero gradients, by one bp_mlp_reduce over no slices, given a stand-in for the slices (not the
+    gradients themselves: its pointers are __restrict__, and the fake refuses overlapping ones)."""
+    from backprop.kernels import fused_mlp_sources as F
+
+    k, dt = fake, np.float32
+    sizes, acts, keep_u = (4, 8, 2), ("tanh", "identity"), (False, True)
+    _, _, _, ny, nu = F.plan(sizes, acts, 0, keep_u)
+    grads = k.to_device(np.full(4 * 8 + 8 + 8 * 2 + 2, np.nan), dt)
+    _Fake.launches.clear()
+    k.mlp_backward(k.zeros((0, 4), dt), k.to_device(np.ones(grads.size), dt), sizes, acts, (0.0, 0.0), keep_u,
+                   k.zeros((ny,), dt), k.zeros((max(nu, 1),), dt), k.zeros((0, 2), dt), grads)
+    assert _Fake.launches == ["bp_mlp_reduce"]
+    np.testing.assert_array_equal(host(k, grads), np.zeros(grads.size))
 
 
 @pytest.mark.parametrize("head", ["multiclass", "regression"])
