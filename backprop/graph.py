@@ -10,8 +10,11 @@ same kernels run in the same order on the same buffers.
    compiles the kernels and lets cuBLAS pick its algorithms. It then records, without running it,
    ``train_step(net, ws, ws.x, ws.t, optimizer, graph_guard, weight)``: the workspace's staging
    buffers stand for the batch and ``graph_guard`` is a guard owned by the graph. Recording does
-   not count as a step (``optimizer.steps`` is put back). Should it fail, a ``RuntimeWarning``
-   says why, and that key runs ordinary steps from then on.
+   not count as a step (``optimizer.steps`` is put back). Recording allocates nothing: the workspace's
+   buffers are all made first (``Workspace.make_buffers``) and the ordinary step has made the backend's
+   cached ones (a backend refuses to make one while recording: its memory would be the graph's, freed
+   with it). Should recording fail, a ``RuntimeWarning`` says why, and that key runs ordinary steps
+   from then on.
 2. Later calls copy the batch into ``ws.x`` and ``ws.t`` (unless it is already there), the
    caller's guard into ``graph_guard``, count the step (``optimizer.begin_step()``), replay, and
    copy ``graph_guard`` back. So the caller's guard behaves as in an ordinary step: a step whose
@@ -121,7 +124,8 @@ def _key(net: MLP, ws: Workspace, x: Any, t: Any, optimizer: Optimizer, weight: 
 
 def _record(net: MLP, ws: Workspace, optimizer: Optimizer, weight: float, kernels: Any) -> _StepGraph:
     """Record ``train_step`` on the workspace's staging buffers and a guard of the graph's own."""
-    x, t = ws.x, ws.t  # made now if new: outside the recording
+    ws.make_buffers()  # every one now: nothing may be allocated while recording
+    x, t = ws.x, ws.t
     guard = step.Guard(kernels)
     steps = optimizer.steps
     try:

@@ -84,6 +84,13 @@ class Workspace:
         #: the last forward pass into this workspace was a layer-by-layer training pass (it wrote ``aux``)
         self.aux_written = False
 
+    def make_buffers(self) -> None:
+        """Make now every buffer still to be made on first use (before a CUDA graph records a step: memory
+        allocated while recording would be the graph's, freed with it)."""
+        for name, attr in vars(Workspace).items():
+            if isinstance(attr, cached_property):
+                getattr(self, name)
+
     @cached_property
     def delta(self) -> list[Array]:
         return [self._kernels.zeros(y.shape, self._dtype) for y in self.y]

@@ -24,6 +24,11 @@ the one-thread float64 bookkeeping of ``bp_guard_finish``, ``bp_add_to_total``,
 ``bp_adam_corrections`` and ``bp_count_step`` computes in double (:data:`F64_KERNELS`). Each probe
 is generated from its update's ElementwiseKernel operation (:func:`probe_kernel`), so both compute
 the same terms.
+
+The raw kernels' pointer parameters are ``__restrict__`` wherever no array the kernel writes can overlap another
+it accesses (two read-only ones may be one array: a loss kernel's ``py`` and ``pu``; the weights and biases of the
+one-launch step are disjoint pieces of one buffer); not so ``bp_softmax_forward``'s ``u`` and ``y`` (in place) and
+``bp_count_step``'s ``count`` and ``guard`` (one array when unguarded).
 """
 
 from __future__ import annotations
@@ -219,8 +224,8 @@ def elementwise_kernels() -> dict[str, ElementwiseSpec]:
 SOFTMAX_FORWARD = r"""
 /* Row-wise softmax with the bias: one warp per row, three passes over the row.
    u (rows x cols) gets u + b in place; y may be u itself (in place) or another buffer.
-   Each element is read and written by the same lane in every pass. */
-extern "C" __global__ void bp_softmax_forward(T* u, const T* b, T* y, long long rows, long long cols) {
+   Each element is read and written by the same lane in every pass. u and y may be one array: not restricted. */
+extern "C" __global__ void bp_softmax_forward(T* u, const T* __restrict__ b, T* y, long long rows, long long cols) {
     const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
     if (row >= rows) return;  /* the whole warp leaves together */
@@ -248,8 +253,10 @@ SOFTMAX_XENT = r"""
 /* Softmax + cross-entropy from the logits: per row lse = m + log(sum exp(u - m)), the row's loss
    sum_j t_j (lse - u_j) into rowloss[row], and delta = (y - t) / batch; when weighted, both times
    w[row] (w is not read otherwise). One warp per row. */
-extern "C" __global__ void bp_softmax_xent(const T* py, const T* pu, const T* pt, const T* w, int weighted,
-                                           T* delta, T* rowloss, long long rows, long long cols, T batch) {
+extern "C" __global__ void bp_softmax_xent(const T* __restrict__ py, const T* __restrict__ pu,
+                                           const T* __restrict__ pt, const T* __restrict__ w, int weighted,
+                                           T* __restrict__ delta, T* __restrict__ rowloss, long long rows,
+                                           long long cols, T batch) {
     const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
     if (row >= rows) return;  /* the whole warp leaves together */
@@ -278,7 +285,7 @@ extern "C" __global__ void bp_softmax_xent(const T* py, const T* pu, const T* pt
 
 SUM_SCALE = r"""
 /* out[0] = sum(x[0:n]) / batch, one block, fixed order (deterministic). */
-extern "C" __global__ void bp_sum_scale(const T* x, long long n, T batch, T* out) {
+extern "C" __global__ void bp_sum_scale(const T* __restrict__ x, long long n, T batch, T* __restrict__ out) {
     T acc = (T)0;
     for (long long i = threadIdx.x; i < n; i += blockDim.x) acc += x[i];
     acc = bp_block_sum(acc);
@@ -289,7 +296,7 @@ extern "C" __global__ void bp_sum_scale(const T* x, long long n, T batch, T* out
 GUARD_SCAN = r"""
 /* partial[blockIdx.x] = how many of the block's elements of g[0:n] are NaN or infinite
    (grid-stride loop; bp_guard_finish adds the partial counts). */
-extern "C" __global__ void bp_guard_scan(const T* g, T* partial, long long n) {
+extern "C" __global__ void bp_guard_scan(const T* __restrict__ g, T* __restrict__ partial, long long n) {
     T bad = (T)0;
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
@@ -304,8 +311,8 @@ GUARD_FINISH = r"""
    step is ok when no step failed before, the loss is finite and no partial count is nonzero; an ok
    step adds weight * loss to the sum, a failing one records its number once (sticky). The
    bookkeeping is in double, by thread 0 only. */
-extern "C" __global__ void bp_guard_finish(double* guard, const T* loss, const T* partial, long long blocks,
-                                           double weight) {
+extern "C" __global__ void bp_guard_finish(double* __restrict__ guard, const T* __restrict__ loss,
+                                           const T* __restrict__ partial, long long blocks, double weight) {
     T bad = (T)0;
     for (long long i = threadIdx.x; i < blocks; i += blockDim.x) bad += partial[i];
     bad = bp_block_sum(bad);
@@ -322,7 +329,7 @@ extern "C" __global__ void bp_guard_finish(double* guard, const T* loss, const T
 
 SUM_SQUARES = r"""
 /* partial[blockIdx.x] = the sum of a[i]^2 over the block's elements of a[0:n] (grid-stride loop). */
-extern "C" __global__ void bp_sum_squares(const T* a, T* partial, long long n) {
+extern "C" __global__ void bp_sum_squares(const T* __restrict__ a, T* __restrict__ partial, long long n) {
     T acc = (T)0;
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) acc += a[i] * a[i];
@@ -331,7 +338,8 @@ extern "C" __global__ void bp_sum_squares(const T* a, T* partial, long long n) {
 }
 
 /* total[0] += sum(partial[0:blocks]), one block: the sum in T, the running total in double. */
-extern "C" __global__ void bp_add_to_total(const T* partial, long long blocks, double* total) {
+extern "C" __global__ void bp_add_to_total(const T* __restrict__ partial, long long blocks,
+                                           double* __restrict__ total) {
     T acc = (T)0;
     for (long long i = threadIdx.x; i < blocks; i += blockDim.x) acc += partial[i];
     acc = bp_block_sum(acc);
@@ -343,7 +351,8 @@ ADAM_CORRECTIONS = r"""
 /* Adam's bias corrections for the coming step, kept on the device, one thread, in double on purpose
    (see contract.adam_corrections): t = count[0] + 1 (count unchanged), out[0] = lr / (1 - beta1^t),
    out[1] = 1 - beta2^t, each rounded to T. */
-extern "C" __global__ void bp_adam_corrections(const double* count, T* out, double lr, double beta1, double beta2) {
+extern "C" __global__ void bp_adam_corrections(const double* __restrict__ count, T* __restrict__ out, double lr,
+                                               double beta1, double beta2) {
     if (blockIdx.x != 0 || threadIdx.x != 0) return;
     const double t = count[0] + 1.0;
     out[0] = (T)(lr / (1.0 - pow(beta1, t)));
@@ -352,7 +361,8 @@ extern "C" __global__ void bp_adam_corrections(const double* count, T* out, doub
 """
 
 COUNT_STEP = r"""
-/* count[0] += 1, one thread, unless guarded and guard[0] != 1.0 (the applied steps, in double). */
+/* count[0] += 1, one thread, unless guarded and guard[0] != 1.0 (the applied steps, in double). Unguarded, guard
+   is count itself: not restricted. */
 extern "C" __global__ void bp_count_step(double* count, const double* guard, long long guarded) {
     if (blockIdx.x != 0 || threadIdx.x != 0) return;
     if (guarded && guard[0] != 1.0) return;
@@ -381,18 +391,19 @@ def probe_kernel(name: str, spec: ElementwiseSpec) -> str:
     args, loads = [], []
     for typ, pname in _params(in_params):
         if typ.startswith("raw "):
-            args.append(f"const {_C_PARAM[typ.split()[1]]}* {pname}")
+            args.append(f"const {_C_PARAM[typ.split()[1]]}* __restrict__ {pname}")
         elif pname in SCALAR_PARAMS:
             args.append(f"{_C_PARAM[typ]} {pname}")
         else:
-            args.append(f"const {_C_PARAM[typ]}* {pname}_in")
+            args.append(f"const {_C_PARAM[typ]}* __restrict__ {pname}_in")
             loads.append(f"const {_C_PARAM[typ]} {pname} = {pname}_in[i];")
     outs = [pname for _, pname in _params(out_params)]
     for typ, pname in _params(out_params):
-        args.append(f"const {_C_PARAM[typ]}* {pname}_in")
+        args.append(f"const {_C_PARAM[typ]}* __restrict__ {pname}_in")
         loads.append(f"{_C_PARAM[typ]} {pname} = {pname}_in[i];")
     finite = " && ".join(f"bp_finite({o})" for o in outs)
-    return (f'extern "C" __global__ void {name}_probe({", ".join(args)}, long long* guard, long long n) {{\n'
+    return (f'extern "C" __global__ void {name}_probe({", ".join(args)}, long long* __restrict__ guard, '
+            f"long long n) {{\n"
             f"    if (guard[0] != BP_GUARD_OK_BITS) return;\n"
             f"    const long long stride = (long long)gridDim.x * blockDim.x;\n"
             f"    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {{\n"
@@ -437,7 +448,7 @@ def step_kernel(name: str, spec: ElementwiseSpec, computed: dict[str, str]) -> s
     in_params, out_params, operation = spec
     args, loads, stores, finite = [], ["const T wd = w_ ? wd_w : (T)0;"], [], []
     for typ, pname in _params(out_params):
-        args += [f"T* {pname}_w", f"T* {pname}_b"]
+        args += [f"T* __restrict__ {pname}_w", f"T* __restrict__ {pname}_b"]
         loads.append(f"{_C_PARAM[typ]} {pname} = w_ ? {pname}_w[j_] : {pname}_b[j_];")
         stores.append(f"if (w_) {pname}_w[j_] = {pname}; else {pname}_b[j_] = {pname};")
         finite.append(f"bp_finite({pname})")
@@ -449,18 +460,18 @@ def step_kernel(name: str, spec: ElementwiseSpec, computed: dict[str, str]) -> s
         elif pname in SCALAR_PARAMS:
             args.append(f"{_C_PARAM[typ]} {pname}")
         else:
-            args += [f"const T* {pname}_w", f"const T* {pname}_b"]
+            args += [f"const T* __restrict__ {pname}_w", f"const T* __restrict__ {pname}_b"]
             loads.append(f"const T {pname} = w_ ? {pname}_w[j_] : {pname}_b[j_];")
     if computed:
-        args += ["double* count", "double d_lr", "double d_beta1", "double d_beta2"]
+        args += ["double* __restrict__ count", "double d_lr", "double d_beta1", "double d_beta2"]
     grads = next(pname for typ, pname in _params(in_params) if pname not in SCALAR_PARAMS and pname not in computed)
     index = "const bool w_ = i < nw; const long long j_ = w_ ? i : i - nw;"
     loop = "for (long long i = threadIdx.x; i < nw + nb; i += blockDim.x) {"
     corrections = ("        const double t = count[0] + 1.0;\n"
                    "        s_corr[0] = (T)(d_lr / (1.0 - pow(d_beta1, t)));\n"
                    "        s_corr[1] = (T)(1.0 - pow(d_beta2, t));\n") if computed else ""
-    return (f'extern "C" __global__ void __launch_bounds__({STEP_THREADS}) {name}({", ".join(args)}, double* guard, '
-            f"const T* loss, double weight, long long nw, long long nb) {{\n"
+    return (f'extern "C" __global__ void __launch_bounds__({STEP_THREADS}) {name}({", ".join(args)}, '
+            f"double* __restrict__ guard, const T* __restrict__ loss, double weight, long long nw, long long nb) {{\n"
             f"    __shared__ int s_ok, s_fail;\n    __shared__ T s_corr[2];\n"
             f"    T bad = (T)0;\n"
             f"    {loop}\n        {index}\n"
@@ -494,8 +505,9 @@ _LOSS_KERNEL = r"""
 /* %(output)s + %(loss)s: delta = d per element and, per block, the sum of the loss terms l into
    partial[blockIdx.x] (added by bp_sum_scale); when weighted, d and l times the weight w[i / cols] of
    their row (w is not read otherwise). Grid-stride loop over the n = rows * cols elements. */
-extern "C" __global__ void %(name)s(const T* py, const T* pu, const T* pt, const T* w, int weighted,
-                                    T* delta, T* partial, long long n, long long cols, T batch, T k, T alpha) {
+extern "C" __global__ void %(name)s(const T* __restrict__ py, const T* __restrict__ pu, const T* __restrict__ pt,
+                                    const T* __restrict__ w, int weighted, T* __restrict__ delta,
+                                    T* __restrict__ partial, long long n, long long cols, T batch, T k, T alpha) {
     T acc = (T)0;
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {

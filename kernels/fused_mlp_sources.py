@@ -31,6 +31,10 @@ cores, except in the TF32 twins of the passes (``module_source("float", tensor_c
 there each layer's products ``W x``, ``W^T delta`` and ``delta x^T`` of a tile are ``mma.sync`` on the tensor cores
 (:func:`kernel_name` with ``tensor_cores``; shared memory at a pitch of ``width + 8``, the padding kept zero), the
 rest as in float.
+
+Every pointer parameter is ``__restrict__``: no two arrays of a launch overlap (the backend gives each array a
+launch never accesses a one-element stand-in of its own), so the compiler may keep loads of the parameters and
+activations across the stores to ``ys``, ``us`` and the gradient slices.
 """
 
 from __future__ import annotations
@@ -217,10 +221,12 @@ __device__ __forceinline__ void bp_tc_tiles(int m_tiles, int n_tiles, int k_step
    the BP_BASE rows of its group t / WIDTH; blockDim.x == BP_THREADS. WIDTH is a constant of each entry point,
    so that every shared-memory offset is one too. */
 template <int WIDTH, bool TC>
-__device__ __forceinline__ void bp_mlp_forward_at(const T* x, const T* p, const long long* layout, const T* alphas,
-                                                  int layers, long long rows, T* ys, T* us, const T* target,
-                                                  const T* w, int weighted, int pair, T k, T batch, T* delta,
-                                                  T* partial) {
+__device__ __forceinline__ void bp_mlp_forward_at(const T* __restrict__ x, const T* __restrict__ p,
+                                                  const long long* __restrict__ layout, const T* __restrict__ alphas,
+                                                  int layers, long long rows, T* __restrict__ ys, T* __restrict__ us,
+                                                  const T* __restrict__ target, const T* __restrict__ w, int weighted,
+                                                  int pair, T k, T batch, T* __restrict__ delta,
+                                                  T* __restrict__ partial) {
     constexpr int pitch = BP_PITCH(WIDTH, TC), R = BP_BASE * (BP_THREADS / WIDTH);
     __shared__ __align__(16) T smem[2 * R * pitch];
     const int t = threadIdx.x, col = t %% WIDTH, r0 = (t / WIDTH) * BP_BASE;
@@ -326,9 +332,11 @@ __device__ __forceinline__ void bp_mlp_forward_at(const T* x, const T* p, const 
    gradients of its BP_BASE rows of every tile into a slice of partial of its own (n_params values, the
    parameters' layout): slice blockIdx.x * G + group. blockDim.x == BP_THREADS. */
 template <int WIDTH, bool TC>
-__device__ __forceinline__ void bp_mlp_backward_at(const T* x, const T* p, const long long* layout, const T* alphas,
-                                                   int layers, long long rows, const T* ys, const T* us,
-                                                   const T* delta, T* partial, long long n_params) {
+__device__ __forceinline__ void bp_mlp_backward_at(const T* __restrict__ x, const T* __restrict__ p,
+                                                   const long long* __restrict__ layout, const T* __restrict__ alphas,
+                                                   int layers, long long rows, const T* __restrict__ ys,
+                                                   const T* __restrict__ us, const T* __restrict__ delta,
+                                                   T* __restrict__ partial, long long n_params) {
     constexpr int pitch = BP_PITCH(WIDTH, TC), G = BP_THREADS / WIDTH, R = BP_BASE * G;
     __shared__ __align__(16) T smem[2 * R * pitch];
     const int t = threadIdx.x, col = t %% WIDTH, group = t / WIDTH, r0 = group * BP_BASE;
@@ -432,7 +440,7 @@ __device__ __forceinline__ void bp_mlp_backward_at(const T* x, const T* p, const
 
 %(entries)s
 /* out[0] = sum(partial[0:blocks]) / batch, one block, fixed order: the mean loss of a forward pass with its error. */
-extern "C" __global__ void bp_mlp_mean(const T* partial, long long blocks, T batch, T* out) {
+extern "C" __global__ void bp_mlp_mean(const T* __restrict__ partial, long long blocks, T batch, T* __restrict__ out) {
     T acc = (T)0;
     for (long long i = threadIdx.x; i < blocks; i += blockDim.x) acc += partial[i];
     acc = bp_block_sum(acc);
@@ -440,7 +448,8 @@ extern "C" __global__ void bp_mlp_mean(const T* partial, long long blocks, T bat
 }
 
 /* grads[i] = sum over the slices of partial[b * n + i], in the order of the slices. */
-extern "C" __global__ void bp_mlp_reduce(const T* partial, long long slices, long long n, T* grads) {
+extern "C" __global__ void bp_mlp_reduce(const T* __restrict__ partial, long long slices, long long n,
+                                          T* __restrict__ grads) {
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
         T s = (T)0;
@@ -451,14 +460,16 @@ extern "C" __global__ void bp_mlp_reduce(const T* partial, long long slices, lon
 """
 
 
-_ENTRIES = r"""extern "C" __global__ void bp_mlp_forward%(tag)s_w%(w)d(const T* x, const T* p, const long long* layout,
-    const T* alphas, int layers, long long rows, T* ys, T* us, const T* target, const T* w, int weighted, int pair,
-    T k, T batch, T* delta, T* partial) {
+_ENTRIES = r"""extern "C" __global__ void bp_mlp_forward%(tag)s_w%(w)d(const T* __restrict__ x, const T* __restrict__ p,
+    const long long* __restrict__ layout, const T* __restrict__ alphas, int layers, long long rows,
+    T* __restrict__ ys, T* __restrict__ us, const T* __restrict__ target, const T* __restrict__ w, int weighted,
+    int pair, T k, T batch, T* __restrict__ delta, T* __restrict__ partial) {
     bp_mlp_forward_at<%(w)d, %(tc)s>(x, p, layout, alphas, layers, rows, ys, us, target, w, weighted, pair, k, batch,
                                      delta, partial);
 }
-extern "C" __global__ void bp_mlp_backward%(tag)s_w%(w)d(const T* x, const T* p, const long long* layout,
-    const T* alphas, int layers, long long rows, const T* ys, const T* us, const T* delta, T* partial,
+extern "C" __global__ void bp_mlp_backward%(tag)s_w%(w)d(const T* __restrict__ x, const T* __restrict__ p,
+    const long long* __restrict__ layout, const T* __restrict__ alphas, int layers, long long rows,
+    const T* __restrict__ ys, const T* __restrict__ us, const T* __restrict__ delta, T* __restrict__ partial,
     long long n_params) {
     bp_mlp_backward_at<%(w)d, %(tc)s>(x, p, layout, alphas, layers, rows, ys, us, delta, partial, n_params);
 }

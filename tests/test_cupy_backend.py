@@ -179,7 +179,8 @@ class _Fake:
     modes_set: list = []  # every cuBLAS math mode the backend set
     launches: list = []
     allocations = 0  # device arrays made by empty/zeros/ones/empty_like
-    captured_allocations = 0  # ... of them while a stream was capturing
+    captured_allocations = 0  # device memory asked for (those and copies from the host) while a stream captured
+    allocators: list = []  # the allocators using_allocator set, innermost last
     handles: dict = {}  # nvmath cuBLAS handle -> its state
     blas_calls: list = []  # (name, stream pointer, capturing) of every nvmath GEMM/GEMV
     lt_calls: list = []  # (epilogue, stream pointer, capturing) of every fake cuBLASLt matmul
@@ -193,6 +194,7 @@ class _Fake:
         cls.lt_calls.clear()
         cls.lt_refused.clear()
         cls.math_mode = cls.allocations = cls.captured_allocations = 0
+        cls.allocators = []
         cls.handles, cls.memory, cls.starts = {}, {}, []
 
     @classmethod
@@ -246,13 +248,29 @@ class _Fake:
         return owner.reshape(-1).view(np.uint8)[off:off + nbytes].view(dtype)
 
 
+def _malloc(nbytes: int) -> None:
+    """Device memory asked for: counted when a stream captures, and taken from the allocator that
+    ``using_allocator`` set (a recorded graph's memory pool), as CuPy does."""
+    _Fake.captured_allocations += _Fake.capturing()
+    if _Fake.allocators and _Fake.allocators[-1] is not None:
+        _Fake.allocators[-1](nbytes)
+
+
 def _empty(shape, dtype=np.float64):
     _Fake.allocations += 1
-    _Fake.captured_allocations += _Fake.capturing()
     dtype = np.dtype(dtype)
+    _malloc(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
     if dtype.kind == "f":
         return _fa(np.full(shape, np.nan, dtype=dtype))
     return _fa(np.full(shape, -7 if dtype.kind == "i" else 0xF9, dtype=dtype))  # poison for integers
+
+
+def _copied(source, result: np.ndarray) -> _FakeArray:
+    """``result`` of ``cupy.array``, ``asarray`` or ``ascontiguousarray`` of ``source``: device memory of its
+    own (asked for) unless it is ``source``'s, a device array."""
+    if not (isinstance(source, _FakeArray) and np.shares_memory(source, result)):
+        _malloc(result.nbytes)
+    return _fa(result)
 
 
 def _tf32(a: np.ndarray) -> np.ndarray:
@@ -548,6 +566,15 @@ class _EK:
 _C_SCALAR = {"long long": np.int64, "int": np.int32, "double": np.float64}
 
 
+def _check_restrict(kernel: str, pname: str, decl: str, a: np.ndarray, pointers: dict) -> None:
+    """No array given to a ``__restrict__`` pointer of a launch overlaps another of its arrays unless neither
+    is written (both ``const``): the compiler may otherwise keep a stale value or reorder the accesses."""
+    for other, (other_decl, b) in pointers.items():
+        if np.shares_memory(a, b) and "__restrict__" in decl + other_decl:
+            assert decl.startswith("const") and other_decl.startswith("const"), \
+                f"{kernel}: {pname} overlaps {other}, a __restrict__ pointer of the two, and one is written"
+
+
 class _RawKernel:
     def __init__(self, name, ctype, params, emulator=None):
         self.name, self.ctype, self.params = name, ctype, params
@@ -557,13 +584,15 @@ class _RawKernel:
         assert len(grid) == 1 and len(block) == 1 and block[0] % 32 == 0
         assert len(args) == len(self.params), f"{self.name}: {len(args)} arguments for {len(self.params)}"
         T = np.float32 if self.ctype == "float" else np.float64
-        arrays, scalars, aliases, outputs, targets = {}, {}, {}, [], {}
+        arrays, scalars, aliases, outputs, targets, pointers = {}, {}, {}, [], {}, {}
         for decl, a in zip(self.params, args):
             pname = decl.replace("*", " ").split()[-1]
             if "*" in decl:
                 ctype = _src_tests._pointee(decl)
                 want = T if ctype == "T" else _src_tests._NP_OF[ctype]
                 assert isinstance(a, np.ndarray) and a.dtype == want and a.flags.c_contiguous, (self.name, pname)
+                _check_restrict(self.name, pname, decl, a, pointers)
+                pointers[pname] = (decl, a)
                 for other, b in targets.items():
                     if np.shares_memory(a, b):
                         aliases[pname] = other
@@ -626,10 +655,10 @@ def _make_fake_cupy() -> dict:
             return a
         return make
     cp.zeros, cp.ones = _filled(0), _filled(1)
-    cp.array = lambda a, dtype=None, order="C", copy=True: _fa(np.array(np.asarray(a), dtype=dtype, order=order))
-    cp.ascontiguousarray = lambda a, dtype=None: _fa(np.ascontiguousarray(a, dtype=dtype))
+    cp.array = lambda a, dtype=None, order="C", copy=True: _copied(a, np.array(np.asarray(a), dtype=dtype, order=order))
+    cp.ascontiguousarray = lambda a, dtype=None: _copied(a, np.ascontiguousarray(a, dtype=dtype))
     cp.arange = lambda *a, **kw: _fa(np.arange(*a, **kw))
-    cp.asarray = lambda a, dtype=None: _fa(np.asarray(a, dtype=dtype))
+    cp.asarray = lambda a, dtype=None: _copied(a, np.asarray(a, dtype=dtype))
     cp.int64 = np.int64
     # reductions and ufuncs, computed at once (a CPU model: nothing here may run inside a capture)
     for name in ("count_nonzero", "argmin", "floor", "abs"):
@@ -663,8 +692,11 @@ def _make_fake_cupy() -> dict:
     class _Pool:
         released = 0
 
+        def __init__(self):
+            self.mallocs = []  # (bytes, whether a stream captured) of each allocation it served
+
         def malloc(self, size):
-            raise AssertionError("not used by the fake")
+            self.mallocs.append((size, _Fake.capturing()))
 
         def free_bytes(self):  # CuPy's default pool: blocks held but unused
             return 2**20
@@ -677,7 +709,11 @@ def _make_fake_cupy() -> dict:
 
     @__import__("contextlib").contextmanager
     def using_allocator(alloc=None):
-        yield
+        _Fake.allocators.append(alloc)
+        try:
+            yield
+        finally:
+            _Fake.allocators.pop()
 
     import time as _time
 
@@ -1301,6 +1337,107 @@ def test_fake_capture_replay_copy_into(fake, rng):
         k.copy_into(out, k.zeros((5, 3), np.float64))
 
 
+def _recording_pools(monkeypatch, k) -> list:
+    """Every memory pool made from now on (``capture`` makes one per recording, failed ones included)."""
+    pools = []
+    cuda = k.device._cupy.cuda
+    make = cuda.MemoryPool
+    monkeypatch.setattr(cuda, "MemoryPool", lambda: pools.append(make()) or pools[-1])
+    return pools
+
+
+def _weighted_graph_steps(k, net, opt, batches, weights):
+    """Steps with row ``weights`` as a recorded graph: an ordinary step on the first batch, the step recorded on
+    the workspace's staging buffers (not counted, as graphed_train_step does), then a replay per later batch."""
+    from backprop import step
+
+    x0, t0 = batches[0]
+    ws, guard = step.workspace(net, x0.shape[0]), step.Guard(k)
+    step.train_step(net, ws, x0, t0, opt, guard, weights=weights)
+    steps = opt.steps
+    g = k.capture(lambda: step.train_step(net, ws, ws.x, ws.t, opt, guard, weights=weights))
+    opt.steps = steps
+    for x, t in batches[1:]:
+        k.copy_into(ws.x, x)
+        k.copy_into(ws.t, t)
+        opt.begin_step()
+        k.replay(g)
+    return guard
+
+
+@pytest.mark.parametrize("epilogues", [False, True], ids=["kernels", "epilogues"])
+@pytest.mark.parametrize("fused", [False, True], ids=["layers", "fused"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_fake_recorded_step_allocates_nothing(fake, rng, monkeypatch, optimizer, dtype, fused, epilogues):
+    """Between begin_capture and end_capture a recorded training step asks for no device memory (none from
+    the graph's pool, none cached for the process): net.train_step(graph=True), and a step with row weights
+    recorded after an ordinary one; both then replay the ordinary steps' parameters bit for bit."""
+    from backprop import SGD, Adam, step
+
+    k = fake
+    make_opt = (lambda: SGD(lr=0.1, momentum=0.9)) if optimizer == "sgd" else (lambda: Adam(1e-2))
+    plain, graphed = _fake_nets("relu", "multiclass", dtype=dtype, sizes=(6, 16, 8, 3))
+    op, og = make_opt(), make_opt()
+    pools = _recording_pools(monkeypatch, k)
+    batches = [_fake_batch(rng, "multiclass") for _ in range(3)]
+    k.set_fused_mlp(fused)
+    k.set_epilogues(epilogues)
+    try:
+        assert step.fused(graphed) == fused
+        for X, T in batches:
+            assert graphed.train_step(X, T, og, graph=True) == plain.train_step(X, T, op)
+        device = [(graphed._inputs(X), graphed._targets(T, len(X))) for X, T in batches]
+        w = k.to_device(rng.uniform(0.5, 2.0, len(batches[0][0])), dtype)
+        guard = _weighted_graph_steps(k, graphed, og, device, w)
+        ws, guard_plain = step.workspace(plain, len(batches[0][0])), step.Guard(k)
+        for x, t in device:
+            step.train_step(plain, ws, x, t, op, guard_plain, weights=w)
+    finally:
+        k.set_fused_mlp(False)
+        k.set_epilogues(False)
+    assert any(capturing for _, _, capturing in _Fake.lt_calls) == (epilogues and not fused)  # recorded there
+    assert len(pools) == 2 and _Fake.captured_allocations == 0
+    assert [p.mallocs for p in pools] == [[], []]
+    assert guard.read().loss_sum == guard_plain.read().loss_sum and og.steps == op.steps == 6
+    _assert_same_params(plain, graphed)
+
+
+def test_fake_capture_refuses_a_cached_buffer_first_made_while_recording(fake, rng, monkeypatch):
+    """Work recorded before it ever ran would make its cached buffers while recording: from the graph's
+    memory pool (freed with the graph while the cache keeps the address), a zeros or ones fill recorded
+    instead of run. capture refuses each (the scratch of unweighted rows after only weighted steps, a new
+    workspace's buffers, the ones vector of a new batch size, a fused layout), allocating and caching
+    nothing; recorded after it ran once, the same work allocates nothing."""
+    from backprop import SGD, step
+
+    k, dt = fake, np.float32
+    pools = _recording_pools(monkeypatch, k)
+    net = _fake_nets("tanh", "regression")[0]
+    opt = SGD(lr=0.1)
+    x, t = (k.to_device(a, dt) for a in _fake_batch(rng, "regression"))
+    ws, guard = step.workspace(net, 10), step.Guard(k)
+    step.train_step(net, ws, x, t, opt, guard, weights=k.to_device(np.ones(10), dt))
+    fresh = step.workspace(net, 7)
+    d, db = k.to_device(rng.normal(size=(13, 3)), dt), k.zeros((3,), dt)
+    cases = [("'no_weights'", lambda: step.train_step(net, ws, x, t, opt, guard)),
+             ("zeros", lambda: step.train_step(net, fresh, x[:7], t[:7], opt, guard)),
+             ("13 ones", lambda: k._bias_gemv(d, db, 1.0, 0.0)),
+             ("layout of a 10-row pass", lambda: k.mlp_forward(x, net.params, net.sizes, ("tanh", "identity"),
+                                                               (0.0, 0.0), ws.keep_u, ws.y_flat, ws.u_flat))]
+    cached = len(k._scratch_cache), len(k.blas._ones_cache), len(k.fused_mlp._fused_plans)
+    for what, work in cases:
+        with pytest.raises(k.CaptureAllocationError, match=what):
+            k.capture(work)
+        assert not _Fake.capturing()
+    assert (len(k._scratch_cache), len(k.blas._ones_cache), len(k.fused_mlp._fused_plans)) == cached
+    assert _Fake.captured_allocations == 0 and all(p.mallocs == [] for p in pools)
+    for _, work in cases:
+        work()
+        k.capture(work)
+    assert _Fake.captured_allocations == 0 and all(p.mallocs == [] for p in pools) and len(pools) == 8
+
+
 def test_fake_tf32_through_nvmath(fake, rng):
     """With nvmath-python the backend sets TF32 on its own handle as _tf32 says, only when it changes; a
     graph keeps the mode it was recorded with, and a graph step records anew when the mode changes."""
@@ -1561,9 +1698,9 @@ def test_fake_guarded_step_is_the_multi_launch_update_in_one(fake, rng, dt, opt)
 def _one_launch_declines(k, rng, opt, nw, nb) -> bool:
     """``opt.apply_in_one_launch`` on ``nw`` weights and ``nb`` biases in float32 declined, and then launched
     nothing (else it launched exactly one kernel)."""
-    W, b = k.to_device(rng.normal(size=nw), np.float32), k.to_device(rng.normal(size=nb), np.float32)
+    W, b, dW, db = (k.to_device(rng.normal(size=n), np.float32) for n in (nw, nb, nw, nb))
     _Fake.launches.clear()
-    done = opt.apply_in_one_launch(k, object(), W, b, W, b, k.zeros((GUARD_SIZE,), np.float64),
+    done = opt.apply_in_one_launch(k, object(), W, b, dW, db, k.zeros((GUARD_SIZE,), np.float64),
                                    k.zeros((), np.float32), 1.0, np.float32)
     assert len(_Fake.launches) == (1 if done else 0)
     return not done
@@ -1856,6 +1993,22 @@ def test_fake_fused_narrow_networks_are_opt_in(fake, rng):
         assert not any(name.startswith("bp_mlp") for name in _Fake.launches)
     finally:
         fake.set_fused_mlp(False)
+
+
+def test_fake_fused_backward_of_no_rows_zeroes_the_gradients(fake):
+    """No rows: zero gradients, by one bp_mlp_reduce over no slices, given a stand-in for the slices (not the
+    gradients themselves: its pointers are __restrict__, and the fake refuses overlapping ones)."""
+    from backprop.kernels import fused_mlp_sources as F
+
+    k, dt = fake, np.float32
+    sizes, acts, keep_u = (4, 8, 2), ("tanh", "identity"), (False, True)
+    _, _, _, ny, nu = F.plan(sizes, acts, 0, keep_u)
+    grads = k.to_device(np.full(4 * 8 + 8 + 8 * 2 + 2, np.nan), dt)
+    _Fake.launches.clear()
+    k.mlp_backward(k.zeros((0, 4), dt), k.to_device(np.ones(grads.size), dt), sizes, acts, (0.0, 0.0), keep_u,
+                   k.zeros((ny,), dt), k.zeros((max(nu, 1),), dt), k.zeros((0, 2), dt), grads)
+    assert _Fake.launches == ["bp_mlp_reduce"]
+    np.testing.assert_array_equal(host(k, grads), np.zeros(grads.size))
 
 
 @pytest.mark.parametrize("head", ["multiclass", "regression"])

@@ -57,6 +57,18 @@ def test_plan_offsets():
     assert (y_off, u_off, ny, nu) == ([0, 35], [-1, 0], 49, 14)
 
 
+def test_every_pointer_of_the_fused_kernels_is_restrict():
+    """No two arrays of a fused launch overlap (the fake CuPy checks every launch), so every pointer parameter,
+    of the entry points and of the passes they call, is ``__restrict__``."""
+    for source in (F.module_source("double"), F.module_source("float", tensor_cores=True)):
+        params = [p for ps in signatures(source).values() for p in ps]
+        params += [" ".join(p.split()) for ps in re.findall(r"void bp_mlp_\w+_at\(([^)]*)\)", source)
+                   for p in ps.split(",")]
+        pointers = [p for p in params if "*" in p]
+        assert len(pointers) > 6 * len(F.KERNEL_NAMES)
+        assert [p for p in pointers if "__restrict__" not in p] == []
+
+
 # --------------------------------------------------------------------------- 1. nvcc and ptxas
 @pytest.mark.exhaustive
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found")

@@ -116,6 +116,18 @@ def test_workspace_is_made_once_per_batch_size(backend, small):
     assert len(net.workspaces) == step.MAX_WORKSPACES
 
 
+def test_workspace_make_buffers_leaves_none_to_make_on_first_use():
+    """What a CUDA graph's recording needs: after make_buffers no buffer of the workspace is made later."""
+    from functools import cached_property
+
+    net = bp.MLP([4, 5, 3], backend="numpy")
+    ws = step.workspace(net, 7)
+    lazy = {name for name, attr in vars(step.Workspace).items() if isinstance(attr, cached_property)}
+    assert {"delta", "reduced", "x", "t"} <= lazy and not lazy & set(vars(ws))
+    ws.make_buffers()
+    assert lazy <= set(vars(ws))
+
+
 def test_gradients_written_to_the_views_land_in_the_flat_buffer(backend, rng):
     net = bp.MLP([4, 5, 3], backend=backend.name, dtype="float64")
     k = backend.kernels

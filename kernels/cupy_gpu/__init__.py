@@ -88,7 +88,7 @@ from .blas import (  # noqa: F401
     _gemv_plan,
 )
 from .collectives import NcclEngine  # noqa: F401
-from .device import Array, _cupy, _scratch_cache  # noqa: F401
+from .device import Array, CaptureAllocationError, _cupy, _scratch_cache  # noqa: F401
 from .fused_mlp import FUSED_TF32  # noqa: F401
 from .graphs import CapturedGraph  # noqa: F401
 from .updates import count_step  # noqa: F401

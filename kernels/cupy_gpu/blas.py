@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .device import Array, _contiguous, _cupy, _per_device
+from .device import Array, _contiguous, _cupy, _per_device, refuse_while_recording
 from .tf32 import CUBLAS_TF32_TENSOR_OP_MATH, tf32_enabled
 
 #: cuBLAS's ``cublasOperation_t`` values (``nvmath.bindings.cublas.Operation.N`` / ``.T``).
@@ -246,11 +246,12 @@ _ones_cache: dict[tuple[int, int, str], Array] = {}
 def _ones(n: int, dtype: Any) -> Array:
     """A cached vector of ``n`` ones (the GEMV that sums ``delta`` over the batch reads it).
 
-    Never evicted: a captured CUDA graph may hold its address.
+    Never evicted: a captured CUDA graph may hold its address; so never first made while recording one.
     """
     key = (_cupy.cuda.Device().id, n, np.dtype(dtype).char)
     v = _ones_cache.get(key)
     if v is None:
+        refuse_while_recording(f"the vector of {n} ones ({np.dtype(dtype)})")
         v = _cupy.ones(n, dtype=dtype)
         _ones_cache[key] = v
     return v

@@ -8,7 +8,8 @@ It holds the one lock of the backend (the availability probe and the per-device 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -90,6 +91,8 @@ def to_host(a: Array) -> np.ndarray:
 
 
 def zeros(shape: tuple[int, ...], dtype: Any) -> Array:
+    """A new array of zeros; refused while this thread records a CUDA graph (:func:`refuse_while_recording`)."""
+    refuse_while_recording(f"zeros({tuple(shape)}, {np.dtype(dtype)})")
     return _cupy.zeros(shape, dtype=dtype)
 
 
@@ -159,6 +162,34 @@ def _per_device(cache: dict[int, Any], make: Callable[[], Any]) -> Any:
     return obj
 
 
+# --------------------------------------------------------------------------- graph recording
+class CaptureAllocationError(RuntimeError):
+    """A buffer meant to outlive a CUDA graph's recording was asked to be made during it."""
+
+
+_recording = threading.local()
+
+
+@contextmanager
+def recording() -> Iterator[None]:
+    """Mark the calling thread as recording a CUDA graph (:func:`~.graphs.capture`) while the block runs."""
+    _recording.depth = getattr(_recording, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _recording.depth -= 1
+
+
+def refuse_while_recording(what: str) -> None:
+    """Raise :class:`CaptureAllocationError` if this thread is recording a CUDA graph. Memory allocated then
+    comes from the graph's private pool and is freed with the graph, and a fill (``zeros``, ``ones``) is
+    recorded, not run: a buffer kept after the recording (a cached scratch, a workspace's) must be made before."""
+    if getattr(_recording, "depth", 0):
+        raise CaptureAllocationError(
+            f"{what} was asked for while a CUDA graph was being recorded: its memory would be the graph's "
+            "(freed with it) and its contents unset until a replay; run the work once before recording it")
+
+
 # --------------------------------------------------------------------------- buffers
 def _contiguous(a: Array) -> Array:
     return a if a.flags.c_contiguous else _cupy.ascontiguousarray(a)
@@ -180,10 +211,11 @@ _scratch_cache: dict[tuple[int, str, tuple[int, ...], str, int], Array] = {}
 def _scratch(tag: str, shape: tuple[int, ...], dtype: Any) -> Array:
     """A device scratch buffer for ``tag`` (its use), reused by every call from the same host thread with the
     same device, shape and dtype (threads enqueueing on one stream never share one); never handed out to
-    callers. Never evicted: a captured CUDA graph may hold its address."""
+    callers. Never evicted: a captured CUDA graph may hold its address; so never first made while recording one."""
     key = (_cupy.cuda.Device().id, tag, tuple(shape), np.dtype(dtype).char, threading.get_ident())
     buf = _scratch_cache.get(key)
     if buf is None:
+        refuse_while_recording(f"the scratch buffer {tag!r} {tuple(shape)} {np.dtype(dtype)}")
         buf = _cupy.empty(shape, dtype=dtype)
         _scratch_cache[key] = buf
     return buf

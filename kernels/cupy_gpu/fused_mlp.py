@@ -13,7 +13,7 @@ import numpy as np
 from .. import cupy_sources as src
 from .. import fused_mlp_sources as fused
 from ..contract import check_weights
-from .device import Array, _buffer, _contiguous, _cupy, _scalar, _scratch
+from .device import Array, _buffer, _contiguous, _cupy, _scalar, _scratch, refuse_while_recording
 from .tf32 import tf32_enabled
 
 _fused_on = False
@@ -81,6 +81,7 @@ def _fused_plan(sizes: tuple, acts: tuple, alphas: tuple, keep_u: tuple, rows: i
         reason = fused_mlp_reason(sizes, acts, dtype)
         if reason:
             raise ValueError(f"the fused kernels do not serve this network: {reason}")
+        refuse_while_recording(f"the fused kernels' layout of a {rows}-row pass")
         layout = fused.plan(sizes, acts, rows, keep_u)[0]
         plan = _fused_plans[key] = (_cupy.asarray(layout, dtype=np.int64),
                                     _cupy.asarray(np.array(alphas, dtype=np.float64), dtype=dtype))
@@ -132,6 +133,12 @@ def mlp_forward_error(x: Array, params: Array, sizes: Any, acts: Any, alphas: An
     _mlp_forward(x, params, sizes, acts, alphas, keep_u, y_flat, u_flat, (t, weights, pair, param, delta, value))
 
 
+def _unused(name: str, dtype: Any) -> Array:
+    """A one-element stand-in for the array ``name`` that a launch is given and never accesses: one per parameter,
+    so that no two ``__restrict__`` pointers of a launch share memory."""
+    return _scratch(f"unused_{name}", (1,), dtype)
+
+
 def _mlp_forward(x: Array, params: Array, sizes: Any, acts: Any, alphas: Any, keep_u: Any, y_flat: Array,
                  u_flat: Array, error: tuple | None) -> None:
     rows, layout, alph, sizes, acts = _fused_args(x, params, sizes, acts, alphas, keep_u, y_flat, u_flat)
@@ -139,12 +146,12 @@ def _mlp_forward(x: Array, params: Array, sizes: Any, acts: Any, alphas: Any, ke
     tc = _fused_tensor_cores(dtype)
     width = fused.kernel_width(sizes)
     tiles = -(-rows // fused.tile_rows(width, src.CTYPES[dtype.name]))
-    none = _scratch("no_weights", (1,), dtype)  # stands in for the arrays a pass without its error never reads
     if error is None:
-        t, w, weighted, pair, k, delta, partial = none, none, 0, fused.NO_ERROR, 0.0, none, none
+        t, w, delta, partial = (_unused(name, dtype) for name in ("target", "weights", "delta", "partial"))
+        weighted, pair, k = 0, fused.NO_ERROR, 0.0
     else:
         t, weights, pair, k, delta, value = error
-        w, weighted = (none, 0) if weights is None else (_contiguous(weights), 1)
+        w, weighted = (_unused("weights", dtype), 0) if weights is None else (_contiguous(weights), 1)
         partial = _scratch("fused_loss_partial", (max(tiles, 1),), dtype)
     if rows > 0:
         _fused_kernel(fused.kernel_name("forward", width, tc), dtype, tc)((tiles,), (fused.THREADS,), (
@@ -176,7 +183,8 @@ def mlp_backward(x: Array, params: Array, sizes: Any, acts: Any, alphas: Any, ke
     n = int(params.size)
     _buffer(grads, (n,), dtype, "grads")
     if rows == 0:
-        _fused_kernel("bp_mlp_reduce", dtype, tc)((1,), (src.BLOCK,), (grads, np.int64(0), np.int64(n), grads))  # zeros
+        _fused_kernel("bp_mlp_reduce", dtype, tc)((1,), (src.BLOCK,), (_unused("partial", dtype), np.int64(0),
+                                                                     np.int64(n), grads))  # zeros
         return
     width = fused.kernel_width(sizes)
     tiles = -(-rows // fused.tile_rows(width, src.CTYPES[dtype.name]))

@@ -12,7 +12,7 @@ import numpy as np
 
 from . import blas as blas_mod  # CUBLAS_WORKSPACE_BYTES is read there, when a graph is recorded
 from .blas import _NVMATH_HINT, _blas, _nvmath_reason
-from .device import Array, _cupy, unavailable_reason
+from .device import Array, _cupy, recording, unavailable_reason
 
 
 def capture_unavailable_reason() -> str:
@@ -50,7 +50,9 @@ def capture(fn: Callable[[], Any]) -> CapturedGraph:
     them, on a private non-blocking stream with its own memory pool (kept with the graph). Our
     cuBLAS handle is bound to that stream, with a workspace of the graph's own, before the capture
     begins. On an error the capture is ended and the error re-raised. ``fn`` must not read device
-    data back to the host (nothing runs while recording)."""
+    data back to the host (nothing runs while recording), nor make a buffer that outlives the graph: a
+    cached scratch, ones vector or fused layout first asked for, or ``zeros``, raises
+    :class:`~.device.CaptureAllocationError` (run ``fn`` once before recording it)."""
     reason = capture_unavailable_reason()
     if reason:
         raise RuntimeError(f"cannot record a CUDA graph: {reason}")
@@ -64,7 +66,8 @@ def capture(fn: Callable[[], Any]) -> CapturedGraph:
             blas.bind(int(stream.ptr), workspace)
             stream.begin_capture()
             try:
-                fn()
+                with recording():
+                    fn()
             except BaseException:
                 _abandon(stream)
                 raise
