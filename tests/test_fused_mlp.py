@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import functools
+import re
 
 import numpy as np
 import pytest
