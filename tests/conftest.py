@@ -33,10 +33,17 @@ from backprop.backend import Backend, resolve_backend  # noqa: E402
 from backprop.kernels import BACKEND_MODULES  # noqa: E402
 
 GPU_ONLY = {"cupy"}
+CUDA_KERNELS = {"numba-cuda"}  # runs without a GPU too, under the CUDA simulator
+
+
+def backend_marks(name: str) -> list:
+    """The marks of backend ``name``'s tests: ``gpu`` (needs a GPU), ``cuda`` (CUDA kernels, simulated without
+    one), so that ``-m "gpu or cuda"`` picks every test of a GPU backend on a GPU machine."""
+    return [pytest.mark.gpu] if name in GPU_ONLY else [pytest.mark.cuda] if name in CUDA_KERNELS else []
 
 
 def _params() -> list:
-    return [pytest.param(n, marks=[pytest.mark.gpu] if n in GPU_ONLY else [], id=n) for n in BACKEND_MODULES]
+    return [pytest.param(n, marks=backend_marks(n), id=n) for n in BACKEND_MODULES]
 
 
 @pytest.fixture(params=_params())

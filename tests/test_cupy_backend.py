@@ -1902,18 +1902,10 @@ def test_fake_benchmark_script_runs(fake, tmp_path, monkeypatch):
     import json
 
     from backprop.bench import user_paths as up
+    from tests.fake_gpu_bench import use_tiny_cases
 
     monkeypatch.setitem(sys.modules, "torch", None)  # as if PyTorch were not installed
-    tiny = up.Case("tiny", (6, 7, 3), 8, "tanh", "multiclass", (6, 7, 3), 8)
-    bound = up.Case("gemm_bound", (8, 8, 8), 8, "relu", "regression", (8, 8, 8), 8, gemm_bound=True)
-    monkeypatch.setattr(up.cases, "FIT", up.FitCase((6, 8, 3), 16, 16, (6, 8, 3), 16, 16))
-    monkeypatch.setattr(up.cases, "API_CASES", [tiny])
-    monkeypatch.setattr(up.cases, "STEP_CASES", [tiny, bound])
-    monkeypatch.setattr(up.cases, "GRAPH_CASE", tiny)
-    monkeypatch.setattr(up.cases, "TF32_CASE", bound)
-    monkeypatch.setattr(up.cases, "FUSED_CASE", up.Case("narrow", (6, 16, 2), 8, "relu", "regression", (6, 16, 2), 8))
-    narrow = up.Case("narrow", (6, 16, 16, 2), 8, "relu", "regression", (6, 16, 16, 2), 8)
-    monkeypatch.setattr(up.cases, "EPILOGUE_CASES", [(narrow, 1.5), (bound, None)])
+    use_tiny_cases(monkeypatch.setattr)
     rc = up.main(["--quick", "--backend", "cupy", "--sections", "fit,api,step,graph,tf32,fused,epilogues", "--out",
                   str(tmp_path),
                   "--repeats", "1", "--fit-repeats", "1", "--min-sample-time", "0", "--gemm-size", "16"])

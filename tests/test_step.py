@@ -254,6 +254,7 @@ def test_public_methods_on_device_arrays_copy_no_array_to_the_host(host_copies, 
     assert max(host_copies) <= 8, f"copied arrays of {sorted(set(host_copies))} elements to the host"
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("shuffle", [True, False], ids=["shuffled", "in_order"])
 def test_fit_streams_data_that_does_not_fit_the_device_and_trains_the_same(monkeypatch, rng, shuffle):
     """Over the memory budget the training set stays on the host and goes over in chunks of whole
