@@ -29,8 +29,9 @@ the activations one flat buffer each for ``y`` and ``u``, layer ``l`` at its off
 registry's CUDA forms, dispatched by activation code (:data:`ACT_CODES`). Everything runs in ``T`` on the CUDA
 cores, except in the TF32 twins of the passes (``module_source("float", tensor_cores=True)``, sm_80 and newer):
 there each layer's products ``W x``, ``W^T delta`` and ``delta x^T`` of a tile are ``mma.sync`` on the tensor cores
-(:func:`kernel_name` with ``tensor_cores``; shared memory at a pitch of ``width + 8``, the padding kept zero), the
-rest as in float.
+(:func:`kernel_name` with ``tensor_cores``; shared memory at a pitch of ``width +`` :data:`TC_PAD`, the padding
+kept zero), the rest as in float. The forward pass has a second CUDA-core kernel, register-tiled
+(:mod:`.fused_forward_tiled`, ``kernel_name("forward", width, variant="tiled")``), with the same results.
 
 Every pointer parameter is ``__restrict__``: no two arrays of a launch overlap (the backend gives each array a
 launch never accesses a one-element stand-in of its own), so the compiler may keep loads of the parameters and
@@ -44,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from . import fused_forward_tiled as _tiled
 from . import registry as _registry
 from .cupy_sources import ACT_FORWARD, ACT_SLOPE, CTYPES, LOSS_BODY, MATH_PREAMBLE, REDUCE_PREAMBLE, loss_pairs
 from .registry import ACTIVATIONS
@@ -55,6 +57,9 @@ MAX_WIDTH = 128
 THREADS = MAX_WIDTH
 #: The kernels' widths: a network runs at the smallest of these that holds its widest layer.
 WIDTHS = (32, 64, 128)
+#: Padding of a row of a tile in shared memory on the tensor cores, by pass (``BP_PITCH``: ``width + TC_PAD``):
+#: no bank conflicts for the fragments each pass reads most (the forward's A by rows, the backward's by columns).
+TC_PAD = {"forward": 4, "backward": 8}
 #: Rows each thread carries, by C type; a tile is ``BASE_ROWS * (THREADS // width)`` rows (two buffers of it
 #: in shared memory: about 34 KB either way).
 BASE_ROWS = {"float": 32, "double": 16}
@@ -172,16 +177,20 @@ KERNELS = r"""
 #define BP_F %(fields)d
 #define BP_SOFTMAX %(softmax)d
 /* Shared memory of a pass: two buffers of R = BP_BASE * G rows (G * WIDTH == BP_THREADS) of a pitch of WIDTH + 1
-   elements on the CUDA cores (no bank conflicts for a column), WIDTH + 8 on the tensor cores (none for a fragment). */
-#define BP_PITCH(width, tc) ((tc) ? (width) + 8 : (width) + 1)
+   elements on the CUDA cores (no bank conflicts for a column), WIDTH + BP_TC_PAD on the tensor cores, BP_TC_PAD set
+   before each pass: 4 in the forward (no bank conflict for a fragment of A read by rows), 8 in the backward (none
+   for the fragments of its dE/dW, read by columns); with bp_tc_tiles' order of stores, none for a fragment of D. */
+#define BP_PITCH(width, tc) ((tc) ? (width) + BP_TC_PAD : (width) + 1)
 #define BP_AT(buf, r, k) smem[((buf) * R + (r)) * pitch + (k)]
 
 /* D = A B on the tensor cores in TF32 (inputs rounded to a 10-bit mantissa, float sums), in tiles of 16 x 8 with
    k in steps of 8: m_tiles x n_tiles tiles over k_steps, shared out among `warps` warps (this one `warp`) in items
    of one 16-row tile by BP_NT column tiles. load_a(m, k) and load_b(k, n) give the elements (zero beyond the
-   matrices), store(m, n, v) takes each element of D once. Called by every lane of the warps taking part. */
+   matrices), store(m, n, v) takes each element of D once. Called by every lane of the warps taking part. A lane
+   stores its two columns of a row of D in the order that leaves no bank conflict where D is in shared memory at a
+   pitch of PITCH (4 or 8 mod 32): the odd column first in odd rows (bit 0 of g) at 4, in rows g >= 4 at 8. */
 #define BP_NT 4
-template <class A, class B, class D>
+template <int PITCH, class A, class B, class D>
 __device__ __forceinline__ void bp_tc_tiles(int m_tiles, int n_tiles, int k_steps, int warp, int warps,
                                             const A& load_a, const B& load_b, const D& store) {
     const int lane = threadIdx.x %% 32, g = lane / 4, q = lane %% 4;
@@ -206,17 +215,18 @@ __device__ __forceinline__ void bp_tc_tiles(int m_tiles, int n_tiles, int k_step
 #pragma unroll
         for (int j = 0; j < BP_NT; ++j) {
             if (nb + j < n_tiles) {
-                const int n = (nb + j) * 8 + 2 * q;
-                store(m0 + g, n, d[j][0]);
-                store(m0 + g, n + 1, d[j][1]);
-                store(m0 + g + 8, n, d[j][2]);
-                store(m0 + g + 8, n + 1, d[j][3]);
+                const int n = (nb + j) * 8 + 2 * q, s = (g >> (PITCH %% 8 == 4 ? 0 : 2)) & 1;
+                store(m0 + g, n + s, s ? d[j][1] : d[j][0]);
+                store(m0 + g, n + 1 - s, s ? d[j][0] : d[j][1]);
+                store(m0 + g + 8, n + s, s ? d[j][3] : d[j][2]);
+                store(m0 + g + 8, n + 1 - s, s ? d[j][2] : d[j][3]);
             }
         }
     }
 }
 
 
+#define BP_TC_PAD %(tc_pad_forward)d  /* the forward pass's padding of a row on the tensor cores (BP_PITCH) */
 /* The forward pass of every layer for each tile of R rows. Thread t owns column t %% WIDTH of every layer and
    the BP_BASE rows of its group t / WIDTH; blockDim.x == BP_THREADS. WIDTH is a constant of each entry point,
    so that every shared-memory offset is one too. */
@@ -248,7 +258,7 @@ __device__ __forceinline__ void bp_mlp_forward_at(const T* __restrict__ x, const
             const T alpha = alphas[l];
             const int nxt = cur ^ 1;
             if constexpr (TC) {  /* W x^{l-1} of the whole tile on the tensor cores, into the next buffer */
-                bp_tc_tiles(R / 16, (n_out + 7) / 8, (n_in + 7) / 8, t / 32, BP_THREADS / 32,
+                bp_tc_tiles<pitch>(R / 16, (n_out + 7) / 8, (n_in + 7) / 8, t / 32, BP_THREADS / 32,
                             [&](int m, int k) { return BP_AT(cur, m, k); },
                             [&](int k, int n) { return k < n_in && n < n_out ? W[(long long)n * n_in + k] : (T)0; },
                             [&](int m, int n, T v) { BP_AT(nxt, m, n) = v; });
@@ -328,6 +338,8 @@ __device__ __forceinline__ void bp_mlp_forward_at(const T* __restrict__ x, const
     }
 }
 
+#undef BP_TC_PAD
+#define BP_TC_PAD %(tc_pad_backward)d  /* the backward pass's (BP_PITCH) */
 /* The backward pass of every layer for each tile of R rows. Each group of threads (t / WIDTH) sums the
    gradients of its BP_BASE rows of every tile into a slice of partial of its own (n_params values, the
    parameters' layout): slice blockIdx.x * G + group. blockDim.x == BP_THREADS. */
@@ -374,7 +386,7 @@ __device__ __forceinline__ void bp_mlp_backward_at(const T* __restrict__ x, cons
                 }
                 __syncthreads();
                 /* dE/dW^l += (delta^l)^T x^{l-1} over this group's rows, by the group's warps into its slice */
-                bp_tc_tiles((n_out + 15) / 16, (n_in + 7) / 8, BP_BASE / 8, col / 32, WIDTH / 32,
+                bp_tc_tiles<pitch>((n_out + 15) / 16, (n_in + 7) / 8, BP_BASE / 8, col / 32, WIDTH / 32,
                             [&](int m, int k) { return BP_AT(cur, r0 + k, m); },
                             [&](int k, int n) { return BP_AT(cur ^ 1, r0 + k, n); },
                             [&](int m, int n, T v) {
@@ -383,7 +395,7 @@ __device__ __forceinline__ void bp_mlp_backward_at(const T* __restrict__ x, cons
                 if (l > 0) {
                     __syncthreads();  /* every group has read its x^{l-1} */
                     /* (W^l)^T delta^l of the whole tile, into the other buffer */
-                    bp_tc_tiles(R / 16, (n_in + 7) / 8, (n_out + 7) / 8, t / 32, BP_THREADS / 32,
+                    bp_tc_tiles<pitch>(R / 16, (n_in + 7) / 8, (n_out + 7) / 8, t / 32, BP_THREADS / 32,
                                 [&](int m, int k) { return BP_AT(cur, m, k); },
                                 [&](int k, int n) { return k < n_out && n < n_in ? W[(long long)k * n_in + n] : (T)0; },
                                 [&](int m, int n, T v) { BP_AT(cur ^ 1, m, n) = v; });
@@ -479,22 +491,43 @@ extern "C" __global__ void bp_mlp_backward%(tag)s_w%(w)d(const T* __restrict__ x
 TF32_TAG = "_tf32"
 
 
-def kernel_name(pass_: str, width: int, tensor_cores: bool = False) -> str:
+#: The CUDA-core forward kernels: ``"column"`` (``bp_mlp_forward_w64``: a column and ``BASE_ROWS`` rows a thread)
+#: and ``"tiled"`` (``bp_mlp_forward_tiled_w64``: :mod:`.fused_forward_tiled`), the tag of each in its names.
+FORWARD_VARIANTS = {"column": "", "tiled": "_tiled"}
+
+
+def kernel_name(pass_: str, width: int, tensor_cores: bool = False, variant: str = "column") -> str:
     """The entry point of pass ``"forward"`` or ``"backward"`` at kernel width ``width``, on the CUDA cores or
-    (``tensor_cores``, float only) on the tensor cores in TF32."""
-    return f"bp_mlp_{pass_}{TF32_TAG if tensor_cores else ''}_w{width}"
+    (``tensor_cores``, float only) on the tensor cores in TF32; ``variant`` (:data:`FORWARD_VARIANTS`) picks the
+    CUDA-core forward kernel."""
+    if variant != "column" and (pass_ != "forward" or tensor_cores or variant not in FORWARD_VARIANTS):
+        raise ValueError(f"variant {variant!r} is a CUDA-core forward kernel of {sorted(FORWARD_VARIANTS)}")
+    return f"bp_mlp_{pass_}{TF32_TAG if tensor_cores else FORWARD_VARIANTS[variant]}_w{width}"
 
 
 def kernels_body(tensor_cores: bool = False) -> str:
-    """The kernels (after :data:`PREAMBLE`), for a ``typedef`` of ``T``: a forward and a backward entry point per
-    width of :data:`WIDTHS` (with ``tensor_cores``, also their TF32 twins: float only), and the reductions."""
+    """The kernels (after :data:`PREAMBLE`), for a ``typedef`` of ``T``: a forward (of each of
+    :data:`FORWARD_VARIANTS`) and a backward entry point per width of :data:`WIDTHS` (with ``tensor_cores``, also
+    their TF32 twins: float only), and the reductions."""
+    fields = format_fields()
     entries = [_ENTRIES % {"w": w, "tag": "", "tc": "false"} for w in WIDTHS]
     if tensor_cores:
         entries += [_ENTRIES % {"w": w, "tag": TF32_TAG, "tc": "true"} for w in WIDTHS]
-    return KERNELS % {"entries": "".join(entries),
-                      "threads": THREADS, "base_bytes": BASE_ROWS["float"] * 4, "fields": LAYOUT_FIELDS,
-                      "softmax": ACT_CODES[SOFTMAX], "n_in": N_IN, "n_out": N_OUT, "w_offset": W_OFFSET,
-                      "b_offset": B_OFFSET, "act": ACT, "y_offset": Y_OFFSET, "u_offset": U_OFFSET}
+    return KERNELS % {**fields, "entries": "".join(entries) + _tiled.source(fields)}
+
+
+def format_fields() -> dict[str, Any]:
+    """The fields :data:`KERNELS` (but ``entries``) and ``fused_forward_tiled.source`` are formatted with."""
+    return {"threads": THREADS, "base_bytes": BASE_ROWS["float"] * 4, "fields": LAYOUT_FIELDS,
+            "softmax": ACT_CODES[SOFTMAX], "n_in": N_IN, "n_out": N_OUT, "w_offset": W_OFFSET, "b_offset": B_OFFSET,
+            "act": ACT, "y_offset": Y_OFFSET, "u_offset": U_OFFSET, "tc_pad_forward": TC_PAD["forward"],
+            "tc_pad_backward": TC_PAD["backward"], "widths": WIDTHS}
+
+
+def tiled_geometry(width: int, ctype: str) -> dict[str, int]:
+    """The shared-memory layout of the tiled forward at kernel width ``width`` for C type ``ctype``
+    (``fused_forward_tiled.geometry``)."""
+    return _tiled.geometry(width, BASE_ROWS[ctype], THREADS, 4 if ctype == "float" else 8)
 
 
 #: The tensor cores' two primitives, in PTX (sm_80 and newer; a trap before): ``bp_to_tf32(v)`` rounds a float to
@@ -530,8 +563,8 @@ __device__ __forceinline__ void bp_mma_tf32(float (&d)[4], const unsigned (&a)[4
 PREAMBLE = f"{MATH_PREAMBLE}\n{REDUCE_PREAMBLE}\n{dispatch_source()}\n{MMA_PRIMITIVES}"
 
 #: The kernels of the CUDA-core module, as CuPy's RawModule names them; the TF32 module adds :data:`TF32_KERNEL_NAMES`.
-KERNEL_NAMES = tuple(kernel_name(p, w) for w in WIDTHS for p in ("forward", "backward")) + ("bp_mlp_mean",
-                                                                                              "bp_mlp_reduce")
+KERNEL_NAMES = tuple(kernel_name(p, w) for w in WIDTHS for p in ("forward", "backward")) + tuple(
+    kernel_name("forward", w, variant="tiled") for w in WIDTHS) + ("bp_mlp_mean", "bp_mlp_reduce")
 TF32_KERNEL_NAMES = tuple(kernel_name(p, w, True) for w in WIDTHS for p in ("forward", "backward"))
 
 

@@ -1921,14 +1921,17 @@ def test_fake_benchmark_script_runs(fake, tmp_path, monkeypatch):
     assert step["cases"]["gemm_bound"]["fraction_of_gemm"] > 0
     assert {"host", "device"} == set(by_name["fit"]["timings"])
     assert len(by_name["api"]["targets"]) == 2 and by_name["tf32"]["settings"]["tf32_before"] is False
-    fused_rows = ["sgd", "adam", "infer", "sgd TF32", "adam TF32", "infer TF32"]  # the fake GPU is an sm_90
+    fused_rows = ["sgd", "adam", "infer", "sgd TF32", "adam TF32", "infer TF32",  # the fake GPU is an sm_90
+                  "sgd (tiled forward)", "adam (tiled forward)", "infer (tiled forward)"]  # the other forward kernel
     assert [r[0] for r in by_name["fused"]["tables"][0]["rows"]] == fused_rows
+    assert {"bp_mlp_forward_w32", "bp_mlp_forward_tiled_w32"} <= set(_Fake.launches)
     achieved = by_name["fused"]["achieved"]  # TFLOP/s and GB/s against the SGEMM rate and copy bandwidth measured
     assert achieved["sgemm_tflops"] > 0 and achieved["copy_gb_per_s"] > 0 and achieved["tf32_gemm_tflops"] > 0
     assert achieved["sgd_fused"]["bytes"] == achieved["adam_fused"]["bytes"] > achieved["infer_fused"]["bytes"] > 0
     assert achieved["sgd_fused_tf32"]["bytes"] == achieved["sgd_fused"]["bytes"]
     assert [r[0] for r in by_name["fused"]["tables"][1]["rows"]] == fused_rows
     assert not fake.fused_mlp_enabled() and not fake.tf32_enabled()  # the section puts the switches back
+    assert fake.fused_mlp._forward_variant == "column"
     epilogues = by_name["epilogues"]
     assert [r[0] for r in epilogues["tables"][0]["rows"]] == ["narrow", "gemm_bound"] and not fake.epilogues_enabled()
     assert "cuBLASLt RELU_AUX_BIAS" in epilogues["cases"][0]["paths"]  # the step took the epilogues
@@ -2051,6 +2054,32 @@ def test_fake_fused_fit_equals_layer_by_layer_fit(fake, rng, hidden, head, dtype
     np.testing.assert_allclose(histories[1].loss, histories[0].loss, **close)
     np.testing.assert_allclose(host(fake, nets[1].params), host(fake, nets[0].params), **close)
     np.testing.assert_allclose(nets[1].out_, nets[0].out_, **close)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_fake_fused_tiled_forward_is_the_column_forward(fake, rng, monkeypatch, dtype):
+    """With the private switch ``fused_mlp._forward_variant = "tiled"`` the fused passes launch the tiled forward
+    kernel; fit() reaches the column kernel's parameters and predictions bit for bit (each output the same sums in
+    the same order), its losses to rounding (the block's loss terms added in another order)."""
+    from backprop import MLP, Adam
+
+    X, y = _fake_batch(rng, "multiclass", batch=37, n_in=6, n_out=3)
+    runs = []
+    fake.set_fused_mlp(True)
+    try:
+        for variant in ("column", "tiled"):
+            monkeypatch.setattr(fake.fused_mlp, "_forward_variant", variant)
+            net = MLP([6, 40, 32, 3], activation="tanh", head="multiclass", dtype=dtype, seed=4, backend="cupy")
+            _Fake.launches.clear()
+            history = net.fit(X, y, epochs=2, batch_size=16, optimizer=Adam(1e-2))
+            assert ("bp_mlp_forward_tiled_w64" in _Fake.launches) == (variant == "tiled")
+            assert ("bp_mlp_forward_w64" in _Fake.launches) == (variant == "column")
+            runs.append((history.loss, host(fake, net.params), host(fake, net.forward(X))))
+    finally:
+        fake.set_fused_mlp(False)
+    (loss0, params0, out0), (loss1, params1, out1) = runs
+    assert np.array_equal(params1, params0) and np.array_equal(out1, out0)
+    np.testing.assert_allclose(loss1, loss0, rtol=1e-6 if dtype == "float32" else 1e-14)
 
 
 def test_fake_fused_tf32_runs_the_tensor_core_kernels(fake, rng, monkeypatch):

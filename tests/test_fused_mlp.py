@@ -6,17 +6,22 @@
    every activation, widths 16 to 128, batches that are not a multiple of the tile, several blocks
    walking the tiles, and whole SGD and Adam steps (the backend's update kernels, emulated too). Every check
    runs in float, in double, and in float on the tensor cores (``tf32``: the emulator's ``mma`` follows the
-   PTX ISA's fragment layout and rounds the inputs as ``cvt.rna.tf32.f32`` does), the last to TF32's error.
+   PTX ISA's fragment layout and rounds the inputs as ``cvt.rna.tf32.f32`` does), the last to TF32's error. The
+   forward checks run the tiled CUDA-core forward too (``float-tiled``, ``double-tiled``), which also gives the
+   column kernel's ``y``, ``u`` and ``delta`` bit for bit; ptxas reports its resources (``exhaustive``).
 """
 
 from __future__ import annotations
 
 import functools
 import re
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from backprop.kernels import fused_forward_tiled as tiled
 from backprop.kernels import fused_mlp_sources as F
 from backprop.kernels import numpy_ref as ref
 from backprop.kernels.registry import ACTIVATIONS
@@ -27,6 +32,8 @@ from .test_cupy_sources import NVCC, Emu, _f64_instructions, _nvcc_ptx, _tol, bu
 CTYPES = ["float", "double"]
 #: The emulated variants: each C type on the CUDA cores, and float on the tensor cores.
 VARIANTS = [*CTYPES, "tf32"]
+#: The tiled CUDA-core forward kernel of each C type (its backward pass is the column kernels').
+TILED = [f"{c}-tiled" for c in CTYPES]
 #: Error of the TF32 kernels against the float64 reference, relative to the values' scale: inputs of every layer's
 #: GEMMs rounded to a 10-bit mantissa (relative 2^-11 each), through up to four layers.
 TF32_TOL = {"rtol": 1e-2, "atol": 1e-2}
@@ -85,6 +92,40 @@ def test_compiles_for_float_and_double_and_tf32(variant, tmp_path):
         assert not _f64_instructions(ptx, frozenset()), _f64_instructions(ptx, frozenset())[:5]
 
 
+def _ptxas_resources(log: str) -> dict[str, dict[str, int]]:
+    """Each entry point's registers, spill stores and loads, and static shared memory from ``ptxas -v``."""
+    out = {}
+    for name, body in re.findall(r"Compiling entry function '(\w+)'(.*?)(?=Compiling entry function|\Z)", log, re.S):
+        out[name] = {"registers": int(re.search(r"Used (\d+) registers", body).group(1)),
+                     "spills": sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", body)),
+                     "smem": int(m.group(1)) if (m := re.search(r"(\d+) bytes smem", body)) else 0}
+    return out
+
+
+@pytest.mark.exhaustive
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found")
+@pytest.mark.parametrize("ctype", CTYPES)
+def test_tiled_forward_resources(ctype, tmp_path):
+    """The tiled forward alone (the other entry points left out), for sm_80 and sm_90: its PTX loads shared memory
+    16 bytes at a time; ptxas reports no spills, the static shared memory of its layout (and bp_block_sum's 32
+    values), and at most 128 registers, so that 4 blocks of 128 threads share a multiprocessor's 65536."""
+    fields = F.format_fields()
+    source = f"typedef {ctype} T;\n{F.PREAMBLE}\n" + F.KERNELS % {**fields, "entries": tiled.source(fields)}
+    ptx = _nvcc_ptx(source, tmp_path, f"tiled_{ctype}")
+    assert ("ld.shared.v4.f32" if ctype == "float" else "ld.shared.v2.f64") in ptx
+    ptxas = str(Path(NVCC).with_name("ptxas"))
+    itemsize = 4 if ctype == "float" else 8
+    for arch in ("sm_80", "sm_90"):
+        proc = subprocess.run([ptxas, f"-arch={arch}", "-v", "-o", str(tmp_path / f"{arch}.cubin"),
+                               str(tmp_path / f"tiled_{ctype}.ptx")], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        got = _ptxas_resources(proc.stderr)
+        for w in F.WIDTHS:
+            r = got[F.kernel_name("forward", w, variant="tiled")]
+            want_smem = F.tiled_geometry(w, ctype)["smem_bytes"] + 32 * itemsize
+            assert r["spills"] == 0 and r["smem"] == want_smem and r["registers"] <= 128, (arch, w, r)
+
+
 # --------------------------------------------------------------------------- 2. the emulator
 #: The tensor cores' primitives for the host emulator, as the PTX ISA defines them (see
 #: ``fused_mlp_sources.MMA_PRIMITIVES``): each lane leaves its fragments in the warp's slots and, after a warp
@@ -131,10 +172,12 @@ def _sigs(ctype: str) -> dict:
 
 
 def _variant(variant: str) -> Emu:
-    """The emulated fused kernels of one of :data:`VARIANTS`; ``emu.tensor_cores`` picks the TF32 entry points."""
-    ctype = "float" if variant == "tf32" else variant
+    """The emulated fused kernels of one of :data:`VARIANTS` or :data:`TILED`; ``emu.tensor_cores`` picks the TF32
+    entry points, ``emu.forward_variant`` the CUDA-core forward kernel."""
+    ctype = "float" if variant == "tf32" else variant.split("-")[0]
     e = Emu(ctype, _exe(ctype), _sigs(ctype))
     e.tensor_cores = variant == "tf32"
+    e.forward_variant = "tiled" if variant in TILED else "column"
     return e
 
 
@@ -175,7 +218,7 @@ def _forward(emu, net, x, grid, error=None):
         if weights is not None:
             arrays["w"], scalars["weighted"] = weights, 1
         outputs += ("delta", "partial")
-    name = F.kernel_name("forward", F.kernel_width(net.sizes), emu.tensor_cores)
+    name = F.kernel_name("forward", F.kernel_width(net.sizes), emu.tensor_cores, emu.forward_variant)
     got = emu(name, grid, F.THREADS, arrays, scalars, outputs=outputs)
     ys = [got["ys"][o:o + rows * n].reshape(rows, n) for o, n in zip(y_off, net.sizes[1:])]
     us = [None if o < 0 else got["us"][o:o + rows * n].reshape(rows, n) for o, n in zip(u_off, net.sizes[1:])]
@@ -245,6 +288,12 @@ def test_every_hidden_activation(emu, rng, act, pass_):
     PASSES[pass_](emu, rng, [5, 32, 24, 3], [act, act, "identity"])
 
 
+@pytest.mark.parametrize("act", HIDDEN)
+@pytest.mark.parametrize("emu", TILED, indirect=True)
+def test_tiled_forward_every_hidden_activation(emu, rng, act):
+    _check_forward(emu, rng, [5, 32, 24, 3], [act, act, "identity"])
+
+
 @pytest.mark.parametrize("pass_,acts", [("forward", ["tanh", "relu", "sigmoid"]),
                                         ("backward", ["silu", "elu", "softmax"])])
 @pytest.mark.parametrize("width", [16, 32, 64, 128])
@@ -252,7 +301,14 @@ def test_widths(emu, rng, width, pass_, acts):
     PASSES[pass_](emu, rng, [width, width, width, 4], acts, rows=37)
 
 
+@pytest.mark.parametrize("width", [16, 32, 64, 128])
+@pytest.mark.parametrize("emu", TILED, indirect=True)
+def test_tiled_forward_widths(emu, rng, width):
+    _check_forward(emu, rng, [width, width, width, 4], ["tanh", "relu", "sigmoid"], rows=37)
+
+
 @pytest.mark.parametrize("output", ["identity", "sigmoid", "softmax", "tanh", "exp"])
+@pytest.mark.parametrize("emu", VARIANTS + TILED, indirect=True)
 def test_forward_outputs(emu, rng, output):
     _check_forward(emu, rng, [6, 16, 10], ["gelu", output], rows=21, grid=1)
 
@@ -264,6 +320,7 @@ ERROR_CASES = [(o, loss, False) for o, loss in sorted(F.PAIR_CODES)] + [
 
 
 @pytest.mark.parametrize("output,loss,weighted", ERROR_CASES)
+@pytest.mark.parametrize("emu", VARIANTS + TILED, indirect=True)
 def test_forward_with_the_error_at_the_output(emu, rng, output, loss, weighted):
     """Every (output, loss) pair, with and without row weights: ``delta^L`` and the mean loss of the reference's
     ``output_error`` on the reference's forward pass (several tiles, blocks taking more than one). On the tensor
@@ -298,6 +355,40 @@ def test_several_tiles_per_block(emu, rng, width):
 def test_one_row_and_more_blocks_than_tiles(emu, rng):
     _check_forward(emu, rng, [3, 16, 2], ["relu", "identity"], rows=1, grid=3)
     _check_backward(emu, rng, [3, 16, 2], ["relu", "identity"], rows=1, grid=3)
+
+
+#: Networks of the tiled forward's bit-for-bit check: (sizes, activations, rows, grid, (output, loss) or None,
+#: weighted). Many tiles a block and a short last one, one row with more blocks than tiles, every kernel width, an
+#: input narrower than a pack of 16 bytes, layers narrower than the width, softmax.
+TILED_CASES = [([16, 64, 3], ["tanh", "softmax"], 300, 2, ("softmax", "cross_entropy"), True),
+               ([3, 16, 2], ["relu", "identity"], 1, 3, ("identity", "mse"), False),
+               ([7, 33, 17, 5], ["elu", "gelu", "sigmoid"], 150, 2, ("sigmoid", "bce"), True),
+               ([128, 96, 128, 4], ["silu", "leaky_relu", "identity"], 70, 2, ("identity", "huber"), False),
+               ([32, 32, 32], ["tanh", "exp"], 260, 1, None, False)]
+
+
+@pytest.mark.parametrize("ctype", CTYPES)
+@pytest.mark.parametrize("sizes,acts,rows,grid,pair,weighted", TILED_CASES)
+def test_tiled_forward_is_the_column_forward_bit_for_bit(rng, ctype, sizes, acts, rows, grid, pair, weighted):
+    """The tiled forward sums each output in the column kernel's order: the same ``y``, ``u`` and ``delta`` bits;
+    the mean loss adds the same terms in another order (equal to rounding)."""
+    from .conftest import targets_for
+
+    column, tiled = _variant(ctype), _variant(f"{ctype}-tiled")
+    net = Net(rng, sizes, acts, column.dtype)
+    x = _data(rng, net, rows)
+    error = None
+    if pair is not None:
+        t = targets_for(rng, pair[1], rows, sizes[-1]).astype(column.dtype).astype(np.float64)
+        w = rng.uniform(0.2, 2.0, rows).astype(column.dtype).astype(np.float64) if weighted else None
+        error = (t, pair[1], 0.7 if pair[1] == "huber" else 0.0, w)
+    want, got = (_forward(e, net, x, grid, error) for e in (column, tiled))
+    for i in range(len(acts)):
+        assert np.array_equal(got[0][i], want[0][i]), f"y of layer {i + 1}"
+        assert got[1][i] is None or np.array_equal(got[1][i], want[1][i]), f"u of layer {i + 1}"
+    if error is not None:
+        assert np.array_equal(got[2], want[2])
+        np.testing.assert_allclose(got[3], want[3], rtol=_tol(ctype)["rtol"])
 
 
 @pytest.mark.parametrize("pass_", PASSES)

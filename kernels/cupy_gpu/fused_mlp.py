@@ -17,6 +17,9 @@ from .device import Array, _buffer, _contiguous, _cupy, _scalar, _scratch, refus
 from .tf32 import tf32_enabled
 
 _fused_on = False
+#: The CUDA-core forward kernel of the fused passes (``fused_mlp_sources.FORWARD_VARIANTS``): ``"column"`` or
+#: ``"tiled"``. Private: a benchmark times both; the default stays ``"column"`` until a GPU run shows otherwise.
+_forward_variant = "column"
 _fused_modules: dict[tuple[int, str, bool], Any] = {}
 #: (device, sizes, activations, alphas, kept u, rows, dtype) -> the device layout and alphas of the fused kernels
 _fused_plans: dict[tuple, tuple[Array, Array]] = {}
@@ -154,7 +157,8 @@ def _mlp_forward(x: Array, params: Array, sizes: Any, acts: Any, alphas: Any, ke
         w, weighted = (_unused("weights", dtype), 0) if weights is None else (_contiguous(weights), 1)
         partial = _scratch("fused_loss_partial", (max(tiles, 1),), dtype)
     if rows > 0:
-        _fused_kernel(fused.kernel_name("forward", width, tc), dtype, tc)((tiles,), (fused.THREADS,), (
+        name = fused.kernel_name("forward", width, tc, "column" if tc else _forward_variant)
+        _fused_kernel(name, dtype, tc)((tiles,), (fused.THREADS,), (
             x, params, layout, alph, np.int32(len(acts)), np.int64(rows), y_flat, u_flat, t, w, np.int32(weighted),
             np.int32(pair), _scalar(k, dtype), _scalar(max(rows, 1), dtype), delta, partial))
     if error is not None:
