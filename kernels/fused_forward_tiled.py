@@ -98,10 +98,11 @@ template <int N> __device__ __forceinline__ void bp_store_packs(const T (&from)[
    adjacent bytes a pack), each output summed in the order of k. The layer's output is written over its input (after a
    barrier). blockDim.x == BP_THREADS. */
 template <int WIDTH>
-__device__ __forceinline__ void bp_mlp_forward_tiled_at(const T* __restrict__ x, const T* __restrict__ p, const long long* __restrict__ layout,
-                                                        const T* __restrict__ alphas, int layers, long long rows, T* __restrict__ ys, T* __restrict__ us,
-                                                        const T* __restrict__ target, const T* __restrict__ w, int weighted, int pair, T k,
-                                                        T batch, T* __restrict__ delta, T* __restrict__ partial) {
+__device__ __forceinline__ void bp_mlp_forward_tiled_at(
+    const T* __restrict__ x, const T* __restrict__ p, const long long* __restrict__ layout,
+    const T* __restrict__ alphas, int layers, long long rows, T* __restrict__ ys, T* __restrict__ us,
+    const T* __restrict__ target, const T* __restrict__ w, int weighted, int pair, T k, T batch,
+    T* __restrict__ delta, T* __restrict__ partial) {
     constexpr int R = BP_BASE * (BP_THREADS / WIDTH), XP = R + BP_VEC, WP = WIDTH + BP_VEC, NC = WIDTH / BP_CN;
     constexpr int KC = BP_W_CHUNK / (WIDTH * (int)sizeof(T)) < WIDTH ? BP_W_CHUNK / (WIDTH * (int)sizeof(T)) : WIDTH;
     constexpr int ACROSS = NC / %(warp_cols)d;  /* warps across the column groups */
@@ -218,9 +219,11 @@ __device__ __forceinline__ void bp_mlp_forward_tiled_at(const T* __restrict__ x,
 """
 
 #: An entry point of the tiled forward, formatted with ``w`` (the kernel width).
-ENTRY = r"""extern "C" __global__ void bp_mlp_forward_tiled_w%(w)d(const T* __restrict__ x, const T* __restrict__ p, const long long* __restrict__ layout,
-    const T* __restrict__ alphas, int layers, long long rows, T* __restrict__ ys, T* __restrict__ us, const T* __restrict__ target, const T* __restrict__ w, int weighted, int pair,
-    T k, T batch, T* __restrict__ delta, T* __restrict__ partial) {
+ENTRY = r"""extern "C" __global__ void bp_mlp_forward_tiled_w%(w)d(
+    const T* __restrict__ x, const T* __restrict__ p, const long long* __restrict__ layout,
+    const T* __restrict__ alphas, int layers, long long rows, T* __restrict__ ys, T* __restrict__ us,
+    const T* __restrict__ target, const T* __restrict__ w, int weighted, int pair, T k, T batch,
+    T* __restrict__ delta, T* __restrict__ partial) {
     bp_mlp_forward_tiled_at<%(w)d>(x, p, layout, alphas, layers, rows, ys, us, target, w, weighted, pair, k, batch,
                                    delta, partial);
 }

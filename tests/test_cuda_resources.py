@@ -118,8 +118,11 @@ class _Unknown:
 _HOLE = "\x00"
 
 
-def _pattern_of(texts: list[str]) -> re.Pattern:
-    """The kernel names ``texts`` stand for, each :data:`_HOLE` any identifier part."""
+def _pattern_of(texts: list[str], escaped: bool = False) -> re.Pattern:
+    """The kernel names ``texts`` stand for, each :data:`_HOLE` any identifier part (``escaped``: ``texts`` are
+    patterns already)."""
+    if escaped:
+        return re.compile("|".join(dict.fromkeys(texts)))
     return re.compile("|".join(r"\w+".join(map(re.escape, t.split(_HOLE))) for t in dict.fromkeys(texts)))
 
 
@@ -130,6 +133,9 @@ def _name_pattern(expr: ast.expr, names: dict) -> re.Pattern:
         return _pattern_of([expr.value])
     if isinstance(expr, ast.JoinedStr):
         return _pattern_of(["".join(v.value if isinstance(v, ast.Constant) else _HOLE for v in expr.values)])
+    if isinstance(expr, ast.IfExp):  # either branch's names
+        return _pattern_of([_name_pattern(expr.body, names).pattern, _name_pattern(expr.orelse, names).pattern],
+                           escaped=True)
     if isinstance(expr, ast.Call) and not expr.keywords:
         func = eval(compile(ast.Expression(expr.func), "<launch>", "eval"), names)
         unknown = [i for i, a in enumerate(expr.args) if not isinstance(a, ast.Constant)]

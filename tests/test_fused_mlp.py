@@ -224,9 +224,9 @@ def _forward(emu, net, x, grid, error=None):
     us = [None if o < 0 else got["us"][o:o + rows * n].reshape(rows, n) for o, n in zip(u_off, net.sizes[1:])]
     if error is None:
         return ys, us
-    tiles = -(-rows // F.tile_rows(F.kernel_width(net.sizes), _ctype(emu)))
-    mean = emu("bp_mlp_mean", 1, 256, {"partial": got["partial"][:tiles], "out": np.full(1, np.nan)},
-               {"blocks": tiles, "batch": rows}, outputs=("out",))["out"][0]
+    # each block writes its tiles' loss sum into partial[block]: grid sums (the backend launches a block a tile)
+    mean = emu("bp_mlp_mean", 1, 256, {"partial": got["partial"], "out": np.full(1, np.nan)},
+               {"blocks": grid, "batch": rows}, outputs=("out",))["out"][0]
     return ys, us, got["delta"].reshape(rows, n_out), mean
 
 

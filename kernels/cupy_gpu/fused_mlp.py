@@ -157,8 +157,8 @@ def _mlp_forward(x: Array, params: Array, sizes: Any, acts: Any, alphas: Any, ke
         w, weighted = (_unused("weights", dtype), 0) if weights is None else (_contiguous(weights), 1)
         partial = _scratch("fused_loss_partial", (max(tiles, 1),), dtype)
     if rows > 0:
-        name = fused.kernel_name("forward", width, tc, "column" if tc else _forward_variant)
-        _fused_kernel(name, dtype, tc)((tiles,), (fused.THREADS,), (
+        _fused_kernel(fused.kernel_name("forward", width, tc) if tc or _forward_variant == "column"
+                      else fused.kernel_name("forward", width, False, "tiled"), dtype, tc)((tiles,), (fused.THREADS,), (
             x, params, layout, alph, np.int32(len(acts)), np.int64(rows), y_flat, u_flat, t, w, np.int32(weighted),
             np.int32(pair), _scalar(k, dtype), _scalar(max(rows, 1), dtype), delta, partial))
     if error is not None:
