@@ -44,7 +44,7 @@ def summary_rows(out: Path) -> dict[str, list[str]]:
     return {row[0]: row[1:] for row in cells[1:]}
 
 
-@pytest.mark.slow
+@pytest.mark.exhaustive  # 20 s: with the phase cut short below, run before changing gpu_run.sh
 def test_dry_run_writes_every_file_and_passes(tmp_path):
     """Every phase runs and succeeds, the test phases select the cupy (skipped here) and numba-cuda tests (run
     under the simulator), the benchmark's device sections run on the fake CuPy, and the archive holds it all."""
@@ -74,7 +74,7 @@ def test_dry_run_writes_every_file_and_passes(tmp_path):
         assert {Path(n).name for n in tar.getnames() if n != "out"} == written
 
 
-@pytest.mark.slow
+@pytest.mark.exhaustive  # 19 s
 def test_a_test_phase_cut_short_keeps_its_summary_and_junit(tmp_path):
     """At its limit a test phase gets SIGINT: pytest (with an xdist worker) still writes its counts and junit.xml;
     the run says the phase stopped at its limit and exits with 1."""
